@@ -1,0 +1,112 @@
+"""The one error table: error code -> HTTP status -> CLI exit code -> default message.
+
+Every error that reaches a user carries a stable code from this table. Codes under
+``validation.`` that are not listed explicitly share the generic validation row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Exit codes (SPEC §7.2).
+EXIT_OK = 0
+EXIT_GENERIC = 1
+EXIT_USAGE = 2
+EXIT_PREFLIGHT = 3
+EXIT_NOT_CONNECTED = 4
+EXIT_ACTIVATION = 5
+EXIT_RBAC = 6
+EXIT_UNAUTHENTICATED = 7
+EXIT_NOT_FOUND = 8
+EXIT_CONFLICT = 9
+EXIT_STORE_IN_USE = 75
+EXIT_SCHEMA_TOO_NEW = 78
+
+
+@dataclass(frozen=True)
+class ErrorKind:
+    http_status: int
+    exit_code: int
+    message: str
+
+
+_VALIDATION = ErrorKind(400, EXIT_USAGE, "invalid value")
+
+ERRORS: dict[str, ErrorKind] = {
+    # generic
+    "internal": ErrorKind(500, EXIT_GENERIC, "internal error"),
+    "io_error": ErrorKind(500, EXIT_GENERIC, "I/O error"),
+    "config_invalid": ErrorKind(400, EXIT_USAGE, "configuration is invalid"),
+    "usage": ErrorKind(400, EXIT_USAGE, "usage error"),
+    "bad_request": ErrorKind(400, EXIT_USAGE, "malformed request"),
+    "server_unreachable": ErrorKind(502, EXIT_GENERIC, "server unreachable"),
+    "startup.unsupported_filesystem": ErrorKind(500, EXIT_GENERIC, "unsupported filesystem for the data dir"),
+    # pre-flight refusals (capability gates)
+    "unsupported_protocol": ErrorKind(422, EXIT_PREFLIGHT, "client does not support this protocol"),
+    "multi_target_unsupported_by_client": ErrorKind(422, EXIT_PREFLIGHT, "client does not support multi-target rules"),
+    "sni_unsupported_by_client": ErrorKind(422, EXIT_PREFLIGHT, "client does not support SNI routing"),
+    "rate_limit_unsupported_by_client": ErrorKind(422, EXIT_PREFLIGHT, "client does not support rate limits"),
+    "quota_unsupported_by_client": ErrorKind(422, EXIT_PREFLIGHT, "client does not support traffic quotas"),
+    "port_range_unsupported_by_client": ErrorKind(422, EXIT_PREFLIGHT, "client does not support port ranges"),
+    "validation.rate_limit_no_caps_provided": ErrorKind(400, EXIT_PREFLIGHT, "no caps provided"),
+    # connectivity / activation
+    "client_not_connected": ErrorKind(409, EXIT_NOT_CONNECTED, "client is not connected"),
+    "activation_failed": ErrorKind(409, EXIT_ACTIVATION, "rule activation failed"),
+    "port_in_use": ErrorKind(409, EXIT_ACTIVATION, "port already in use"),
+    # auth
+    "unauthenticated": ErrorKind(401, EXIT_UNAUTHENTICATED, "missing or invalid credentials"),
+    "forbidden": ErrorKind(403, EXIT_RBAC, "forbidden"),
+    "not_owner": ErrorKind(403, EXIT_RBAC, "not the owner of this resource"),
+    "client_not_granted": ErrorKind(403, EXIT_RBAC, "no grant covers this client"),
+    "port_outside_grant": ErrorKind(403, EXIT_RBAC, "listen port outside any single grant"),
+    "protocol_not_granted": ErrorKind(403, EXIT_RBAC, "protocol not granted"),
+    "password_change_required": ErrorKind(403, EXIT_RBAC, "password change required"),
+    "rate_limited": ErrorKind(429, EXIT_GENERIC, "too many attempts"),
+    "bootstrap_required": ErrorKind(503, EXIT_GENERIC, "no superadmin exists yet"),
+    # lookups and conflicts
+    "not_found": ErrorKind(404, EXIT_NOT_FOUND, "not found"),
+    "client_ambiguous": ErrorKind(409, EXIT_CONFLICT, "client reference matches several clients"),
+    "conflict.legacy_to_sni_unsupported": ErrorKind(409, EXIT_CONFLICT, "cannot mix SNI and plain rules on one port"),
+    # store
+    "startup.store_in_use": ErrorKind(503, EXIT_STORE_IN_USE, "another process holds the store"),
+    "store_in_use": ErrorKind(503, EXIT_STORE_IN_USE, "another process holds the store"),
+    "startup.schema_version_too_new": ErrorKind(500, EXIT_SCHEMA_TOO_NEW, "database schema is newer than this binary"),
+    "schema_version_too_new": ErrorKind(500, EXIT_SCHEMA_TOO_NEW, "database schema is newer than this binary"),
+}
+
+
+def kind_of(code: str) -> ErrorKind:
+    """Look up a code; unknown ``validation.*`` and ``conflict.*`` codes get their family row."""
+    if code in ERRORS:
+        return ERRORS[code]
+    if code.startswith("validation."):
+        return _VALIDATION
+    if code.startswith("conflict."):
+        return ErrorKind(409, EXIT_CONFLICT, "conflict")
+    return ERRORS["internal"]
+
+
+class PortunusError(Exception):
+    """An error with a stable code, a message naming the bad value, and optional fields."""
+
+    def __init__(self, code: str, message: str | None = None, **fields):
+        self.code = code
+        self.message = message or kind_of(code).message
+        self.fields = fields
+        super().__init__(f"{code}: {self.message}")
+
+    @property
+    def http_status(self) -> int:
+        return kind_of(self.code).http_status
+
+    @property
+    def exit_code(self) -> int:
+        return kind_of(self.code).exit_code
+
+    def to_json(self) -> dict:
+        body = {"code": self.code, "message": self.message}
+        body.update(self.fields)
+        return {"error": body}
+
+    def cli_line(self) -> str:
+        return f"error: {self.code}: {self.message}"

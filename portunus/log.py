@@ -1,0 +1,104 @@
+"""Structured logging: JSON lines (default) or compact/pretty text on stderr.
+
+Field names containing ``token``, ``secret``, ``password`` or ``private_key`` are a
+tripwire: their value is never printed, and the violation itself is logged as
+``audit.redaction_violation``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+
+LEVELS = {"debug": 10, "info": 20, "warn": 30, "warning": 30, "error": 40}
+_SENSITIVE = ("token", "secret", "password", "private_key")
+
+
+def _is_sensitive(name: str) -> bool:
+    lname = name.lower()
+    return any(s in lname for s in _SENSITIVE)
+
+
+class Logger:
+    def __init__(self, stream=None, fmt: str = "json", level: str = "info", **context):
+        self.stream = stream
+        self.fmt = fmt
+        self.level = LEVELS.get(level, 20)
+        self.context = context
+        self._lock = threading.Lock()
+
+    def configure(self, fmt: str | None = None, level: str | None = None, **context) -> None:
+        if fmt is not None:
+            self.fmt = fmt
+        if level is not None:
+            self.level = LEVELS.get(level, 20)
+        self.context.update(context)
+
+    def enabled(self, level: str) -> bool:
+        return LEVELS.get(level, 20) >= self.level
+
+    def log(self, level: str, event: str, **fields) -> None:
+        if not self.enabled(level):
+            return
+        record = {
+            "timestamp": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": level,
+            "event": event,
+        }
+        violations = []
+        for key, value in {**self.context, **fields}.items():
+            if _is_sensitive(key):
+                record[key] = "[redacted]"
+                violations.append(key)
+            else:
+                record[key] = value
+        self._write(record)
+        if violations:
+            self._write({
+                "timestamp": record["timestamp"],
+                "level": "error",
+                "event": "audit.redaction_violation",
+                "fields": violations,
+                "source_event": event,
+            })
+
+    def _write(self, record: dict) -> None:
+        if self.fmt == "json":
+            line = json.dumps(record, default=str, separators=(",", ":"))
+        else:
+            extras = " ".join(
+                f"{k}={json.dumps(v, default=str) if not isinstance(v, str) or ' ' in v else v}"
+                for k, v in record.items()
+                if k not in ("timestamp", "level", "event")
+            )
+            line = f"{record['timestamp']} {record['level'].upper():5} {record['event']} {extras}".rstrip()
+        stream = self.stream or sys.stderr
+        with self._lock:
+            try:
+                stream.write(line + "\n")
+                stream.flush()
+            except (OSError, ValueError):
+                pass  # a closed stderr must never take the data plane down
+
+    def debug(self, event: str, **fields) -> None:
+        self.log("debug", event, **fields)
+
+    def info(self, event: str, **fields) -> None:
+        self.log("info", event, **fields)
+
+    def warn(self, event: str, **fields) -> None:
+        self.log("warn", event, **fields)
+
+    def error(self, event: str, **fields) -> None:
+        self.log("error", event, **fields)
+
+
+# The process-wide logger; roles configure it at start.
+log = Logger()
+
+
+def now_rfc3339() -> str:
+    return datetime.fromtimestamp(time.time(), timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
