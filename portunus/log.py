@@ -18,8 +18,31 @@ _SENSITIVE = ("token", "secret", "password", "private_key")
 
 
 def _is_sensitive(name: str) -> bool:
-    lname = name.lower()
+    lname = str(name).lower()
     return any(s in lname for s in _SENSITIVE)
+
+
+def _redact(value, path: str, violations: list):
+    """Copy ``value`` with sensitive keys of nested dicts (e.g. a logged message) redacted."""
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if _is_sensitive(k):
+                out[k] = "[redacted]"
+                violations.append(f"{path}.{k}")
+            else:
+                out[k] = _redact(v, f"{path}.{k}", violations)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_redact(v, f"{path}[{i}]", violations) for i, v in enumerate(value)]
+    return value
+
+
+def _text_value(v) -> str:
+    # quote anything that could split the line or blur where the value ends (log forging)
+    if isinstance(v, str) and v and v.isprintable() and " " not in v and '"' not in v:
+        return v
+    return json.dumps(v, default=str)
 
 
 class Logger:
@@ -54,7 +77,7 @@ class Logger:
                 record[key] = "[redacted]"
                 violations.append(key)
             else:
-                record[key] = value
+                record[key] = _redact(value, key, violations)
         self._write(record)
         if violations:
             self._write({
@@ -70,7 +93,7 @@ class Logger:
             line = json.dumps(record, default=str, separators=(",", ":"))
         else:
             extras = " ".join(
-                f"{k}={json.dumps(v, default=str) if not isinstance(v, str) or ' ' in v else v}"
+                f"{k}={_text_value(v)}"
                 for k, v in record.items()
                 if k not in ("timestamp", "level", "event")
             )

@@ -99,7 +99,11 @@ class Loop:
         h.reader = callback
         if had:
             return  # same mask, new callback: no syscall needed
-        self._update(fd, h)
+        try:
+            self._update(fd, h)
+        except BaseException:
+            self._rollback(fd, h, "reader")  # a stale entry would swallow a later add on a reused fd
+            raise
 
     def remove_reader(self, fd) -> bool:
         fd = fd if isinstance(fd, int) else fd.fileno()
@@ -121,7 +125,16 @@ class Loop:
         h.writer = callback
         if had:
             return
-        self._update(fd, h)
+        try:
+            self._update(fd, h)
+        except BaseException:
+            self._rollback(fd, h, "writer")
+            raise
+
+    def _rollback(self, fd: int, h: _FdHandlers, which: str) -> None:
+        setattr(h, which, None)
+        if h.mask() == 0 and fd not in self._selector.get_map():
+            self._handlers.pop(fd, None)
 
     def remove_writer(self, fd) -> bool:
         fd = fd if isinstance(fd, int) else fd.fileno()
@@ -185,12 +198,16 @@ class Loop:
     # ---- signals ----------------------------------------------------------
     def add_signal_handler(self, signum: int, callback: Callable, *args) -> None:
         """Deliver ``signum`` onto the loop as a normal callback (main thread only)."""
-        self._signals[signum] = (callback, args)
+        previous = self._signals[signum][2] if signum in self._signals else signal.getsignal(signum)
+        self._signals[signum] = (callback, args, previous)
         signal.signal(signum, self._on_signal)
 
     def remove_signal_handler(self, signum: int) -> None:
-        if self._signals.pop(signum, None) is not None:
-            signal.signal(signum, signal.SIG_DFL)
+        entry = self._signals.pop(signum, None)
+        if entry is not None:
+            # put back what was there before (SIG_DFL would make e.g. SIGUSR1 fatal)
+            previous = entry[2] if entry[2] is not None else signal.SIG_DFL
+            signal.signal(signum, previous)
 
     def _on_signal(self, signum, _frame) -> None:
         entry = self._signals.get(signum)
@@ -267,13 +284,19 @@ class Loop:
                       error=f"{type(exc).__name__}: {exc}", where=where)
 
     def close(self) -> None:
+        for signum in list(self._signals):
+            self.remove_signal_handler(signum)
         for fd in list(self._handlers):
             self.forget(fd)
         self._selector.close()
-        for fd in (self._wake_r, self._wake_w):
+        wake_fds = (self._wake_r, self._wake_w)
+        # a late call_soon_threadsafe must not write into whatever reuses these numbers
+        self._wake_r = self._wake_w = -1
+        self._wake_pending = True
+        for fd in wake_fds:
+            if fd < 0:
+                continue
             try:
                 os.close(fd)
             except OSError:
                 pass
-        for signum in list(self._signals):
-            self.remove_signal_handler(signum)

@@ -23,6 +23,8 @@ HEALTH_CHECK_BOUNDS = (1, 3600)
 
 _HOSTNAME_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
 _RULE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+# ASCII digits only: str.isdigit() also accepts "²", which int() then refuses with ValueError
+_DECIMAL = re.compile(r"[0-9]+")
 
 
 def _bad(code: str, message: str, **fields) -> PortunusError:
@@ -35,7 +37,7 @@ def parse_port(value, what: str = "port") -> int:
     """A TCP/UDP port 1..65535 given as int or decimal string."""
     if isinstance(value, bool):
         raise _bad("validation.invalid_port", f"{what} must be a number 1-65535, got {value!r}")
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
         value = int(value.strip())
     if not isinstance(value, int) or not 1 <= value <= 65535:
         raise _bad("validation.invalid_port", f"{what} must be a number 1-65535, got {value!r}")
@@ -141,24 +143,32 @@ def _parse_target_obj(obj, index: int) -> Target:
         return replace(t, priority=priority)
     if not isinstance(obj, dict):
         raise _bad("validation.invalid_target", f"{what} must be an object with host and port, got {obj!r}")
-    unknown = set(obj) - {"host", "port", "priority", "proxy_protocol"}
+    # port_end: a range rule's target as Target.to_dict() writes it
+    unknown = set(obj) - {"host", "port", "port_end", "priority", "proxy_protocol"}
     if unknown:
         raise _bad("validation.unknown_field", f"{what} has unknown field(s): {', '.join(sorted(unknown))}")
     if "host" not in obj or "port" not in obj:
         raise _bad("validation.invalid_target", f"{what} needs both host and port")
     host = validate_host(obj["host"], f"{what} host")
     port = parse_port(obj["port"], f"{what} port")
+    port_end = None
+    if obj.get("port_end") is not None:
+        port_end = parse_port(obj["port_end"], f"{what} port_end")
+        if port_end < port:
+            raise _bad("validation.invalid_port_range", f"{what} port_end {port_end} is below port {port}")
+        if port_end == port:
+            port_end = None
     priority = obj.get("priority")
     priority = index + 1 if priority is None else _int_in(priority, f"{what} priority", 0, 65535)
     pp = obj.get("proxy_protocol")
     if pp is not None and pp not in PROXY_PROTOCOLS:
         raise _bad("validation.proxy_protocol_invalid",
                    f"{what} proxy_protocol must be \"v1\" or \"v2\", got {pp!r}")
-    return Target(host=host, port=port, priority=priority, proxy_protocol=pp)
+    return Target(host=host, port=port, port_end=port_end, priority=priority, proxy_protocol=pp)
 
 
 def _int_in(value, what: str, lo: int, hi: int) -> int:
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    if isinstance(value, str) and _DECIMAL.fullmatch(value.strip().removeprefix("-")):
         value = int(value.strip())
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise _bad("validation.out_of_range", f"{what} must be an integer {lo}..{hi}, got {value!r}")

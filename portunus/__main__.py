@@ -1,0 +1,78 @@
+"""Entry point: pick the role from argv[0] (busybox style) or the first argument."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from . import __version__
+from .errors import EXIT_GENERIC, EXIT_USAGE, PortunusError
+
+ROLES = ("server", "client", "standalone")
+USAGE = f"""usage: portunus [--version] <role> [options]
+
+Portunus {__version__} — a port-forwarding appliance in one file.
+
+roles:
+  standalone   forward ports from a local TOML file (no server)
+  server       control plane: state, operator API, pushes rules to clients
+  client       edge agent: receives rules from a server and moves the bytes
+
+Also callable as portunus-standalone / portunus-server / portunus-client
+(symlinks to this file). Run 'portunus <role> --help' for a role's options.
+"""
+
+
+def _role_main(role: str, argv: list[str]) -> int:
+    if role == "standalone":
+        from .cli.standalone import main
+        return main(argv)
+    try:
+        import importlib
+        mod = importlib.import_module(f".cli.{role}", __package__)
+    except ModuleNotFoundError:
+        print(f"error: usage: the {role} role is not part of this build yet; "
+              "see README.md for what works today", file=sys.stderr)
+        return EXIT_USAGE
+    return mod.main(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv if argv is None else argv)
+    prog = os.path.basename(argv[0]) if argv else "portunus"
+    args = argv[1:]
+    role = None
+    for r in ROLES:
+        if prog == f"portunus-{r}":
+            role = r
+    if role is None:
+        if not args or args[0] in ("-h", "--help", "help"):
+            print(USAGE)
+            return 0 if args else EXIT_USAGE
+        if args[0] in ("--version", "-V", "version"):
+            print(f"portunus {__version__}")
+            return 0
+        if args[0] not in ROLES:
+            print(f"error: usage: unknown role {args[0]!r} (expected one of: {', '.join(ROLES)})", file=sys.stderr)
+            return EXIT_USAGE
+        role, args = args[0], args[1:]
+    if args[:1] in (["--version"], ["-V"]):
+        print(f"portunus-{role} {__version__}")
+        return 0
+    try:
+        return _role_main(role, args)
+    except PortunusError as exc:
+        print(exc.cli_line(), file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # never a traceback for the operator unless asked for
+        if os.environ.get("PORTUNUS_DEBUG") == "1":
+            raise
+        print(f"error: internal: {type(exc).__name__}: {exc} (set PORTUNUS_DEBUG=1 for a traceback)",
+              file=sys.stderr)
+        return EXIT_GENERIC
+
+
+if __name__ == "__main__":
+    sys.exit(main())

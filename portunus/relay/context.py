@@ -1,0 +1,77 @@
+"""What every relay on one loop shares: the loop, the resolver, splice pipes, buffers."""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+from .resolver import Resolver
+from .splice import PipePool
+
+COPY_CHUNK = 256 * 1024
+UDP_MAX_DATAGRAM = 65536
+CONNECT_TIMEOUT = 3.0
+
+
+class BindError(Exception):
+    """A listen socket could not be bound; ``reason`` is the rule's failure reason."""
+
+    def __init__(self, port: int, err: OSError):
+        self.port = port
+        self.errno = err.errno
+        if err.errno == errno.EADDRINUSE:
+            self.code = "port_in_use"
+            self.reason = f"port_in_use (port {port} already bound)"
+        elif err.errno == errno.EACCES:
+            self.code = "permission_denied"
+            self.reason = f"permission_denied (port {port} needs CAP_NET_BIND_SERVICE)"
+        elif err.errno == errno.EADDRNOTAVAIL:
+            self.code = "address_unavailable"
+            self.reason = f"address_unavailable (listen address for port {port} is not on this host)"
+        elif err.errno in (errno.EMFILE, errno.ENFILE):
+            self.code = "too_many_open_files"
+            self.reason = f"too_many_open_files (binding port {port}; raise LimitNOFILE)"
+        else:
+            self.code = "bind_failed"
+            self.reason = f"bind_failed (port {port}: {err.strerror or err})"
+        super().__init__(self.reason)
+
+
+class RelayContext:
+    def __init__(self, loop, resolver: Resolver | None = None, *, connect_timeout: float = CONNECT_TIMEOUT):
+        self.loop = loop
+        self.resolver = resolver or Resolver(loop)
+        self.pipes = PipePool()
+        self.connect_timeout = connect_timeout
+        self.copy_view = memoryview(bytearray(COPY_CHUNK))
+        self.udp_view = memoryview(bytearray(UDP_MAX_DATAGRAM))
+        self.splice_selected_rules: set[str] = set()
+
+    def close(self) -> None:
+        self.pipes.close()
+        self.resolver.close()
+
+
+def family_of(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def bind_socket(kind: int, host: str, port: int) -> socket.socket:
+    """Create, bind (and for TCP listen on) one non-blocking socket; raise BindError."""
+    fam = family_of(host)
+    sock = socket.socket(fam, kind)
+    try:
+        if kind == socket.SOCK_STREAM:
+            # TIME_WAIT leftovers of a dead process must not cause a spurious port_in_use;
+            # two live listeners still conflict on Linux with SO_REUSEADDR.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if fam == socket.AF_INET6 and host == "::":
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((host, port))
+        if kind == socket.SOCK_STREAM:
+            sock.listen(1024)
+        sock.setblocking(False)
+        return sock
+    except OSError as exc:
+        sock.close()
+        raise BindError(port, exc) from None

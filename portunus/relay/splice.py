@@ -1,0 +1,87 @@
+"""The Linux splice fast path: the predicate, the pipe pool and its one-time warnings."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import sys
+
+from ..log import log
+
+PIPE_SIZE = 1 << 20
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
+SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+# errnos meaning "this kernel/sandbox will not splice here": fall back to userspace
+UNSUPPORTED_ERRNOS = {errno.ENOSYS, errno.EINVAL, errno.EPERM, errno.EOPNOTSUPP}
+
+
+def splice_available() -> bool:
+    return sys.platform.startswith("linux") and hasattr(os, "splice")
+
+
+def splice_disabled_by_env() -> bool:
+    return os.environ.get("PORTUNUS_DISABLE_SPLICE") == "1"
+
+
+def use_splice(protocol: str, rule_has_bandwidth_cap: bool, owner_has_bandwidth_cap: bool) -> bool:
+    """The splice predicate (SPEC §2.9), in exactly one place."""
+    return (splice_available() and protocol == "tcp" and not splice_disabled_by_env()
+            and not rule_has_bandwidth_cap and not owner_has_bandwidth_cap)
+
+
+class Pipe:
+    __slots__ = ("r", "w")
+
+    def __init__(self, r: int, w: int):
+        self.r = r
+        self.w = w
+
+    def close(self) -> None:
+        for fd in (self.r, self.w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class PipePool:
+    """Pipes for splice, sized to 1 MiB. Only empty (clean) pipes come back to the pool.
+
+    A pump holds a pipe only while bytes sit in it, so idle connections hold none.
+    """
+
+    def __init__(self, max_pooled: int = 256):
+        self.max_pooled = max_pooled
+        self._free: list[Pipe] = []
+        self._size_warned = False
+        self.created = 0
+
+    def acquire(self) -> Pipe:
+        if self._free:
+            return self._free.pop()
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(w, F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError as exc:
+            if not self._size_warned:
+                self._size_warned = True
+                try:
+                    actual = fcntl.fcntl(w, F_GETPIPE_SZ)
+                except OSError:
+                    actual = 65536
+                log.warn("proxy.splice_pipe_size_failed", requested_bytes=PIPE_SIZE,
+                         actual_default_bytes=actual, errno_name=errno.errorcode.get(exc.errno, str(exc.errno)))
+        self.created += 1
+        return Pipe(r, w)
+
+    def release(self, pipe: Pipe, clean: bool) -> None:
+        if clean and len(self._free) < self.max_pooled:
+            self._free.append(pipe)
+        else:
+            pipe.close()
+
+    def close(self) -> None:
+        while self._free:
+            self._free.pop().close()

@@ -1,0 +1,446 @@
+"""TCP forwarding: listeners, per-connection sessions, splice and userspace pumps.
+
+A ``TcpRuleRelay`` owns the listeners of one rule (one per listen port) and the
+sessions they accept. A ``TcpSession`` dials the target (non-blocking, 3 s
+timeout, walking down targets and addresses) and then runs two ``Pump``s, one per
+direction. A pump moves bytes with ``os.splice`` through a pooled pipe (the Linux
+fast path) or with ``recv_into``/``send`` through the loop's shared buffer; it
+parks its read half while the far side cannot take more (back-pressure), and
+half-closes the far side on EOF.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+
+from ..log import log
+from ..model import Rule
+from .context import BindError, RelayContext, bind_socket
+from .splice import SPLICE_FLAGS, UNSUPPORTED_ERRNOS, use_splice
+from .stats import PortCounters, RuleCounters
+
+SPLICE_CHUNK = 1 << 20
+ACCEPT_BATCH = 64
+ACCEPT_BACKOFF = 0.1
+_LINGER_RST = struct.pack("ii", 1, 0)
+_FD_EXHAUSTION = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+class Pump:
+    """One direction of a session: src -> dst."""
+
+    __slots__ = ("session", "src", "dst", "sfd", "dfd", "counters", "inbound", "splice",
+                 "pipe", "in_pipe", "pending", "eof", "done", "loop")
+
+    def __init__(self, session: "TcpSession", src: socket.socket, dst: socket.socket,
+                 counters: PortCounters, inbound: bool, splice: bool):
+        self.session = session
+        self.loop = session.ctx.loop
+        self.src, self.dst = src, dst
+        self.sfd, self.dfd = src.fileno(), dst.fileno()
+        self.counters = counters
+        self.inbound = inbound
+        self.splice = splice
+        self.pipe = None
+        self.in_pipe = 0
+        self.pending = b""
+        self.eof = False
+        self.done = False
+
+    def start(self) -> None:
+        if self.pending:
+            self.on_writable()
+        else:
+            self.loop.add_reader(self.sfd, self.on_readable)
+
+    def _count(self, n: int) -> None:
+        if self.inbound:
+            self.counters.bytes_in += n
+        else:
+            self.counters.bytes_out += n
+
+    # ---- reading ----------------------------------------------------------
+    def on_readable(self) -> None:
+        if self.splice:
+            self._splice_read()
+        else:
+            self._copy_read()
+
+    def _splice_read(self) -> None:
+        pool = self.session.ctx.pipes
+        pipe = self.pipe
+        if pipe is None:
+            pipe = self.pipe = pool.acquire()
+        try:
+            n = os.splice(self.sfd, pipe.w, SPLICE_CHUNK, flags=SPLICE_FLAGS)
+        except BlockingIOError:
+            if self.in_pipe == 0:
+                pool.release(pipe, clean=True)
+                self.pipe = None
+            return
+        except OSError as exc:
+            if exc.errno in UNSUPPORTED_ERRNOS and self.in_pipe == 0:
+                self._fallback(exc)
+                return
+            self.session.abort(f"read: {exc.strerror}")
+            return
+        if n == 0:
+            self._on_eof()
+            return
+        self.in_pipe += n
+        self._splice_flush()
+
+    def _splice_flush(self) -> bool:
+        """Move what sits in the pipe to dst. True when the pipe is empty again."""
+        pipe = self.pipe
+        while self.in_pipe:
+            try:
+                n = os.splice(pipe.r, self.dfd, self.in_pipe, flags=SPLICE_FLAGS)
+            except BlockingIOError:
+                self._park()
+                return False
+            except OSError as exc:
+                self.session.abort(f"write: {exc.strerror}")
+                return False
+            self.in_pipe -= n
+            self._count(n)
+        self.session.ctx.pipes.release(pipe, clean=True)
+        self.pipe = None
+        return True
+
+    def _fallback(self, exc: OSError) -> None:
+        log.warn("proxy.splice_unsupported_fallback", rule=self.session.relay.rule.rule_id,
+                 errno_name=errno.errorcode.get(exc.errno, str(exc.errno)))
+        if self.pipe is not None:
+            self.session.ctx.pipes.release(self.pipe, clean=False)
+            self.pipe = None
+        self.splice = False
+        self._copy_read()
+
+    def _copy_read(self) -> None:
+        view = self.session.ctx.copy_view
+        try:
+            n = self.src.recv_into(view)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.session.abort(f"read: {exc.strerror}")
+            return
+        if n == 0:
+            self._on_eof()
+            return
+        try:
+            sent = self.dst.send(view[:n])
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self.session.abort(f"write: {exc.strerror}")
+            return
+        if sent:
+            self._count(sent)
+        if sent < n:
+            self.pending = bytes(view[sent:n])
+            self._park()
+
+    # ---- back-pressure ----------------------------------------------------
+    def _park(self) -> None:
+        """dst is full: stop reading src until dst drains."""
+        self.loop.remove_reader(self.sfd)
+        self.loop.add_writer(self.dfd, self.on_writable)
+
+    def on_writable(self) -> None:
+        if self.pending:
+            try:
+                sent = self.dst.send(self.pending)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self.session.abort(f"write: {exc.strerror}")
+                return
+            if sent:
+                self._count(sent)
+                self.pending = self.pending[sent:]
+            if self.pending:
+                self.loop.add_writer(self.dfd, self.on_writable)
+                return
+        elif self.in_pipe:
+            if not self._splice_flush():
+                return
+        if self.session.closed:
+            return
+        self.loop.remove_writer(self.dfd)
+        if self.eof:
+            self._finish()
+        else:
+            self.loop.add_reader(self.sfd, self.on_readable)
+
+    # ---- end of stream ----------------------------------------------------
+    def _on_eof(self) -> None:
+        self.eof = True
+        self.loop.remove_reader(self.sfd)
+        if self.pipe is not None and self.in_pipe == 0:
+            self.session.ctx.pipes.release(self.pipe, clean=True)
+            self.pipe = None
+        if not self.pending and not self.in_pipe:
+            self._finish()
+
+    def _finish(self) -> None:
+        try:
+            self.dst.shutdown(socket.SHUT_WR)  # preserve the half-close
+        except OSError:
+            pass
+        self.done = True
+        self.session.pump_done()
+
+    def release(self, clean: bool) -> None:
+        if self.pipe is not None:
+            self.session.ctx.pipes.release(self.pipe, clean=clean and self.in_pipe == 0)
+            self.pipe = None
+
+
+class TcpSession:
+    """One accepted connection and its upstream."""
+
+    __slots__ = ("relay", "ctx", "csock", "caddr", "listen_port", "counters", "up", "candidates",
+                 "addrs", "target_port", "timer", "pumps", "closed", "target_index")
+
+    def __init__(self, relay: "TcpRuleRelay", csock: socket.socket, caddr, listen_port: int):
+        self.relay = relay
+        self.ctx = relay.ctx
+        self.csock = csock
+        self.caddr = caddr
+        self.listen_port = listen_port
+        self.counters = relay.counters.ports[listen_port]
+        self.up: socket.socket | None = None
+        self.candidates: list = []
+        self.addrs: list = []
+        self.target_port = 0
+        self.target_index = -1
+        self.timer = None
+        self.pumps: tuple = ()
+        self.closed = False
+
+    def start(self) -> None:
+        self.counters.active_connections += 1
+        self.counters.connections_total += 1
+        offset = self.listen_port - self.relay.rule.listen_port
+        self.candidates = [(idx, t, t.port + offset) for idx, t in self.relay.rule.ordered_targets()]
+        self._next_target()
+
+    # ---- dialing ----------------------------------------------------------
+    def _next_target(self) -> None:
+        if self.closed:
+            return
+        if not self.candidates:
+            self.close()
+            return
+        idx, target, port = self.candidates.pop(0)
+        self.target_index, self.target_port = idx, port
+        rule = self.relay.rule
+        self.ctx.resolver.resolve(target.host, rule.prefer_ipv6,
+                                  lambda addrs, err: self._on_resolved(target, addrs, err))
+
+    def _on_resolved(self, target, addrs, err) -> None:
+        if self.closed:
+            return
+        if err is not None:
+            self.relay.counters.dns_failures += 1
+            log.warn("rule.dns_failed", rule=self.relay.rule.rule_id, host=target.host, reason=err)
+            self._next_target()
+            return
+        self.addrs = list(addrs)
+        self._dial_next_addr()
+
+    def _dial_next_addr(self) -> None:
+        while self.addrs:
+            fam, ip = self.addrs.pop(0)
+            try:
+                s = socket.socket(fam, socket.SOCK_STREAM)
+            except OSError as exc:
+                log.warn("proxy.upstream_socket_failed", rule=self.relay.rule.rule_id,
+                         errno_name=errno.errorcode.get(exc.errno, str(exc.errno)))
+                self.close()
+                return
+            s.setblocking(False)
+            rc = s.connect_ex((ip, self.target_port))
+            if rc in (0, errno.EINPROGRESS):
+                self.up = s
+                self.ctx.loop.add_writer(s.fileno(), self._on_connect_ready)
+                self.timer = self.ctx.loop.call_later(self.ctx.connect_timeout, self._on_connect_timeout)
+                return
+            s.close()
+            self.relay.counters.connect_failures += 1
+        self._next_target()
+
+    def _drop_upstream_attempt(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.up is not None:
+            self.ctx.loop.forget(self.up.fileno())
+            self.up.close()
+            self.up = None
+
+    def _on_connect_timeout(self) -> None:
+        self.timer = None
+        self.relay.counters.connect_failures += 1
+        self._drop_upstream_attempt()
+        self._dial_next_addr()
+
+    def _on_connect_ready(self) -> None:
+        up = self.up
+        self.ctx.loop.remove_writer(up.fileno())
+        err = up.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.relay.counters.connect_failures += 1
+            self._drop_upstream_attempt()
+            self._dial_next_addr()
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self._established()
+
+    def _established(self) -> None:
+        up, cs = self.up, self.csock
+        for s in (up, cs):
+            try:
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        splice = self.relay.splice
+        if splice and self.relay.rule.rule_id not in self.ctx.splice_selected_rules:
+            self.ctx.splice_selected_rules.add(self.relay.rule.rule_id)
+            log.info("proxy.splice_selected", rule=self.relay.rule.rule_id)
+        self.pumps = (Pump(self, cs, up, self.counters, True, splice),
+                      Pump(self, up, cs, self.counters, False, splice))
+        for p in self.pumps:
+            p.start()
+
+    # ---- ending -----------------------------------------------------------
+    def pump_done(self) -> None:
+        if all(p.done for p in self.pumps):
+            self.close()
+
+    def abort(self, why: str = "") -> None:
+        """Tear down both sides with RST so a reset on one side reaches the other."""
+        if self.closed:
+            return
+        for s in (self.csock, self.up):
+            if s is not None:
+                try:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+                except OSError:
+                    pass
+        self.close(clean=False)
+
+    def close(self, clean: bool = True) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        for p in self.pumps:
+            p.release(clean)
+        loop = self.ctx.loop
+        for s in (self.csock, self.up):
+            if s is not None:
+                loop.forget(s.fileno())
+                s.close()
+        self.counters.active_connections -= 1
+        self.relay.session_closed(self)
+
+
+class TcpRuleRelay:
+    """The listeners and live sessions of one TCP rule."""
+
+    def __init__(self, ctx: RelayContext, rule: Rule, counters: RuleCounters, *,
+                 owner_has_bandwidth_cap: bool = False):
+        self.ctx = ctx
+        self.rule = rule
+        self.counters = counters
+        self.listeners: dict[int, socket.socket] = {}
+        self.sessions: set[TcpSession] = set()
+        self.accepting = False
+        self.on_idle = None  # called when draining and the last session ends
+        self.splice = use_splice("tcp", bool(rule.rate_limit and rule.rate_limit.has_bandwidth_cap),
+                                 owner_has_bandwidth_cap)
+
+    def bind(self) -> None:
+        """Bind every port or none (BindError names the first port that failed)."""
+        bound: dict[int, socket.socket] = {}
+        try:
+            for port in self.rule.listen_ports:
+                bound[port] = bind_socket(socket.SOCK_STREAM, self.rule.listen_host, port)
+        except BindError:
+            for s in bound.values():
+                s.close()
+            raise
+        self.listeners = bound
+
+    def start(self) -> None:
+        self.accepting = True
+        for port, sock in self.listeners.items():
+            self.ctx.loop.add_reader(sock.fileno(), self._acceptor(sock, port))
+
+    def update(self, rule: Rule) -> None:
+        """New targets/options for new connections; listeners and live sessions stay."""
+        self.rule = rule
+
+    def _acceptor(self, lsock: socket.socket, port: int):
+        def on_accept() -> None:
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    csock, caddr = lsock.accept()
+                except BlockingIOError:
+                    return
+                except OSError as exc:
+                    if exc.errno in _FD_EXHAUSTION:
+                        self._back_off(lsock, port, exc)
+                        return
+                    if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR):
+                        continue
+                    log.warn("proxy.accept_error", rule=self.rule.rule_id, port=port,
+                             errno_name=errno.errorcode.get(exc.errno, str(exc.errno)))
+                    return
+                csock.setblocking(False)
+                session = TcpSession(self, csock, caddr, port)
+                self.sessions.add(session)
+                session.start()
+        return on_accept
+
+    def _back_off(self, lsock: socket.socket, port: int, exc: OSError) -> None:
+        log.warn("proxy.accept_error", rule=self.rule.rule_id, port=port,
+                 errno_name=errno.errorcode.get(exc.errno, str(exc.errno)), backoff_ms=int(ACCEPT_BACKOFF * 1000))
+        loop = self.ctx.loop
+        loop.remove_reader(lsock.fileno())
+
+        def resume() -> None:
+            if self.accepting and self.listeners.get(port) is lsock:
+                loop.add_reader(lsock.fileno(), self._acceptor(lsock, port))
+        loop.call_later(ACCEPT_BACKOFF, resume)
+
+    def session_closed(self, session: TcpSession) -> None:
+        self.sessions.discard(session)
+        if not self.sessions and not self.accepting and self.on_idle is not None:
+            cb, self.on_idle = self.on_idle, None
+            cb()
+
+    def close_listeners(self) -> None:
+        self.accepting = False
+        for sock in self.listeners.values():
+            self.ctx.loop.forget(sock.fileno())
+            sock.close()
+        self.listeners = {}
+
+    def abort_sessions(self) -> None:
+        for s in list(self.sessions):
+            s.abort("drain timeout")
+
+    @property
+    def active(self) -> int:
+        return len(self.sessions)

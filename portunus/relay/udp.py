@@ -1,0 +1,234 @@
+"""UDP forwarding: one socket per listen port, one connected upstream socket per flow.
+
+A flow is keyed ``(listen_port, source address)``. Its upstream socket is
+``connect()``-ed to the target chosen when the flow is created, so replies come
+back on it and ICMP errors surface on it (and evict the flow). Sends never
+block: a datagram that cannot be sent now is dropped and counted. All receives
+go through the loop's one shared buffer, so memory does not grow with flows.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+from ..log import log
+from ..model import Rule
+from .context import BindError, RelayContext, bind_socket
+from .stats import RuleCounters
+
+RECV_BATCH = 64
+PENDING_MAX = 8  # datagrams held while a new flow's target name resolves
+_ICMP_ERRNOS = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH)
+
+
+class Flow:
+    __slots__ = ("relay", "listen_port", "src", "lsock", "up", "last_seen", "pending", "closed", "target_index")
+
+    def __init__(self, relay: "UdpRuleRelay", listen_port: int, src, lsock: socket.socket):
+        self.relay = relay
+        self.listen_port = listen_port
+        self.src = src
+        self.lsock = lsock
+        self.up: socket.socket | None = None
+        self.last_seen = relay.ctx.loop.time()
+        self.pending: list[bytes] | None = []  # None once connected
+        self.closed = False
+        self.target_index = -1
+
+    def connect(self, fam: int, ip: str, port: int) -> None:
+        up = socket.socket(fam, socket.SOCK_DGRAM)
+        up.setblocking(False)
+        up.connect((ip, port))
+        self.up = up
+        self.relay.ctx.loop.add_reader(up.fileno(), self.on_upstream_readable)
+        pending, self.pending = self.pending, None
+        for data in pending or ():
+            self.send_upstream(data)
+
+    def send_upstream(self, data) -> None:
+        """Forward one end-user datagram; never blocks."""
+        if self.pending is not None:
+            if len(self.pending) < PENDING_MAX:
+                self.pending.append(bytes(data))
+            else:
+                self.relay.counters.send_dropped += 1
+            return
+        counters = self.relay.counters
+        try:
+            self.up.send(data)
+        except BlockingIOError:
+            counters.send_dropped += 1
+            return
+        except OSError as exc:
+            if exc.errno in _ICMP_ERRNOS:
+                self.relay.evict_icmp(self, exc)
+            else:
+                counters.send_dropped += 1
+            return
+        pc = counters.ports[self.listen_port]
+        pc.datagrams_in += 1
+        pc.bytes_in += len(data)
+
+    def on_upstream_readable(self) -> None:
+        relay = self.relay
+        view = relay.ctx.udp_view
+        pc = relay.counters.ports[self.listen_port]
+        for _ in range(RECV_BATCH):
+            try:
+                n = self.up.recv_into(view)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in _ICMP_ERRNOS:
+                    relay.evict_icmp(self, exc)
+                return
+            self.last_seen = relay.ctx.loop.time()
+            try:
+                self.lsock.sendto(view[:n], self.src)
+            except OSError:
+                relay.counters.send_dropped += 1
+                continue
+            pc.datagrams_out += 1
+            pc.bytes_out += n
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.up is not None:
+            self.relay.ctx.loop.forget(self.up.fileno())
+            self.up.close()
+            self.up = None
+
+
+class UdpRuleRelay:
+    """The listen sockets, flow table and reaper of one UDP rule."""
+
+    def __init__(self, ctx: RelayContext, rule: Rule, counters: RuleCounters, *,
+                 max_flows: int, idle_secs: float):
+        self.ctx = ctx
+        self.rule = rule
+        self.counters = counters
+        self.max_flows = rule.udp_max_flows or max_flows
+        self.idle_secs = rule.udp_flow_idle_secs or idle_secs
+        self.sockets: dict[int, socket.socket] = {}
+        self.flows: dict[tuple, Flow] = {}
+        self._reaper = None
+        self.on_idle = None
+
+    def bind(self) -> None:
+        bound: dict[int, socket.socket] = {}
+        try:
+            for port in self.rule.listen_ports:
+                bound[port] = bind_socket(socket.SOCK_DGRAM, self.rule.listen_host, port)
+        except BindError:
+            for s in bound.values():
+                s.close()
+            raise
+        self.sockets = bound
+
+    def start(self) -> None:
+        for port, sock in self.sockets.items():
+            self.ctx.loop.add_reader(sock.fileno(), self._receiver(sock, port))
+        self._schedule_reaper()
+
+    def update(self, rule: Rule, *, max_flows: int, idle_secs: float) -> None:
+        self.rule = rule
+        self.max_flows = rule.udp_max_flows or max_flows
+        self.idle_secs = rule.udp_flow_idle_secs or idle_secs
+
+    def _receiver(self, lsock: socket.socket, port: int):
+        view = self.ctx.udp_view
+        flows = self.flows
+
+        def on_datagram() -> None:
+            now = self.ctx.loop.time()
+            for _ in range(RECV_BATCH):
+                try:
+                    n, src = lsock.recvfrom_into(view)
+                except BlockingIOError:
+                    return
+                except OSError:
+                    return
+                flow = flows.get((port, src))
+                if flow is None:
+                    flow = self._new_flow(port, src, lsock)
+                    if flow is None:
+                        continue
+                flow.last_seen = now
+                flow.send_upstream(view[:n])
+        return on_datagram
+
+    def _new_flow(self, port: int, src, lsock) -> Flow | None:
+        if len(self.flows) >= self.max_flows:
+            self.counters.flows_dropped_overflow += 1  # live flows are never evicted for room
+            return None
+        flow = Flow(self, port, src, lsock)
+        self.flows[(port, src)] = flow
+        self.counters.ports[port].active_flows += 1
+        offset = port - self.rule.listen_port
+        idx, target = self.rule.ordered_targets()[0]
+        flow.target_index = idx
+        tport = target.port + offset
+
+        def on_resolved(addrs, err) -> None:
+            if flow.closed:
+                return
+            if err is not None or not addrs:
+                self.counters.dns_failures += 1
+                log.warn("rule.udp_dns_failed", rule=self.rule.rule_id, host=target.host, reason=err)
+                self.remove_flow(flow)
+                return
+            fam, ip = addrs[0]
+            try:
+                flow.connect(fam, ip, tport)
+            except OSError as exc:
+                log.warn("rule.udp_flow_connect_failed", rule=self.rule.rule_id,
+                         errno_name=errno.errorcode.get(exc.errno, str(exc.errno)))
+                self.remove_flow(flow)
+        self.ctx.resolver.resolve(target.host, self.rule.prefer_ipv6, on_resolved)
+        return flow
+
+    def remove_flow(self, flow: Flow) -> None:
+        if self.flows.get((flow.listen_port, flow.src)) is flow:
+            del self.flows[(flow.listen_port, flow.src)]
+            self.counters.ports[flow.listen_port].active_flows -= 1
+        flow.close()
+
+    def evict_icmp(self, flow: Flow, exc: OSError) -> None:
+        self.counters.flows_evicted_icmp += 1
+        log.info("rule.udp_flow_evicted_icmp", rule=self.rule.rule_id, source=f"{flow.src[0]}:{flow.src[1]}",
+                 errno_name=errno.errorcode.get(exc.errno, str(exc.errno)))
+        self.remove_flow(flow)
+
+    def _schedule_reaper(self) -> None:
+        interval = max(1.0, min(5.0, self.idle_secs / 4))
+        self._reaper = self.ctx.loop.call_later(interval, self._reap)
+
+    def _reap(self) -> None:
+        cutoff = self.ctx.loop.time() - self.idle_secs
+        for flow in [f for f in self.flows.values() if f.last_seen < cutoff]:
+            self.remove_flow(flow)
+        self._schedule_reaper()
+
+    def close_listeners(self) -> None:
+        for sock in self.sockets.values():
+            self.ctx.loop.forget(sock.fileno())
+            sock.close()
+        self.sockets = {}
+
+    def abort_sessions(self) -> None:
+        for flow in list(self.flows.values()):
+            self.remove_flow(flow)
+
+    def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
+        self.close_listeners()
+        self.abort_sessions()
+
+    @property
+    def active(self) -> int:
+        return 0  # flows die with the listen sockets: nothing to drain

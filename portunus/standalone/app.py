@@ -1,0 +1,134 @@
+"""Standalone mode: run the data plane from a TOML file, with no server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+
+from ..errors import PortunusError
+from ..log import log
+from ..loop import Loop
+from ..relay.runtime import RuleRuntime, RuntimeSettings
+from ..sysinfo import raise_nofile_limit
+from .config import StandaloneConfig
+
+STATS_LOG_INTERVAL = 60.0
+
+
+class StatsSocket:
+    """A Unix socket that answers each connection with one JSON snapshot, then closes."""
+
+    def __init__(self, loop: Loop, path: str, snapshot):
+        self.loop = loop
+        self.path = path
+        self.snapshot = snapshot
+        if os.path.exists(path):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+                raise PortunusError("config_invalid", f"stats socket {path} is in use by another process")
+            except (ConnectionRefusedError, FileNotFoundError):
+                os.unlink(path)  # stale leftover of a dead process
+            finally:
+                probe.close()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.bind(path)
+        except OSError as exc:
+            self.sock.close()
+            raise PortunusError("config_invalid", f"cannot create stats socket {path}: {exc.strerror}") from None
+        os.chmod(path, 0o600)
+        self.sock.listen(16)
+        self.sock.setblocking(False)
+        loop.add_reader(self.sock.fileno(), self._on_accept)
+
+    def _on_accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, OSError):
+                return
+            try:
+                conn.settimeout(0.5)
+                conn.sendall(json.dumps(self.snapshot(), separators=(",", ":")).encode() + b"\n")
+            except OSError:
+                pass
+            finally:
+                conn.close()
+
+    def close(self) -> None:
+        self.loop.forget(self.sock.fileno())
+        self.sock.close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+def run(cfg: StandaloneConfig) -> int:
+    log.configure(fmt="json" if cfg.log_format == "json" else "pretty", level=cfg.log_level)
+    nofile = raise_nofile_limit()
+    loop = Loop()
+    runtime = RuleRuntime(loop, RuntimeSettings(udp_max_flows=cfg.udp_max_flows,
+                                                udp_flow_idle_secs=cfg.udp_flow_idle_secs,
+                                                drain_timeout=cfg.shutdown_drain_secs))
+    from .. import __version__
+    log.info("process.start", role="standalone", version=__version__, label=cfg.label, config=cfg.path,
+             rules=len(cfg.rules), nofile_limit=nofile, pid=os.getpid())
+
+    failed = None
+    for rule in cfg.rules:
+        status = runtime.activate(rule)
+        if status.state == "failed":
+            failed = status
+            break
+    if failed is not None:
+        # startup is all or nothing: unbind what was bound, then report the port
+        for rid in list(runtime.rules):
+            runtime.remove(rid)
+        runtime.ctx.close()
+        loop.close()
+        raise PortunusError(failed.code if failed.code == "port_in_use" else "activation_failed",
+                            f"rule {failed.rule_id!r}: {failed.reason}", rule_id=failed.rule_id, port=failed.port)
+
+    def snapshot() -> dict:
+        return {"label": cfg.label, "rules": runtime.snapshots(per_port=True)}
+
+    stats_sock = StatsSocket(loop, cfg.stats_socket_path, snapshot) if cfg.stats_socket_path else None
+
+    def log_stats() -> None:
+        for snap in runtime.snapshots():
+            log.info("standalone.rule_stats", rule=snap["rule_id"], protocol=snap["protocol"],
+                     bytes_in=snap["bytes_in"], bytes_out=snap["bytes_out"],
+                     active_connections=snap["active_connections"], datagrams_in=snap["datagrams_in"],
+                     datagrams_out=snap["datagrams_out"], active_flows=snap["active_flows"],
+                     flows_dropped_overflow=snap["flows_dropped_overflow"], dns_failures=snap["dns_failures"])
+        loop.call_later(STATS_LOG_INTERVAL, log_stats)
+    loop.call_later(STATS_LOG_INTERVAL, log_stats)
+
+    state = {"stopping": False}
+
+    def on_signal(signame: str) -> None:
+        if state["stopping"]:
+            log.warn("process.shutdown_forced", signal=signame)
+            runtime.abort_all()
+            loop.stop()
+            return
+        state["stopping"] = True
+        log.info("process.shutdown", signal=signame, drain_timeout_secs=cfg.shutdown_drain_secs)
+        runtime.shutdown(loop.stop)
+
+    loop.add_signal_handler(signal.SIGTERM, on_signal, "SIGTERM")
+    loop.add_signal_handler(signal.SIGINT, on_signal, "SIGINT")
+    log.info("process.ready", role="standalone", rules=[s.rule_id for s in runtime.statuses()])
+    try:
+        loop.run()
+    finally:
+        if stats_sock is not None:
+            stats_sock.close()
+        runtime.ctx.close()
+        loop.close()
+    log.info("process.exit", code=0)
+    return 0

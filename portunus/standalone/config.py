@@ -1,0 +1,194 @@
+"""Standalone TOML config -> validated rules and settings (SPEC §7.4).
+
+Unknown tables and fields are errors; every error names the file, the rule and
+the field.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+
+from ..errors import PortunusError
+from ..model import Rule, UDP_FLOW_IDLE_BOUNDS, UDP_MAX_FLOWS_BOUNDS
+
+LOG_FORMATS = ("json", "pretty", "compact")
+LOG_LEVELS = ("debug", "info", "warn", "error")
+
+_TOP = {"global", "defaults", "rule", "stats"}
+_GLOBAL = {"label", "log_level", "log_format", "shutdown_drain_secs"}
+_DEFAULTS = {"protocol", "udp_max_flows", "udp_flow_idle_secs", "prefer_ipv6"}
+_STATS = {"socket_path", "refresh_ms"}
+_RULE = {"name", "protocol", "listen_port", "listen_ports", "listen_host", "target", "targets",
+         "prefer_ipv6", "udp_max_flows", "udp_flow_idle_secs"}
+_TARGET = {"host", "port", "priority", "proxy_protocol"}
+
+
+@dataclass
+class StandaloneConfig:
+    path: str
+    label: str = "portunus"
+    log_level: str = "info"
+    log_format: str = "json"
+    shutdown_drain_secs: float = 30.0
+    udp_max_flows: int = 1024
+    udp_flow_idle_secs: int = 60
+    stats_socket_path: str | None = None
+    stats_refresh_ms: int = 1000
+    rules: list[Rule] = field(default_factory=list)
+
+
+def _err(path: str, where: str, message: str) -> PortunusError:
+    return PortunusError("config_invalid", f"{path}: {where}: {message}")
+
+
+def _unknown(path: str, where: str, table: dict, allowed: set) -> None:
+    extra = sorted(set(table) - allowed)
+    if extra:
+        raise _err(path, where, f"unknown field(s) {', '.join(repr(e) for e in extra)} "
+                                f"(allowed: {', '.join(sorted(allowed))})")
+
+
+def _table(path: str, doc: dict, name: str) -> dict:
+    t = doc.get(name, {})
+    if not isinstance(t, dict):
+        raise _err(path, f"[{name}]", "must be a table")
+    return t
+
+
+def _int(path: str, where: str, value, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise _err(path, where, f"must be an integer {lo}..{hi}, got {value!r}")
+    return value
+
+
+def load(path: str) -> StandaloneConfig:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise PortunusError("config_invalid", f"{path}: no such file (pass --config PATH)") from None
+    except OSError as exc:
+        raise PortunusError("config_invalid", f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise PortunusError("config_invalid", f"{path}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise PortunusError("config_invalid", f"{path}: TOML syntax error: {exc}") from None
+    return parse(doc, path)
+
+
+def parse(doc: dict, path: str = "<config>") -> StandaloneConfig:
+    _unknown(path, "top level", doc, _TOP)
+    cfg = StandaloneConfig(path=path)
+
+    g = _table(path, doc, "global")
+    _unknown(path, "[global]", g, _GLOBAL)
+    if "label" in g:
+        if not isinstance(g["label"], str):
+            raise _err(path, "[global] label", f"must be a string, got {g['label']!r}")
+        cfg.label = g["label"]
+    if "log_level" in g:
+        if g["log_level"] not in LOG_LEVELS:
+            raise _err(path, "[global] log_level", f"must be one of {', '.join(LOG_LEVELS)}, got {g['log_level']!r}")
+        cfg.log_level = g["log_level"]
+    if "log_format" in g:
+        if g["log_format"] not in LOG_FORMATS:
+            raise _err(path, "[global] log_format", f"must be json or pretty, got {g['log_format']!r}")
+        cfg.log_format = g["log_format"]
+    if "shutdown_drain_secs" in g:
+        v = g["shutdown_drain_secs"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 3600:
+            raise _err(path, "[global] shutdown_drain_secs", f"must be a number 0..3600, got {v!r}")
+        cfg.shutdown_drain_secs = float(v)
+
+    d = _table(path, doc, "defaults")
+    _unknown(path, "[defaults]", d, _DEFAULTS)
+    default_protocol = d.get("protocol", "tcp")
+    if default_protocol not in ("tcp", "udp"):
+        raise _err(path, "[defaults] protocol", f"must be \"tcp\" or \"udp\", got {default_protocol!r}")
+    if "udp_max_flows" in d:
+        cfg.udp_max_flows = _int(path, "[defaults] udp_max_flows", d["udp_max_flows"], *UDP_MAX_FLOWS_BOUNDS)
+    if "udp_flow_idle_secs" in d:
+        cfg.udp_flow_idle_secs = _int(path, "[defaults] udp_flow_idle_secs", d["udp_flow_idle_secs"],
+                                      *UDP_FLOW_IDLE_BOUNDS)
+    default_v6 = d.get("prefer_ipv6", False)
+    if not isinstance(default_v6, bool):
+        raise _err(path, "[defaults] prefer_ipv6", f"must be true or false, got {default_v6!r}")
+
+    s = _table(path, doc, "stats")
+    _unknown(path, "[stats]", s, _STATS)
+    if "socket_path" in s:
+        if not isinstance(s["socket_path"], str) or not s["socket_path"]:
+            raise _err(path, "[stats] socket_path", f"must be a file path, got {s['socket_path']!r}")
+        cfg.stats_socket_path = s["socket_path"]
+    if "refresh_ms" in s:
+        cfg.stats_refresh_ms = _int(path, "[stats] refresh_ms", s["refresh_ms"], 100, 60000)
+
+    rules = doc.get("rule", [])
+    if not isinstance(rules, list):
+        raise _err(path, "rule", "use [[rule]] (an array of tables)")
+    if not rules:
+        raise _err(path, "[[rule]]", "no rules: add at least one [[rule]] table")
+    names: set[str] = set()
+    for i, r in enumerate(rules):
+        where = f"[[rule]] #{i + 1}"
+        if not isinstance(r, dict):
+            raise _err(path, where, "must be a table")
+        if isinstance(r.get("name"), str):
+            where = f"[[rule]] #{i + 1} ({r['name']!r})"
+        _unknown(path, where, r, _RULE)
+        name = r.get("name")
+        if not isinstance(name, str) or not name:
+            raise _err(path, where, "needs a name = \"...\"")
+        if name in names:
+            raise _err(path, where, f"duplicate rule name {name!r}")
+        names.add(name)
+        if "listen_port" in r and "listen_ports" in r:
+            raise _err(path, where, "give listen_port or listen_ports, not both")
+        targets = r.get("targets")
+        if targets is not None:
+            if not isinstance(targets, list):
+                raise _err(path, f"{where} targets", "must be an array of {host, port, ...} tables")
+            for j, t in enumerate(targets):
+                if isinstance(t, dict):
+                    _unknown(path, f"{where} targets[{j}]", t, _TARGET)
+            if len(targets) > 1:
+                raise _err(path, f"{where} targets",
+                           "multi-target failover is not available yet; give exactly one target")
+            if any(isinstance(t, dict) and t.get("proxy_protocol") is not None for t in targets):
+                raise _err(path, f"{where} targets", "proxy_protocol is not available yet")
+        spec = {
+            "rule_id": name,
+            "protocol": r.get("protocol", default_protocol),
+            "listen_port": r.get("listen_port"),
+            "listen": r.get("listen_ports"),
+            "listen_host": r.get("listen_host"),
+            "target": r.get("target"),
+            "targets": targets,
+            "prefer_ipv6": r.get("prefer_ipv6", default_v6),
+            "udp_max_flows": r.get("udp_max_flows"),
+            "udp_flow_idle_secs": r.get("udp_flow_idle_secs"),
+        }
+        try:
+            rule = Rule.from_dict({k: v for k, v in spec.items() if v is not None},
+                                  max_range_ports=65535, allow_health_check=False)
+        except PortunusError as exc:
+            raise _err(path, where, exc.message) from None
+        cfg.rules.append(rule)
+    _check_overlaps(path, cfg.rules)
+    return cfg
+
+
+def _check_overlaps(path: str, rules: list[Rule]) -> None:
+    """Two rules may not listen on one (protocol, port) unless their listen hosts differ."""
+    seen: dict[tuple, list[tuple[str, str]]] = {}
+    wildcard = ("0.0.0.0", "::")
+    for rule in rules:
+        for port in rule.listen_ports:
+            for host, other in seen.get((rule.protocol, port), []):
+                if host == rule.listen_host or host in wildcard or rule.listen_host in wildcard:
+                    raise _err(path, f"[[rule]] {rule.rule_id!r}",
+                               f"{rule.protocol} port {port} is also used by rule {other!r}")
+            seen.setdefault((rule.protocol, port), []).append((rule.listen_host, rule.rule_id))
