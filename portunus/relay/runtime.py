@@ -70,7 +70,7 @@ class RuleRuntime:
         if live is not None and live.status.state == "active":
             if live.rule == rule:
                 return live.status
-            if same_listeners(live.rule, rule) and self._splice_of(live.rule) == self._splice_of(rule):
+            if same_listeners(live.rule, rule) and self._has_bandwidth_cap(live.rule) == self._has_bandwidth_cap(rule):
                 live.rule = rule
                 if isinstance(live.relay, UdpRuleRelay):
                     live.relay.update(rule, max_flows=self.settings.udp_max_flows,
@@ -105,7 +105,7 @@ class RuleRuntime:
         return live.status
 
     @staticmethod
-    def _splice_of(rule: Rule) -> bool:
+    def _has_bandwidth_cap(rule: Rule) -> bool:
         return bool(rule.rate_limit and rule.rate_limit.has_bandwidth_cap)
 
     def apply(self, rules: list[Rule]) -> dict[str, RuleStatus]:
@@ -183,9 +183,9 @@ class RuleRuntime:
         live = self.rules.get(rule_id)
         if live is None:
             return None
-        snap = live.counters.snapshot(per_port=per_port)
-        snap.update(rule_id=rule_id, protocol=live.rule.protocol, state=live.status.state,
-                    reason=live.status.reason)
+        snap = {"rule_id": rule_id, "protocol": live.rule.protocol, "state": live.status.state,
+                "reason": live.status.reason}
+        snap.update(live.counters.snapshot(per_port=per_port))
         return snap
 
     def snapshots(self, per_port: bool = False) -> list[dict]:
