@@ -74,7 +74,11 @@ class Pump:
         pool = self.session.ctx.pipes
         pipe = self.pipe
         if pipe is None:
-            pipe = self.pipe = pool.acquire()
+            try:
+                pipe = self.pipe = pool.acquire()
+            except OSError:
+                self._copy_read()  # out of fds for a pipe: move this chunk in userspace
+                return
         sfd, dfd = self.sfd, self.dfd
         splice = os.splice
         # Several read/write rounds per wakeup save epoll round trips on bulk flows.

@@ -95,7 +95,7 @@ def parse(doc: dict, path: str = "<config>") -> StandaloneConfig:
         cfg.log_level = g["log_level"]
     if "log_format" in g:
         if g["log_format"] not in LOG_FORMATS:
-            raise _err(path, "[global] log_format", f"must be json or pretty, got {g['log_format']!r}")
+            raise _err(path, "[global] log_format", f"must be one of {', '.join(LOG_FORMATS)}, got {g['log_format']!r}")
         cfg.log_format = g["log_format"]
     if "shutdown_drain_secs" in g:
         v = g["shutdown_drain_secs"]
@@ -147,6 +147,8 @@ def parse(doc: dict, path: str = "<config>") -> StandaloneConfig:
         names.add(name)
         if "listen_port" in r and "listen_ports" in r:
             raise _err(path, where, "give listen_port or listen_ports, not both")
+        if "listen_port" not in r and "listen_ports" not in r:
+            raise _err(path, where, "needs listen_port = N or listen_ports = \"a-b\"")
         targets = r.get("targets")
         if targets is not None:
             if not isinstance(targets, list):

@@ -237,3 +237,40 @@ def test_drain_timeout_closes_stuck_connections(standalone, tmp_path):
         c.close()
     finally:
         echo.close()
+
+
+def test_out_of_file_descriptors_backs_off_and_recovers(standalone, tmp_path):
+    """With a tiny fd limit the listener logs proxy.accept_error, keeps serving, and recovers."""
+    import resource
+
+    def tiny_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
+    listen, target = free_port(), free_port()
+    echo = TcpEchoServer([target])
+    p = standalone(range_config(listen, target, 1, str(tmp_path / "s.sock")), preexec_fn=tiny_limit)
+    conns = []
+    try:
+        for _ in range(40):  # each costs the relay two fds: more than the limit allows
+            conns.append(socket.create_connection(("127.0.0.1", listen), timeout=5))
+        p.wait_event("proxy.accept_error", timeout=10)
+        assert p.events("proxy.accept_error")[0]["errno_name"] in ("EMFILE", "ENFILE")
+        for c in conns:
+            c.close()
+        conns.clear()
+
+        def works():
+            try:
+                c = socket.create_connection(("127.0.0.1", listen), timeout=2)
+                c.settimeout(2)
+                c.sendall(b"again")
+                ok = c.recv(5) == b"again"
+                c.close()
+                return ok
+            except OSError:
+                return False
+        wait_until(works, timeout=15, what="relay to serve again after fd exhaustion")
+        assert p.p.poll() is None
+    finally:
+        for c in conns:
+            c.close()
+        echo.close()
