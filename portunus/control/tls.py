@@ -1,0 +1,330 @@
+"""Server certificate, TLS contexts and leaf pinning for the control channel (SPEC §3.1, §3.3, §4.1).
+
+The server uses an operator-supplied cert/key pair when both files exist, else
+generates a self-signed ECDSA P-256 pair on first run. Clients do not use a CA:
+they pin the SHA-256 of the server's leaf DER, taken from the enrollment URI.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import hmac
+import ipaddress
+import os
+import socket
+import ssl
+import stat
+from dataclasses import dataclass, field
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from portunus.errors import PortunusError
+from portunus.log import log
+
+CERT_VALIDITY_DAYS = 3650
+CERT_COMMON_NAME = "portunus"
+
+
+@dataclass
+class CertInfo:
+    cert_path: str
+    key_path: str
+    fingerprint: str  # lowercase hex SHA-256 of the leaf DER
+    sans_dns: list[str] = field(default_factory=list)
+    sans_ip: list[str] = field(default_factory=list)
+    generated: bool = False
+
+
+# ------------------------------------------------------------------ fingerprints
+
+def fingerprint_der(der: bytes) -> str:
+    """Lowercase hex SHA-256 of a certificate's DER bytes."""
+    return hashlib.sha256(der).hexdigest()
+
+
+def pins_match(expected_hex: str, der: bytes) -> bool:
+    """Constant-time comparison of a pinned fingerprint with the SHA-256 of ``der``."""
+    if not isinstance(expected_hex, str) or not der:
+        return False
+    expected = expected_hex.strip().lower()
+    if expected.startswith("sha256:"):
+        expected = expected[len("sha256:"):]
+    # bytes, not str: compare_digest refuses non-ASCII str, and a pin is attacker-adjacent input
+    return hmac.compare_digest(expected.encode("utf-8"), fingerprint_der(der).encode("ascii"))
+
+
+# ------------------------------------------------------------------ files
+
+def write_atomic(path: str, data: bytes, mode: int) -> None:
+    """Write ``data`` to ``path`` via a temp file created with ``mode`` in the same dir, fsync, rename.
+
+    The temp file is never looser than ``mode``, so a secret is never readable by others,
+    not even for a moment, and a crash leaves either the old file or the new one.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    base = os.path.basename(path)
+    tmp = os.path.join(directory, f".{base}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        try:
+            os.fchmod(fd, mode)  # the umask may have removed bits we want (e.g. 0644 cert under umask 077)
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a directory; the rename itself is done
+    finally:
+        os.close(dfd)
+
+
+# ------------------------------------------------------------------ server certificate
+
+def ensure_server_cert(cert_path: str, key_path: str, *, extra_hosts=()) -> CertInfo:
+    """Load the operator's cert/key, or generate a self-signed pair when both are missing."""
+    cert_exists = os.path.exists(cert_path)
+    key_exists = os.path.exists(key_path)
+    if cert_exists and key_exists:
+        info = _load_pair(cert_path, key_path)
+        log.info("tls.operator_cert_in_use", cert_path=cert_path, fingerprint=info.fingerprint)
+        return info
+    if cert_exists or key_exists:
+        present, missing = (cert_path, key_path) if cert_exists else (key_path, cert_path)
+        raise PortunusError(
+            "startup.tls_files_incomplete",
+            f"{present} exists but {missing} does not; restore {missing}, "
+            f"or remove {present} to generate a new self-signed pair",
+            present=present, missing=missing)
+    info = _generate_pair(cert_path, key_path, list(extra_hosts))
+    log.info("tls.cert_generated", cert_path=cert_path, fingerprint=info.fingerprint,
+             sans_dns=info.sans_dns, sans_ip=info.sans_ip)
+    return info
+
+
+def _check_key_mode(key_path: str) -> None:
+    mode = stat.S_IMODE(os.stat(key_path).st_mode)
+    if mode & 0o077:
+        raise PortunusError(
+            "startup.tls_key_permissions",
+            f"{os.path.basename(key_path)} is mode {mode:04o}; it must be 0600 (chmod 600 {key_path})",
+            path=key_path, mode=f"{mode:04o}")
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise PortunusError("startup.tls_invalid", f"cannot read {path}: {e.strerror}", path=path) from None
+
+
+def _load_pair(cert_path: str, key_path: str) -> CertInfo:
+    _check_key_mode(key_path)
+    cert_pem = _read(cert_path)
+    try:
+        chain = x509.load_pem_x509_certificates(cert_pem)
+    except ValueError:
+        raise PortunusError("startup.tls_invalid",
+                            f"{cert_path} is not a PEM certificate", path=cert_path) from None
+    leaf = chain[0]  # an operator file may carry the chain; the leaf comes first and is what clients pin
+    try:
+        key = serialization.load_pem_private_key(_read(key_path), password=None)
+    except TypeError:
+        raise PortunusError("startup.tls_invalid",
+                            f"{key_path} is encrypted; Portunus needs an unencrypted private key",
+                            path=key_path) from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise PortunusError("startup.tls_invalid",
+                            f"{key_path} is not a PEM private key", path=key_path) from None
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(*spki) != leaf.public_key().public_bytes(*spki):
+        raise PortunusError("startup.tls_invalid",
+                            f"{key_path} does not match the certificate in {cert_path}",
+                            path=key_path, cert_path=cert_path)
+    return _info_from_cert(leaf, cert_path, key_path, generated=False)
+
+
+def _info_from_cert(cert: x509.Certificate, cert_path: str, key_path: str, generated: bool) -> CertInfo:
+    dns, ips = _sans_of(cert)
+    return CertInfo(cert_path=cert_path, key_path=key_path,
+                    fingerprint=fingerprint_der(cert.public_bytes(serialization.Encoding.DER)),
+                    sans_dns=dns, sans_ip=ips, generated=generated)
+
+
+def _sans_of(cert: x509.Certificate) -> tuple[list[str], list[str]]:
+    try:
+        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return [], []
+    dns = list(ext.value.get_values_for_type(x509.DNSName))
+    ips = [str(ip) for ip in ext.value.get_values_for_type(x509.IPAddress)]
+    return dns, ips
+
+
+def _san_names(extra_hosts: list[str]) -> list[x509.GeneralName]:
+    names: list[x509.GeneralName] = []
+    seen: set[str] = set()
+
+    def add(host: str) -> None:
+        host = host.strip() if isinstance(host, str) else ""
+        if not host:
+            return
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            ip = None
+        if ip is not None:
+            key, name = f"ip:{ip}", x509.IPAddress(ip)
+        else:
+            if not host.isascii() or any(c.isspace() or c in "/:@" for c in host):
+                # an odd hostname must not stop first-run startup; the caller validates the seed endpoint itself
+                log.warn("tls.san_host_skipped", host=host,
+                         reason="not a DNS name (A-label) or an IP address")
+                return
+            key, name = f"dns:{host.lower()}", x509.DNSName(host)
+        if key not in seen:
+            seen.add(key)
+            names.append(name)
+
+    for h in [socket.gethostname(), "localhost", "127.0.0.1", *extra_hosts]:
+        add(h)
+    return names
+
+
+def _generate_pair(cert_path: str, key_path: str, extra_hosts: list[str]) -> CertInfo:
+    sans = _san_names(extra_hosts)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CERT_COMMON_NAME)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))  # tolerate a peer's clock running behind
+        .not_valid_after(now + datetime.timedelta(days=CERT_VALIDITY_DAYS))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                     key_encipherment=False, data_encipherment=False,
+                                     key_agreement=False, key_cert_sign=False, crl_sign=False,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    for path in (cert_path, key_path):
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            os.makedirs(parent, mode=0o700, exist_ok=True)
+    # key first: a crash in between leaves "key without cert", which startup reports as incomplete
+    write_atomic(key_path, key_pem, 0o600)
+    write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    return _info_from_cert(cert, cert_path, key_path, generated=True)
+
+
+# ------------------------------------------------------------------ SAN coverage (§3.3)
+
+def san_covers(info_or_cert, host: str) -> bool:
+    """Whether the certificate's SAN covers ``host``.
+
+    DNS names compare case-insensitively; ``*.example.com`` covers exactly one
+    left-most label; an IP literal needs an IP SAN (a DNS SAN spelling the same
+    text does not count). ``info_or_cert`` is a CertInfo, an x509.Certificate or DER bytes.
+    """
+    if isinstance(info_or_cert, CertInfo):
+        dns, ips = info_or_cert.sans_dns, info_or_cert.sans_ip
+    elif isinstance(info_or_cert, x509.Certificate):
+        dns, ips = _sans_of(info_or_cert)
+    elif isinstance(info_or_cert, (bytes, bytearray, memoryview)):
+        dns, ips = _sans_of(x509.load_der_x509_certificate(bytes(info_or_cert)))
+    else:
+        raise TypeError("san_covers needs a CertInfo, x509.Certificate or DER bytes, "
+                        f"got {type(info_or_cert).__name__}")
+    if not isinstance(host, str) or not host or host != host.strip():
+        return False
+    literal = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ip = ipaddress.ip_address(literal)
+    except ValueError:
+        ip = None
+    if ip is not None:
+        for s in ips:
+            try:
+                if ipaddress.ip_address(s) == ip:
+                    return True
+            except ValueError:
+                continue
+        return False
+    name = _dns_norm(host)
+    if not name or "*" in name:
+        return False
+    for san in dns:
+        pattern = _dns_norm(san)
+        if not pattern:
+            continue
+        if pattern.startswith("*."):
+            suffix = pattern[2:]
+            label, dot, rest = name.partition(".")
+            if dot and label and rest == suffix and "*" not in suffix:
+                return True
+        elif pattern == name:
+            return True
+    return False
+
+
+def _dns_norm(name: str) -> str:
+    return name.lower().rstrip(".") if isinstance(name, str) else ""
+
+
+# ------------------------------------------------------------------ contexts
+
+def server_context(info: CertInfo) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(info.cert_path, info.key_path)
+    except (ssl.SSLError, OSError) as e:
+        raise PortunusError("startup.tls_invalid",
+                            f"cannot load {info.cert_path} with {info.key_path}: {e}",
+                            path=info.cert_path) from None
+    return ctx
+
+
+def client_context() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # No CA/hostname check: the caller pins the leaf SHA-256 (pins_match) after the handshake, before any secret.
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
