@@ -41,6 +41,13 @@ ERRORS: dict[str, ErrorKind] = {
     "bad_request": ErrorKind(400, EXIT_USAGE, "malformed request"),
     "server_unreachable": ErrorKind(502, EXIT_GENERIC, "server unreachable"),
     "startup.unsupported_filesystem": ErrorKind(500, EXIT_GENERIC, "unsupported filesystem for the data dir"),
+    # server certificate (§4.1)
+    "startup.tls_key_permissions": ErrorKind(500, EXIT_GENERIC, "the TLS key file is open to group or others"),
+    "startup.tls_files_incomplete": ErrorKind(500, EXIT_GENERIC, "only one of the TLS cert and key files exists"),
+    "startup.tls_invalid": ErrorKind(500, EXIT_GENERIC, "the TLS cert or key file is invalid"),
+    # client bundle (§3.2); local to the client, so no HTTP route returns them
+    "bundle_not_found": ErrorKind(400, EXIT_GENERIC, "no client bundle found"),
+    "bundle_invalid": ErrorKind(400, EXIT_GENERIC, "the client bundle is invalid"),
     # pre-flight refusals (capability gates)
     "unsupported_protocol": ErrorKind(422, EXIT_PREFLIGHT, "client does not support this protocol"),
     "multi_target_unsupported_by_client": ErrorKind(422, EXIT_PREFLIGHT, "client does not support multi-target rules"),
@@ -55,6 +62,9 @@ ERRORS: dict[str, ErrorKind] = {
     "port_in_use": ErrorKind(409, EXIT_ACTIVATION, "port already in use"),
     # auth
     "unauthenticated": ErrorKind(401, EXIT_UNAUTHENTICATED, "missing or invalid credentials"),
+    "token_revoked": ErrorKind(401, EXIT_UNAUTHENTICATED, "token has been revoked"),
+    # a bad enrollment code is caller input that no retry can fix: a usage error (2), not a generic one
+    "enrollment_invalid": ErrorKind(400, EXIT_USAGE, "enrollment code is not valid"),
     "forbidden": ErrorKind(403, EXIT_RBAC, "forbidden"),
     "not_owner": ErrorKind(403, EXIT_RBAC, "not the owner of this resource"),
     "client_not_granted": ErrorKind(403, EXIT_RBAC, "no grant covers this client"),
@@ -66,6 +76,10 @@ ERRORS: dict[str, ErrorKind] = {
     # lookups and conflicts
     "not_found": ErrorKind(404, EXIT_NOT_FOUND, "not found"),
     "client_ambiguous": ErrorKind(409, EXIT_CONFLICT, "client reference matches several clients"),
+    "conflict.client_not_revoked": ErrorKind(409, EXIT_CONFLICT, "client must be revoked first"),
+    "conflict.client_revoked": ErrorKind(409, EXIT_CONFLICT, "client is revoked"),
+    "conflict.rule_exists": ErrorKind(409, EXIT_CONFLICT, "a rule with this id already exists"),
+    "conflict.already_bootstrapped": ErrorKind(409, EXIT_CONFLICT, "bootstrap-superadmin already ran"),
     "conflict.legacy_to_sni_unsupported": ErrorKind(409, EXIT_CONFLICT, "cannot mix SNI and plain rules on one port"),
     # store
     "startup.store_in_use": ErrorKind(503, EXIT_STORE_IN_USE, "another process holds the store"),

@@ -1,0 +1,422 @@
+"""The SQLite store: open (filesystem check, lock, pragmas), per-thread connections,
+explicit transactions, numbered SQL migrations.
+
+    store = Store.open(data_dir)
+    with store.write() as conn:          # BEGIN IMMEDIATE … COMMIT (ROLLBACK on exception)
+        conn.execute("UPDATE …", (…))
+    rows = store.read().execute("SELECT …").fetchall()
+
+Each thread gets its own connection; the aggregate modules (clients, rules, …) are
+plain functions taking the store first.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import importlib.resources
+import os
+import platform
+import re
+import sqlite3
+import sys
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Iterator
+
+from ..errors import PortunusError
+
+DB_NAME = "state.db"
+LOCK_NAME = "state.db.lock"
+ALLOW_ANY_FS_ENV = "PORTUNUS_ALLOW_ANY_FS"
+DEFAULT_BUSY_TIMEOUT_MS = 5000
+
+# statfs(2) f_type magics (linux/magic.h) of filesystems SQLite's locking or durability can't trust
+NFS_SUPER_MAGIC = 0x6969
+TMPFS_MAGIC = 0x01021994
+RAMFS_MAGIC = 0x858458F6
+UNSUPPORTED_FILESYSTEMS = {NFS_SUPER_MAGIC: "nfs", TMPFS_MAGIC: "tmpfs", RAMFS_MAGIC: "ramfs"}
+
+_MIGRATION_FILE = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
+
+
+# ------------------------------------------------------------------ time
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc).replace(microsecond=0)
+
+
+def rfc3339(dt: datetime) -> str:
+    """``2026-11-22T07:00:00Z``: fixed width, so the strings also sort in time order."""
+    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def now_rfc3339() -> str:
+    return rfc3339(utc_now())
+
+
+def parse_rfc3339(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+
+
+# ------------------------------------------------------------------ filesystem check
+
+def unsupported_filesystem(magic: int | None) -> str | None:
+    """The name of a refused filesystem for a statfs magic, else None."""
+    if magic is None:
+        return None
+    return UNSUPPORTED_FILESYSTEMS.get(magic & 0xFFFFFFFF)
+
+
+_libc = None
+
+
+def filesystem_magic(path: str) -> int | None:
+    """statfs(2) f_type of the filesystem holding ``path``; None where libc statfs is not Linux's."""
+    global _libc
+    if not sys.platform.startswith("linux"):
+        return None
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.statfs.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
+        _libc.statfs.restype = ctypes.c_int
+    buf = ctypes.create_string_buffer(512)  # struct statfs is 120 bytes on 64-bit Linux; room to spare
+    if _libc.statfs(os.fsencode(path), buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+    # f_type is the first member: a native long everywhere except s390x, where it is unsigned int
+    ftype = ctypes.c_uint if platform.machine() == "s390x" else ctypes.c_long
+    return ftype.from_buffer(buf).value & 0xFFFFFFFF
+
+
+def _nearest_existing(path: str) -> str:
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
+
+
+def check_filesystem(data_dir: str) -> None:
+    """Refuse NFS, tmpfs and ramfs before creating anything (the nearest existing parent decides)."""
+    if os.environ.get(ALLOW_ANY_FS_ENV) == "1":
+        return
+    probe = _nearest_existing(data_dir)
+    try:
+        magic = filesystem_magic(probe)
+    except OSError as e:
+        raise PortunusError("io_error", f"cannot inspect the filesystem of data dir {data_dir}: {e.strerror}",
+                            data_dir=data_dir) from e
+    name = unsupported_filesystem(magic)
+    if name is not None:
+        raise PortunusError(
+            "startup.unsupported_filesystem",
+            f"data dir {data_dir} is on {name}; SQLite needs a local disk filesystem "
+            f"({'its locks are unreliable there' if name == 'nfs' else 'its contents vanish on reboot'}) "
+            f"— move --data-dir to a local writable filesystem",
+            data_dir=data_dir, filesystem=name)
+
+
+# ------------------------------------------------------------------ migrations
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def load_migrations() -> list[Migration]:
+    """``migrations/NNN_name.sql`` shipped inside the package (works from a zipapp), in order."""
+    root = importlib.resources.files("portunus.store").joinpath("migrations")
+    found = []
+    for entry in root.iterdir():
+        if not entry.name.endswith(".sql"):
+            continue
+        m = _MIGRATION_FILE.match(entry.name)
+        if m is None:
+            raise PortunusError("internal", f"migration file {entry.name!r} is not named NNN_lowercase_name.sql")
+        found.append(Migration(int(m.group(1)), m.group(2), entry.read_text(encoding="utf-8")))
+    found.sort(key=lambda mig: mig.version)
+    versions = [mig.version for mig in found]
+    if versions != list(range(1, len(found) + 1)):
+        # two branches picking the same number must fail loudly, not apply one of them silently
+        raise PortunusError("internal", f"migrations must be numbered 001..N without gaps or duplicates, "
+                                        f"found {versions}")
+    return found
+
+
+def split_statements(sql: str) -> list[str]:
+    """Split a migration into statements, respecting quotes, comments and trigger bodies."""
+    statements, start = [], 0
+    for i, ch in enumerate(sql):
+        if ch == ";" and sqlite3.complete_statement(sql[start:i + 1]):
+            statements.append(sql[start:i + 1].strip())
+            start = i + 1
+    tail = "\n".join(line for line in sql[start:].splitlines() if not line.strip().startswith("--"))
+    if tail.strip():
+        raise PortunusError("internal", f"migration ends with an incomplete statement: {tail.strip()[:60]!r}")
+    return statements
+
+
+# ------------------------------------------------------------------ connections
+
+def _is_busy(e: sqlite3.Error) -> bool:
+    code = getattr(e, "sqlite_errorcode", None)
+    if code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        return True
+    return "database is locked" in str(e) or "database table is locked" in str(e)
+
+
+class _Connection(sqlite3.Connection):
+    """A connection that counts "database is locked" for portunus_store_busy_total."""
+
+    on_busy = None
+
+    def _count(self, e: sqlite3.Error) -> None:
+        if self.on_busy is not None and _is_busy(e):
+            self.on_busy()
+
+    def execute(self, *args, **kwargs):
+        try:
+            return super().execute(*args, **kwargs)
+        except sqlite3.OperationalError as e:
+            self._count(e)
+            raise
+
+    def executemany(self, *args, **kwargs):
+        try:
+            return super().executemany(*args, **kwargs)
+        except sqlite3.OperationalError as e:
+            self._count(e)
+            raise
+
+    def executescript(self, *args, **kwargs):
+        try:
+            return super().executescript(*args, **kwargs)
+        except sqlite3.OperationalError as e:
+            self._count(e)
+            raise
+
+
+class Store:
+    """One open data dir: holds the lock file for its whole life."""
+
+    def __init__(self, data_dir: str, lock_fd: int, busy_timeout_ms: int):
+        self.data_dir = data_dir
+        self.db_path = os.path.join(data_dir, DB_NAME)
+        self.lock_path = os.path.join(data_dir, LOCK_NAME)
+        self._lock_fd: int | None = lock_fd
+        self._busy_timeout_ms = busy_timeout_ms
+        self._local = threading.local()
+        self._registry_lock = threading.Lock()
+        # thread -> its connection; connections of finished threads are closed when the next one opens
+        self._conns: dict[threading.Thread, sqlite3.Connection] = {}
+        self._busy = 0
+        self._closed = False
+
+    # ---------------------------------------------------------------- open / close
+
+    @classmethod
+    def open(cls, data_dir: str, *, migrate: bool = True,
+             busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS) -> "Store":
+        data_dir = os.path.abspath(os.fspath(data_dir))
+        check_filesystem(data_dir)
+        try:
+            os.makedirs(data_dir, mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise PortunusError("io_error", f"cannot create data dir {data_dir}: {e.strerror}",
+                                data_dir=data_dir) from e
+        if not os.path.isdir(data_dir):
+            raise PortunusError("io_error", f"data dir {data_dir} is not a directory", data_dir=data_dir)
+        store = cls(data_dir, _acquire_lock(data_dir), busy_timeout_ms)
+        try:
+            store._prepare(migrate)
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    def _prepare(self, migrate: bool) -> None:
+        if not os.path.exists(self.db_path):
+            # created 0600 up front: sqlite gives the -wal and -shm files the database's mode
+            os.close(os.open(self.db_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        conn = self.read()
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise PortunusError("io_error", f"cannot switch {self.db_path} to WAL mode (got {mode!r})")
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations ("
+                     "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)")
+        migrations = load_migrations()
+        known = migrations[-1].version if migrations else 0
+        current = self.schema_version()
+        if current > known:
+            raise PortunusError(
+                "startup.schema_version_too_new",
+                f"database schema version {current} is newer than this binary (knows up to {known})",
+                schema_version=current, known_version=known)
+        if migrate:
+            self._migrate([m for m in migrations if m.version > current])
+
+    def _migrate(self, pending: list[Migration]) -> None:
+        conn = self.read()
+        if not pending:
+            return
+        # off while migrating so a migration may rebuild a table (SQLite's 12-step ALTER); checked before COMMIT
+        conn.execute("PRAGMA foreign_keys=OFF")
+        try:
+            for mig in pending:
+                label = f"{mig.version:03d}_{mig.name}"
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for statement in split_statements(mig.sql):
+                        conn.execute(statement)
+                    dangling = conn.execute("PRAGMA foreign_key_check").fetchall()
+                    if dangling:
+                        raise PortunusError("internal", f"migration {label} leaves {len(dangling)} rows with "
+                                                        f"dangling foreign keys (first in table {dangling[0][0]})")
+                    conn.execute("INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                                 (mig.version, mig.name, now_rfc3339()))
+                    conn.execute("COMMIT")
+                except BaseException as e:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    if isinstance(e, sqlite3.Error):
+                        raise PortunusError("internal", f"migration {label} failed: {e}") from e
+                    raise
+        finally:
+            conn.execute("PRAGMA foreign_keys=ON")
+
+    def close(self) -> None:
+        """Close every thread's connection and release the lock. Idempotent."""
+        with self._registry_lock:
+            if self._closed:
+                return
+            self._closed = True
+            conns, self._conns = list(self._conns.values()), {}
+        for conn in conns:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+        if self._lock_fd is not None:
+            try:
+                os.ftruncate(self._lock_fd, 0)
+            except OSError:
+                pass
+            os.close(self._lock_fd)  # closing the only descriptor releases the flock
+            self._lock_fd = None
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- connections and transactions
+
+    def read(self) -> sqlite3.Connection:
+        """This thread's connection (autocommit; inside ``write()`` it sees the open transaction)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and not self._closed:
+            return conn
+        return self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
+        with self._registry_lock:
+            if self._closed:
+                raise PortunusError("internal", f"the store at {self.data_dir} is closed")
+            for thread in [t for t in self._conns if not t.is_alive()]:
+                self._conns.pop(thread).close()
+            # check_same_thread=False only so close() and the pruning above may close a connection
+            # from another thread; each connection is otherwise used by its own thread alone
+            conn = sqlite3.connect(self.db_path, timeout=self._busy_timeout_ms / 1000, isolation_level=None,
+                                   check_same_thread=False, factory=_Connection)
+            conn.on_busy = self._note_busy
+            conn.row_factory = sqlite3.Row
+            conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
+            conn.execute("PRAGMA foreign_keys=ON")
+            # FULL: with WAL, NORMAL may lose the last commits on power loss; a committed row must survive
+            conn.execute("PRAGMA synchronous=FULL")
+            self._conns[threading.current_thread()] = conn
+            self._local.conn = conn
+            self._local.depth = 0
+            return conn
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` … ``COMMIT``; ROLLBACK on exception. Nested calls become savepoints."""
+        conn = self.read()
+        depth = self._local.depth
+        if depth:
+            name = f"nested_{depth}"
+            conn.execute(f"SAVEPOINT {name}")
+            self._local.depth = depth + 1
+            try:
+                yield conn
+            except BaseException:
+                conn.execute(f"ROLLBACK TO {name}")
+                conn.execute(f"RELEASE {name}")
+                raise
+            else:
+                conn.execute(f"RELEASE {name}")
+            finally:
+                self._local.depth = depth
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        self._local.depth = 1
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        finally:
+            self._local.depth = 0
+
+    def _note_busy(self) -> None:
+        with self._registry_lock:
+            self._busy += 1
+
+    @property
+    def busy_count(self) -> int:
+        """How often SQLite answered "database is locked" (portunus_store_busy_total)."""
+        return self._busy
+
+    def schema_version(self) -> int:
+        row = self.read().execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()
+        return int(row[0])
+
+
+def _acquire_lock(data_dir: str) -> int:
+    path = os.path.join(data_dir, LOCK_NAME)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise PortunusError("io_error", f"cannot open lock file {path}: {e.strerror}", data_dir=data_dir) from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = _read_pid(fd)
+        os.close(fd)
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise PortunusError("io_error", f"cannot lock {path}: {e.strerror}", data_dir=data_dir) from e
+        raise PortunusError("startup.store_in_use",
+                            f"another portunus process (pid {holder or 'unknown'}) holds {data_dir}",
+                            pid=holder, data_dir=data_dir) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
