@@ -86,6 +86,19 @@ ERRORS: dict[str, ErrorKind] = {
     "store_in_use": ErrorKind(503, EXIT_STORE_IN_USE, "another process holds the store"),
     "startup.schema_version_too_new": ErrorKind(500, EXIT_SCHEMA_TOO_NEW, "database schema is newer than this binary"),
     "schema_version_too_new": ErrorKind(500, EXIT_SCHEMA_TOO_NEW, "database schema is newer than this binary"),
+    # HTTP transport
+    "method_not_allowed": ErrorKind(405, EXIT_USAGE, "method not allowed"),
+    "payload_too_large": ErrorKind(413, EXIT_USAGE, "request body too large"),
+    # control channel
+    "protocol_error": ErrorKind(400, EXIT_GENERIC, "control protocol error"),
+    "protocol_version_unsupported": ErrorKind(400, EXIT_GENERIC, "unsupported control protocol version"),
+    "tls_pinned_mismatch": ErrorKind(400, EXIT_GENERIC, "server certificate does not match the pin"),
+    "session_replaced": ErrorKind(409, EXIT_GENERIC, "a newer connection of this client took over"),
+    "startup.listen_failed": ErrorKind(500, EXIT_GENERIC, "cannot listen"),
+    # advertised endpoint
+    "endpoint_invalid": ErrorKind(422, EXIT_PREFLIGHT, "advertised endpoint must be a bare host:port"),
+    "endpoint_not_in_cert_san": ErrorKind(422, EXIT_PREFLIGHT, "advertised endpoint host not covered by the certificate"),
+    "failed_precondition": ErrorKind(422, EXIT_PREFLIGHT, "failed precondition"),
 }
 
 

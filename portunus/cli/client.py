@@ -1,0 +1,120 @@
+"""`portunus-client`: enroll, then run the edge agent (SPEC §7.3)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+
+from ..errors import PortunusError
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="portunus-client",
+        description="Edge agent: connects to a Portunus server over pinned TLS, receives rules and forwards "
+                    "the ports. First run `portunus-client enroll '<uri>'` with the command the server printed.",
+    )
+    p.add_argument("--bundle", metavar="PATH",
+                   help="client bundle (default: $PORTUNUS_CLIENT_BUNDLE, $XDG_CONFIG_HOME/portunus/"
+                        "client.bundle.json, ~/.config/portunus/client.bundle.json, ./client.bundle.json)")
+    p.add_argument("--reconnect-initial-delay-ms", type=_positive_int, default=500, metavar="MS",
+                   help="first reconnect backoff ceiling (default 500)")
+    p.add_argument("--reconnect-max-delay-secs", type=_positive_int, default=30, metavar="S",
+                   help="reconnect backoff cap (default 30)")
+    p.add_argument("--shutdown-drain-timeout-secs", type=_non_negative_int, default=30, metavar="S",
+                   help="how long live connections may finish on SIGTERM (default 30)")
+    p.add_argument("--stats-report-interval-secs", type=_positive_int, default=5, metavar="S",
+                   help="stats report interval until the server says otherwise (default 5)")
+    p.add_argument("--log-format", choices=("json", "compact"), default="json")
+    return p
+
+
+def _enroll_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="portunus-client enroll",
+                                description="Redeem a one-time enrollment URI and write the client bundle (0600).")
+    p.add_argument("uri", help="portunus://HOST:PORT/enroll?pin=sha256:…&code=…")
+    p.add_argument("--out", metavar="PATH", help="where to write the bundle (default: "
+                                                 "$XDG_CONFIG_HOME/portunus/client.bundle.json)")
+    return p
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
+
+
+def _non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
+    return int(text)
+
+
+def main(argv: list[str]) -> int:
+    from ..log import log
+    if argv and argv[0] == "enroll":
+        args = _enroll_parser().parse_args(argv[1:])
+        from ..control.agent import enroll
+        from ..control.enrollment import default_bundle_path
+        out = args.out or default_bundle_path()
+        bundle = enroll(args.uri, out)
+        log.info("enrollment.bundle_written", path=out, client_id=bundle["client_id"],
+                 client_name=bundle["client_name"], server_endpoint=bundle["server_endpoint"])
+        print(f"enrolled as {bundle['client_name']} ({bundle['client_id']}); bundle written to {out}")
+        print(f"start the agent with: portunus-client --bundle {out}")
+        return 0
+    args = _run_parser().parse_args(argv)
+    log.configure(fmt="json" if args.log_format == "json" else "pretty")
+    from ..control.enrollment import find_bundle, read_bundle
+    path = find_bundle(args.bundle)
+    bundle = read_bundle(path)
+    return run_agent(bundle, path, args)
+
+
+def run_agent(bundle: dict, path: str, args) -> int:
+    from .. import __version__
+    from ..control.agent import Agent
+    from ..log import log
+    from ..loop import Loop
+    from ..relay.runtime import RuleRuntime, RuntimeSettings
+    from ..sysinfo import raise_nofile_limit
+
+    nofile = raise_nofile_limit()
+    loop = Loop()
+    runtime = RuleRuntime(loop, RuntimeSettings(drain_timeout=float(args.shutdown_drain_timeout_secs)))
+    caps = os.environ.get("PORTUNUS_CLIENT_CAPABILITIES")  # test hook: declare fewer capabilities
+    agent = Agent(loop, bundle, runtime, reconnect_initial=args.reconnect_initial_delay_ms / 1000,
+                  reconnect_max=float(args.reconnect_max_delay_secs),
+                  stats_interval=float(args.stats_report_interval_secs),
+                  capabilities=[c for c in caps.split(",") if c] if caps is not None else None)
+    log.info("process.start", role="client", version=__version__, bundle=path, client_id=bundle["client_id"],
+             client_name=bundle["client_name"], nofile_limit=nofile, pid=os.getpid())
+    state = {"stopping": False}
+
+    def on_signal(signame: str) -> None:
+        if state["stopping"]:
+            runtime.abort_all()
+            loop.stop()
+            return
+        state["stopping"] = True
+        log.info("process.shutdown", signal=signame, drain_timeout_secs=args.shutdown_drain_timeout_secs)
+        agent.send_stats_now()
+        agent.stop()
+        runtime.shutdown(loop.stop)
+
+    loop.add_signal_handler(signal.SIGTERM, on_signal, "SIGTERM")
+    loop.add_signal_handler(signal.SIGINT, on_signal, "SIGINT")
+    agent.start()
+    try:
+        loop.run()
+    finally:
+        runtime.ctx.close()
+        loop.close()
+    if agent.exit_code is not None:
+        return agent.exit_code
+    log.info("process.exit", code=0)
+    return 0
+
+
+_ = PortunusError

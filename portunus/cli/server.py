@@ -1,0 +1,565 @@
+"""`portunus-server`: serve, and the operator CLI (SPEC §7.1).
+
+Online commands call the HTTP API with PORTUNUS_OPERATOR_TOKEN; the URL comes
+from --server, PORTUNUS_SERVER, or the running server's data dir. Offline
+commands open the store directly and refuse while `serve` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import sqlite3
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+from ..errors import PortunusError
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+# ---------------------------------------------------------------- API client
+
+class ApiClient:
+    def __init__(self, base_url: str, token: str | None):
+        self.base = base_url.rstrip("/")
+        self.token = token
+
+    def call(self, method: str, path: str, body=None, timeout: float = 30.0):
+        if not self.token:
+            raise PortunusError("unauthenticated", "PORTUNUS_OPERATOR_TOKEN is not set")
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.base + path, data=data, method=method)
+        req.add_header("Authorization", f"Bearer {self.token}")
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return resp.status, _decode(resp.read())
+        except urllib.error.HTTPError as exc:
+            payload = _decode(exc.read())
+            err = payload.get("error") if isinstance(payload, dict) else None
+            if isinstance(err, dict) and err.get("code"):
+                fields = {k: v for k, v in err.items() if k not in ("code", "message")}
+                raise PortunusError(err["code"], err.get("message"), **fields) from None
+            raise PortunusError("server_unreachable", f"{method} {path}: HTTP {exc.code}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise PortunusError("server_unreachable", f"cannot reach the server at {self.base}: {reason}") from None
+
+
+def _decode(raw: bytes):
+    try:
+        return json.loads(raw) if raw else {}
+    except ValueError:
+        return {"raw": raw.decode(errors="replace")}
+
+
+def _api_url(args) -> str | None:
+    if args.server:
+        return args.server
+    if os.environ.get("PORTUNUS_SERVER"):
+        return os.environ["PORTUNUS_SERVER"]
+    from ..server.app import read_runtime_info
+    info = read_runtime_info(args.data_dir)
+    if info and _pid_alive(info.get("pid")):
+        return info["operator_http_url"]
+    return None
+
+
+def _pid_alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _api(args) -> ApiClient:
+    url = _api_url(args)
+    if url is None:
+        from ..server import config as server_config
+        cfg = server_config.load(args.data_dir)
+        host, port = cfg.http_addr
+        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    return ApiClient(url, os.environ.get("PORTUNUS_OPERATOR_TOKEN"))
+
+
+def _q(text: str) -> str:
+    return urllib.parse.quote(text, safe="")
+
+
+# ---------------------------------------------------------------- output
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> None:
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    print("  ".join(str(h).ljust(w) for h, w in zip(headers, widths)).rstrip())
+    for r in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def _human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return str(n)
+
+
+def _rule_caps(rule: dict) -> str:
+    caps = []
+    if rule["listen_port_end"] != rule["listen_port"]:
+        caps.append("range")
+    if len(rule.get("targets") or []) > 1:
+        caps.append("multi")
+    if any(t.get("proxy_protocol") for t in rule.get("targets") or []):
+        caps.append("proxy")
+    if rule.get("sni_pattern"):
+        caps.append("sni")
+    if rule.get("rate_limit"):
+        caps.append("qos")
+    return ",".join(caps) or "-"
+
+
+def _target_text(rule: dict) -> str:
+    out = []
+    for t in rule.get("targets") or []:
+        host = f"[{t['host']}]" if ":" in t["host"] else t["host"]
+        port = f"{t['port']}-{t['port_end']}" if t.get("port_end") else str(t["port"])
+        if rule["listen_port_end"] != rule["listen_port"] and not t.get("port_end"):
+            port = f"{t['port']}-{t['port'] + rule['listen_port_end'] - rule['listen_port']}"
+        out.append(f"{host}:{port}")
+    return ",".join(out)
+
+
+# ---------------------------------------------------------------- commands
+
+def cmd_serve(args) -> int:
+    from ..server.app import serve
+    return serve(args.data_dir, advertised_endpoint=args.advertised_endpoint)
+
+
+def cmd_gen_token(args) -> int:
+    print(secrets.token_urlsafe(32))
+    return 0
+
+
+def _open_store(args):
+    from ..store.db import Store
+    return Store.open(args.data_dir)
+
+
+def cmd_bootstrap_superadmin(args) -> int:
+    from ..store import operators
+    store = _open_store(args)
+    try:
+        token = operators.bootstrap_superadmin(store, args.name)
+    finally:
+        store.close()
+    print(token)
+    print("This bearer token is shown once. Use it as PORTUNUS_OPERATOR_TOKEN.", file=sys.stderr)
+    return 0
+
+
+def cmd_enroll_client(args) -> int:
+    if _api_url(args) is not None:
+        body = {"name": args.name}
+        if args.address:
+            body["address"] = args.address
+        if args.ttl_secs is not None:
+            body["ttl_secs"] = args.ttl_secs
+        _, res = _api(args).call("POST", "/v1/client-enrollments", body)
+    else:
+        res = _offline_enroll(args)
+    return _print_enrollment(args, res)
+
+
+def _offline_enroll(args) -> dict:
+    from ..control.tls import ensure_server_cert
+    from ..server import config as server_config
+    from ..server.core import ServerCore, validate_seed_endpoint
+    cfg = server_config.load(args.data_dir)
+    store = _open_store(args)
+    try:
+        seed = os.environ.get("PORTUNUS_ADVERTISED_ENDPOINT")
+        cert = ensure_server_cert(cfg.cert_path, cfg.key_path,
+                                  extra_hosts=[seed.rpartition(":")[0]] if seed and ":" in seed else [])
+        if seed:
+            seed = validate_seed_endpoint(seed, cert)
+
+        class Offline:
+            bound_port = None
+
+            @staticmethod
+            def session_info(_cid):
+                return None
+        core = ServerCore(cfg, store, Offline(), cert, advertised_seed=seed)
+        return core.enroll_client(args.name, address=args.address, ttl_secs=args.ttl_secs)
+    finally:
+        store.close()
+
+
+def _print_enrollment(args, res: dict) -> int:
+    if getattr(args, "format", "text") == "json":
+        _print_json(res)
+        return 0
+    client = res["client"]
+    print(f"client {client['client_name']} ({client['client_id']})", file=sys.stderr)
+    print(f"one-time code expires at {res['expires_at']}; run this on the edge host:", file=sys.stderr)
+    print(res["command"])
+    return 0
+
+
+def cmd_reenroll_client(args) -> int:
+    body = {} if args.ttl_secs is None else {"ttl_secs": args.ttl_secs}
+    _, res = _api(args).call("POST", f"/v1/clients/{_q(args.client)}/enrollment", body)
+    return _print_enrollment(args, res)
+
+
+def cmd_list_clients(args) -> int:
+    _, res = _api(args).call("GET", "/v1/clients")
+    clients = res["clients"]
+    if args.format == "json":
+        _print_json(clients)
+        return 0
+    rows = [[c["client_id"], c["client_name"], "revoked" if c["revoked"] else ("yes" if c["connected"] else "no"),
+             c.get("remote_addr") or "-", c.get("client_version") or "-", ",".join(c.get("capabilities") or []) or "-"]
+            for c in clients]
+    _table(rows, ["CLIENT_ID", "NAME", "CONNECTED", "REMOTE", "VERSION", "CAPABILITIES"])
+    return 0
+
+
+def cmd_revoke(args) -> int:
+    _, res = _api(args).call("POST", f"/v1/clients/{_q(args.client)}/revoke")
+    print(f"revoked {res['client_name']} ({res['client_id']})")
+    return 0
+
+
+def cmd_rename_client(args) -> int:
+    _, res = _api(args).call("PATCH", f"/v1/clients/{_q(args.client)}/name", {"name": args.name})
+    print(f"renamed {res['client_id']} to {res['client_name']}")
+    return 0
+
+
+def _parse_target_flag(text: str, index: int) -> dict:
+    from ..model import parse_target_text, _int_in
+    spec, _, prio = text.partition("@")
+    t = parse_target_text(spec, f"--target {text!r}")
+    return {"host": t.host, "port": t.port,
+            "priority": _int_in(prio, f"--target {text!r} priority", 0, 65535) if prio else index + 1}
+
+
+def cmd_push_rule(args) -> int:
+    body: dict = {"client": args.client, "listen": args.listen, "protocol": args.protocol}
+    given = sum(x is not None and x != [] for x in (args.target, args.targets, args.targets_json))
+    if given != 1:
+        raise PortunusError("usage", "give exactly one of TARGET, --target (repeatable) or --targets-json")
+    if args.target:
+        body["target"] = args.target
+    elif args.targets:
+        body["targets"] = [_parse_target_flag(t, i) for i, t in enumerate(args.targets)]
+    else:
+        try:
+            body["targets"] = json.loads(args.targets_json)
+        except ValueError as exc:
+            raise PortunusError("usage", f"--targets-json is not valid JSON: {exc}") from None
+    if args.sni:
+        body["sni_pattern"] = args.sni
+    if args.prefer_ipv6:
+        body["prefer_ipv6"] = True
+    if args.health_check_interval_secs is not None:
+        body["health_check_interval_secs"] = args.health_check_interval_secs
+    caps = {k: getattr(args, k) for k in ("bandwidth_in_bps", "bandwidth_out_bps", "new_connections_per_sec",
+                                         "concurrent_connections", "bandwidth_in_burst", "bandwidth_out_burst",
+                                         "new_connections_burst") if getattr(args, k) is not None}
+    if caps:
+        body["rate_limit"] = caps
+    body["ack_timeout_secs"] = args.ack_timeout
+    status, res = _api(args).call("POST", "/v1/rules", body, timeout=args.ack_timeout + 30)
+    print(res["rule_id"])
+    if status == 202:
+        print(f"warning: the client did not acknowledge within {args.ack_timeout:g} s; the rule is pending",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_remove_rule(args) -> int:
+    _api(args).call("DELETE", f"/v1/rules/{_q(args.rule_id)}")
+    print(f"removed {args.rule_id}")
+    return 0
+
+
+def cmd_list_rules(args) -> int:
+    path = "/v1/rules" + (f"?client={_q(args.client)}" if args.client else "")
+    _, res = _api(args).call("GET", path)
+    rules = res["rules"]
+    if args.format == "json":
+        _print_json(rules)
+        return 0
+    rows = []
+    for r in rules:
+        listen = str(r["listen_port"]) if r["listen_port"] == r["listen_port_end"] else \
+            f"{r['listen_port']}-{r['listen_port_end']}"
+        state = r["state"] if not r.get("reason") else f"{r['state']}({r['reason']})"
+        rows.append([r["rule_id"], r.get("client_name") or r["client_id"], r["protocol"], listen,
+                     _target_text(r), state, _rule_caps(r), r.get("owner") or "-"])
+    _table(rows, ["RULE_ID", "CLIENT", "PROTO", "LISTEN", "TARGET", "STATE", "CAPS", "OWNER"])
+    return 0
+
+
+def cmd_rule_stats(args) -> int:
+    q = "?per_port=true" if args.per_port else ("?per_target=true" if args.per_target else "")
+    _, res = _api(args).call("GET", f"/v1/rules/{_q(args.rule_id)}/stats{q}")
+    if args.format == "json":
+        _print_json(res)
+        return 0
+    print(f"rule {res['rule_id']} ({res['protocol']}, {res['state']}) on client {res['client']}")
+    print(f"  bytes in {_human_bytes(res['bytes_in'])} ({res['bytes_in']}), "
+          f"out {_human_bytes(res['bytes_out'])} ({res['bytes_out']})")
+    if res["protocol"] == "tcp":
+        print(f"  active connections {res['active_connections']}, dns failures {res['dns_failures']}")
+    else:
+        print(f"  datagrams in {res['datagrams_in']}, out {res['datagrams_out']}, active flows "
+              f"{res['active_flows']}, overflow drops {res['flows_dropped_overflow']}")
+    print(f"  updated {res.get('updated_at') or 'never (no report yet)'}")
+    if args.per_port:
+        rows = [[p["listen_port"], p["bytes_in"], p["bytes_out"], p["active_connections"],
+                 p["datagrams_in"], p["datagrams_out"]] for p in res.get("per_port", [])]
+        _table(rows, ["PORT", "BYTES_IN", "BYTES_OUT", "CONNS", "DGRAMS_IN", "DGRAMS_OUT"])
+    if args.per_target:
+        rows = [[t["index"], f"{t['host']}:{t['port']}", t["priority"], t["health"], t["consecutive_failures"],
+                 t["bytes_in"], t["bytes_out"], t["connections"]] for t in res.get("per_target", [])]
+        _table(rows, ["#", "TARGET", "PRIO", "HEALTH", "FAILS", "BYTES_IN", "BYTES_OUT", "CONNS"])
+    return 0
+
+
+# ---- storage -----------------------------------------------------------------
+
+def _check_sqlite_header(path: str) -> None:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as exc:
+        raise PortunusError("io_error", f"cannot read {path}: {exc.strerror}") from None
+    if head != SQLITE_HEADER:
+        raise PortunusError("validation.not_a_database", f"{path} is not a SQLite database")
+
+
+def cmd_backup(args) -> int:
+    db_path = os.path.join(args.data_dir, "state.db")
+    if not os.path.exists(db_path):
+        raise PortunusError("not_found", f"no database at {db_path}")
+    out = args.out
+    if os.path.isdir(out):
+        out = os.path.join(out, time.strftime("portunus-backup-%Y%m%dT%H%M%SZ.db", time.gmtime()))
+    if os.path.exists(out):
+        raise PortunusError("conflict.backup_exists", f"{out} already exists; refusing to overwrite")
+    tmp = out + ".partial"
+    src = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
+    try:
+        dst = sqlite3.connect(tmp)
+        try:
+            src.backup(dst)  # the online backup API sees committed WAL content
+        finally:
+            dst.close()
+    finally:
+        src.close()
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, out)
+    print(out)
+    return 0
+
+
+def cmd_restore(args) -> int:
+    from ..store.db import Store
+    _check_sqlite_header(args.input)
+    os.makedirs(args.data_dir, mode=0o700, exist_ok=True)
+    db_path = os.path.join(args.data_dir, "state.db")
+    lock = Store.open(args.data_dir, migrate=False) if os.path.exists(db_path) else None
+    try:
+        if lock is not None and not args.force:
+            raise PortunusError("conflict.data_dir_not_empty",
+                                f"{db_path} exists; pass --force to replace it (a copy is kept as state.db.pre-restore)")
+        if lock is not None:
+            lock.close()
+            lock = None
+        staging = os.path.join(args.data_dir, "state.db.restoring")
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.unlink(staging + suffix)
+            except FileNotFoundError:
+                pass
+        src = sqlite3.connect(f"file:{args.input}?mode=ro", uri=True)
+        dst = sqlite3.connect(staging)
+        try:
+            src.backup(dst)
+        finally:
+            src.close()
+            dst.close()
+        # migrate the staged copy in its own directory so a failure leaves the live db untouched
+        stage_dir = staging + ".d"
+        os.makedirs(stage_dir, mode=0o700, exist_ok=True)
+        os.replace(staging, os.path.join(stage_dir, "state.db"))
+        try:
+            staged = Store.open(stage_dir)
+            staged.close()
+        except PortunusError:
+            _rmtree(stage_dir)
+            raise
+        if os.path.exists(db_path):
+            os.replace(db_path, db_path + ".pre-restore")
+            for suffix in ("-wal", "-shm"):
+                try:
+                    os.unlink(db_path + suffix)
+                except FileNotFoundError:
+                    pass
+        os.replace(os.path.join(stage_dir, "state.db"), db_path)
+        _rmtree(stage_dir)
+    finally:
+        if lock is not None:
+            lock.close()
+    print(f"restored {args.input} into {db_path}")
+    return 0
+
+
+def _rmtree(path: str) -> None:
+    import shutil
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def cmd_reset(args) -> int:
+    from ..store.db import Store
+    db_path = os.path.join(args.data_dir, "state.db")
+    if not os.path.exists(db_path):
+        print(f"nothing to reset: {db_path} does not exist")
+        return 0
+    _check_sqlite_header(db_path)
+    files = [p for p in (db_path, db_path + "-wal", db_path + "-shm") if os.path.exists(p)]
+    if not args.confirm:
+        print("dry run; would remove:")
+        for p in files:
+            print(f"  {p}")
+        print("pass --confirm to remove them (certificates and server.toml are kept)")
+        return 0
+    store = Store.open(args.data_dir, migrate=False)  # refuses while serve runs
+    store.close()
+    for p in files:
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+    print("removed: " + ", ".join(files))
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..server.config import default_data_dir
+    p = argparse.ArgumentParser(prog="portunus-server",
+                                description="Portunus control plane: serve, and operate clients and rules.")
+    p.add_argument("--data-dir", default=os.environ.get("PORTUNUS_DATA_DIR") or default_data_dir(),
+                   metavar="DIR", help="state directory (default: $XDG_STATE_HOME/portunus)")
+    p.add_argument("--server", metavar="URL", help="operator API URL (default: $PORTUNUS_SERVER or the running "
+                                                   "server of --data-dir)")
+    sub = p.add_subparsers(dest="command", metavar="<command>")
+    sub.required = True
+
+    s = sub.add_parser("serve", help="run the server")
+    s.add_argument("--advertised-endpoint", metavar="HOST:PORT",
+                   help="host:port written into enrollment commands (or PORTUNUS_ADVERTISED_ENDPOINT)")
+    s.set_defaults(fn=cmd_serve)
+    sub.add_parser("gen-token", help="print a fresh 43-char random token").set_defaults(fn=cmd_gen_token)
+    s = sub.add_parser("bootstrap-superadmin", help="create the superadmin bearer token (offline, once)")
+    s.add_argument("--name", required=True, help="display name")
+    s.set_defaults(fn=cmd_bootstrap_superadmin)
+
+    s = sub.add_parser("enroll-client", help="create a client and print its one-time enroll command")
+    s.add_argument("name")
+    s.add_argument("--address", help="the edge host's address (informational)")
+    s.add_argument("--ttl-secs", type=int, help="code lifetime (default 600, max 86400)")
+    s.add_argument("--format", choices=("text", "json"), default="text")
+    s.set_defaults(fn=cmd_enroll_client)
+    s = sub.add_parser("reenroll-client", help="new one-time code for an existing client (keeps id and rules)")
+    s.add_argument("client", help="client id or unique name")
+    s.add_argument("--ttl-secs", type=int)
+    s.add_argument("--format", choices=("text", "json"), default="text")
+    s.set_defaults(fn=cmd_reenroll_client)
+    s = sub.add_parser("list-clients", help="list clients")
+    s.add_argument("--format", choices=("text", "json"), default="text")
+    s.set_defaults(fn=cmd_list_clients)
+    s = sub.add_parser("revoke", help="revoke a client's token and disconnect it now")
+    s.add_argument("client")
+    s.set_defaults(fn=cmd_revoke)
+    s = sub.add_parser("rename-client", help="rename a client (keeps id and session)")
+    s.add_argument("client")
+    s.add_argument("--name", required=True)
+    s.set_defaults(fn=cmd_rename_client)
+
+    s = sub.add_parser("push-rule", help="push a forwarding rule to a client; prints the rule id")
+    s.add_argument("client", help="client id or unique name")
+    s.add_argument("listen", help="listen port or range, e.g. 8080 or 30000-30099")
+    s.add_argument("target", nargs="?", help="host:port or host:start-end")
+    s.add_argument("--protocol", choices=("tcp", "udp"), default="tcp")
+    s.add_argument("--target", dest="targets", action="append", default=[], metavar="HOST:PORT@PRIO",
+                   help="a failover target (repeatable)")
+    s.add_argument("--targets-json", metavar="JSON", help='e.g. [{"host":"a","port":80,"priority":1}]')
+    s.add_argument("--sni", metavar="PATTERN", help="TLS SNI pattern (exact or *.domain)")
+    s.add_argument("--prefer-ipv6", action="store_true")
+    s.add_argument("--health-check-interval-secs", type=int, metavar="N")
+    for flag in ("bandwidth-in-bps", "bandwidth-out-bps", "new-connections-per-sec", "concurrent-connections",
+                 "bandwidth-in-burst", "bandwidth-out-burst", "new-connections-burst"):
+        s.add_argument(f"--{flag}", type=int, metavar="N")
+    s.add_argument("--ack-timeout", type=float, default=2.0, metavar="S",
+                   help="how long to wait for the client's ack (default 2)")
+    s.set_defaults(fn=cmd_push_rule)
+    s = sub.add_parser("remove-rule", help="drain and remove a rule")
+    s.add_argument("rule_id")
+    s.set_defaults(fn=cmd_remove_rule)
+    s = sub.add_parser("list-rules", help="list rules")
+    s.add_argument("--client")
+    s.add_argument("--format", choices=("text", "json"), default="text")
+    s.set_defaults(fn=cmd_list_rules)
+    s = sub.add_parser("rule-stats", help="a rule's latest counters")
+    s.add_argument("rule_id")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--per-port", action="store_true")
+    g.add_argument("--per-target", action="store_true")
+    s.add_argument("--format", choices=("text", "json"), default="text")
+    s.set_defaults(fn=cmd_rule_stats)
+
+    s = sub.add_parser("backup", help="online backup of the state database")
+    s.add_argument("--out", required=True, metavar="PATH", help="file (not overwritten) or directory")
+    s.set_defaults(fn=cmd_backup)
+    s = sub.add_parser("restore", help="restore a backup into the data dir (server stopped)")
+    s.add_argument("--in", dest="input", required=True, metavar="PATH")
+    s.add_argument("--force", action="store_true", help="replace an existing database")
+    s.set_defaults(fn=cmd_restore)
+    s = sub.add_parser("reset", help="delete the state database (dry run without --confirm)")
+    s.add_argument("--confirm", action="store_true")
+    s.set_defaults(fn=cmd_reset)
+    return p
+
+
+class _Parser(argparse.ArgumentParser):
+    pass
+
+
+def main(argv: list[str]) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.fn(args)

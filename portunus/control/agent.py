@@ -1,0 +1,282 @@
+"""Client side of the control channel: connect, pin, hello, run pushed rules, report.
+
+Everything runs on the client's one loop, beside the data plane it drives through
+``RuleRuntime``.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import ssl
+import time
+
+from .. import __version__
+from ..errors import PortunusError
+from ..log import log
+from ..model import Rule
+from ..relay.runtime import RuleRuntime
+from . import messages as m
+from .channel import Channel, connect_tcp
+from .tls import client_context, fingerprint_der, pins_match
+
+CONNECT_TIMEOUT = 10.0
+DEAD_AFTER = 45.0
+ALL_CAPABILITIES = list(m.CAPABILITIES)
+# What this build can actually run; the rest is refused by the server's capability gate.
+SUPPORTED_CAPABILITIES = ["udp", "port_range"]
+
+EXIT_PIN_MISMATCH = 1
+EXIT_AUTH_FAILURE = 1
+
+
+class Agent:
+    def __init__(self, loop, bundle: dict, runtime: RuleRuntime, *, reconnect_initial: float = 0.5,
+                 reconnect_max: float = 30.0, stats_interval: float = 5.0, capabilities: list[str] | None = None):
+        self.loop = loop
+        self.bundle = bundle
+        self.runtime = runtime
+        self.reconnect_initial = reconnect_initial
+        self.reconnect_max = reconnect_max
+        self.stats_interval = stats_interval
+        self.capabilities = list(SUPPORTED_CAPABILITIES if capabilities is None else capabilities)
+        self.host, self.port = _split_endpoint(bundle["server_endpoint"])
+        self.ssl_ctx = client_context()
+        self.channel: Channel | None = None
+        self.attempt = 0
+        self.exit_code: int | None = None
+        self.stopping = False
+        self._stats_timer = None
+        self._watchdog = None
+        self._reconnect_timer = None
+        self.connected = False
+
+    # ---- connecting -------------------------------------------------------
+    def start(self) -> None:
+        self._connect()
+
+    def _connect(self) -> None:
+        self._reconnect_timer = None
+        if self.stopping:
+            return
+        log.info("control.connecting", server=f"{self.host}:{self.port}", attempt=self.attempt + 1)
+        self.runtime.ctx.resolver.resolve(self.host, False, self._on_resolved)
+
+    def _on_resolved(self, addrs, err) -> None:
+        if self.stopping:
+            return
+        if err is not None or not addrs:
+            self._failed(f"cannot resolve {self.host}: {err}")
+            return
+        connect_tcp(self.loop, addrs[0][1], self.port, CONNECT_TIMEOUT, self._on_tcp)
+
+    def _on_tcp(self, sock: socket.socket | None, err: str | None) -> None:
+        if self.stopping:
+            if sock is not None:
+                sock.close()
+            return
+        if sock is None:
+            self._failed(err or "connect failed")
+            return
+        self.channel = Channel(self.loop, sock, self.ssl_ctx, server_side=False, peer_role="server",
+                               on_open=self._on_open, on_message=self._on_message, on_close=self._on_close)
+
+    def _failed(self, reason: str) -> None:
+        log.warn("control.connect_failed", server=f"{self.host}:{self.port}", reason=reason)
+        self._schedule_reconnect()
+
+    def _schedule_reconnect(self) -> None:
+        if self.stopping or self.exit_code is not None:
+            return
+        # full jitter: uniform(0, min(cap, initial * 2^attempt))
+        ceiling = min(self.reconnect_max, self.reconnect_initial * (2 ** min(self.attempt, 30)))
+        delay = random.uniform(0, ceiling)
+        self.attempt += 1
+        self._reconnect_timer = self.loop.call_later(delay, self._connect)
+
+    # ---- channel events ---------------------------------------------------
+    def _on_open(self, ch: Channel) -> None:
+        der = ch.peer_cert_der()
+        expected = self.bundle["server_cert_sha256"]
+        if der is None or not pins_match(expected, der):
+            got = fingerprint_der(der) if der else None
+            log.error("control.tls_pinned_mismatch", expected=expected, got=got)
+            self.exit_code = EXIT_PIN_MISMATCH
+            ch.close("pinned certificate mismatch", flush=False)
+            self.loop.stop()
+            return
+        # only now, with the server proven, does the secret leave this host
+        ch.send(m.hello(self.bundle["token"], __version__, self.capabilities))
+
+    def _on_message(self, ch: Channel, msg: dict) -> None:
+        t = msg["type"]
+        if t == "welcome":
+            self.connected = True
+            self.attempt = 0
+            self.stats_interval = float(msg.get("stats_interval_secs") or self.stats_interval)
+            settings = self.runtime.settings
+            settings.udp_max_flows = int(msg.get("udp_max_flows_per_rule") or settings.udp_max_flows)
+            settings.udp_flow_idle_secs = float(msg.get("udp_flow_idle_secs") or settings.udp_flow_idle_secs)
+            log.info("control.connected", server=f"{self.host}:{self.port}", client_id=msg["client_id"],
+                     server_version=msg["server_version"])
+            self._arm_watchdog()
+            self._schedule_stats()
+        elif t == "rule_update":
+            self._on_rule_update(ch, msg)
+        elif t == "replay_done":
+            keep = set(msg["rule_ids"])
+            for rule_id in [rid for rid in self.runtime.rules if rid not in keep]:
+                self.runtime.remove(rule_id)
+        elif t == "ping":
+            ch.send(m.pong(msg["nonce"]))
+        elif t == "error":
+            self._on_error(ch, msg)
+        elif t in ("owner_rate_limit_update", "traffic_quota_update"):
+            log.warn("control.unsupported_update", type=t)
+        else:
+            log.warn("control.unexpected_message", type=t)
+
+    def _on_rule_update(self, ch: Channel, msg: dict) -> None:
+        request_id = msg.get("request_id")
+        rule_id = msg["rule_id"]
+        if msg["action"] == "remove":
+            log.info("rule.received", rule=rule_id, action="remove", request_id=request_id)
+            self.runtime.remove(rule_id)
+            ch.send(m.rule_status(rule_id, "removed", request_id=request_id))
+            return
+        log.info("rule.received", rule=rule_id, action="push", request_id=request_id)
+        try:
+            rule = Rule.from_dict(msg["rule"], max_range_ports=65535)
+        except PortunusError as exc:
+            log.warn("rule.failed", rule=rule_id, reason=exc.message, request_id=request_id)
+            ch.send(m.rule_status(rule_id, "failed", reason=f"{exc.code}: {exc.message}", code=exc.code,
+                                  request_id=request_id))
+            return
+        status = self.runtime.activate(rule)
+        ch.send(m.rule_status(rule_id, status.state if status.state in ("active", "failed") else "failed",
+                              reason=status.reason, code=status.code, port=status.port, request_id=request_id))
+
+    def _on_error(self, ch: Channel, msg: dict) -> None:
+        code = msg["code"]
+        if code in ("token_revoked", "unauthenticated", "invalid_token"):
+            log.error("auth.failure", reason=code, message=msg["message"])
+            self.exit_code = EXIT_AUTH_FAILURE
+            ch.close(code)
+            self.loop.stop()
+            return
+        log.warn("control.server_error", code=code, message=msg["message"])
+
+    def _on_close(self, ch: Channel, reason: str) -> None:
+        if ch is not self.channel:
+            return
+        self.channel = None
+        was = self.connected
+        self.connected = False
+        for t in (self._stats_timer, self._watchdog):
+            if t is not None:
+                t.cancel()
+        self._stats_timer = self._watchdog = None
+        if self.exit_code is not None or self.stopping:
+            return
+        if was:
+            log.warn("control.disconnected", reason=reason)
+        else:
+            log.warn("control.connect_failed", server=f"{self.host}:{self.port}", reason=reason)
+        self._schedule_reconnect()
+
+    # ---- periodic work ----------------------------------------------------
+    def _arm_watchdog(self) -> None:
+        def check() -> None:
+            ch = self.channel
+            if ch is None:
+                return
+            if self.loop.time() - ch.last_rx > DEAD_AFTER:
+                ch.close("server silent for 45 s")
+                return
+            self._watchdog = self.loop.call_later(5.0, check)
+        self._watchdog = self.loop.call_later(5.0, check)
+
+    def _schedule_stats(self) -> None:
+        self._stats_timer = self.loop.call_later(self.stats_interval, self._send_stats)
+
+    def _send_stats(self) -> None:
+        ch = self.channel
+        if ch is None or not self.connected:
+            return
+        ch.send(m.stats_report(self.runtime.snapshots(per_port=True), time.time()))
+        self._schedule_stats()
+
+    def send_stats_now(self) -> None:
+        if self.channel is not None and self.connected:
+            self.channel.send(m.stats_report(self.runtime.snapshots(per_port=True), time.time()))
+
+    # ---- stopping ---------------------------------------------------------
+    def stop(self) -> None:
+        self.stopping = True
+        if self._reconnect_timer is not None:
+            self._reconnect_timer.cancel()
+        if self.channel is not None:
+            self.channel.close("client shutting down")
+
+
+def _split_endpoint(endpoint: str) -> tuple[str, int]:
+    host, _, port = endpoint.rpartition(":")
+    if not host or not port.isdigit():
+        raise PortunusError("bundle_invalid", f"server_endpoint {endpoint!r} is not host:port")
+    return host, int(port)
+
+
+def enroll(uri_text: str, out_path: str, timeout: float = 15.0) -> dict:
+    """Redeem an enrollment URI (blocking; runs before any loop exists) and write the bundle."""
+    from .enrollment import parse_uri, write_bundle
+    from .frames import FrameDecoder, FrameError, encode
+
+    uri = parse_uri(uri_text)
+    ctx = client_context()
+    try:
+        raw = socket.create_connection((uri.host, uri.port), timeout=timeout)
+    except OSError as exc:
+        raise PortunusError("server_unreachable",
+                            f"cannot reach {uri.host}:{uri.port}: {exc.strerror or exc}") from None
+    with raw:
+        try:
+            tls = ctx.wrap_socket(raw, server_hostname=None)
+        except (ssl.SSLError, OSError) as exc:
+            raise PortunusError("server_unreachable", f"TLS handshake with {uri.host}:{uri.port} failed: {exc}") from None
+        with tls:
+            der = tls.getpeercert(binary_form=True)
+            if not der or not pins_match(uri.fingerprint, der):
+                log.error("control.tls_pinned_mismatch", expected=uri.fingerprint,
+                          got=fingerprint_der(der) if der else None)
+                raise PortunusError("tls_pinned_mismatch",
+                                    "the server's certificate does not match the pin in the enrollment URI")
+            tls.sendall(encode(m.enroll(uri.code, __version__)))
+            decoder = FrameDecoder()
+            while True:
+                try:
+                    data = tls.recv(65536)
+                except OSError as exc:
+                    raise PortunusError("server_unreachable", f"connection failed: {exc}") from None
+                if not data:
+                    raise PortunusError("server_unreachable", "server closed the connection without answering")
+                try:
+                    msgs = decoder.feed(data)
+                except FrameError as exc:
+                    raise PortunusError("protocol_error", exc.message) from None
+                if msgs:
+                    break
+    reply = msgs[0]
+    if reply.get("type") == "error":
+        raise PortunusError(reply.get("code") or "enrollment_invalid", reply.get("message") or "refused")
+    if reply.get("type") != "enrolled":
+        raise PortunusError("protocol_error", f"unexpected reply {reply.get('type')!r}")
+    bundle = {
+        "version": 1,
+        "client_id": reply["client_id"],
+        "client_name": reply["client_name"],
+        "server_endpoint": f"{uri.host}:{uri.port}",
+        "server_cert_sha256": uri.fingerprint,
+        "token": reply["token"],
+    }
+    write_bundle(out_path, bundle)
+    return bundle

@@ -1,0 +1,127 @@
+"""`portunus-server serve`: wire the store, TLS, the control hub, the API and metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+
+from .. import __version__
+from ..control.hub import Hub
+from ..control.tls import ensure_server_cert, server_context
+from ..errors import PortunusError
+from ..log import log
+from ..loop import Loop
+from ..store import operators as store_operators
+from ..store.db import Store
+from ..sysinfo import raise_nofile_limit
+from . import config as server_config
+from .core import ServerCore, validate_seed_endpoint
+
+RUNTIME_FILE = "serve.json"
+
+
+def runtime_info_path(data_dir: str) -> str:
+    return os.path.join(data_dir, RUNTIME_FILE)
+
+
+def read_runtime_info(data_dir: str) -> dict | None:
+    try:
+        with open(runtime_info_path(data_dir)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def serve(data_dir: str, *, advertised_endpoint: str | None = None, ready_event: threading.Event | None = None) -> int:
+    os.makedirs(data_dir, mode=0o700, exist_ok=True)
+    cfg = server_config.load(data_dir)
+    log.configure(fmt="json" if cfg.log_format == "json" else "pretty")
+    raise_nofile_limit()
+    store = Store.open(data_dir)
+    seed = advertised_endpoint or os.environ.get("PORTUNUS_ADVERTISED_ENDPOINT") or None
+    seed_host = seed.rpartition(":")[0] if seed and ":" in seed else None
+    cert = ensure_server_cert(cfg.cert_path, cfg.key_path,
+                              extra_hosts=[seed_host] if seed_host and "[" not in seed_host else [])
+    if seed:
+        try:
+            seed = validate_seed_endpoint(seed, cert)
+        except PortunusError as exc:
+            log.error("startup.advertised_endpoint_invalid", code=exc.code, reason=exc.message)
+            seed = None
+    if cfg.operator_token:
+        store_operators.ensure_legacy_operator(store, cfg.operator_token)
+    if not store_operators.has_superadmin(store):
+        log.warn("startup.no_superadmin",
+                 hint="run `portunus-server bootstrap-superadmin --name NAME` (offline) or set operator_token "
+                      "in server.toml; until then /v1 answers 503 bootstrap_required")
+
+    loop = Loop()
+    hub = Hub(loop, server_context(cert), store, cfg)
+    control_host, control_port = hub.listen(*cfg.control_addr)
+    hub.bound_port = control_port
+    core = ServerCore(cfg, store, hub, cert, advertised_seed=seed)
+    hub.stats_sink = core.stats.update
+
+    from ..http.app import OperatorAPI, make_metrics_server, make_server, serve_in_thread
+    api = OperatorAPI(core, store)
+    http_srv = make_server(*cfg.http_addr, api)
+    metrics_srv = make_metrics_server(*cfg.metrics_addr, core)
+    http_host, http_port = http_srv.server_address[:2]
+    m_host, m_port = metrics_srv.server_address[:2]
+    serve_in_thread(http_srv, "portunus-http")
+    serve_in_thread(metrics_srv, "portunus-metrics")
+    info = {
+        "pid": os.getpid(),
+        "version": __version__,
+        "control_listen": f"{control_host}:{control_port}",
+        "operator_http_url": f"http://{_url_host(http_host)}:{http_port}",
+        "metrics_url": f"http://{_url_host(m_host)}:{m_port}/metrics",
+        "server_cert_sha256": cert.fingerprint,
+    }
+    tmp = runtime_info_path(data_dir) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(info, f)
+    os.replace(tmp, runtime_info_path(data_dir))
+    log.info("server.ready", **info, advertised_endpoint=core.advertised_endpoint())
+
+    state = {"stopping": False}
+
+    def stop(signame: str) -> None:
+        if state["stopping"]:
+            loop.stop()
+            return
+        state["stopping"] = True
+        log.info("process.shutdown", signal=signame)
+        http_srv.stopping = True
+        threading.Thread(target=http_srv.shutdown, daemon=True).start()
+        threading.Thread(target=metrics_srv.shutdown, daemon=True).start()
+        hub.close()
+        loop.call_later(0.2, loop.stop)
+
+    loop.add_signal_handler(signal.SIGTERM, stop, "SIGTERM")
+    loop.add_signal_handler(signal.SIGINT, stop, "SIGINT")
+    if ready_event is not None:
+        ready_event.set()
+    try:
+        loop.run()
+    finally:
+        try:
+            os.unlink(runtime_info_path(data_dir))
+        except OSError:
+            pass
+        http_srv.server_close()
+        metrics_srv.server_close()
+        loop.close()
+        store.close()
+    log.info("process.exit", code=0)
+    return 0
+
+
+def _url_host(host: str) -> str:
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host

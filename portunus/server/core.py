@@ -1,0 +1,350 @@
+"""Server domain services: enrollment, clients, rule push/remove, stats, metrics.
+
+HTTP handlers and online CLI commands both end here. Methods run on HTTP
+threads; anything that touches a client channel goes through ``hub.call``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import socket
+import threading
+import time
+
+from .. import __version__
+from ..control.enrollment import enroll_command, make_uri
+from ..control.tls import san_covers
+from ..errors import PortunusError
+from ..log import log
+from ..model import Rule, is_ip_literal
+from ..store import clients as store_clients
+from ..store import rules as store_rules
+from ..store.ids import new_ulid
+from .metrics import Family, render
+
+# capability each rule feature needs from the client (SPEC §3.1)
+def required_capabilities(rule: Rule) -> list[tuple[str, str]]:
+    need = []
+    if rule.protocol == "udp":
+        need.append(("udp", "unsupported_protocol"))
+    if rule.is_multi_target or any(t.proxy_protocol for t in rule.targets):
+        need.append(("multi_target", "multi_target_unsupported_by_client"))
+    if any(t.proxy_protocol for t in rule.targets):
+        need.append(("proxy_protocol", "multi_target_unsupported_by_client"))
+    if rule.sni_pattern:
+        need.append(("sni", "sni_unsupported_by_client"))
+    if rule.rate_limit:
+        need.append(("rate_limit", "rate_limit_unsupported_by_client"))
+    if rule.is_range:
+        need.append(("port_range", "port_range_unsupported_by_client"))
+    return need
+
+
+class StatsCache:
+    """Latest stats_report snapshot per rule, and a condition SSE streams wait on."""
+
+    def __init__(self):
+        self._lock = threading.Condition()
+        self._by_rule: dict[str, dict] = {}
+        self.tick = 0
+
+    def update(self, client_id: str, report: dict) -> None:
+        with self._lock:
+            for snap in report.get("rules", []):
+                if isinstance(snap, dict) and isinstance(snap.get("rule_id"), str):
+                    snap = dict(snap)
+                    snap["client_id"] = client_id
+                    snap["reported_at"] = report.get("at")
+                    self._by_rule[snap["rule_id"]] = snap
+            self.tick += 1
+            self._lock.notify_all()
+
+    def get(self, rule_id: str) -> dict | None:
+        with self._lock:
+            return self._by_rule.get(rule_id)
+
+    def forget(self, rule_id: str) -> None:
+        with self._lock:
+            self._by_rule.pop(rule_id, None)
+
+    def wait_tick(self, last_tick: int, timeout: float) -> int:
+        with self._lock:
+            self._lock.wait_for(lambda: self.tick != last_tick, timeout)
+            return self.tick
+
+
+class ServerCore:
+    def __init__(self, cfg, store, hub, cert_info, *, advertised_seed: str | None = None):
+        self.cfg = cfg
+        self.store = store
+        self.hub = hub
+        self.cert_info = cert_info
+        self.stats = StatsCache()
+        self.advertised_seed = advertised_seed
+        self.started_at = time.time()
+        self.operator_requests: dict[tuple[str, str], int] = {}
+        self._req_lock = threading.Lock()
+
+    # ---- advertised endpoint (SPEC §3.3; tiers 2-4 for now) -----------------
+    def advertised_endpoint(self, request_host: str | None = None) -> str:
+        control_port = self.control_port
+        if self.advertised_seed:
+            return self.advertised_seed
+        if request_host:
+            host = request_host.rsplit(":", 1)[0] if not request_host.startswith("[") else ""
+            if host and not host.startswith("[") and san_covers(self.cert_info, host):
+                return f"{host}:{control_port}"
+        return f"127.0.0.1:{control_port}"
+
+    @property
+    def control_port(self) -> int:
+        return getattr(self.hub, "bound_port", None) or self.cfg.control_addr[1]
+
+    # ---- clients ------------------------------------------------------------
+    def enroll_client(self, name: str, *, address: str | None = None, ttl_secs: int | None = None,
+                      request_host: str | None = None) -> dict:
+        if not isinstance(name, str) or not name.strip() or len(name) > 128:
+            raise PortunusError("validation.invalid_client_name",
+                                f"client name must be 1-128 characters, got {name!r}")
+        ttl = self._ttl(ttl_secs)
+        client = store_clients.create_client(self.store, name.strip(), address)
+        return self._enrollment(client, ttl, request_host)
+
+    def reenroll_client(self, client_id: str, *, ttl_secs: int | None = None,
+                        request_host: str | None = None) -> dict:
+        client = store_clients.get_client(self.store, client_id)
+        return self._enrollment(client, self._ttl(ttl_secs), request_host)
+
+    def _ttl(self, ttl_secs) -> int:
+        ttl = self.cfg.enrollment_ttl_secs if ttl_secs is None else ttl_secs
+        if isinstance(ttl, bool) or not isinstance(ttl, int) or not 1 <= ttl <= 86400:
+            raise PortunusError("validation.invalid_ttl", f"ttl_secs must be 1..86400 (24 h), got {ttl!r}")
+        return ttl
+
+    def _enrollment(self, client: dict, ttl: int, request_host: str | None) -> dict:
+        endpoint = self.advertised_endpoint(request_host)
+        code = store_clients.create_enrollment(self.store, client["client_id"], ttl, endpoint)
+        host, _, port = endpoint.rpartition(":")
+        uri = make_uri(host, int(port), self.cert_info.fingerprint, code)
+        log.info("enrollment.created", client_id=client["client_id"], client_name=client["client_name"],
+                 endpoint=endpoint, ttl_secs=ttl)
+        return {"client": self.client_view(client), "enrollment_uri": uri, "command": enroll_command(uri),
+                "expires_at": _rfc3339(time.time() + ttl), "server_endpoint": endpoint}
+
+    def client_view(self, client: dict) -> dict:
+        info = self.hub.session_info(client["client_id"]) if self.hub else None
+        return {
+            "client_id": client["client_id"],
+            "client_name": client["client_name"],
+            "connected": info is not None,
+            "remote_addr": info["remote_addr"] if info else None,
+            "connected_at": _rfc3339(info["connected_at"]) if info else None,
+            "address": client.get("address"),
+            "revoked": bool(client.get("revoked_at")),
+            "client_version": (info or {}).get("client_version") or client.get("client_version"),
+            "capabilities": (info or {}).get("capabilities") or client.get("capabilities") or [],
+        }
+
+    def list_clients(self) -> list[dict]:
+        return [self.client_view(c) for c in store_clients.list_clients(self.store)]
+
+    def get_client(self, ref: str) -> dict:
+        return self.client_view(store_clients.resolve_client_ref(self.store, ref))
+
+    def rename_client(self, client_id: str, name: str) -> dict:
+        if not isinstance(name, str) or not name.strip() or len(name) > 128:
+            raise PortunusError("validation.invalid_client_name",
+                                f"client name must be 1-128 characters, got {name!r}")
+        store_clients.rename_client(self.store, client_id, name.strip())
+        return self.client_view(store_clients.get_client(self.store, client_id))
+
+    def set_address(self, client_id: str, address) -> dict:
+        if address is not None and (not isinstance(address, str) or len(address) > 255):
+            raise PortunusError("validation.invalid_address", f"address must be a host name or IP, got {address!r}")
+        store_clients.set_address(self.store, client_id, address)
+        return self.client_view(store_clients.get_client(self.store, client_id))
+
+    def revoke_client(self, client_id: str) -> dict:
+        client = store_clients.get_client(self.store, client_id)
+        store_clients.revoke_client(self.store, client_id)
+        self.hub.call(self.hub.disconnect, client_id, "token_revoked",
+                      "this client's token was revoked").result(5)
+        log.info("client.revoked", client_id=client_id, client_name=client["client_name"])
+        return self.client_view(store_clients.get_client(self.store, client_id))
+
+    def delete_client(self, client_id: str) -> None:
+        store_clients.delete_client(self.store, client_id)
+
+    # ---- rules ----------------------------------------------------------------
+    def push_rule(self, body: dict, *, owner: str | None, ack_timeout: float = 2.0,
+                  request_id: str | None = None) -> tuple[int, dict]:
+        if not isinstance(body, dict):
+            raise PortunusError("bad_request", "the body must be a JSON object")
+        body = dict(body)
+        client_ref = body.pop("client", None)
+        if not isinstance(client_ref, str) or not client_ref:
+            raise PortunusError("validation.missing_client", "client (id or unique name) is required")
+        if "rule_id" in body or "id" in body or "owner" in body:
+            raise PortunusError("validation.unknown_field", "rule_id and owner are assigned by the server")
+        body["rule_id"] = new_ulid()
+        body["owner"] = owner
+        rule = Rule.from_dict(body, max_range_ports=self.cfg.range_rule_max_ports)
+        client = store_clients.resolve_client_ref(self.store, client_ref)
+        if client.get("revoked_at"):
+            raise PortunusError("conflict.client_revoked", f"client {client['client_name']!r} is revoked")
+        info = self.hub.session_info(client["client_id"])
+        if info is None:
+            raise PortunusError("client_not_connected",
+                                f"client {client['client_name']!r} ({client['client_id']}) is not connected")
+        caps = set(info["capabilities"])
+        for cap, code in required_capabilities(rule):
+            if cap not in caps:
+                raise PortunusError(code, f"client {client['client_name']!r} does not support {cap} "
+                                          f"(client version {info['client_version']})")
+        store_rules.insert_rule(self.store, rule, client["client_id"], owner)
+        log.info("rule.push", rule=rule.rule_id, client_id=client["client_id"], request_id=request_id,
+                 listen=rule.listen_label, protocol=rule.protocol)
+        try:
+            ack = self.hub.call(self.hub.push_rule, client["client_id"], rule.to_dict(), request_id).result(5)
+            status = ack.result(ack_timeout)
+        except concurrent.futures.TimeoutError:
+            return 202, self.get_rule(rule.rule_id)
+        except PortunusError as exc:
+            if exc.code == "client_not_connected":
+                store_rules.delete_rule(self.store, rule.rule_id)  # nothing stored when offline
+            raise
+        if status["state"] == "active":
+            store_rules.set_rule_state(self.store, rule.rule_id, "active", None)
+            return 201, self.get_rule(rule.rule_id)
+        reason = status.get("reason") or "activation failed"
+        store_rules.set_rule_state(self.store, rule.rule_id, "failed", reason)
+        raise PortunusError("activation_failed", reason, rule_id=rule.rule_id, reason=reason,
+                            port=status.get("port"))
+
+    def get_rule(self, rule_id: str) -> dict:
+        return store_rules.get_rule(self.store, rule_id)
+
+    def list_rules(self, client: str | None = None, owner: str | None = None) -> list[dict]:
+        client_id = store_clients.resolve_client_ref(self.store, client)["client_id"] if client else None
+        return store_rules.list_rules(self.store, client_id=client_id, owner=owner)
+
+    def remove_rule(self, rule_id: str, request_id: str | None = None) -> dict:
+        rule = store_rules.get_rule(self.store, rule_id)
+        store_rules.delete_rule(self.store, rule_id)
+        self.stats.forget(rule_id)
+        sent = self.hub.call(self.hub.remove_rule, rule["client_id"], rule_id, request_id).result(5)
+        log.info("rule.remove", rule=rule_id, client_id=rule["client_id"], delivered=sent, request_id=request_id)
+        return {"rule_id": rule_id, "removed": True, "client_notified": sent}
+
+    def rule_stats(self, rule_id: str, per_port: bool = False, per_target: bool = False) -> dict:
+        rule = store_rules.get_rule(self.store, rule_id)
+        snap = self.stats.get(rule_id) or {}
+        out = {
+            "rule_id": rule_id,
+            "client": rule["client_id"],
+            "protocol": rule["protocol"],
+            "state": rule["state"],
+        }
+        for key in ("bytes_in", "bytes_out", "active_connections", "dns_failures", "datagrams_in",
+                    "datagrams_out", "active_flows", "flows_dropped_overflow", "target_failovers_total"):
+            out[key] = snap.get(key, 0)
+        out["updated_at"] = _rfc3339(snap["reported_at"]) if snap.get("reported_at") else None
+        if per_port:
+            rows = {r["listen_port"]: r for r in snap.get("per_port", [])}
+            out["per_port"] = [
+                rows.get(p, {"listen_port": p, "bytes_in": 0, "bytes_out": 0, "active_connections": 0,
+                             "datagrams_in": 0, "datagrams_out": 0})
+                for p in range(rule["listen_port"], rule["listen_port_end"] + 1)]
+        if per_target:
+            out["per_target"] = snap.get("per_target", [])
+        return out
+
+    # ---- observability ----------------------------------------------------------
+    def count_request(self, outcome: str, reason: str) -> None:
+        with self._req_lock:
+            key = (outcome, reason)
+            self.operator_requests[key] = self.operator_requests.get(key, 0) + 1
+
+    def metrics_text(self) -> str:
+        clients = {c["client_id"]: c for c in store_clients.list_clients(self.store)}
+        rules = store_rules.list_rules(self.store)
+        fams = []
+        f = Family("portunus_clients_connected", "gauge", "Clients with a live control channel.")
+        f.add({}, self.hub.connected_count())
+        fams.append(f)
+        f = Family("portunus_auth_failures_total", "counter", "Control-channel authentication failures by reason.")
+        with self.hub._lock:
+            failures = dict(self.hub.auth_failures)
+        for reason in sorted(set(failures) | {"invalid_token", "token_revoked"}):
+            f.add({"reason": reason}, failures.get(reason, 0))
+        fams.append(f)
+        f = Family("portunus_operator_requests_total", "counter", "Operator API requests by outcome and reason.")
+        with self._req_lock:
+            reqs = dict(self.operator_requests)
+        for (outcome, reason), n in sorted(reqs.items()):
+            f.add({"outcome": outcome, "reason": reason}, n)
+        fams.append(f)
+        f = Family("portunus_audit_buffer_drops_total", "counter", "Audit rows that could not be written.")
+        f.add({}, getattr(self, "audit_drops", 0))
+        fams.append(f)
+        f = Family("portunus_store_busy_total", "counter", "Times the store reported busy.")
+        f.add({}, getattr(self.store, "busy_count", 0))
+        fams.append(f)
+
+        per_rule = [
+            ("portunus_rule_bytes_in_total", "counter", "Bytes delivered from end users to targets.", "bytes_in", "tcp"),
+            ("portunus_rule_bytes_out_total", "counter", "Bytes delivered from targets to end users.", "bytes_out", "tcp"),
+            ("portunus_rule_active_connections", "gauge", "Open TCP connections.", "active_connections", "tcp"),
+            ("portunus_rule_dns_failures_total", "counter", "Target name resolution failures.", "dns_failures", None),
+            ("portunus_rule_udp_datagrams_in_total", "counter", "Datagrams forwarded to targets.", "datagrams_in", "udp"),
+            ("portunus_rule_udp_datagrams_out_total", "counter", "Datagrams returned to end users.", "datagrams_out", "udp"),
+            ("portunus_rule_active_flows", "gauge", "Live UDP flows.", "active_flows", "udp"),
+            ("portunus_rule_flows_dropped_overflow_total", "counter", "New UDP flows dropped at the flow cap.",
+             "flows_dropped_overflow", "udp"),
+        ]
+        for name, typ, help_text, key, proto in per_rule:
+            f = Family(name, typ, help_text)
+            for r in rules:
+                if proto is not None and r["protocol"] != proto:
+                    continue
+                snap = self.stats.get(r["rule_id"]) or {}
+                client = clients.get(r["client_id"], {})
+                f.add({"client": client.get("client_name", r["client_id"]), "rule": r["rule_id"],
+                       "owner": r.get("owner") or ""}, snap.get(key, 0))
+            fams.append(f)
+        f = Family("portunus_rule_target_failovers_total", "counter", "Target health transitions (multi-target rules).")
+        for r in rules:
+            if len(r.get("targets", [])) > 1:
+                snap = self.stats.get(r["rule_id"]) or {}
+                client = clients.get(r["client_id"], {})
+                f.add({"client": client.get("client_name", r["client_id"]), "rule": r["rule_id"],
+                       "owner": r.get("owner") or ""}, snap.get("target_failovers_total", 0))
+        fams.append(f)
+        return render(fams)
+
+
+def _rfc3339(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def host_of(endpoint: str) -> str:
+    return endpoint.rsplit(":", 1)[0]
+
+
+def validate_seed_endpoint(value: str, cert_info) -> str:
+    """Tier-2 seed: a bare host:port covered by the certificate SAN (fail closed)."""
+    v = value.strip() if isinstance(value, str) else ""
+    host, sep, port = v.rpartition(":")
+    if (not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535 or "/" in v or " " in value
+            or "[" in v or ":" in host or v != value):
+        raise PortunusError("endpoint_invalid", f"advertised endpoint must be a bare host:port, got {value!r}")
+    if not san_covers(cert_info, host):
+        raise PortunusError("endpoint_not_in_cert_san",
+                            f"advertised endpoint host {host!r} is not covered by the server certificate SAN "
+                            f"({', '.join(cert_info.sans_dns + cert_info.sans_ip)})")
+    return v
+
+
+_ = (socket, is_ip_literal, __version__)
