@@ -152,7 +152,7 @@ class Agent:
             ch.send(m.rule_status(rule_id, "failed", reason=f"{exc.code}: {exc.message}", code=exc.code,
                                   request_id=request_id))
             return
-        status = self.runtime.activate(rule)
+        status = self.runtime.activate(rule, request_id)
         ch.send(m.rule_status(rule_id, status.state if status.state in ("active", "failed") else "failed",
                               reason=status.reason, code=status.code, port=status.port, request_id=request_id))
 

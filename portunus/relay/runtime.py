@@ -64,11 +64,13 @@ class RuleRuntime:
         self.draining: set[LiveRule] = set()
 
     # ---- activation -------------------------------------------------------
-    def activate(self, rule: Rule) -> RuleStatus:
+    def activate(self, rule: Rule, request_id: str | None = None) -> RuleStatus:
         """Add or replace one rule. An unchanged active rule keeps its listeners and connections."""
+        rid = {"request_id": request_id} if request_id else {}
         live = self.rules.get(rule.rule_id)
         if live is not None and live.status.state == "active":
             if live.rule == rule:
+                log.debug("rule.unchanged", rule=rule.rule_id, **rid)
                 return live.status
             if same_listeners(live.rule, rule) and self._has_bandwidth_cap(live.rule) == self._has_bandwidth_cap(rule):
                 live.rule = rule
@@ -77,7 +79,7 @@ class RuleRuntime:
                                       idle_secs=self.settings.udp_flow_idle_secs)
                 else:
                     live.relay.update(rule)
-                log.info("rule.updated", rule=rule.rule_id)
+                log.info("rule.updated", rule=rule.rule_id, **rid)
                 return live.status
         if live is not None:
             self.remove(rule.rule_id)
@@ -93,14 +95,14 @@ class RuleRuntime:
             relay.bind()
         except BindError as exc:
             live.status = RuleStatus(rule.rule_id, "failed", exc.reason, exc.code, exc.port)
-            log.warn("rule.failed", rule=rule.rule_id, reason=exc.reason, port=exc.port)
+            log.warn("rule.failed", rule=rule.rule_id, reason=exc.reason, port=exc.port, **rid)
             self._emit(live.status)
             return live.status
         live.relay = relay
         relay.start()
         live.status = RuleStatus(rule.rule_id, "active")
         log.info("rule.activated", rule=rule.rule_id, protocol=rule.protocol, listen=rule.listen_label,
-                 ports=rule.port_count, targets=[t.label() for t in rule.targets])
+                 ports=rule.port_count, targets=[t.label() for t in rule.targets], **rid)
         self._emit(live.status)
         return live.status
 

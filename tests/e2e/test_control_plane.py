@@ -46,6 +46,13 @@ def test_seed_walkthrough_range_bytes_stats_metrics_remove(server, procs, tmp_pa
         assert res.returncode == 0, res.stderr
         rule_id = res.stdout.strip()
         assert rule_id and "\n" not in rule_id
+        # one request_id threads the operator request, the push and the client's activation
+        push = server.proc.wait_event("rule.push", pred=lambda e: e.get("rule") == rule_id)
+        rid = push["request_id"]
+        assert rid
+        assert server.proc.events("operator.allow") and any(
+            e.get("request_id") == rid and e.get("path") == "/v1/rules" for e in server.proc.events("operator.allow"))
+        agent.wait_event("rule.activated", pred=lambda e: e.get("rule") == rule_id and e.get("request_id") == rid)
 
         payload = os.urandom(1 << 20)
         for off in (0, 37, 99):
