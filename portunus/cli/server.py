@@ -153,6 +153,11 @@ def cmd_serve(args) -> int:
     return serve(args.data_dir, advertised_endpoint=args.advertised_endpoint)
 
 
+def cmd_demo(args) -> int:
+    from ..server.demo import run_demo
+    return run_demo(keep=args.keep)
+
+
 def cmd_gen_token(args) -> int:
     print(secrets.token_urlsafe(32))
     return 0
@@ -484,6 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="host:port written into enrollment commands (or PORTUNUS_ADVERTISED_ENDPOINT)")
     s.set_defaults(fn=cmd_serve)
     sub.add_parser("gen-token", help="print a fresh 43-char random token").set_defaults(fn=cmd_gen_token)
+    s = sub.add_parser("demo", help="run server, client and a sample rule on loopback until Ctrl-C")
+    s.add_argument("--keep", action="store_true", help="keep the temporary data dir afterwards")
+    s.set_defaults(fn=cmd_demo)
     s = sub.add_parser("bootstrap-superadmin", help="create the superadmin bearer token (offline, once)")
     s.add_argument("--name", required=True, help="display name")
     s.set_defaults(fn=cmd_bootstrap_superadmin)
