@@ -180,6 +180,7 @@ class ServerCore:
                   request_id: str | None = None) -> tuple[int, dict]:
         if not isinstance(body, dict):
             raise PortunusError("bad_request", "the body must be a JSON object")
+        started = time.monotonic()
         body = dict(body)
         client_ref = body.pop("client", None)
         if not isinstance(client_ref, str) or not client_ref:
@@ -213,11 +214,13 @@ class ServerCore:
             if exc.code == "client_not_connected":
                 store_rules.delete_rule(self.store, rule.rule_id)  # nothing stored when offline
             raise
-        if status["state"] == "active":
-            store_rules.set_rule_state(self.store, rule.rule_id, "active", None)
+        state = "active" if status["state"] == "active" else "failed"
+        reason = None if state == "active" else (status.get("reason") or "activation failed")
+        store_rules.set_rule_state(self.store, rule.rule_id, state, reason)
+        log.info("rule.pushed", rule=rule.rule_id, state=state, reason=reason, ports=rule.port_count,
+                 duration_ms=round((time.monotonic() - started) * 1000, 2), request_id=request_id)
+        if state == "active":
             return 201, self.get_rule(rule.rule_id)
-        reason = status.get("reason") or "activation failed"
-        store_rules.set_rule_state(self.store, rule.rule_id, "failed", reason)
         raise PortunusError("activation_failed", reason, rule_id=rule.rule_id, reason=reason,
                             port=status.get("port"))
 

@@ -228,7 +228,7 @@ def test_every_thread_gets_its_own_connection_with_the_durable_pragmas(store):
 
     main = store.read()
     assert store.read() is main
-    assert pragmas(main) == ("wal", 2, 1, 5000)  # synchronous 2 = FULL
+    assert pragmas(main) == ("wal", 1, 1, 5000)  # synchronous 1 = NORMAL (WAL: kill -9 safe)
     seen = {}
 
     def worker():
@@ -239,7 +239,7 @@ def test_every_thread_gets_its_own_connection_with_the_durable_pragmas(store):
     t.start()
     t.join()
     assert seen["conn"] is not main
-    assert seen["pragmas"] == ("wal", 2, 1, 5000)
+    assert seen["pragmas"] == ("wal", 1, 1, 5000)
 
 
 def test_write_commits_and_is_visible_to_other_threads(store):
