@@ -54,6 +54,7 @@ ERRORS: dict[str, ErrorKind] = {
     "sni_unsupported_by_client": ErrorKind(422, EXIT_PREFLIGHT, "client does not support SNI routing"),
     "rate_limit_unsupported_by_client": ErrorKind(422, EXIT_PREFLIGHT, "client does not support rate limits"),
     "quota_unsupported_by_client": ErrorKind(422, EXIT_PREFLIGHT, "client does not support traffic quotas"),
+    "proxy_protocol_unsupported_by_client": ErrorKind(422, EXIT_PREFLIGHT, "client does not support PROXY protocol"),
     "port_range_unsupported_by_client": ErrorKind(422, EXIT_PREFLIGHT, "client does not support port ranges"),
     "validation.rate_limit_no_caps_provided": ErrorKind(400, EXIT_PREFLIGHT, "no caps provided"),
     # connectivity / activation

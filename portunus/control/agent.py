@@ -24,7 +24,7 @@ CONNECT_TIMEOUT = 10.0
 DEAD_AFTER = 45.0
 ALL_CAPABILITIES = list(m.CAPABILITIES)
 # What this build can actually run; the rest is refused by the server's capability gate.
-SUPPORTED_CAPABILITIES = ["udp", "port_range"]
+SUPPORTED_CAPABILITIES = ["udp", "port_range", "multi_target", "proxy_protocol"]
 
 EXIT_PIN_MISMATCH = 1
 EXIT_AUTH_FAILURE = 1
@@ -203,12 +203,12 @@ class Agent:
         ch = self.channel
         if ch is None or not self.connected:
             return
-        ch.send(m.stats_report(self.runtime.snapshots(per_port=True), time.time()))
+        ch.send(m.stats_report(self.runtime.snapshots(per_port=True, per_target=True), time.time()))
         self._schedule_stats()
 
     def send_stats_now(self) -> None:
         if self.channel is not None and self.connected:
-            self.channel.send(m.stats_report(self.runtime.snapshots(per_port=True), time.time()))
+            self.channel.send(m.stats_report(self.runtime.snapshots(per_port=True, per_target=True), time.time()))
 
     # ---- stopping ---------------------------------------------------------
     def stop(self) -> None:

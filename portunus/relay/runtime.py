@@ -181,17 +181,19 @@ class RuleRuntime:
     def statuses(self) -> list[RuleStatus]:
         return [live.status for live in self.rules.values()]
 
-    def snapshot(self, rule_id: str, per_port: bool = False) -> dict | None:
+    def snapshot(self, rule_id: str, per_port: bool = False, per_target: bool = False) -> dict | None:
         live = self.rules.get(rule_id)
         if live is None:
             return None
         snap = {"rule_id": rule_id, "protocol": live.rule.protocol, "state": live.status.state,
                 "reason": live.status.reason}
         snap.update(live.counters.snapshot(per_port=per_port))
+        if per_target:
+            snap["per_target"] = live.relay.targets.snapshot() if live.relay is not None else []
         return snap
 
-    def snapshots(self, per_port: bool = False) -> list[dict]:
-        return [self.snapshot(rid, per_port) for rid in self.rules]
+    def snapshots(self, per_port: bool = False, per_target: bool = False) -> list[dict]:
+        return [self.snapshot(rid, per_port, per_target) for rid in self.rules]
 
     def _emit(self, status: RuleStatus) -> None:
         if self.on_status is not None:

@@ -19,13 +19,16 @@ import struct
 from ..log import log
 from ..model import Rule
 from .context import BindError, RelayContext, bind_socket
+from . import proxy_protocol
 from .splice import SPLICE_FLAGS, UNSUPPORTED_ERRNOS, use_splice
+from .targets import TargetSet
 from .stats import PortCounters, RuleCounters
 
 SPLICE_CHUNK = 1 << 20
 SPLICE_ROUNDS = 8
 ACCEPT_BATCH = 64
 ACCEPT_BACKOFF = 0.1
+PROXY_HEADER_TIMEOUT = 3.0
 _LINGER_RST = struct.pack("ii", 1, 0)
 _FD_EXHAUSTION = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
@@ -33,7 +36,7 @@ _FD_EXHAUSTION = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 class Pump:
     """One direction of a session: src -> dst."""
 
-    __slots__ = ("session", "src", "dst", "sfd", "dfd", "counters", "inbound", "splice",
+    __slots__ = ("session", "src", "dst", "sfd", "dfd", "counters", "tcounters", "inbound", "splice",
                  "pipe", "in_pipe", "pending", "eof", "done", "loop")
 
     def __init__(self, session: "TcpSession", src: socket.socket, dst: socket.socket,
@@ -43,6 +46,7 @@ class Pump:
         self.src, self.dst = src, dst
         self.sfd, self.dfd = src.fileno(), dst.fileno()
         self.counters = counters
+        self.tcounters = session.target_state  # per-target bytes (SPEC §2.6)
         self.inbound = inbound
         self.splice = splice
         self.pipe = None
@@ -60,8 +64,10 @@ class Pump:
     def _count(self, n: int) -> None:
         if self.inbound:
             self.counters.bytes_in += n
+            self.tcounters.bytes_in += n
         else:
             self.counters.bytes_out += n
+            self.tcounters.bytes_out += n
 
     # ---- reading ----------------------------------------------------------
     def on_readable(self) -> None:
@@ -180,8 +186,14 @@ class Pump:
                 self.session.abort(f"write: {exc.strerror}")
                 return
             if sent:
-                self._count(sent)
                 self.pending = self.pending[sent:]
+                header = self.session.header_left
+                if header:  # PROXY protocol bytes are not payload: not counted
+                    h = min(sent, header)
+                    self.session.header_written(h)
+                    sent -= h
+                if sent:
+                    self._count(sent)
             if self.pending:
                 self.loop.add_writer(self.dfd, self.on_writable)
                 return
@@ -224,7 +236,8 @@ class TcpSession:
     """One accepted connection and its upstream."""
 
     __slots__ = ("relay", "ctx", "csock", "caddr", "listen_port", "counters", "up", "candidates",
-                 "addrs", "target_port", "timer", "pumps", "closed", "target_index")
+                 "addrs", "target_port", "timer", "pumps", "closed", "target_state", "header_left",
+                 "header_timer", "tried")
 
     def __init__(self, relay: "TcpRuleRelay", csock: socket.socket, caddr, listen_port: int):
         self.relay = relay
@@ -237,16 +250,18 @@ class TcpSession:
         self.candidates: list = []
         self.addrs: list = []
         self.target_port = 0
-        self.target_index = -1
+        self.target_state = None
         self.timer = None
+        self.header_timer = None
+        self.header_left = 0
         self.pumps: tuple = ()
         self.closed = False
+        self.tried = 0
 
     def start(self) -> None:
         self.counters.active_connections += 1
         self.counters.connections_total += 1
-        offset = self.listen_port - self.relay.rule.listen_port
-        self.candidates = [(idx, t, t.port + offset) for idx, t in self.relay.rule.ordered_targets()]
+        self.candidates = self.relay.targets.candidates()
         self._next_target()
 
     # ---- dialing ----------------------------------------------------------
@@ -256,18 +271,19 @@ class TcpSession:
         if not self.candidates:
             self.close()
             return
-        idx, target, port = self.candidates.pop(0)
-        self.target_index, self.target_port = idx, port
-        rule = self.relay.rule
-        self.ctx.resolver.resolve(target.host, rule.prefer_ipv6,
-                                  lambda addrs, err: self._on_resolved(target, addrs, err))
+        state = self.candidates.pop(0)
+        self.tried += 1
+        self.target_state = state
+        self.target_port = state.target.port + (self.listen_port - self.relay.rule.listen_port)
+        self.ctx.resolver.resolve(state.target.host, self.relay.rule.prefer_ipv6,
+                                  lambda addrs, err: self._on_resolved(state, addrs, err))
 
-    def _on_resolved(self, target, addrs, err) -> None:
+    def _on_resolved(self, state, addrs, err) -> None:
         if self.closed:
             return
         if err is not None:
             self.relay.counters.dns_failures += 1
-            log.warn("rule.dns_failed", rule=self.relay.rule.rule_id, host=target.host, reason=err)
+            log.warn("rule.dns_failed", rule=self.relay.rule.rule_id, host=state.target.host, reason=err)
             self._next_target()
             return
         self.addrs = list(addrs)
@@ -292,6 +308,8 @@ class TcpSession:
                 return
             s.close()
             self.relay.counters.connect_failures += 1
+        # every address of this target failed: that is one failed connect for its health
+        self.relay.targets.record_failure(self.target_state)
         self._next_target()
 
     def _drop_upstream_attempt(self) -> None:
@@ -330,14 +348,46 @@ class TcpSession:
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
+        state = self.target_state
+        self.relay.targets.record_success(state)
+        state.connections += 1
         splice = self.relay.splice
         if splice and self.relay.rule.rule_id not in self.ctx.splice_selected_rules:
             self.ctx.splice_selected_rules.add(self.relay.rule.rule_id)
             log.info("proxy.splice_selected", rule=self.relay.rule.rule_id)
-        self.pumps = (Pump(self, cs, up, self.counters, True, splice),
-                      Pump(self, up, cs, self.counters, False, splice))
+        inbound = Pump(self, cs, up, self.counters, True, splice)
+        outbound = Pump(self, up, cs, self.counters, False, splice)
+        self.pumps = (inbound, outbound)
+        version = state.target.proxy_protocol
+        if version:
+            header = self._proxy_header(version)
+            if header is None:
+                return
+            inbound.pending = header
+            self.header_left = len(header)
+            self.header_timer = self.ctx.loop.call_later(PROXY_HEADER_TIMEOUT, self._header_timeout)
         for p in self.pumps:
             p.start()
+
+    def _proxy_header(self, version: str) -> bytes | None:
+        try:
+            src = self.csock.getpeername()[:2]
+            dst = self.csock.getsockname()[:2]
+        except OSError:
+            self.abort("client gone before the PROXY header")
+            return None
+        return proxy_protocol.encode(version, src, dst)
+
+    def header_written(self, n: int) -> None:
+        self.header_left -= n
+        if self.header_left <= 0 and self.header_timer is not None:
+            self.header_timer.cancel()
+            self.header_timer = None
+
+    def _header_timeout(self) -> None:
+        self.header_timer = None
+        log.warn("proxy.proxy_header_timeout", rule=self.relay.rule.rule_id)
+        self.abort("PROXY header not written within 3 s")
 
     # ---- ending -----------------------------------------------------------
     def pump_done(self) -> None:
@@ -360,9 +410,10 @@ class TcpSession:
         if self.closed:
             return
         self.closed = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        for t in (self.timer, self.header_timer):
+            if t is not None:
+                t.cancel()
+        self.timer = self.header_timer = None
         for p in self.pumps:
             p.release(clean)
         loop = self.ctx.loop
@@ -386,6 +437,8 @@ class TcpRuleRelay:
         self.sessions: set[TcpSession] = set()
         self.accepting = False
         self.on_idle = None  # called when draining and the last session ends
+        self.targets = TargetSet(rule, counters, ctx.loop)
+        self.targets.resolver = ctx.resolver
         self.splice = use_splice("tcp", bool(rule.rate_limit and rule.rate_limit.has_bandwidth_cap),
                                  owner_has_bandwidth_cap)
 
@@ -402,6 +455,7 @@ class TcpRuleRelay:
         self.listeners = bound
 
     def start(self) -> None:
+        self.targets.start_probes()
         self.accepting = True
         for port, sock in self.listeners.items():
             self.ctx.loop.add_reader(sock.fileno(), self._acceptor(sock, port))
@@ -409,6 +463,7 @@ class TcpRuleRelay:
     def update(self, rule: Rule) -> None:
         """New targets/options for new connections; listeners and live sessions stay."""
         self.rule = rule
+        self.targets.update(rule)
 
     def _acceptor(self, lsock: socket.socket, port: int):
         def on_accept() -> None:
@@ -450,6 +505,7 @@ class TcpRuleRelay:
             cb()
 
     def close_listeners(self) -> None:
+        self.targets.stop_probes()
         self.accepting = False
         for sock in self.listeners.values():
             self.ctx.loop.forget(sock.fileno())

@@ -16,6 +16,7 @@ from ..log import log
 from ..model import Rule
 from .context import BindError, RelayContext, bind_socket
 from .stats import RuleCounters
+from .targets import TargetSet
 
 RECV_BATCH = 64
 PENDING_MAX = 8  # datagrams held while a new flow's target name resolves
@@ -23,7 +24,8 @@ _ICMP_ERRNOS = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH)
 
 
 class Flow:
-    __slots__ = ("relay", "listen_port", "src", "lsock", "up", "last_seen", "pending", "closed", "target_index")
+    __slots__ = ("relay", "listen_port", "src", "lsock", "up", "last_seen", "pending", "closed", "target_state",
+                 "answered")
 
     def __init__(self, relay: "UdpRuleRelay", listen_port: int, src, lsock: socket.socket):
         self.relay = relay
@@ -34,7 +36,8 @@ class Flow:
         self.last_seen = relay.ctx.loop.time()
         self.pending: list[bytes] | None = []  # None once connected
         self.closed = False
-        self.target_index = -1
+        self.target_state = None
+        self.answered = False
 
     def connect(self, fam: int, ip: str, port: int) -> None:
         up = socket.socket(fam, socket.SOCK_DGRAM)
@@ -69,6 +72,7 @@ class Flow:
         pc = counters.ports[self.listen_port]
         pc.datagrams_in += 1
         pc.bytes_in += len(data)
+        self.target_state.bytes_in += len(data)
 
     def on_upstream_readable(self) -> None:
         relay = self.relay
@@ -91,6 +95,10 @@ class Flow:
                 continue
             pc.datagrams_out += 1
             pc.bytes_out += n
+            self.target_state.bytes_out += n
+            if not self.answered:
+                self.answered = True
+                relay.targets.record_success(self.target_state)
 
     def close(self) -> None:
         if self.closed:
@@ -116,6 +124,8 @@ class UdpRuleRelay:
         self.flows: dict[tuple, Flow] = {}
         self._reaper = None
         self.on_idle = None
+        self.targets = TargetSet(rule, counters, ctx.loop)
+        self.targets.resolver = ctx.resolver
 
     def bind(self) -> None:
         bound: dict[int, socket.socket] = {}
@@ -132,9 +142,11 @@ class UdpRuleRelay:
         for port, sock in self.sockets.items():
             self.ctx.loop.add_reader(sock.fileno(), self._receiver(sock, port))
         self._schedule_reaper()
+        self.targets.start_probes()
 
     def update(self, rule: Rule, *, max_flows: int, idle_secs: float) -> None:
         self.rule = rule
+        self.targets.update(rule)
         self.max_flows = rule.udp_max_flows or max_flows
         self.idle_secs = rule.udp_flow_idle_secs or idle_secs
 
@@ -168,8 +180,10 @@ class UdpRuleRelay:
         self.flows[(port, src)] = flow
         self.counters.ports[port].active_flows += 1
         offset = port - self.rule.listen_port
-        idx, target = self.rule.ordered_targets()[0]
-        flow.target_index = idx
+        state = self.targets.candidates()[0]  # UDP picks a target once per flow
+        state.connections += 1
+        flow.target_state = state
+        target = state.target
         tport = target.port + offset
 
         def on_resolved(addrs, err) -> None:
@@ -198,6 +212,7 @@ class UdpRuleRelay:
 
     def evict_icmp(self, flow: Flow, exc: OSError) -> None:
         self.counters.flows_evicted_icmp += 1
+        self.targets.record_failure(flow.target_state, "ICMP error")
         log.info("rule.udp_flow_evicted_icmp", rule=self.rule.rule_id, source=f"{flow.src[0]}:{flow.src[1]}",
                  errno_name=errno.errorcode.get(exc.errno, str(exc.errno)))
         self.remove_flow(flow)
@@ -223,6 +238,7 @@ class UdpRuleRelay:
             self.remove_flow(flow)
 
     def close(self) -> None:
+        self.targets.stop_probes()
         if self._reaper is not None:
             self._reaper.cancel()
             self._reaper = None

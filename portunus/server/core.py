@@ -27,10 +27,10 @@ def required_capabilities(rule: Rule) -> list[tuple[str, str]]:
     need = []
     if rule.protocol == "udp":
         need.append(("udp", "unsupported_protocol"))
-    if rule.is_multi_target or any(t.proxy_protocol for t in rule.targets):
+    if rule.is_multi_target:
         need.append(("multi_target", "multi_target_unsupported_by_client"))
     if any(t.proxy_protocol for t in rule.targets):
-        need.append(("proxy_protocol", "multi_target_unsupported_by_client"))
+        need.append(("proxy_protocol", "proxy_protocol_unsupported_by_client"))
     if rule.sni_pattern:
         need.append(("sni", "sni_unsupported_by_client"))
     if rule.rate_limit:

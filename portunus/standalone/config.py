@@ -156,11 +156,6 @@ def parse(doc: dict, path: str = "<config>") -> StandaloneConfig:
             for j, t in enumerate(targets):
                 if isinstance(t, dict):
                     _unknown(path, f"{where} targets[{j}]", t, _TARGET)
-            if len(targets) > 1:
-                raise _err(path, f"{where} targets",
-                           "multi-target failover is not available yet; give exactly one target")
-            if any(isinstance(t, dict) and t.get("proxy_protocol") is not None for t in targets):
-                raise _err(path, f"{where} targets", "proxy_protocol is not available yet")
         spec = {
             "rule_id": name,
             "protocol": r.get("protocol", default_protocol),
