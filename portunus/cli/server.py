@@ -163,9 +163,23 @@ def cmd_gen_token(args) -> int:
     return 0
 
 
-def _open_store(args):
+# offline commands report the store refusals without serve's `startup.` prefix (SPEC §4.2, §7.2)
+_OFFLINE_CODES = {"startup.store_in_use": "store_in_use",
+                  "startup.schema_version_too_new": "schema_version_too_new"}
+
+
+def _open_offline(data_dir: str, **kw):
     from ..store.db import Store
-    return Store.open(args.data_dir)
+    try:
+        return Store.open(data_dir, **kw)
+    except PortunusError as exc:
+        if exc.code in _OFFLINE_CODES:
+            raise PortunusError(_OFFLINE_CODES[exc.code], exc.message, **exc.fields) from None
+        raise
+
+
+def _open_store(args):
+    return _open_offline(args.data_dir)
 
 
 def cmd_bootstrap_superadmin(args) -> int:
@@ -205,6 +219,12 @@ def _offline_enroll(args) -> dict:
                                   extra_hosts=[seed.rpartition(":")[0]] if seed and ":" in seed else [])
         if seed:
             seed = validate_seed_endpoint(seed, cert)
+        elif cfg.control_addr[1] == 0:
+            # checked before the client row is created: a refused enrollment leaves nothing behind
+            raise PortunusError("failed_precondition",
+                                "control_listen has port 0 (picked when serve starts), so an offline enrollment "
+                                "cannot name the control port; run enroll-client while serve runs, or set a fixed "
+                                "control_listen port or PORTUNUS_ADVERTISED_ENDPOINT")
 
         class Offline:
             bound_port = None
@@ -374,69 +394,101 @@ def cmd_backup(args) -> int:
     if os.path.exists(out):
         raise PortunusError("conflict.backup_exists", f"{out} already exists; refusing to overwrite")
     tmp = out + ".partial"
-    src = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
     try:
-        dst = sqlite3.connect(tmp)
+        src = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
         try:
-            src.backup(dst)  # the online backup API sees committed WAL content
+            dst = sqlite3.connect(tmp)
+            try:
+                src.backup(dst)  # the online backup API sees committed WAL content
+            finally:
+                dst.close()
         finally:
-            dst.close()
-    finally:
-        src.close()
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, out)
+            src.close()
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, out)
+    except (sqlite3.Error, OSError) as exc:
+        _unlink(tmp)
+        raise PortunusError("io_error", f"cannot write the backup {out}: {exc}") from None
     print(out)
     return 0
 
 
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _hold_store_lock(data_dir: str) -> int:
+    """The data dir's store lock, without opening the database: refuses with store_in_use while serve runs."""
+    from ..store import db as store_db
+    store_db.check_filesystem(data_dir)
+    try:
+        return store_db._acquire_lock(data_dir)
+    except PortunusError as exc:
+        if exc.code in _OFFLINE_CODES:
+            raise PortunusError(_OFFLINE_CODES[exc.code], exc.message, **exc.fields) from None
+        raise
+
+
+def _release_store_lock(fd: int) -> None:
+    try:
+        os.ftruncate(fd, 0)  # no stale holder pid, as Store.close leaves it
+    except OSError:
+        pass
+    os.close(fd)
+
+
 def cmd_restore(args) -> int:
-    from ..store.db import Store
     _check_sqlite_header(args.input)
     os.makedirs(args.data_dir, mode=0o700, exist_ok=True)
     db_path = os.path.join(args.data_dir, "state.db")
-    lock = Store.open(args.data_dir, migrate=False) if os.path.exists(db_path) else None
+    lock_fd = _hold_store_lock(args.data_dir)  # held until the new database is in place
     try:
-        if lock is not None and not args.force:
+        if os.path.exists(db_path) and not args.force:
             raise PortunusError("conflict.data_dir_not_empty",
                                 f"{db_path} exists; pass --force to replace it (a copy is kept as state.db.pre-restore)")
-        if lock is not None:
-            lock.close()
-            lock = None
         staging = os.path.join(args.data_dir, "state.db.restoring")
-        for suffix in ("", "-wal", "-shm"):
-            try:
-                os.unlink(staging + suffix)
-            except FileNotFoundError:
-                pass
-        src = sqlite3.connect(f"file:{args.input}?mode=ro", uri=True)
-        dst = sqlite3.connect(staging)
-        try:
-            src.backup(dst)
-        finally:
-            src.close()
-            dst.close()
-        # migrate the staged copy in its own directory so a failure leaves the live db untouched
         stage_dir = staging + ".d"
+        for suffix in ("", "-wal", "-shm"):
+            _unlink(staging + suffix)
+        _rmtree(stage_dir)
+        try:
+            src = sqlite3.connect(f"file:{args.input}?mode=ro", uri=True)
+            try:
+                dst = sqlite3.connect(staging)
+                try:
+                    src.backup(dst)
+                finally:
+                    dst.close()
+            finally:
+                src.close()
+        except sqlite3.Error as exc:
+            for suffix in ("", "-wal", "-shm"):
+                _unlink(staging + suffix)
+            raise PortunusError("validation.not_a_database",
+                                f"{args.input} is not a readable SQLite database: {exc}") from None
+        # migrate the staged copy in its own directory so a failure leaves the live db untouched
         os.makedirs(stage_dir, mode=0o700, exist_ok=True)
         os.replace(staging, os.path.join(stage_dir, "state.db"))
         try:
-            staged = Store.open(stage_dir)
+            staged = _open_offline(stage_dir)
             staged.close()
         except PortunusError:
             _rmtree(stage_dir)
             raise
         if os.path.exists(db_path):
+            # the kept copy takes its WAL along: committed rows there are part of it
             os.replace(db_path, db_path + ".pre-restore")
-            for suffix in ("-wal", "-shm"):
-                try:
-                    os.unlink(db_path + suffix)
-                except FileNotFoundError:
-                    pass
+            _unlink(db_path + ".pre-restore-wal")
+            if os.path.exists(db_path + "-wal"):
+                os.replace(db_path + "-wal", db_path + ".pre-restore-wal")
+            _unlink(db_path + "-shm")
         os.replace(os.path.join(stage_dir, "state.db"), db_path)
         _rmtree(stage_dir)
     finally:
-        if lock is not None:
-            lock.close()
+        _release_store_lock(lock_fd)
     print(f"restored {args.input} into {db_path}")
     return 0
 
@@ -447,7 +499,6 @@ def _rmtree(path: str) -> None:
 
 
 def cmd_reset(args) -> int:
-    from ..store.db import Store
     db_path = os.path.join(args.data_dir, "state.db")
     if not os.path.exists(db_path):
         print(f"nothing to reset: {db_path} does not exist")
@@ -460,13 +511,13 @@ def cmd_reset(args) -> int:
             print(f"  {p}")
         print("pass --confirm to remove them (certificates and server.toml are kept)")
         return 0
-    store = Store.open(args.data_dir, migrate=False)  # refuses while serve runs
-    store.close()
-    for p in files:
-        try:
-            os.unlink(p)
-        except FileNotFoundError:
-            pass
+    lock_fd = _hold_store_lock(args.data_dir)  # refuses while serve runs; held while removing
+    try:
+        files = [p for p in (db_path, db_path + "-wal", db_path + "-shm") if os.path.exists(p)]
+        for p in files:
+            _unlink(p)
+    finally:
+        _release_store_lock(lock_fd)
     print("removed: " + ", ".join(files))
     return 0
 
