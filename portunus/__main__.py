@@ -66,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # e.g. `list-rules | head`: the reader left; not an error
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return 0
     except Exception as exc:  # never a traceback for the operator unless asked for
         if os.environ.get("PORTUNUS_DEBUG") == "1":
             raise

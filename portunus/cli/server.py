@@ -274,6 +274,12 @@ def cmd_revoke(args) -> int:
     return 0
 
 
+def cmd_delete_client(args) -> int:
+    _api(args).call("DELETE", f"/v1/clients/{_q(args.client)}")
+    print(f"deleted {args.client} and its rules")
+    return 0
+
+
 def cmd_rename_client(args) -> int:
     _, res = _api(args).call("PATCH", f"/v1/clients/{_q(args.client)}/name", {"name": args.name})
     print(f"renamed {res['client_id']} to {res['client_name']}")
@@ -314,7 +320,16 @@ def cmd_push_rule(args) -> int:
     if caps:
         body["rate_limit"] = caps
     body["ack_timeout_secs"] = args.ack_timeout
-    status, res = _api(args).call("POST", "/v1/rules", body, timeout=args.ack_timeout + 30)
+    try:
+        status, res = _api(args).call("POST", "/v1/rules", body, timeout=args.ack_timeout + 30)
+    except PortunusError as exc:
+        rule_id = exc.fields.get("rule_id")
+        if exc.code == "activation_failed" and rule_id:
+            print(exc.cli_line(), file=sys.stderr)
+            print(f"rule {rule_id} is kept as failed and blocks its ports; remove it with "
+                  f"`portunus-server remove-rule {rule_id}`", file=sys.stderr)
+            return exc.exit_code
+        raise
     print(res["rule_id"])
     if status == 202:
         print(f"warning: the client did not acknowledge within {args.ack_timeout:g} s; the rule is pending",
@@ -564,6 +579,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("revoke", help="revoke a client's token and disconnect it now")
     s.add_argument("client")
     s.set_defaults(fn=cmd_revoke)
+    s = sub.add_parser("delete-client", help="delete a revoked client and its rules")
+    s.add_argument("client")
+    s.set_defaults(fn=cmd_delete_client)
     s = sub.add_parser("rename-client", help="rename a client (keeps id and session)")
     s.add_argument("client")
     s.add_argument("--name", required=True)

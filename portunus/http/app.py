@@ -219,8 +219,8 @@ class Handler(BaseHTTPRequestHandler):
             if not allowed:
                 raise PortunusError("not_found", f"no route {method} {path}")
             if route is None and path.endswith("/stats/stream") and method == "GET":
-                auth.audit(principal, method, path, "allow", None, 200, request_id)
-                self._stream_stats(match or re.match(r"^/v1/rules/(?P<id>[^/]+)/stats/stream$", path), request_id)
+                self._stream_stats(re.match(r"^/v1/rules/(?P<id>[^/]+)/stats/stream$", path), request_id,
+                                   principal, method, path)
                 return
             if route is None:
                 raise PortunusError("method_not_allowed", f"{method} is not allowed on {path} "
@@ -303,14 +303,16 @@ class Handler(BaseHTTPRequestHandler):
         except OSError:
             self.close_connection = True
 
-    def _stream_stats(self, match, request_id: str) -> None:
+    def _stream_stats(self, match, request_id: str, principal, method: str, path: str) -> None:
         rule_id = match.group("id")
         core = self.api.core
         try:
-            snap = core.rule_stats(rule_id, per_port=True)
+            snap = core.rule_stats(rule_id, per_port=True, per_target=True)
         except PortunusError as exc:
+            self.api.auth.audit(principal, method, path, "allow", exc.code, exc.http_status, request_id)
             self._send(exc.http_status, exc.to_json(), request_id)
             return
+        self.api.auth.audit(principal, method, path, "allow", None, 200, request_id)
         self.close_connection = True
         try:
             self.send_response(200)
@@ -326,7 +328,7 @@ class Handler(BaseHTTPRequestHandler):
                 new_tick = core.stats.wait_tick(tick, 1.0)
                 if new_tick != tick:
                     tick = new_tick
-                    snap = core.rule_stats(rule_id, per_port=True)
+                    snap = core.rule_stats(rule_id, per_port=True, per_target=True)
                     self.wfile.write(f"event: stats\ndata: {json.dumps(snap)}\n\n".encode())
                     self.wfile.flush()
                     last_write = time.monotonic()

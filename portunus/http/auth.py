@@ -49,10 +49,14 @@ class AuthSeam:
         if (method, path) in PUBLIC:
             return None
         token = bearer_token(headers)
-        if token is None:
-            raise PortunusError("unauthenticated", "missing bearer token (Authorization: Bearer …)")
-        row = store_operators.authenticate_operator(self.store, token)
+        row = store_operators.authenticate_operator(self.store, token) if token is not None else None
         if row is None:
+            if not store_operators.has_superadmin(self.store):
+                raise PortunusError("bootstrap_required",
+                                    "no superadmin exists yet: run `portunus-server bootstrap-superadmin --name NAME` "
+                                    "(server stopped) or set operator_token in server.toml")
+            if token is None:
+                raise PortunusError("unauthenticated", "missing bearer token (Authorization: Bearer …)")
             raise PortunusError("unauthenticated", "invalid or revoked bearer token")
         return Principal(row["user_id"], row["role"], row.get("display_name") or "")
 

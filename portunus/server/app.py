@@ -44,24 +44,29 @@ def serve(data_dir: str, *, advertised_endpoint: str | None = None, ready_event:
     seed_host = seed.rpartition(":")[0] if seed and ":" in seed else None
     cert = ensure_server_cert(cfg.cert_path, cfg.key_path,
                               extra_hosts=[seed_host] if seed_host and "[" not in seed_host else [])
+    seed_error = None
     if seed:
         try:
             seed = validate_seed_endpoint(seed, cert)
         except PortunusError as exc:
-            log.error("startup.advertised_endpoint_invalid", code=exc.code, reason=exc.message)
-            seed = None
-    if cfg.operator_token:
-        store_operators.ensure_legacy_operator(store, cfg.operator_token)
+            # fail closed: enrollments are refused until the seed is fixed, never sent to a wrong host
+            log.error("startup.advertised_endpoint_invalid", code=exc.code, reason=exc.message,
+                      effect="enrollment creation is refused until the seed is fixed")
+            seed_error, seed = exc, None
+    if not store_operators.ensure_legacy_operator(store, cfg.operator_token) and cfg.operator_token:
+        log.warn("startup.operator_token_ignored",
+                 reason="another superadmin exists; operator_token only bootstraps a store without one")
     if not store_operators.has_superadmin(store):
         log.warn("startup.no_superadmin",
-                 hint="run `portunus-server bootstrap-superadmin --name NAME` (offline) or set operator_token "
-                      "in server.toml; until then /v1 answers 503 bootstrap_required")
+                 hint="stop the server and run `portunus-server bootstrap-superadmin --name NAME`, or set "
+                      "operator_token in server.toml; until then /v1 answers 503 bootstrap_required")
 
     loop = Loop()
     hub = Hub(loop, server_context(cert), store, cfg)
     control_host, control_port = hub.listen(*cfg.control_addr)
     hub.bound_port = control_port
     core = ServerCore(cfg, store, hub, cert, advertised_seed=seed)
+    core.seed_error = seed_error
     hub.stats_sink = core.stats.update
 
     from ..http.app import OperatorAPI, make_metrics_server, make_server, serve_in_thread
@@ -80,11 +85,6 @@ def serve(data_dir: str, *, advertised_endpoint: str | None = None, ready_event:
         "metrics_url": f"http://{_url_host(m_host)}:{m_port}/metrics",
         "server_cert_sha256": cert.fingerprint,
     }
-    tmp = runtime_info_path(data_dir) + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(info, f)
-    os.replace(tmp, runtime_info_path(data_dir))
-    log.info("server.ready", **info, advertised_endpoint=core.advertised_endpoint())
 
     state = {"stopping": False}
 
@@ -102,6 +102,12 @@ def serve(data_dir: str, *, advertised_endpoint: str | None = None, ready_event:
 
     loop.add_signal_handler(signal.SIGTERM, stop, "SIGTERM")
     loop.add_signal_handler(signal.SIGINT, stop, "SIGINT")
+    tmp = runtime_info_path(data_dir) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(info, f)
+    os.replace(tmp, runtime_info_path(data_dir))
+    log.info("server.ready", **info,
+             advertised_endpoint=None if seed_error else core.advertised_endpoint())
     if ready_event is not None:
         ready_event.set()
     try:

@@ -81,6 +81,7 @@ class ServerCore:
         self.cert_info = cert_info
         self.stats = StatsCache()
         self.advertised_seed = advertised_seed
+        self.seed_error: PortunusError | None = None
         self.started_at = time.time()
         self.operator_requests: dict[tuple[str, str], int] = {}
         self._req_lock = threading.Lock()
@@ -88,6 +89,8 @@ class ServerCore:
     # ---- advertised endpoint (SPEC §3.3; tiers 2-4 for now) -----------------
     def advertised_endpoint(self, request_host: str | None = None) -> str:
         control_port = self.control_port
+        if self.seed_error is not None:  # an explicit seed that is invalid fails closed
+            raise self.seed_error
         if self.advertised_seed:
             return self.advertised_seed
         if request_host:
@@ -270,7 +273,8 @@ class ServerCore:
 
     def metrics_text(self) -> str:
         clients = {c["client_id"]: c for c in store_clients.list_clients(self.store)}
-        rules = store_rules.list_rules(self.store)
+        # one row per live rule: failed rules bind nothing and have no series
+        rules = [r for r in store_rules.list_rules(self.store) if r["state"] in ("active", "pending")]
         fams = []
         f = Family("portunus_clients_connected", "gauge", "Clients with a live control channel.")
         f.add({}, self.hub.connected_count())

@@ -270,3 +270,28 @@ def test_api_errors_are_json_and_never_kill_the_server(server):
     assert call("GET", "/v1/clients")[0] == 200
     spec = json.loads(urllib.request.urlopen(server.api + "/v1/openapi.json", timeout=5).read())
     assert "/v1/rules" in spec["paths"]
+
+
+def test_no_superadmin_answers_503_bootstrap_required(procs, tmp_path):
+    data = tmp_path / "server"
+    write_server_toml(data)
+    toml = (data / "server.toml").read_text()
+    (data / "server.toml").write_text("\n".join(l for l in toml.splitlines() if not l.startswith("operator_token")))
+    s = Server(procs, data)
+    s.proc.wait_event("startup.no_superadmin")
+    res = s.cli("list-clients")
+    assert res.returncode == 1 and "error: bootstrap_required:" in res.stderr
+    assert "bootstrap-superadmin" in res.stderr
+
+
+def test_revoked_client_can_be_deleted_with_its_rules(server, procs, tmp_path):
+    agent, _ = enroll_client(server, procs, tmp_path, "edge-01")
+    wait_connected(server, "edge-01")
+    assert server.cli("push-rule", "edge-01", str(free_port()), "127.0.0.1:9").returncode == 0
+    res = server.cli("delete-client", "edge-01")
+    assert res.returncode == 9 and "conflict.client_not_revoked" in res.stderr
+    assert server.cli("revoke", "edge-01").returncode == 0
+    res = server.cli("delete-client", "edge-01")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(server.cli("list-rules", "--format", "json").stdout) == []
+    assert json.loads(server.cli("list-clients", "--format", "json").stdout) == []
