@@ -26,6 +26,9 @@ def _run_parser() -> argparse.ArgumentParser:
                    help="how long live connections may finish on SIGTERM (default 30)")
     p.add_argument("--stats-report-interval-secs", type=_positive_int, default=5, metavar="S",
                    help="stats report interval until the server says otherwise (default 5)")
+    p.add_argument("--dns-server", action="append", default=[], metavar="IP[:PORT]",
+                   help="DNS server for target names (repeatable; default: $PORTUNUS_DNS_SERVERS, "
+                        "comma-separated, else /etc/resolv.conf)")
     p.add_argument("--log-format", choices=("json", "compact"), default="json")
     return p
 
@@ -80,9 +83,15 @@ def run_agent(bundle: dict, path: str, args) -> int:
     from ..relay.runtime import RuleRuntime, RuntimeSettings
     from ..sysinfo import raise_nofile_limit
 
+    from ..relay.context import RelayContext
+    from ..relay.resolver import Resolver, parse_servers
+
+    dns_servers = args.dns_server or [x for x in os.environ.get("PORTUNUS_DNS_SERVERS", "").split(",") if x.strip()]
+    servers = parse_servers(dns_servers) if dns_servers else None
     nofile = raise_nofile_limit()
     loop = Loop()
-    runtime = RuleRuntime(loop, RuntimeSettings(drain_timeout=float(args.shutdown_drain_timeout_secs)))
+    runtime = RuleRuntime(loop, RuntimeSettings(drain_timeout=float(args.shutdown_drain_timeout_secs)),
+                          RelayContext(loop, Resolver(loop, servers)))
     caps = os.environ.get("PORTUNUS_CLIENT_CAPABILITIES")  # test hook: declare fewer capabilities
     agent = Agent(loop, bundle, runtime, reconnect_initial=args.reconnect_initial_delay_ms / 1000,
                   reconnect_max=float(args.reconnect_max_delay_secs),

@@ -10,6 +10,8 @@ import socket
 from ..errors import PortunusError
 from ..log import log
 from ..loop import Loop
+from ..relay.context import RelayContext
+from ..relay.resolver import Resolver
 from ..relay.runtime import RuleRuntime, RuntimeSettings
 from ..sysinfo import raise_nofile_limit
 from .config import StandaloneConfig
@@ -71,9 +73,10 @@ def run(cfg: StandaloneConfig) -> int:
     log.configure(fmt="json" if cfg.log_format == "json" else "pretty", level=cfg.log_level)
     nofile = raise_nofile_limit()
     loop = Loop()
+    ctx = RelayContext(loop, Resolver(loop, cfg.dns_servers or None))
     runtime = RuleRuntime(loop, RuntimeSettings(udp_max_flows=cfg.udp_max_flows,
                                                 udp_flow_idle_secs=cfg.udp_flow_idle_secs,
-                                                drain_timeout=cfg.shutdown_drain_secs))
+                                                drain_timeout=cfg.shutdown_drain_secs), ctx)
     from .. import __version__
     log.info("process.start", role="standalone", version=__version__, label=cfg.label, config=cfg.path,
              rules=len(cfg.rules), nofile_limit=nofile, pid=os.getpid())

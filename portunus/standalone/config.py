@@ -16,7 +16,7 @@ LOG_FORMATS = ("json", "pretty", "compact")
 LOG_LEVELS = ("debug", "info", "warn", "error")
 
 _TOP = {"global", "defaults", "rule", "stats"}
-_GLOBAL = {"label", "log_level", "log_format", "shutdown_drain_secs"}
+_GLOBAL = {"label", "log_level", "log_format", "shutdown_drain_secs", "dns_servers"}
 _DEFAULTS = {"protocol", "udp_max_flows", "udp_flow_idle_secs", "prefer_ipv6"}
 _STATS = {"socket_path", "refresh_ms"}
 _RULE = {"name", "protocol", "listen_port", "listen_ports", "listen_host", "target", "targets",
@@ -35,6 +35,7 @@ class StandaloneConfig:
     udp_flow_idle_secs: int = 60
     stats_socket_path: str | None = None
     stats_refresh_ms: int = 1000
+    dns_servers: list = field(default_factory=list)  # [(ip, port)]; empty = /etc/resolv.conf
     rules: list[Rule] = field(default_factory=list)
 
 
@@ -102,6 +103,16 @@ def parse(doc: dict, path: str = "<config>") -> StandaloneConfig:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 3600:
             raise _err(path, "[global] shutdown_drain_secs", f"must be a number 0..3600, got {v!r}")
         cfg.shutdown_drain_secs = float(v)
+
+    if "dns_servers" in g:
+        v = g["dns_servers"]
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise _err(path, "[global] dns_servers", f"must be a list of \"ip[:port]\" strings, got {v!r}")
+        from ..relay.resolver import parse_servers
+        try:
+            cfg.dns_servers = parse_servers(v)
+        except PortunusError as exc:
+            raise _err(path, "[global] dns_servers", exc.message) from None
 
     d = _table(path, doc, "defaults")
     _unknown(path, "[defaults]", d, _DEFAULTS)

@@ -54,10 +54,10 @@ def tcp_rule(rule_id, listen, target, **kw) -> Rule:
     return Rule.from_dict({"rule_id": rule_id, "listen_port": listen, "target": f"127.0.0.1:{target}", **kw})
 
 
-def echo_once(c: socket.socket, data: bytes) -> bytes:
+def echo_once(c: socket.socket, data: bytes, expect: int | None = None) -> bytes:
     c.sendall(data)
     got = b""
-    while len(got) < len(data):
+    while len(got) < (expect or len(data)):
         b = c.recv(65536)
         if not b:
             break
@@ -90,10 +90,10 @@ def test_changed_target_keeps_listener_and_live_connection_new_ones_go_to_new_ta
     try:
         lt.call(lt.runtime.activate, tcp_rule("r1", listen, t1))
         old = socket.create_connection(("127.0.0.1", listen), timeout=5)
-        assert echo_once(old, b"x") == f"{t1}:x".encode()
+        assert echo_once(old, b"x", len(f"{t1}:x")) == f"{t1}:x".encode()
         lt.call(lt.runtime.activate, tcp_rule("r1", listen, t2))
         new = socket.create_connection(("127.0.0.1", listen), timeout=5)
-        assert echo_once(new, b"y") == f"{t2}:y".encode()
+        assert echo_once(new, b"y", len(f"{t2}:y")) == f"{t2}:y".encode()
         assert echo_once(old, b"z") == b"z"  # still the first target, still alive
         old.close()
         new.close()
