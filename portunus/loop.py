@@ -256,10 +256,13 @@ class Loop:
             events = []
         for key, mask in events:
             h = key.data
+            ok = True
             if mask & EVENT_READ and h.reader is not None:
-                self._invoke(h.reader)
+                ok = self._invoke(h.reader)
             if mask & EVENT_WRITE and h.writer is not None:
-                self._invoke(h.writer)
+                ok = self._invoke(h.writer) and ok
+            if not ok and self._handlers.get(key.fd) is h:
+                self.forget(key.fd)  # a level-triggered fd whose handler raises would spin forever
         now = self.time()
         timers = self._timers
         while timers and timers[0].when <= now:
@@ -274,14 +277,16 @@ class Loop:
             self._invoke(cb, *args)
 
     @staticmethod
-    def _invoke(cb: Callable, *args) -> None:
+    def _invoke(cb: Callable, *args) -> bool:
         try:
             cb(*args)
+            return True
         except Exception as exc:  # a bad callback must not kill the reactor
             tb = traceback.extract_tb(exc.__traceback__)
             where = f"{tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno}" if tb else "?"
             log.error("loop.callback_error", callback=getattr(cb, "__qualname__", repr(cb)),
                       error=f"{type(exc).__name__}: {exc}", where=where)
+            return False
 
     def close(self) -> None:
         for signum in list(self._signals):

@@ -821,3 +821,17 @@ def test_close_releases_the_loops_descriptors():
     a.close()
     b.close()
     assert open_fds() - before == set()
+
+
+def test_a_raising_reader_is_unwatched_instead_of_spinning(loop, pair, loop_log):
+    a, b = pair
+    calls = []
+
+    def bad_reader():
+        calls.append(1)
+        raise RuntimeError("boom")  # never reads: the fd stays readable
+    loop.add_reader(a, bad_reader)
+    b.send(b"x")
+    loop.run_until(lambda: False, 0.3)
+    assert calls == [1]
+    assert loop.watched_fds() == 1  # only the loop's own wakeup pipe
