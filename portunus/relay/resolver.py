@@ -112,8 +112,13 @@ class _Lookup:
             except dns.DnsError as exc:
                 self._fail_all(exc.message)
                 return
-            except OSError:
-                pass  # a refused/unreachable send shows up as a timeout or ICMP error
+            except OSError as exc:
+                if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                    # the ICMP error of the previous send surfaces here and is consumed, so
+                    # recv will never see it: move on now rather than after a whole timeout
+                    self._next_server(f"DNS server {host} unreachable")
+                    return
+                # anything else shows up as a timeout
         self.timer = self.loop.call_later(QUERY_TIMEOUT, self._on_timeout)
 
     def _on_udp(self) -> None:
@@ -144,6 +149,10 @@ class _Lookup:
             self._maybe_finish()
 
     def _query_tcp(self, qtype: int) -> None:
+        # the UDP timeout no longer applies: give the TCP exchange its own, longer budget
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.loop.call_later(2 * QUERY_TIMEOUT, self._fail_all, "DNS query over TCP timed out")
         host, port = self._server()
         fam = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(fam, socket.SOCK_STREAM)
@@ -348,7 +357,10 @@ class Resolver:
             else:
                 entry.addrs = []
         for cb in self._waiters.pop(name, []):
-            cb(addrs, err)
+            try:
+                cb(addrs, err)
+            except Exception as exc:  # one broken waiter must not strand the others
+                log.error("dns.callback_error", host=name, error=f"{type(exc).__name__}: {exc}")
 
     def _evict_if_full(self, now: float) -> None:
         if len(self._cache) < CACHE_MAX:
