@@ -93,7 +93,10 @@ class TargetSet:
         """Targets in the order to try: healthy by priority, then failed by priority.
 
         A failed target due for a trial is tried in its priority place, so a
-        recovered primary wins traffic back without active probes.
+        recovered primary wins traffic back without active probes. Once a trial
+        has succeeded the target stays in its priority place until it either
+        fails again or reaches the 2 successes that make it healthy, so passive
+        recovery takes one trial interval, not two.
         """
         if not self.multi:
             return list(self._order)
@@ -102,7 +105,7 @@ class TargetSet:
         for s in self._order:
             if s.healthy:
                 first.append(s)
-            elif now - s.last_trial >= TRIAL_INTERVAL:
+            elif s.consecutive_successes > 0 or now - s.last_trial >= TRIAL_INTERVAL:
                 s.last_trial = now  # a trial connection, in its priority place
                 first.append(s)
             else:
