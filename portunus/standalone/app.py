@@ -97,7 +97,7 @@ def run(cfg: StandaloneConfig) -> int:
                             f"rule {failed.rule_id!r}: {failed.reason}", rule_id=failed.rule_id, port=failed.port)
 
     def snapshot() -> dict:
-        return {"label": cfg.label, "rules": runtime.snapshots(per_port=True)}
+        return {"label": cfg.label, "rules": runtime.snapshots(per_port=True, per_target=True)}
 
     stats_sock = StatsSocket(loop, cfg.stats_socket_path, snapshot) if cfg.stats_socket_path else None
 
