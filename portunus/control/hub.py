@@ -238,7 +238,13 @@ class Hub:
                 ch.send(m.rule_push(rule.to_dict(), None))
             ch.send(m.replay_done([r.rule_id for r in rules]))
             log.info("client.replayed", client_id=session.client_id, rules=len(rules))
-        self.offload.run(store_rules.rules_for_client, self.store, session.client_id, then=replay)
+        def replayable() -> list:
+            # a failed rule stays failed until removed: replaying it would be an automatic retry
+            failed = {r["rule_id"] for r in store_rules.list_rules(self.store, client_id=session.client_id)
+                      if r["state"] == "failed"}
+            return [r for r in store_rules.rules_for_client(self.store, session.client_id)
+                    if r.rule_id not in failed]
+        self.offload.run(replayable, then=replay)
 
     def _on_rule_status(self, session: ClientSession, msg: dict) -> None:
         from ..store import rules as store_rules

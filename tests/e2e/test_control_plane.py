@@ -295,3 +295,24 @@ def test_revoked_client_can_be_deleted_with_its_rules(server, procs, tmp_path):
     assert res.returncode == 0, res.stderr
     assert json.loads(server.cli("list-rules", "--format", "json").stdout) == []
     assert json.loads(server.cli("list-clients", "--format", "json").stdout) == []
+
+
+def test_failed_rule_is_not_retried_on_reconnect(server, procs, tmp_path):
+    agent, bundle = enroll_client(server, procs, tmp_path, "edge-01")
+    wait_connected(server, "edge-01")
+    held = free_port()
+    holder = socket.socket()
+    holder.bind(("0.0.0.0", held))
+    holder.listen()
+    try:
+        assert server.cli("push-rule", "edge-01", str(held), "127.0.0.1:9").returncode == 5
+    finally:
+        holder.close()  # the port is free now, but the failed rule must stay failed
+    agent.signal(signal.SIGTERM)
+    assert agent.wait(20) == 0
+    again = procs(portunus_cmd("client") + ["--bundle", str(bundle)])
+    again.wait_event("control.connected")
+    server.proc.wait_event("client.replayed", pred=lambda e: e.get("rules") == 0)
+    assert not again.events("rule.activated")
+    rules = json.loads(server.cli("list-rules", "--format", "json").stdout)
+    assert rules[0]["state"] == "failed"
