@@ -413,6 +413,10 @@ class Rule:
                 raise _bad("validation.health_check_unsupported",
                            "health_check_interval_secs is only available on server-pushed rules")
             hci = _int_in(hci, "health_check_interval_secs", *HEALTH_CHECK_BOUNDS)
+            if protocol != "tcp":
+                # the probe is a TCP connect: it says nothing about a UDP service
+                raise _bad("validation.health_check_on_unsupported_rule",
+                           "health_check_interval_secs (active TCP probes) is for TCP rules only")
 
         udp_max_flows = d.get("udp_max_flows")
         if udp_max_flows is not None:

@@ -290,8 +290,11 @@ def _parse_target_flag(text: str, index: int) -> dict:
     from ..model import parse_target_text, _int_in
     spec, _, prio = text.partition("@")
     t = parse_target_text(spec, f"--target {text!r}")
-    return {"host": t.host, "port": t.port,
-            "priority": _int_in(prio, f"--target {text!r} priority", 0, 65535) if prio else index + 1}
+    out = {"host": t.host, "port": t.port,
+           "priority": _int_in(prio, f"--target {text!r} priority", 0, 65535) if prio else index + 1}
+    if t.port_end is not None:
+        out["port_end"] = t.port_end
+    return out
 
 
 def cmd_push_rule(args) -> int:

@@ -110,6 +110,7 @@ class ServerCore:
             raise PortunusError("validation.invalid_client_name",
                                 f"client name must be 1-128 characters, got {name!r}")
         ttl = self._ttl(ttl_secs)
+        self.advertised_endpoint(request_host)  # fail closed before anything is stored
         client = store_clients.create_client(self.store, name.strip(), address)
         return self._enrollment(client, ttl, request_host)
 

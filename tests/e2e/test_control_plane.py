@@ -316,3 +316,32 @@ def test_failed_rule_is_not_retried_on_reconnect(server, procs, tmp_path):
     assert not again.events("rule.activated")
     rules = json.loads(server.cli("list-rules", "--format", "json").stdout)
     assert rules[0]["state"] == "failed"
+
+
+def test_invalid_seed_fails_closed_and_stores_nothing(procs, tmp_path):
+    data = tmp_path / "server"
+    write_server_toml(data)
+    first = Server(procs, data)  # generates a certificate that does not cover other.example.com
+    first.proc.signal(signal.SIGTERM)
+    assert first.proc.wait(20) == 0
+    s = Server(procs, data, env={"PORTUNUS_ADVERTISED_ENDPOINT": "other.example.com:7443"})
+    s.proc.wait_event("startup.advertised_endpoint_invalid")
+    for _ in range(2):
+        res = s.cli("enroll-client", "edge-x")
+        assert res.returncode == 3 and "error: endpoint_not_in_cert_san:" in res.stderr
+    assert json.loads(s.cli("list-clients", "--format", "json").stdout) == []
+
+
+def test_target_flag_keeps_a_port_range(server, procs, tmp_path):
+    enroll_client(server, procs, tmp_path, "edge-01")
+    wait_connected(server, "edge-01")
+    listen, target = free_port_block(2), free_port_block(2)
+    echo = TcpEchoServer(range(target, target + 2), prefix_port=True)
+    try:
+        res = server.cli("push-rule", "edge-01", f"{listen}-{listen + 1}", "--target",
+                         f"127.0.0.1:{target}-{target + 1}")
+        assert res.returncode == 0, res.stderr
+        got = roundtrip(listen + 1, b"hi")
+        assert got == f"{target + 1}:hi".encode()
+    finally:
+        echo.close()

@@ -640,3 +640,13 @@ def test_target_object_port_end_is_validated():
     refused("validation.invalid_port", {**base, "targets": [{"host": "h", "port": 20, "port_end": 70000}]})
     refused("validation.port_range_width_mismatch",
             {**base, "targets": [{"host": "h", "port": 20, "port_end": 25}]})
+
+
+def test_active_health_checks_are_tcp_only():
+    from portunus.errors import PortunusError
+    with pytest.raises(PortunusError) as e:
+        Rule.from_dict({"rule_id": "u", "protocol": "udp", "listen_port": 5000,
+                        "targets": [{"host": "a", "port": 1}, {"host": "b", "port": 2}],
+                        "health_check_interval_secs": 5})
+    assert e.value.code == "validation.health_check_on_unsupported_rule"
+    assert "TCP rules only" in e.value.message
