@@ -26,6 +26,7 @@ from .stats import PortCounters, RuleCounters
 
 SPLICE_CHUNK = 1 << 20
 SPLICE_ROUNDS = 8
+SHORT_READ = 64 * 1024  # a read shorter than this usually emptied the socket
 ACCEPT_BATCH = 64
 ACCEPT_BACKOFF = 0.1
 PROXY_HEADER_TIMEOUT = 3.0
@@ -102,6 +103,7 @@ class Pump:
             if n == 0:
                 self._on_eof()
                 return
+            got = n
             self.in_pipe += n
             while self.in_pipe:
                 try:
@@ -114,6 +116,8 @@ class Pump:
                     return
                 self.in_pipe -= n
                 self._count(n)
+            if got < SHORT_READ:
+                break  # the socket is most likely drained: skip the splice that would fail with EAGAIN
         if self.in_pipe == 0:
             pool.release(pipe, clean=True)
             self.pipe = None
