@@ -44,11 +44,12 @@ class Timer:
 
 
 class _FdHandlers:
-    __slots__ = ("reader", "writer")
+    __slots__ = ("reader", "writer", "registered")
 
     def __init__(self):
         self.reader: Callable | None = None
         self.writer: Callable | None = None
+        self.registered = False  # whether the selector holds this fd (saves a map lookup per change)
 
     def mask(self) -> int:
         return (EVENT_READ if self.reader else 0) | (EVENT_WRITE if self.writer else 0)
@@ -78,15 +79,16 @@ class Loop:
     # ---- fd interest ------------------------------------------------------
     def _update(self, fd: int, handlers: _FdHandlers) -> None:
         mask = handlers.mask()
-        key_present = fd in self._selector.get_map()
         if mask == 0:
-            if key_present:
+            if handlers.registered:
+                handlers.registered = False
                 self._selector.unregister(fd)
             del self._handlers[fd]
-        elif key_present:
+        elif handlers.registered:
             self._selector.modify(fd, mask, handlers)
         else:
             self._selector.register(fd, mask, handlers)
+            handlers.registered = True
 
     def add_reader(self, fd, callback: Callable) -> None:
         fd = fd if isinstance(fd, int) else fd.fileno()
@@ -133,7 +135,7 @@ class Loop:
 
     def _rollback(self, fd: int, h: _FdHandlers, which: str) -> None:
         setattr(h, which, None)
-        if h.mask() == 0 and fd not in self._selector.get_map():
+        if h.mask() == 0 and not h.registered:
             self._handlers.pop(fd, None)
 
     def remove_writer(self, fd) -> bool:
@@ -153,10 +155,12 @@ class Loop:
         h = self._handlers.pop(fd, None)
         if h is not None:
             h.reader = h.writer = None  # an event already fetched for fd is now a no-op
-            try:
-                self._selector.unregister(fd)
-            except (KeyError, ValueError):
-                pass
+            if h.registered:
+                h.registered = False
+                try:
+                    self._selector.unregister(fd)
+                except (KeyError, ValueError):
+                    pass
 
     def watched_fds(self) -> int:
         return len(self._handlers)

@@ -7,6 +7,7 @@ offending value.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass, replace
@@ -75,6 +76,7 @@ def validate_host(host, what: str = "target host") -> str:
     return name.lower()
 
 
+@functools.lru_cache(maxsize=4096)  # asked once per new connection: parse each host once
 def is_ip_literal(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
