@@ -108,6 +108,9 @@ target = "127.0.0.1:{target}-{target + WIDTH - 1}"
 
         stats = rule_stats(sock, "wide")
         assert stats["active_connections"] == CONNS
+        with open(f"/proc/{p.p.pid}/status") as f:
+            rss = {k: v.strip() for k, v in (line.split(":", 1) for line in f) if k in ("VmRSS", "VmHWM")}
+        print(f"\nrelay memory with {WIDTH} listeners and {CONNS} connections: {rss}")
         assert len(stats["per_port"]) == WIDTH
         assert all(row["active_connections"] >= CONNS // WIDTH for row in stats["per_port"])
         assert not p.events("proxy.accept_error"), "the relay ran out of file descriptors"
