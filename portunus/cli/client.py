@@ -62,8 +62,6 @@ def main(argv: list[str]) -> int:
         from ..control.enrollment import default_bundle_path
         out = args.out or default_bundle_path()
         bundle = enroll(args.uri, out)
-        log.info("enrollment.bundle_written", path=out, client_id=bundle["client_id"],
-                 client_name=bundle["client_name"], server_endpoint=bundle["server_endpoint"])
         print(f"enrolled as {bundle['client_name']} ({bundle['client_id']}); bundle written to {out}")
         print(f"start the agent with: portunus-client --bundle {out}")
         return 0
