@@ -250,6 +250,12 @@ class _Lookup:
         else:
             self.r._finished(self.name, [], errors[0] if errors else "no such host", None)
 
+    def abandon(self) -> None:
+        self.done = True
+        self._close_udp()
+        for qtype in list(self.tcp):
+            self._close_tcp(qtype)
+
     def _close_udp(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
@@ -273,6 +279,7 @@ class Resolver:
         self._cache: dict[str, _Entry] = {}
         self._waiters: dict[str, list[Callback]] = {}
         self.lookups = 0  # real lookups started (observable in tests and benchmarks)
+        self._active: set[_Lookup] = set()
 
     def servers(self) -> list[tuple[str, int]]:
         if not self._servers:
@@ -332,9 +339,12 @@ class Resolver:
             return
         self._waiters[name] = [deliver]
         self.lookups += 1
-        _Lookup(self, name).start()
+        lookup = _Lookup(self, name)
+        self._active.add(lookup)
+        lookup.start()
 
     def _finished(self, name: str, addrs: list, err: str | None, ttl: int | None) -> None:
+        self._active = {lk for lk in self._active if not lk.done}
         now = self.loop.time()
         entry = self._cache.get(name)
         if entry is None:
@@ -375,7 +385,11 @@ class Resolver:
         return len(self._cache)
 
     def close(self) -> None:
-        pass
+        """Abandon lookups in flight: their sockets and timers go; waiters are not called."""
+        for lookup in list(self._active):
+            lookup.abandon()
+        self._active.clear()
+        self._waiters.clear()
 
 
 def _order(addrs: list, prefer_ipv6: bool) -> list:

@@ -601,3 +601,22 @@ def test_lookups_counts_real_lookups_only(env):
     resolve(env, "bad.test")
     resolve_cached(env, "bad.test")  # retry spacing: no new lookup
     assert r.lookups == 4
+
+
+def test_close_abandons_lookups_in_flight_and_frees_their_sockets():
+    from portunus.loop import Loop
+    from portunus.relay.resolver import Resolver
+    from dnsserver import DnsServer
+    srv = DnsServer()
+    srv.drop("hang.test")
+    loop = Loop()
+    try:
+        r = Resolver(loop, [("127.0.0.1", srv.port)], hosts_path="/nonexistent")
+        before = loop.watched_fds()
+        r.resolve("hang.test", False, lambda a, e: None)
+        assert loop.watched_fds() == before + 1  # the lookup's UDP socket
+        r.close()
+        assert loop.watched_fds() == before
+    finally:
+        loop.close()
+        srv.close()
