@@ -26,6 +26,8 @@ ALL_CAPABILITIES = list(m.CAPABILITIES)
 # What this build can actually run; the rest is refused by the server's capability gate.
 SUPPORTED_CAPABILITIES = ["udp", "port_range", "multi_target", "proxy_protocol"]
 
+STATS_FRAME_BUDGET = 256 * 1024  # estimated JSON bytes per stats_report frame (cap is 1 MiB)
+PER_PORT_LIMIT = 900 * 1024      # ~5 600 ports: wider ranges report totals only
 EXIT_PIN_MISMATCH = 1
 EXIT_AUTH_FAILURE = 1
 
@@ -203,12 +205,30 @@ class Agent:
         ch = self.channel
         if ch is None or not self.connected:
             return
-        ch.send(m.stats_report(self.runtime.snapshots(per_port=True, per_target=True), time.time()))
+        self._report(ch)
         self._schedule_stats()
 
     def send_stats_now(self) -> None:
         if self.channel is not None and self.connected:
-            self.channel.send(m.stats_report(self.runtime.snapshots(per_port=True, per_target=True), time.time()))
+            self._report(self.channel)
+
+    def _report(self, ch: Channel) -> None:
+        """Send the counters, split over several frames so wide ranges never hit the frame cap."""
+        now = time.time()
+        batch, size = [], 0
+        for snap in self.runtime.snapshots(per_port=True, per_target=True):
+            cost = 200 + 160 * len(snap.get("per_port", ())) + 300 * len(snap.get("per_target", ()))
+            if cost > PER_PORT_LIMIT:
+                # a very wide range: its per-port rows would not fit one frame; keep the totals
+                snap = {k: v for k, v in snap.items() if k != "per_port"}
+                cost = 200 + 300 * len(snap.get("per_target", ()))
+            if batch and size + cost > STATS_FRAME_BUDGET:
+                ch.send(m.stats_report(batch, now))
+                batch, size = [], 0
+            batch.append(snap)
+            size += cost
+        if batch:
+            ch.send(m.stats_report(batch, now))
 
     # ---- stopping ---------------------------------------------------------
     def stop(self) -> None:
