@@ -52,13 +52,35 @@ class StatsSocket:
                 conn, _ = self.sock.accept()
             except (BlockingIOError, OSError):
                 return
+            conn.setblocking(False)
+            data = json.dumps(self.snapshot(), separators=(",", ":")).encode() + b"\n"
+            self._write(conn, memoryview(data))
+
+    def _write(self, conn: socket.socket, data: memoryview) -> None:
+        """Write without ever blocking the loop; a reader that stalls is dropped after 5 s."""
+        fd = conn.fileno()
+        state = {"left": data}
+
+        def finish() -> None:
+            timer.cancel()
+            self.loop.forget(fd)
+            conn.close()
+
+        def pump() -> None:
             try:
-                conn.settimeout(0.5)
-                conn.sendall(json.dumps(self.snapshot(), separators=(",", ":")).encode() + b"\n")
+                n = conn.send(state["left"])
+            except BlockingIOError:
+                n = 0
             except OSError:
-                pass
-            finally:
-                conn.close()
+                finish()
+                return
+            state["left"] = state["left"][n:]
+            if not state["left"]:
+                finish()
+            else:
+                self.loop.add_writer(fd, pump)
+        timer = self.loop.call_later(5.0, finish)
+        pump()
 
     def close(self) -> None:
         self.loop.forget(self.sock.fileno())
