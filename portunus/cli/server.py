@@ -443,7 +443,7 @@ def _hold_store_lock(data_dir: str) -> int:
     from ..store import db as store_db
     store_db.check_filesystem(data_dir)
     try:
-        return store_db._acquire_lock(data_dir)
+        return store_db.acquire_lock(data_dir)
     except PortunusError as exc:
         if exc.code in _OFFLINE_CODES:
             raise PortunusError(_OFFLINE_CODES[exc.code], exc.message, **exc.fields) from None

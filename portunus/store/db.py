@@ -233,7 +233,7 @@ class Store:
                                 data_dir=data_dir) from e
         if not os.path.isdir(data_dir):
             raise PortunusError("io_error", f"data dir {data_dir} is not a directory", data_dir=data_dir)
-        store = cls(data_dir, _acquire_lock(data_dir), busy_timeout_ms)
+        store = cls(data_dir, acquire_lock(data_dir), busy_timeout_ms)
         try:
             store._prepare(migrate)
         except BaseException:
@@ -395,7 +395,7 @@ class Store:
         return int(row[0])
 
 
-def _acquire_lock(data_dir: str) -> int:
+def acquire_lock(data_dir: str) -> int:
     path = os.path.join(data_dir, LOCK_NAME)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
