@@ -71,7 +71,7 @@ def validate_host(host, what: str = "target host") -> str:
     except ValueError:
         pass
     name = host[:-1] if host.endswith(".") else host
-    if len(name) > 253 or not all(_HOSTNAME_LABEL.match(lbl) for lbl in name.split(".")):
+    if len(name) > 253 or not all(_HOSTNAME_LABEL.fullmatch(lbl) for lbl in name.split(".")):
         raise _bad("validation.invalid_target", f"{what} {host!r} is neither an IP address nor a DNS name")
     return name.lower()
 
@@ -245,7 +245,7 @@ def validate_sni_pattern(p) -> str:
         labels = labels[1:]
         if len(labels) < 2:
             raise _bad("validation.sni_pattern_invalid", f"wildcard sni_pattern {p!r} needs at least two labels after '*.'")
-    if not all(_HOSTNAME_LABEL.match(lbl) for lbl in labels):
+    if not all(_HOSTNAME_LABEL.fullmatch(lbl) for lbl in labels):
         raise _bad("validation.sni_pattern_invalid", f"sni_pattern {p!r} is not a host name or '*.domain'")
     return p
 
@@ -326,7 +326,7 @@ class Rule:
             raise _bad("validation.unknown_field", f"rule has unknown field(s): {', '.join(sorted(unknown))}")
 
         rule_id = d.get("rule_id", d.get("id"))
-        if not isinstance(rule_id, str) or not _RULE_ID.match(rule_id):
+        if not isinstance(rule_id, str) or not _RULE_ID.fullmatch(rule_id):
             raise _bad("validation.invalid_rule_id",
                        f"rule id must be 1-128 chars of letters, digits, '.', '_', ':' or '-', got {rule_id!r}")
 

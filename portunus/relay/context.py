@@ -56,6 +56,21 @@ def family_of(host: str) -> int:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 300, 30, 4
+
+
+def tune_stream_socket(sock: socket.socket) -> None:
+    """No Nagle delay on forwarded bytes; keepalive finds peers that vanished (~7 min)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+    except (OSError, AttributeError):
+        pass
+
+
 def bind_socket(kind: int, host: str, port: int) -> socket.socket:
     """Create, bind (and for TCP listen on) one non-blocking socket; raise BindError."""
     fam = family_of(host)
@@ -69,6 +84,7 @@ def bind_socket(kind: int, host: str, port: int) -> socket.socket:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind((host, port))
         if kind == socket.SOCK_STREAM:
+            tune_stream_socket(sock)  # accepted sockets inherit these on Linux: set once here
             sock.listen(1024)
         sock.setblocking(False)
         return sock

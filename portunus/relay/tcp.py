@@ -18,7 +18,7 @@ import struct
 
 from ..log import log
 from ..model import Rule
-from .context import BindError, RelayContext, bind_socket
+from .context import BindError, RelayContext, bind_socket, tune_stream_socket
 from . import proxy_protocol
 from .splice import SPLICE_FLAGS, UNSUPPORTED_ERRNOS, use_splice
 from .targets import TargetSet
@@ -30,7 +30,6 @@ SHORT_READ = 64 * 1024  # a read shorter than this usually emptied the socket
 ACCEPT_BATCH = 64
 ACCEPT_BACKOFF = 0.1
 PROXY_HEADER_TIMEOUT = 3.0
-KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 300, 30, 4
 _LINGER_RST = struct.pack("ii", 1, 0)
 _FD_EXHAUSTION = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
@@ -348,16 +347,7 @@ class TcpSession:
 
     def _established(self) -> None:
         up, cs = self.up, self.csock
-        for s in (up, cs):
-            try:
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                # a peer that vanished without FIN/RST is found in ~7 min instead of never
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
-            except (OSError, AttributeError):
-                pass
+        tune_stream_socket(up)  # the accepted side inherited the listener's options
         state = self.target_state
         self.relay.targets.record_success(state)
         state.connections += 1
