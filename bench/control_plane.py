@@ -98,7 +98,16 @@ class Echo:
 
 
 class Deployment:
-    def __init__(self, cmd: list[str], workdir: str):
+    """A real server and one enrolled client ("bench-edge") on 127.0.0.1.
+
+    Also used by bench/run.py (the client-splice / client-userspace paths), which passes
+    `spawn` so that every process runs in its own session under its process manager, and
+    `client_env` / `client_args` for the client process."""
+
+    CLIENT_NAME = "bench-edge"
+
+    def __init__(self, cmd: list[str], workdir: str, *, spawn=None, client_env: dict | None = None,
+                 client_args: list[str] | tuple = ()):
         self.cmd = cmd
         self.dir = Path(workdir)
         self.data = self.dir / "server"
@@ -108,51 +117,88 @@ class Deployment:
             'control_listen = "127.0.0.1:0"\noperator_http_listen = "127.0.0.1:0"\n'
             f'metrics_listen = "127.0.0.1:0"\noperator_token = "{self.token}"\nlog_format = "json"\n')
         self.procs: list[subprocess.Popen] = []
-        self.server_log = open(self.dir / "server.log", "w+")
-        self.client_log = open(self.dir / "client.log", "w+")
+        self.server_proc: subprocess.Popen | None = None
+        self.client_proc: subprocess.Popen | None = None
+        self.client_env = client_env
+        self.client_args = list(client_args)
+        self._spawn = spawn or self._default_spawn
+        self.server_log_path = self.dir / "server.log"
+        self.client_log_path = self.dir / "client.log"
+        # never send the loopback API calls through an HTTP proxy from the environment
+        self._http = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
-    def start_server(self):
-        p = subprocess.Popen(self.cmd + ["server", "--data-dir", str(self.data), "serve"],
-                             stdout=subprocess.DEVNULL, stderr=self.server_log)
+    def _default_spawn(self, name: str, argv: list[str], env=None) -> subprocess.Popen:
+        path = self.server_log_path if name == "server" else self.client_log_path
+        with open(path, "a") as fh:
+            p = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=fh)
+        p.log_path = path       # type: ignore[attr-defined]
+        return p
+
+    def _start(self, name: str, argv: list[str], env=None) -> subprocess.Popen:
+        p = self._spawn(name, argv, env)
         self.procs.append(p)
-        info = self.data / "serve.json"
-        deadline = time.monotonic() + 30
-        while not info.exists():
-            if p.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("server did not start; see " + self.server_log.name)
-            time.sleep(0.005)
-        self.info = json.loads(info.read_text())
-        self.api = self.info["operator_http_url"]
+        return p
 
-    def call(self, method, path, body=None):
+    def start_server(self, timeout: float = 30):
+        p = self.server_proc = self._start("server", self.cmd + ["server", "--data-dir", str(self.data), "serve"])
+        self.server_log_path = getattr(p, "log_path", self.server_log_path)
+        info = self.data / "serve.json"
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.info = json.loads(info.read_text())
+                self.api = self.info["operator_http_url"]
+                return
+            except (OSError, ValueError, KeyError):
+                pass        # not there yet (or half written)
+            if p.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start; see {self.server_log_path}")
+            time.sleep(0.005)
+
+    def call(self, method, path, body=None, timeout: float = 30):
         req = urllib.request.Request(self.api + path, method=method,
                                      data=None if body is None else json.dumps(body).encode())
         req.add_header("Authorization", f"Bearer {self.token}")
         req.add_header("Content-Type", "application/json")
-        with urllib.request.urlopen(req, timeout=30) as r:
+        with self._http.open(req, timeout=timeout) as r:
             return r.status, json.loads(r.read())
 
-    def enroll_and_start_client(self):
-        _, res = self.call("POST", "/v1/client-enrollments", {"name": "bench-edge"})
+    def enroll(self, timeout: float = 60) -> Path:
+        _, res = self.call("POST", "/v1/client-enrollments", {"name": self.CLIENT_NAME})
         bundle = self.dir / "bundle.json"
-        subprocess.run(self.cmd + ["client", "enroll", res["enrollment_uri"], "--out", str(bundle)],
-                       check=True, stdout=subprocess.DEVNULL, stderr=self.client_log)
-        p = subprocess.Popen(self.cmd + ["client", "--bundle", str(bundle)], stdout=subprocess.DEVNULL,
-                             stderr=self.client_log)
-        self.procs.append(p)
-        deadline = time.monotonic() + 30
+        p = self._start("client-enroll", self.cmd + ["client", "enroll", res["enrollment_uri"], "--out", str(bundle)])
+        try:
+            rc = p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+            raise RuntimeError(f"client enroll timed out after {timeout:.0f}s")
+        if rc != 0:
+            raise RuntimeError(f"client enroll failed (exit {rc}); see {getattr(p, 'log_path', '')}")
+        return bundle
+
+    def start_client(self, bundle: Path, timeout: float = 30):
+        p = self.client_proc = self._start("client", self.cmd + ["client", "--bundle", str(bundle)]
+                                           + self.client_args, self.client_env)
+        self.client_log_path = getattr(p, "log_path", self.client_log_path)
+        deadline = time.monotonic() + timeout
         while True:
             _, r = self.call("GET", "/v1/clients")
             if any(c["connected"] for c in r["clients"]):
                 return
+            if p.poll() is not None:
+                raise RuntimeError(f"client exited with code {p.returncode}; see {self.client_log_path}")
             if time.monotonic() > deadline:
                 raise RuntimeError("client did not connect")
             time.sleep(0.005)
 
+    def enroll_and_start_client(self):
+        self.start_client(self.enroll())
+
     def server_push_durations(self) -> dict[str, float]:
-        self.server_log.flush()
         out = {}
-        for line in Path(self.server_log.name).read_text().splitlines():
+        for line in Path(self.server_log_path).read_text().splitlines():
             try:
                 rec = json.loads(line)
             except ValueError:
@@ -170,6 +216,7 @@ class Deployment:
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait()
 
 
 def roundtrip_ok(port: int) -> bool:

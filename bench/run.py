@@ -5,7 +5,9 @@ Starts every process itself on 127.0.0.1, measures each forwarding path and
 prints a table; writes JSON to bench/results/latest.json; optionally compares
 medians with a stored baseline (exit 1 when a metric is more than 25 % worse).
 
-Paths:   direct | portunus-splice | portunus-userspace | haproxy
+Paths:   direct | portunus-splice | portunus-userspace (standalone mode) |
+         client-splice | client-userspace (a real server pushes the rules to a
+         real client) | haproxy
          (+ optional haproxy-splice: the C reference on the splice fast path)
 Tests:   tcp  - iperf3 bulk throughput, single stream (forward and -R)
          http - wrk keep-alive req/s, wrk new-connection req/s
@@ -38,14 +40,19 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 LOOPBACK = "127.0.0.1"          # the only address this runner ever uses
 
-ALL_PATHS = ["direct", "portunus-splice", "portunus-userspace", "haproxy", "haproxy-splice"]
-DEFAULT_PATHS = ["direct", "portunus-splice", "portunus-userspace", "haproxy"]
+ALL_PATHS = ["direct", "portunus-splice", "portunus-userspace", "client-splice", "client-userspace",
+             "haproxy", "haproxy-splice"]
+DEFAULT_PATHS = ["direct", "portunus-splice", "portunus-userspace", "client-splice",
+                 "client-userspace", "haproxy"]
+PORTUNUS_PATHS = {"portunus-splice", "portunus-userspace", "client-splice", "client-userspace"}
+ROLES = ("standalone", "server", "client")
 ALL_GROUPS = ["tcp", "http", "udp"]
 
 # name -> (group, unit, better, compared, label)
@@ -568,6 +575,156 @@ class PortunusPath(PathBase):
         return info
 
 
+def _deployment_cls():
+    """bench/control_plane.py's Deployment (a real server + one enrolled client)."""
+    try:
+        from control_plane import Deployment
+    except ImportError:
+        sys.path.insert(0, str(HERE))
+        from control_plane import Deployment
+    return Deployment
+
+
+class ClientPath(PathBase):
+    """Client mode (SPEC §11): a real `<bin> server` pushes the three bench rules
+    (same as the standalone config) to a real `<bin> client`, which carries the
+    bytes. Proxy CPU/RSS are the client's; the server is stopped afterwards."""
+    supports_udp = True
+
+    def __init__(self, name: str, base_argv: list[str], splice: bool, drain_secs: int = 1):
+        super().__init__()
+        self.name, self.base, self.splice, self.drain = name, base_argv, splice, drain_secs
+        self.tcp_used = True
+        self.dep = None
+        self.tmp: str | None = None
+        self.server: subprocess.Popen | None = None
+        self.timings: dict[str, float] = {}
+
+    def env(self) -> dict:
+        env = dict(os.environ)
+        env.pop("PORTUNUS_DISABLE_SPLICE", None)
+        if not self.splice:
+            env["PORTUNUS_DISABLE_SPLICE"] = "1"
+        return env
+
+    def rules(self, f: Backends, be: Backends) -> list[dict]:
+        c = _deployment_cls().CLIENT_NAME
+        common = {"client": c, "listen_host": LOOPBACK}
+        return [
+            {**common, "listen_port": f.iperf, "target": f"{LOOPBACK}:{be.iperf}", "protocol": "tcp"},
+            {**common, "listen_port": f.http, "target": f"{LOOPBACK}:{be.http}", "protocol": "tcp"},
+            {**common, "listen_port": f.udp, "target": f"{LOOPBACK}:{be.udp}", "protocol": "udp",
+             "udp_max_flows": 4096},
+        ]
+
+    def start(self, be, procs):
+        f = Backends(free_port(), free_port(), free_port())
+        self.tmp = tempfile.mkdtemp(prefix=f"portunus-bench-{self.name}-")
+        server_env = dict(os.environ)
+        server_env.pop("PORTUNUS_DISABLE_SPLICE", None)
+
+        def spawn(name, argv, env=None):
+            p = procs.spawn(f"{self.name}-{name}", argv, cwd=str(REPO),
+                            env=env if env is not None else server_env)
+            p.log_path = p.bench_log        # type: ignore[attr-defined]
+            return p
+
+        self.dep = dep = _deployment_cls()(
+            self.base, self.tmp, spawn=spawn, client_env=self.env(),
+            client_args=["--shutdown-drain-timeout-secs", str(self.drain)])
+        t0 = time.monotonic()
+        try:
+            dep.start_server()
+            self.server = dep.server_proc
+            t1 = time.monotonic()
+            bundle = dep.enroll()
+            t2 = time.monotonic()
+            try:
+                dep.start_client(bundle)
+            finally:
+                self.proc = dep.client_proc
+            t3 = time.monotonic()
+            for body in self.rules(f, be):
+                try:
+                    status, res = dep.call("POST", "/v1/rules", body, timeout=30)
+                except urllib.error.HTTPError as e:
+                    raise BenchError(f"POST /v1/rules {body} -> {e.code}: "
+                                     f"{e.read()[:300].decode(errors='replace')}") from None
+                if status != 201:
+                    raise BenchError(f"POST /v1/rules {body} -> {status} (wanted 201): {res}")
+            t4 = time.monotonic()
+            # the 201 means the client activated the rule; check the sockets anyway
+            wait_ready([f.iperf, f.http], [f.udp], self.proc, timeout=5)
+        except (RuntimeError, OSError) as e:
+            raise BenchError(f"{type(e).__name__}: {e}") from None
+        self.timings = {"server_start_s": round(t1 - t0, 3), "enroll_s": round(t2 - t1, 3),
+                        "client_connect_s": round(t3 - t2, 3), "push_3_rules_s": round(t4 - t3, 4)}
+        log(f"  {self.name:<19} server {t1 - t0:.2f}s, enroll {t2 - t1:.2f}s, client connected "
+            f"{t3 - t2:.2f}s, 3 rules pushed (201) {1000 * (t4 - t3):.0f} ms")
+        self.fronts = f
+        addrs = listener_addrs([f.iperf, f.http])
+        if addrs - {LOOPBACK}:
+            self.problems.append(f"rules pushed with listen_host={LOOPBACK} but listeners "
+                                 f"bound {sorted(addrs)}")
+        # "start -> listening" for the client: process start -> rules active
+        return f, t4 - t2
+
+    def stop(self, procs):
+        info: dict = {"timings": self.timings}
+        p, srv = self.proc, self.server
+        if self.dep is not None:        # also after a start that failed half-way
+            p = p or self.dep.client_proc
+            srv = srv or self.dep.server_proc
+        if p is not None:
+            info["peak_rss_mib"] = proc_peak_rss_mib(p.pid)
+            alive_before = p.poll() is None
+            t0 = time.monotonic()
+            rc = procs.stop(p, grace=self.drain + 10)
+            stop_secs = time.monotonic() - t0
+            info.update(exit_code=rc, stop_secs=round(stop_secs, 3))
+            if not alive_before:
+                self.problems.append(f"client had already exited (code {rc}) before SIGTERM")
+            elif rc not in (0, -signal.SIGTERM):
+                self.problems.append(f"client exit code {rc} after SIGTERM (expected 0)")
+            if stop_secs > self.drain + 5:
+                self.problems.append(f"client took {stop_secs:.1f}s to exit after SIGTERM "
+                                     f"(--shutdown-drain-timeout-secs {self.drain})")
+            self.problems += ["client: " + x for x in scan_json_log(p.bench_log)]  # type: ignore
+            ev = log_events(p.bench_log)                                            # type: ignore
+            info["events"], info["log"] = ev, str(p.bench_log)                      # type: ignore
+            sel = ev.get("proxy.splice_selected", 0)
+            if self.splice and sel == 0 and self.tcp_used and self.fronts is not None:
+                self.problems.append("proxy.splice_selected never logged by the client: splice "
+                                     "fast path apparently not taken")
+            if not self.splice and sel:
+                self.problems.append("proxy.splice_selected logged by the client although "
+                                     "PORTUNUS_DISABLE_SPLICE=1")
+        if srv is not None:
+            info["server_peak_rss_mib"] = proc_peak_rss_mib(srv.pid)
+            alive_before = srv.poll() is None
+            rc = procs.stop(srv, grace=10)
+            info["server_exit_code"] = rc
+            if not alive_before:
+                self.problems.append(f"server had already exited (code {rc}) before SIGTERM")
+            elif rc not in (0, -signal.SIGTERM):
+                self.problems.append(f"server exit code {rc} after SIGTERM (expected 0)")
+            self.problems += ["server: " + x for x in scan_json_log(srv.bench_log)]  # type: ignore
+            info["server_log"] = str(srv.bench_log)                                   # type: ignore
+        if self.dep is not None:
+            for q in self.dep.procs:        # e.g. a `client enroll` that hung
+                if q.poll() is None:
+                    procs.stop(q, grace=2)
+        if self.tmp:
+            shutil.rmtree(self.tmp, ignore_errors=True)     # server keys, bundle, state
+            self.tmp = None
+        self.proc = self.server = self.dep = None
+        return info
+
+    def teardown(self, procs) -> dict:
+        """After a failed start: stop whatever did start."""
+        return self.stop(procs)
+
+
 def log_events(path: Path) -> dict[str, int]:
     """event name -> count, for every JSON line of a log."""
     ev: dict[str, int] = {}
@@ -882,15 +1039,17 @@ class Runner:
             return                      # nothing this path can be measured on
         detail: dict = {"repeat": rep}
         self.details.setdefault(n, []).append(detail)
-        if isinstance(path, PortunusPath):
+        if isinstance(path, (PortunusPath, ClientPath)):
             path.tcp_used = "tcp" in a.only or "http" in a.only
         try:
             fronts, startup = path.start(be, self.procs)
         except BenchError as e:
             self.note_error(n, f"start failed: {e}")
-            if path.proc is not None:
+            if isinstance(path, ClientPath):
+                detail["stop"] = path.teardown(self.procs)
+            elif path.proc is not None:
                 detail["stop"] = path.stop(self.procs)
-                self._collect_problems(path)
+            self._collect_problems(path)
             return
         self.add(n, "proxy_startup_s", startup)
         try:
@@ -910,7 +1069,10 @@ class Runner:
         except (BenchError, OSError) as e:
             self.note_error(n, f"{type(e).__name__}: {e}")
         finally:
-            if path.proc is not None:
+            if isinstance(path, ClientPath) and path.proc is None:
+                detail["stop"] = path.teardown(self.procs)
+                self._collect_problems(path)
+            elif path.proc is not None:
                 if path.proc.poll() is not None:
                     self.note_error(n, f"proxy process died during the run (code {path.proc.returncode})")
                 info = path.stop(self.procs)
@@ -1178,6 +1340,29 @@ def resolve_bin(spec: str) -> list[str] | None:
     return argv
 
 
+def portunus_commands(argv: list[str]) -> tuple[list[str] | None, list[str] | None, str | None]:
+    """From the --bin command: (standalone argv, base argv that takes the role as its
+    first argument, or None with the reason).
+
+    `dist/portunus` and `python3 -m portunus` are base commands. For compatibility,
+    `python3 -m portunus standalone` (a trailing role) and the `dist/portunus-standalone`
+    symlink (role from argv[0]; its target is the base) are accepted too."""
+    if argv[-1] in ROLES:
+        base = argv[:-1]
+        return base + ["standalone"], base, None
+    name = os.path.basename(argv[0])
+    m = re.fullmatch(r"portunus-(standalone|server|client)", name)
+    if m:
+        exe = Path(argv[0])
+        if exe.is_symlink():
+            base = [str(exe.resolve())] + argv[1:]
+            return base + ["standalone"], base, None
+        why = (f"{argv[0]} picks its role ({m.group(1)}) from its name; pass the zipapp itself "
+               "(--bin dist/portunus) for the client-* paths")
+        return (argv if m.group(1) == "standalone" else None), None, why
+    return argv + ["standalone"], argv, None
+
+
 def probe_portunus(procs: Procs, argv: list[str], workdir: Path) -> tuple[str | None, dict]:
     """Check the config with --check; prefer binding 127.0.0.1 via listen_host.
 
@@ -1223,9 +1408,11 @@ def parse_args(argv=None):
     ap.add_argument("--only", default="tcp,http,udp", help="comma list of tcp,http,udp")
     ap.add_argument("--paths", default=",".join(DEFAULT_PATHS),
                     help=f"comma list of {','.join(ALL_PATHS)} (default: all but haproxy-splice)")
-    ap.add_argument("--bin", default="dist/portunus-standalone",
-                    help="standalone forwarder command (may contain args, e.g. "
-                         "'python3 -m portunus standalone'); default %(default)s")
+    ap.add_argument("--bin", default="dist/portunus",
+                    help="the portunus command, taking the role as its first argument "
+                         "(standalone paths: BIN standalone --config F; client paths: "
+                         "BIN server ... / BIN client ...); may contain args, e.g. "
+                         "'python3 -m portunus'; default %(default)s")
     ap.add_argument("--repeat", type=int, default=None, help="repetitions per measurement "
                     "(median is reported); default 3, 1 with --quick")
     ap.add_argument("--compare", metavar="BASELINE_JSON",
@@ -1330,30 +1517,37 @@ def main(argv=None) -> int:
     rc = 0
     try:
         # ---- the forwarders under test
-        portunus_argv = None
-        if any(p.startswith("portunus") for p in a.paths):
-            portunus_argv = resolve_bin(a.bin)
-            if portunus_argv is None:
-                msg = (f"portunus binary {a.bin!r} not found; portunus paths skipped "
-                       "(build with ./build.sh or pass --bin 'python3 -m portunus standalone')")
+        standalone_argv = base_argv = None
+        wanted = [p for p in a.paths if p in PORTUNUS_PATHS]
+        if wanted:
+            bin_argv = resolve_bin(a.bin)
+            if bin_argv is None:
+                msg = (f"portunus binary {a.bin!r} not found; portunus and client paths skipped "
+                       "(build with ./build.sh or pass --bin 'python3 -m portunus')")
                 log("WARNING: " + msg)
-                for p in a.paths:
-                    if p.startswith("portunus"):
-                        runner.errors.setdefault(p, []).append(msg)
+                for p in wanted:
+                    runner.errors.setdefault(p, []).append(msg)
             else:
-                try:
-                    lh, pinfo = probe_portunus(procs, portunus_argv, workdir)
-                    meta["portunus"] = {"argv": portunus_argv, **pinfo}
-                    if lh is None:
-                        log("WARNING: this portunus build rejects listen_host in the TOML; its "
-                            "listeners will bind 0.0.0.0 (product default) during the run")
-                except BenchError as e:
-                    log(f"ERROR: {e}")
-                    meta["portunus"] = {"argv": portunus_argv, "probe_error": str(e)}
-                    for p in a.paths:
-                        if p.startswith("portunus"):
+                standalone_argv, base_argv, why = portunus_commands(bin_argv)
+                meta["portunus"] = {"argv": standalone_argv, "base_argv": base_argv}
+                if base_argv is None:
+                    for p in wanted:
+                        if p.startswith("client"):
+                            runner.errors.setdefault(p, []).append(why)
+                if standalone_argv is not None:
+                    try:
+                        lh, pinfo = probe_portunus(procs, standalone_argv, workdir)
+                        meta["portunus"].update(pinfo)
+                        if lh is None:
+                            log("WARNING: this portunus build rejects listen_host in the TOML; "
+                                "its standalone listeners will bind 0.0.0.0 (product default) "
+                                "during the run")
+                    except BenchError as e:
+                        log(f"ERROR: {e}")
+                        meta["portunus"]["probe_error"] = str(e)
+                        for p in wanted:
                             runner.errors.setdefault(p, []).append(str(e))
-                    portunus_argv = None
+                        standalone_argv = base_argv = None
         for p in a.paths:
             if p == "direct":
                 paths.append(DirectPath())
@@ -1362,8 +1556,11 @@ def main(argv=None) -> int:
                     paths.append(HaproxyPath(workdir, a.haproxy_threads, p == "haproxy-splice"))
                 else:
                     runner.errors.setdefault(p, []).append("haproxy not installed")
-            elif portunus_argv is not None:
-                paths.append(PortunusPath(p, portunus_argv, workdir, p == "portunus-splice",
+            elif p.startswith("client"):
+                if base_argv is not None:
+                    paths.append(ClientPath(p, base_argv, p == "client-splice"))
+            elif standalone_argv is not None:
+                paths.append(PortunusPath(p, standalone_argv, workdir, p == "portunus-splice",
                                           meta["portunus"].get("listen_host"),
                                           log_level=a.portunus_log_level))
 
@@ -1395,6 +1592,9 @@ def main(argv=None) -> int:
         rc = 130
     finally:
         procs.stop_all()
+        for path in paths:      # client-mode data dirs (keys, bundle) of an interrupted run
+            if isinstance(path, ClientPath) and path.tmp:
+                shutil.rmtree(path.tmp, ignore_errors=True)
 
     summary = summarize(runner.samples)
     meta["elapsed_s"] = round(time.monotonic() - t_start, 1)
@@ -1410,8 +1610,8 @@ def main(argv=None) -> int:
           f"python {m['python']}, git {m['git']}; loadavg start "
           f"{meta['loadavg_start'][0]:.2f} end {meta['loadavg_end'][0]:.2f}")
     pm = meta.get("portunus")
-    if pm and "argv" in pm:
-        print(f"portunus: {shlex.join(pm['argv'])}  sha256 {pm.get('bin_sha256', '-')} "
+    if pm and (pm.get("base_argv") or pm.get("argv")):
+        print(f"portunus: {shlex.join(pm.get('base_argv') or pm['argv'])}  sha256 {pm.get('bin_sha256', '-')} "
               f"built {pm.get('bin_mtime', '-')}  listen_host {pm.get('listen_host') or '(default)'}")
     table = print_table(summary, shown, na, runner.errors)
     rat = ratios(summary)
@@ -1419,7 +1619,7 @@ def main(argv=None) -> int:
         print()
         for k, v in rat.items():
             extra = ""
-            if k == "portunus-splice/direct:tcp_bulk_gbps":
+            if k in ("portunus-splice/direct:tcp_bulk_gbps", "client-splice/direct:tcp_bulk_gbps"):
                 extra = f"   (§11 target >= 0.60: {'PASS' if v >= 0.60 else 'FAIL'})"
             print(f"ratio {k:<48} {v:6.3f}{extra}")
     if runner.errors:
