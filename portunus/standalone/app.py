@@ -145,8 +145,31 @@ def run(cfg: StandaloneConfig) -> int:
         log.info("process.shutdown", signal=signame, drain_timeout_secs=cfg.shutdown_drain_secs)
         runtime.shutdown(loop.stop)
 
+    def reload() -> None:
+        """SIGHUP: re-read the config; unchanged rules keep their listeners and connections."""
+        from .config import load
+        if state["stopping"]:
+            return
+        try:
+            new = load(cfg.path)
+        except PortunusError as exc:
+            log.error("config.reload_failed", code=exc.code, reason=exc.message, effect="kept the running rules")
+            return
+        log.configure(fmt="json" if new.log_format == "json" else "pretty", level=new.log_level)
+        runtime.settings.udp_max_flows = new.udp_max_flows
+        runtime.settings.udp_flow_idle_secs = new.udp_flow_idle_secs
+        runtime.settings.drain_timeout = cfg.shutdown_drain_secs = new.shutdown_drain_secs
+        before = {rid: live.rule for rid, live in runtime.rules.items()}
+        statuses = runtime.apply(new.rules)
+        log.info("config.reloaded", config=cfg.path,
+                 added=[r.rule_id for r in new.rules if r.rule_id not in before],
+                 changed=[r.rule_id for r in new.rules if r.rule_id in before and before[r.rule_id] != r],
+                 removed=[rid for rid in before if rid not in statuses],
+                 failed=[rid for rid, st in statuses.items() if st.state == "failed"])
+
     loop.add_signal_handler(signal.SIGTERM, on_signal, "SIGTERM")
     loop.add_signal_handler(signal.SIGINT, on_signal, "SIGINT")
+    loop.add_signal_handler(signal.SIGHUP, reload)
     log.info("process.ready", role="standalone", rules=[s.rule_id for s in runtime.statuses()])
     try:
         loop.run()

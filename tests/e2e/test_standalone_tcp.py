@@ -274,3 +274,49 @@ def test_out_of_file_descriptors_backs_off_and_recovers(standalone, tmp_path):
         for c in conns:
             c.close()
         echo.close()
+
+
+def test_sighup_reloads_rules_keeping_unchanged_ones_and_survives_a_bad_config(standalone, tmp_path):
+    a_listen, b_listen, target = free_port(), free_port(), free_port()
+    echo = TcpEchoServer([target])
+    base = f"""
+[global]
+shutdown_drain_secs = 2
+[[rule]]
+name = "a"
+listen_port = {a_listen}
+target = "127.0.0.1:{target}"
+"""
+    p = standalone(base)
+    try:
+        live = socket.create_connection(("127.0.0.1", a_listen), timeout=5)
+        live.sendall(b"one")
+        assert live.recv(3) == b"one"
+        p.config_path.write_text(base + f"""
+[[rule]]
+name = "b"
+listen_port = {b_listen}
+target = "127.0.0.1:{target}"
+""")
+        p.signal(signal.SIGHUP)
+        ev = p.wait_event("config.reloaded")
+        assert ev["added"] == ["b"] and ev["removed"] == [] and ev["changed"] == []
+        c = socket.create_connection(("127.0.0.1", b_listen), timeout=5)
+        c.sendall(b"two")
+        assert c.recv(3) == b"two"
+        c.close()
+        live.sendall(b"still")  # rule a was unchanged: its connection lives on
+        assert live.recv(5) == b"still"
+
+        p.config_path.write_text("[[rule]]\nname = 'x'\nlisten_port = 0\n")
+        p.signal(signal.SIGHUP)
+        bad = p.wait_event("config.reload_failed")
+        assert bad["code"] == "config_invalid"
+        live.sendall(b"alive")
+        assert live.recv(5) == b"alive"
+        c = socket.create_connection(("127.0.0.1", b_listen), timeout=5)
+        c.close()
+        live.close()
+        assert p.p.poll() is None
+    finally:
+        echo.close()
