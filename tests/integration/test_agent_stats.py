@@ -4,11 +4,7 @@ from __future__ import annotations
 
 from portunus.control import agent as agent_mod
 from portunus.control.frames import encode
-from portunus.loop import Loop
-from portunus.model import Rule
-from portunus.relay.runtime import RuleRuntime
-
-from conftest import free_port_block
+from portunus.relay.stats import RuleCounters
 
 
 class FrameSink:
@@ -22,27 +18,45 @@ class FrameSink:
         return True
 
 
-def test_reports_of_several_wide_ranges_are_split_under_the_frame_cap():
-    loop = Loop()
-    try:
-        rt = RuleRuntime(loop)
-        for i in range(8):
-            base = free_port_block(1024)
-            rt.activate(Rule.from_dict({"rule_id": f"r{i}", "listen": f"{base}-{base + 1023}",
-                                        "target": f"127.0.0.1:{40000 - 1024}-{40000 - 1}"}))
-        for live in rt.rules.values():  # large counters make the JSON as wide as it gets
-            for pc in live.counters.ports.values():
+class Snapshots:
+    """What the runtime reports for `rules` rules of `width` ports each, with huge counters."""
+
+    def __init__(self, rules: int, width: int):
+        self.snaps = []
+        for i in range(rules):
+            c = RuleCounters(range(30000, 30000 + width))
+            for pc in c.ports.values():
                 pc.bytes_in = pc.bytes_out = 10 ** 15
-        a = agent_mod.Agent.__new__(agent_mod.Agent)
-        a.runtime = rt
-        sink = FrameSink()
-        a._report(sink)
-        assert len(sink.frames) >= 2
-        assert all(size < (1 << 20) for _, size in sink.frames)
-        reported = [s["rule_id"] for msg, _ in sink.frames for s in msg["rules"]]
-        assert sorted(reported) == [f"r{i}" for i in range(8)]
-        assert all(len(s["per_port"]) == 1024 for msg, _ in sink.frames for s in msg["rules"])
-    finally:
-        for rid in list(rt.rules):
-            rt.remove(rid)
-        loop.close()
+            snap = {"rule_id": f"r{i}", "protocol": "tcp", "state": "active", "reason": None}
+            snap.update(c.snapshot(per_port=True))
+            snap["per_target"] = []
+            self.snaps.append(snap)
+
+    def snapshots(self, per_port=False, per_target=False):
+        return self.snaps
+
+
+def _agent(runtime):
+    a = agent_mod.Agent.__new__(agent_mod.Agent)
+    a.runtime = runtime
+    return a
+
+
+def test_reports_of_several_wide_ranges_are_split_under_the_frame_cap():
+    sink = FrameSink()
+    _agent(Snapshots(8, 1024))._report(sink)  # one frame would be ~1.3 MiB
+    assert len(sink.frames) >= 2
+    assert all(size < (1 << 20) for _, size in sink.frames)
+    reported = [s["rule_id"] for msg, _ in sink.frames for s in msg["rules"]]
+    assert sorted(reported) == [f"r{i}" for i in range(8)]
+    assert all(len(s["per_port"]) == 1024 for msg, _ in sink.frames for s in msg["rules"])
+
+
+def test_a_range_too_wide_for_one_frame_reports_totals_only():
+    sink = FrameSink()
+    _agent(Snapshots(1, 8000))._report(sink)
+    (msg, size), = sink.frames
+    assert size < (1 << 20)
+    snap = msg["rules"][0]
+    assert "per_port" not in snap
+    assert snap["bytes_in"] == 8000 * 10 ** 15
