@@ -117,6 +117,22 @@ def metrics(api, p, m, q, body, ctx):
     return 200, ("text/plain; version=0.0.4; charset=utf-8", api.core.metrics_text())
 
 
+def get_advertised_endpoint(api, p, m, q, body, ctx):
+    AuthSeam.require_superadmin(p)
+    info = api.core.advertised_endpoint_info(ctx["host"])
+    info.pop("error", None)
+    return 200, info
+
+
+def put_advertised_endpoint(api, p, m, q, body, ctx):
+    AuthSeam.require_superadmin(p)
+    body = _object(body)
+    _only(body, {"override"})
+    if "override" not in body:
+        raise PortunusError("validation.missing_field", "override is required (a host:port, or null to clear it)")
+    return 200, api.core.set_advertised_override(body["override"])
+
+
 def openapi(api, p, m, q, body, ctx):
     from .openapi import document
     return 200, document(ROUTES)
@@ -152,6 +168,10 @@ ROUTES = [
     ("DELETE", rf"/v1/rules/{_ID}", delete_rule, "Drain and remove a rule."),
     ("GET", rf"/v1/rules/{_ID}/stats", rule_stats, "Latest counters (?per_port=true&per_target=true)."),
     ("GET", rf"/v1/rules/{_ID}/stats/stream", None, "Server-Sent Events: a snapshot per report tick."),
+    ("GET", r"/v1/settings/advertised-endpoint", get_advertised_endpoint,
+     "The host:port enrollment commands point at, and where it comes from (superadmin)."),
+    ("PUT", r"/v1/settings/advertised-endpoint", put_advertised_endpoint,
+     "Set (or clear with null) the advertised endpoint override; must be covered by the cert SAN."),
     ("GET", r"/v1/metrics", metrics, "Prometheus text (superadmin)."),
     ("GET", r"/v1/openapi.json", openapi, "This API, described."),
 ]

@@ -106,8 +106,12 @@ def serve(data_dir: str, *, advertised_endpoint: str | None = None, ready_event:
     with open(tmp, "w") as f:
         json.dump(info, f)
     os.replace(tmp, runtime_info_path(data_dir))
-    log.info("server.ready", **info,
-             advertised_endpoint=None if seed_error else core.advertised_endpoint())
+    endpoint = core.advertised_endpoint_info()
+    if endpoint["effective"] is None:
+        log.error("startup.advertised_endpoint_invalid", source=endpoint["source"], reason=endpoint["diagnostic"],
+                  effect="enrollment creation is refused until this is fixed")
+    log.info("server.ready", **info, advertised_endpoint=endpoint["effective"],
+             advertised_endpoint_source=endpoint["source"])
     if ready_event is not None:
         ready_event.set()
     try:

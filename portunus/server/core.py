@@ -19,6 +19,7 @@ from ..log import log
 from ..model import Rule, is_ip_literal
 from ..store import clients as store_clients
 from ..store import rules as store_rules
+from ..store import settings as store_settings
 from ..store.ids import new_ulid
 from .metrics import Family, render
 
@@ -38,6 +39,9 @@ def required_capabilities(rule: Rule) -> list[tuple[str, str]]:
     if rule.is_range:
         need.append(("port_range", "port_range_unsupported_by_client"))
     return need
+
+
+ADVERTISED_OVERRIDE_KEY = "advertised_endpoint_override"
 
 
 class StatsCache:
@@ -87,17 +91,50 @@ class ServerCore:
         self._req_lock = threading.Lock()
 
     # ---- advertised endpoint (SPEC §3.3; tiers 2-4 for now) -----------------
-    def advertised_endpoint(self, request_host: str | None = None) -> str:
+    def advertised_endpoint_info(self, request_host: str | None = None) -> dict:
+        """Where enrollment URIs point, and why (SPEC §3.3 tiers: override, seed, Host, loopback)."""
         control_port = self.control_port
+        override = store_settings.get_setting(self.store, ADVERTISED_OVERRIDE_KEY)
+        if override:
+            try:
+                effective = validate_seed_endpoint(override, self.cert_info)
+                return {"override": override, "effective": effective, "source": "override", "diagnostic": None}
+            except PortunusError as exc:  # e.g. the certificate was replaced since
+                return {"override": override, "effective": None, "source": "override",
+                        "diagnostic": exc.message, "error": exc}
         if self.seed_error is not None:  # an explicit seed that is invalid fails closed
-            raise self.seed_error
+            return {"override": None, "effective": None, "source": "seed", "diagnostic": self.seed_error.message,
+                    "error": self.seed_error}
         if self.advertised_seed:
-            return self.advertised_seed
+            return {"override": None, "effective": self.advertised_seed, "source": "seed", "diagnostic": None}
         if request_host:
             host = request_host.rsplit(":", 1)[0] if not request_host.startswith("[") else ""
             if host and not host.startswith("[") and san_covers(self.cert_info, host):
-                return f"{host}:{control_port}"
-        return f"127.0.0.1:{control_port}"
+                return {"override": None, "effective": f"{host}:{control_port}", "source": "request_host",
+                        "diagnostic": None}
+        return {"override": None, "effective": f"127.0.0.1:{control_port}", "source": "loopback",
+                "diagnostic": "127.0.0.1 is reachable only from this host: set an override or "
+                              "PORTUNUS_ADVERTISED_ENDPOINT to a host:port the edge hosts can dial"}
+
+    def advertised_endpoint(self, request_host: str | None = None) -> str:
+        info = self.advertised_endpoint_info(request_host)
+        if info["effective"] is None:
+            raise info["error"]
+        return info["effective"]
+
+    def set_advertised_override(self, value) -> dict:
+        if value is None:
+            store_settings.delete_setting(self.store, ADVERTISED_OVERRIDE_KEY)
+            log.info("settings.advertised_endpoint_cleared")
+        else:
+            if not isinstance(value, str):
+                raise PortunusError("endpoint_invalid", f"override must be a host:port string or null, got {value!r}")
+            endpoint = validate_seed_endpoint(value, self.cert_info)  # fails closed: nothing stored
+            store_settings.set_setting(self.store, ADVERTISED_OVERRIDE_KEY, endpoint)
+            log.info("settings.advertised_endpoint_set", endpoint=endpoint)
+        info = self.advertised_endpoint_info()
+        info.pop("error", None)
+        return info
 
     @property
     def control_port(self) -> int:

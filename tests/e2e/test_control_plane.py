@@ -345,3 +345,32 @@ def test_target_flag_keeps_a_port_range(server, procs, tmp_path):
         assert got == f"{target + 1}:hi".encode()
     finally:
         echo.close()
+
+
+def test_advertised_endpoint_override_fails_closed_and_feeds_enrollments(server):
+    def call(method, body=None):
+        req = urllib.request.Request(server.api + "/v1/settings/advertised-endpoint", method=method,
+                                     data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Authorization": f"Bearer {OPERATOR_TOKEN}",
+                                              "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+    import urllib.error
+    status, info = call("GET")
+    assert status == 200 and info["override"] is None and info["source"] in ("loopback", "request_host")
+    for bad in ("https://localhost:7443", "localhost", "local host:1", "[::1]:7443", "localhost:7443/x"):
+        status, body = call("PUT", {"override": bad})
+        assert status == 422 and body["error"]["code"] == "endpoint_invalid", bad
+    status, body = call("PUT", {"override": "other.example.com:7443"})
+    assert status == 422 and body["error"]["code"] == "endpoint_not_in_cert_san"
+    assert call("GET")[1]["override"] is None  # not persisted
+    status, info = call("PUT", {"override": "localhost:17443"})
+    assert status == 200 and info == {"override": "localhost:17443", "effective": "localhost:17443",
+                                      "source": "override", "diagnostic": None}
+    res = server.cli("enroll-client", "edge-09")
+    assert "portunus://localhost:17443/enroll?" in res.stdout
+    status, info = call("PUT", {"override": None})
+    assert status == 200 and info["override"] is None
