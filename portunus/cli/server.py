@@ -516,6 +516,17 @@ def _rmtree(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def cmd_audit_prune(args) -> int:
+    from ..store import audit as store_audit
+    store = _open_store(args)  # offline: refuses with store_in_use while serve runs
+    try:
+        n = store_audit.prune(store, args.before, dry_run=args.dry_run)
+    finally:
+        store.close()
+    print(f"{'would delete' if args.dry_run else 'deleted'} {n} audit row(s) older than {args.before}")
+    return 0
+
+
 def cmd_reset(args) -> int:
     db_path = os.path.join(args.data_dir, "state.db")
     if not os.path.exists(db_path):
@@ -629,6 +640,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--in", dest="input", required=True, metavar="PATH")
     s.add_argument("--force", action="store_true", help="replace an existing database")
     s.set_defaults(fn=cmd_restore)
+    s = sub.add_parser("audit", help="audit trail maintenance (offline)")
+    audit_sub = s.add_subparsers(dest="audit_command", metavar="<action>")
+    audit_sub.required = True
+    a = audit_sub.add_parser("prune", help="delete audit rows older than a time (server stopped)")
+    a.add_argument("--before", required=True, metavar="RFC3339", help="e.g. 2026-01-01T00:00:00Z")
+    a.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
+    a.set_defaults(fn=cmd_audit_prune)
     s = sub.add_parser("reset", help="delete the state database (dry run without --confirm)")
     s.add_argument("--confirm", action="store_true")
     s.set_defaults(fn=cmd_reset)

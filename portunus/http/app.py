@@ -133,6 +133,28 @@ def put_advertised_endpoint(api, p, m, q, body, ctx):
     return 200, api.core.set_advertised_override(body["override"])
 
 
+def get_audit(api, p, m, q, body, ctx):
+    AuthSeam.require_superadmin(p)
+    from ..store import audit as store_audit
+
+    def one(name):
+        return q.get(name, [None])[-1]
+
+    def integer(name, default=None):
+        v = one(name)
+        if v is None:
+            return default
+        if not v.isdigit():
+            raise PortunusError("validation.out_of_range", f"{name} must be a positive integer, got {v!r}")
+        return int(v)
+    outcome = one("outcome")
+    if any(one(k) is not None for k in ("since", "until", "cursor")):
+        return 200, store_audit.page(api.store, since=one("since"), until=one("until"), cursor=integer("cursor"),
+                                     limit=integer("limit", 100), outcome=outcome)
+    return 200, {"entries": store_audit.list_entries(api.store, limit=min(integer("limit", 100), 1000),
+                                                     outcome=outcome)}
+
+
 def openapi(api, p, m, q, body, ctx):
     from .openapi import document
     return 200, document(ROUTES)
@@ -172,6 +194,8 @@ ROUTES = [
      "The host:port enrollment commands point at, and where it comes from (superadmin)."),
     ("PUT", r"/v1/settings/advertised-endpoint", put_advertised_endpoint,
      "Set (or clear with null) the advertised endpoint override; must be covered by the cert SAN."),
+    ("GET", r"/v1/audit", get_audit, "Audit rows, newest first (?limit=&outcome=, or ?since=&until=&cursor=&limit= "
+                                     "for {entries, next_cursor, count}; superadmin)."),
     ("GET", r"/v1/metrics", metrics, "Prometheus text (superadmin)."),
     ("GET", r"/v1/openapi.json", openapi, "This API, described."),
 ]

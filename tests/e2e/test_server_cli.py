@@ -538,3 +538,43 @@ def test_server_toml_unknown_key_or_out_of_range_fails_startup(tmp_path, line, k
     res = server_cli(data, "serve")
     assert_cli_error(res, 2, "config_invalid", key)
     assert not (data / "state.db").exists()
+
+
+def test_audit_api_pages_and_prune(procs, tmp_path):
+    import urllib.request
+    from cp import OPERATOR_TOKEN, Server, write_server_toml
+    data = tmp_path / "server"
+    write_server_toml(data)
+    s = Server(procs, data)
+    for _ in range(5):
+        s.cli("list-clients")
+    s.cli("list-clients", env={"PORTUNUS_OPERATOR_TOKEN": "wrong-token-0123456789"})  # one deny row
+
+    def get(query):
+        req = urllib.request.Request(s.api + "/v1/audit" + query,
+                                     headers={"Authorization": f"Bearer {OPERATOR_TOKEN}"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+    rows = get("?limit=3")["entries"]
+    assert len(rows) == 3 and rows[0]["id"] > rows[1]["id"] > rows[2]["id"]
+    denies = get("?outcome=deny")["entries"]
+    assert denies and all(r["outcome"] == "deny" for r in denies)
+    assert denies[0]["reason"] == "unauthenticated" and "wrong-token" not in json.dumps(denies)
+    first = get("?since=2000-01-01T00:00:00Z&limit=2")
+    assert first["count"] == 2 and first["next_cursor"] == first["entries"][-1]["id"]
+    second = get(f"?since=2000-01-01T00:00:00Z&limit=2&cursor={first['next_cursor']}")
+    assert all(r["id"] < first["next_cursor"] for r in second["entries"])
+    assert get("?since=2999-01-01T00:00:00Z")["count"] == 0
+
+    res = s.cli("audit", "prune", "--before", "2999-01-01T00:00:00Z")
+    assert res.returncode == 75 and "store_in_use" in res.stderr  # offline command, server running
+    s.proc.signal(signal.SIGTERM)
+    assert s.proc.wait(20) == 0
+    res = s.cli("audit", "prune", "--before", "2999-01-01T00:00:00Z", "--dry-run")
+    assert res.returncode == 0 and "would delete" in res.stdout
+    n = int(res.stdout.split()[2])
+    assert n >= 7
+    res = s.cli("audit", "prune", "--before", "not-a-time")
+    assert res.returncode == 2 and "validation.invalid_timestamp" in res.stderr
+    res = s.cli("audit", "prune", "--before", "2999-01-01T00:00:00Z")
+    assert res.returncode == 0 and f"deleted {n} audit row" in res.stdout
