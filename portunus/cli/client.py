@@ -6,7 +6,6 @@ import argparse
 import os
 import signal
 
-from ..errors import PortunusError
 
 
 def _run_parser() -> argparse.ArgumentParser:
@@ -123,5 +122,3 @@ def run_agent(bundle: dict, path: str, args) -> int:
     log.info("process.exit", code=0)
     return 0
 
-
-_ = PortunusError

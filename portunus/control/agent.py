@@ -18,11 +18,11 @@ from ..model import Rule
 from ..relay.runtime import RuleRuntime
 from . import messages as m
 from .channel import Channel, connect_tcp
+from .enrollment import split_endpoint
 from .tls import client_context, fingerprint_der, pins_match
 
 CONNECT_TIMEOUT = 10.0
 DEAD_AFTER = 45.0
-ALL_CAPABILITIES = list(m.CAPABILITIES)
 # What this build can actually run; the rest is refused by the server's capability gate.
 SUPPORTED_CAPABILITIES = ["udp", "port_range", "multi_target", "proxy_protocol"]
 
@@ -42,7 +42,8 @@ class Agent:
         self.reconnect_max = reconnect_max
         self.stats_interval = stats_interval
         self.capabilities = list(SUPPORTED_CAPABILITIES if capabilities is None else capabilities)
-        self.host, self.port = _split_endpoint(bundle["server_endpoint"])
+        self.host, self.port = split_endpoint(bundle["server_endpoint"], lambda what: PortunusError(
+            "bundle_invalid", f"server_endpoint in the bundle is not host:port: {what}"))
         self.ssl_ctx = client_context()
         self.channel: Channel | None = None
         self.attempt = 0
@@ -238,12 +239,6 @@ class Agent:
         if self.channel is not None:
             self.channel.close("client shutting down")
 
-
-def _split_endpoint(endpoint: str) -> tuple[str, int]:
-    host, _, port = endpoint.rpartition(":")
-    if not host or not port.isdigit():
-        raise PortunusError("bundle_invalid", f"server_endpoint {endpoint!r} is not host:port")
-    return host, int(port)
 
 
 def enroll(uri_text: str, out_path: str, timeout: float = 15.0) -> dict:

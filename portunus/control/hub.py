@@ -315,6 +315,10 @@ class Hub:
                     "client_version": s.client_version, "remote_addr": s.remote_addr,
                     "connected_at": s.connected_at}
 
+    def auth_failure_counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.auth_failures)
+
     def connected_count(self) -> int:
         with self._lock:
             return len(self.sessions)

@@ -15,7 +15,7 @@ from .. import __version__
 from ..errors import PortunusError
 from ..log import log
 from ..store import operators as store_operators
-from .auth import AuthSeam, Principal
+from .auth import AuthSeam
 
 MAX_BODY = 1 << 20
 REQUEST_TIMEOUT = 15.0
@@ -445,5 +445,3 @@ def serve_in_thread(srv: APIServer, name: str) -> threading.Thread:
     t.start()
     return t
 
-
-_ = Principal

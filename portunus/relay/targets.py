@@ -58,10 +58,11 @@ class TargetState:
 
 
 class TargetSet:
-    def __init__(self, rule: Rule, counters, loop=None):
+    def __init__(self, rule: Rule, counters, loop=None, resolver=None):
         self.rule = rule
         self.counters = counters
         self.loop = loop
+        self.resolver = resolver
         self.states = [TargetState(i, t) for i, t in enumerate(rule.targets)]
         self._order = [self.states[i] for i, _ in rule.ordered_targets()]
         self._probe_timer = None
@@ -163,7 +164,7 @@ class TargetSet:
 
     def _probe(self, s: TargetState, timeout: float) -> None:
         """A TCP connect to the target, entirely on the loop; never blocks dispatch."""
-        resolver = getattr(self, "resolver", None)
+        resolver = self.resolver
         t = s.target
 
         def on_addrs(addrs, err) -> None:

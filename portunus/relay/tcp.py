@@ -241,7 +241,7 @@ class TcpSession:
 
     __slots__ = ("relay", "ctx", "csock", "caddr", "listen_port", "counters", "up", "candidates",
                  "addrs", "target_port", "timer", "pumps", "closed", "target_state", "header_left",
-                 "header_timer", "tried")
+                 "header_timer")
 
     def __init__(self, relay: "TcpRuleRelay", csock: socket.socket, caddr, listen_port: int):
         self.relay = relay
@@ -260,7 +260,6 @@ class TcpSession:
         self.header_left = 0
         self.pumps: tuple = ()
         self.closed = False
-        self.tried = 0
 
     def start(self) -> None:
         self.counters.active_connections += 1
@@ -276,7 +275,6 @@ class TcpSession:
             self.close()
             return
         state = self.candidates.pop(0)
-        self.tried += 1
         self.target_state = state
         self.target_port = state.target.port + (self.listen_port - self.relay.rule.listen_port)
         self.ctx.resolver.resolve(state.target.host, self.relay.rule.prefer_ipv6,
@@ -437,8 +435,7 @@ class TcpRuleRelay:
         self.sessions: set[TcpSession] = set()
         self.accepting = False
         self.on_idle = None  # called when draining and the last session ends
-        self.targets = TargetSet(rule, counters, ctx.loop)
-        self.targets.resolver = ctx.resolver
+        self.targets = TargetSet(rule, counters, ctx.loop, ctx.resolver)
         self.splice = use_splice("tcp", bool(rule.rate_limit and rule.rate_limit.has_bandwidth_cap),
                                  owner_has_bandwidth_cap)
 

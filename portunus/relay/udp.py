@@ -124,8 +124,7 @@ class UdpRuleRelay:
         self.flows: dict[tuple, Flow] = {}
         self._reaper = None
         self.on_idle = None
-        self.targets = TargetSet(rule, counters, ctx.loop)
-        self.targets.resolver = ctx.resolver
+        self.targets = TargetSet(rule, counters, ctx.loop, ctx.resolver)
 
     def bind(self) -> None:
         bound: dict[int, socket.socket] = {}

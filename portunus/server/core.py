@@ -7,16 +7,14 @@ threads; anything that touches a client channel goes through ``hub.call``.
 from __future__ import annotations
 
 import concurrent.futures
-import socket
 import threading
 import time
 
-from .. import __version__
-from ..control.enrollment import enroll_command, make_uri
+from ..control.enrollment import enroll_command, make_uri, split_endpoint
 from ..control.tls import san_covers
 from ..errors import PortunusError
 from ..log import log
-from ..model import Rule, is_ip_literal
+from ..model import Rule
 from ..store import clients as store_clients
 from ..store import rules as store_rules
 from ..store import settings as store_settings
@@ -318,8 +316,7 @@ class ServerCore:
         f.add({}, self.hub.connected_count())
         fams.append(f)
         f = Family("portunus_auth_failures_total", "counter", "Control-channel authentication failures by reason.")
-        with self.hub._lock:
-            failures = dict(self.hub.auth_failures)
+        failures = self.hub.auth_failure_counts()
         for reason in sorted(set(failures) | {"invalid_token", "token_revoked"}):
             f.add({"reason": reason}, failures.get(reason, 0))
         fams.append(f)
@@ -374,22 +371,14 @@ def _rfc3339(ts: float | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
-def host_of(endpoint: str) -> str:
-    return endpoint.rsplit(":", 1)[0]
-
-
 def validate_seed_endpoint(value: str, cert_info) -> str:
     """Tier-2 seed: a bare host:port covered by the certificate SAN (fail closed)."""
-    v = value.strip() if isinstance(value, str) else ""
-    host, sep, port = v.rpartition(":")
-    if (not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535 or "/" in v or " " in value
-            or "[" in v or ":" in host or v != value):
+    if not isinstance(value, str):
         raise PortunusError("endpoint_invalid", f"advertised endpoint must be a bare host:port, got {value!r}")
+    host, port = split_endpoint(value, lambda what: PortunusError(
+        "endpoint_invalid", f"advertised endpoint must be a bare host:port: {what}"))
     if not san_covers(cert_info, host):
         raise PortunusError("endpoint_not_in_cert_san",
                             f"advertised endpoint host {host!r} is not covered by the server certificate SAN "
                             f"({', '.join(cert_info.sans_dns + cert_info.sans_ip)})")
-    return v
-
-
-_ = (socket, is_ip_literal, __version__)
+    return f"{host}:{port}"
