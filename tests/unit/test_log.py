@@ -290,3 +290,120 @@ def test_concurrent_writers_never_interleave_lines(buf):
 def test_now_rfc3339_shape():
     ts = now_rfc3339()
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", ts)
+
+
+# ---------------------------------------------------------------- rate-limited lines
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def clocked(buf):
+    clock = FakeClock()
+    return Logger(stream=buf, clock=clock), clock
+
+
+def test_limited_first_occurrence_is_written_at_once(clocked, buf):
+    lg, _ = clocked
+    lg.limited("warn", "control.rejected", key="10.0.0.1", reason="bad_frame")
+    [rec] = records(buf)
+    assert rec["event"] == "control.rejected" and rec["level"] == "warn"
+    assert rec["reason"] == "bad_frame" and "suppressed" not in rec
+
+
+def test_limited_counts_inside_window_and_reports_after_it(clocked, buf):
+    lg, clock = clocked
+    lg.limited("warn", "e", key="k", every=60, n=1)
+    for i in range(5):
+        clock.now += 10
+        lg.limited("warn", "e", key="k", every=60, n=i + 2)
+    assert len(records(buf)) == 1
+    clock.now += 20  # 70 s after the written line
+    lg.limited("warn", "e", key="k", every=60, n=7)
+    recs = records(buf)
+    assert len(recs) == 2
+    assert recs[1]["n"] == 7 and recs[1]["suppressed"] == 5
+
+
+def test_limited_after_window_without_swallowed_lines_has_no_suppressed_field(clocked, buf):
+    lg, clock = clocked
+    lg.limited("info", "e", every=5)
+    clock.now += 5
+    lg.limited("info", "e", every=5)
+    recs = records(buf)
+    assert len(recs) == 2 and "suppressed" not in recs[1]
+
+
+def test_limited_keys_and_events_are_independent(clocked, buf):
+    lg, _ = clocked
+    lg.limited("warn", "e", key="a")
+    lg.limited("warn", "e", key="b")
+    lg.limited("warn", "other", key="a")
+    lg.limited("warn", "e", key="a")
+    assert [(r["event"]) for r in records(buf)] == ["e", "e", "other"]
+
+
+def test_flush_limited_writes_summary_for_pending_counts_only(clocked, buf):
+    lg, _ = clocked
+    lg.limited("warn", "e", key="a", peer="10.0.0.1")
+    lg.limited("warn", "e", key="a", peer="10.0.0.1")
+    lg.limited("warn", "e", key="a", peer="10.0.0.1")
+    lg.limited("warn", "quiet", key="b")
+    lg.flush_limited()
+    recs = records(buf)
+    assert len(recs) == 3
+    summary = recs[2]
+    assert summary["event"] == "e" and summary["suppressed"] == 2 and summary["peer"] == "10.0.0.1"
+    lg.flush_limited()  # nothing pending any more
+    assert len(records(buf)) == 3
+
+
+def test_limited_tracks_a_bounded_number_of_keys(buf):
+    clock = FakeClock()
+    lg = Logger(stream=buf, clock=clock, limited_max_keys=3)
+    for i in range(10):
+        lg.limited("warn", "e", key=str(i))
+    assert len(lg._limited) == 3
+    lg.limited("warn", "e", key="0")  # forgotten, so written again as a first occurrence
+    assert len(records(buf)) == 11
+
+
+def test_limited_respects_level_filter(buf):
+    lg = Logger(stream=buf, level="error", clock=FakeClock())
+    lg.limited("warn", "e")
+    lg.flush_limited()
+    assert buf.getvalue() == ""
+
+
+def test_limited_redacts_sensitive_fields(clocked, buf):
+    lg, _ = clocked
+    lg.limited("warn", "e", api_token="s3cret")
+    assert "s3cret" not in buf.getvalue()
+
+
+def test_limited_is_thread_safe(clocked, buf):
+    lg, _ = clocked
+
+    def hammer():
+        for _ in range(500):
+            lg.limited("warn", "e", key="shared")
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    lg.flush_limited()
+    recs = records(buf)
+    assert len(recs) == 2 and recs[1]["suppressed"] == 1999
+
+
+def test_module_logger_has_limited_api():
+    from portunus.log import log
+    assert callable(log.limited) and callable(log.flush_limited)
