@@ -40,6 +40,102 @@ def default_data_dir(env=os.environ) -> str:
     return os.path.join(base, "portunus")
 
 
+# No Portunus config needs more than a few levels; tomllib recurses per level and
+# dies with RecursionError a few hundred levels down, so deeper documents are refused up front.
+MAX_TOML_DEPTH = 32
+
+
+def parse_toml(raw: bytes, path: str) -> dict:
+    """TOML bytes -> dict; every failure is ``config_invalid`` naming the file (and the key if it is too deep)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PortunusError("config_invalid", f"{path}: not UTF-8 text (byte {exc.start})") from None
+    too_deep = _too_deep(text)
+    if too_deep is not None:
+        line, key = too_deep
+        raise PortunusError("config_invalid", f"{path}: line {line}: {key} is nested more than "
+                                              f"{MAX_TOML_DEPTH} levels deep")
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise PortunusError("config_invalid", f"{path}: TOML syntax error: {exc}") from None
+    except RecursionError:  # the scan above is a heuristic; this is the guarantee
+        raise PortunusError("config_invalid", f"{path}: values nested too deeply") from None
+
+
+def _too_deep(text: str) -> tuple[int, str] | None:
+    """(line, key description) of the first value nested deeper than MAX_TOML_DEPTH, else None.
+
+    Counts ``[``/``{`` outside strings and comments; keys are named as ``[table] key``.
+    """
+    depth, line, i, n = 0, 1, 0, len(text)
+    table, key, line_start = "", "a value", 0
+    while i < n:
+        c = text[i]
+        if c == "\n":
+            line, line_start = line + 1, i + 1
+        elif c == "#":
+            i = text.find("\n", i)
+            i = n if i < 0 else i
+            continue
+        elif c in "\"'":
+            end = _skip_string(text, i)
+            newlines = text.count("\n", i, end)
+            if newlines:
+                line, line_start = line + newlines, text.rfind("\n", i, end) + 1
+            i = end
+            continue
+        elif c in "[{":
+            if depth == 0 and c == "[" and not text[line_start:i].strip():
+                end = text.find("\n", i)
+                table = text[i:n if end < 0 else end].split("#")[0].strip()
+            depth += 1
+            if depth > MAX_TOML_DEPTH:
+                return line, f"{table} {key}".strip()
+        elif c in "]}":
+            depth = max(depth - 1, 0)
+        elif c == "=" and depth == 0:
+            key = repr(text[line_start:i].strip())
+        i += 1
+    return None
+
+
+def _skip_string(text: str, i: int) -> int:
+    """Index just past the TOML string starting at ``text[i]`` (basic, literal, or multi-line)."""
+    q = text[i]
+    if text.startswith(q * 3, i):
+        end = i + 3
+        while True:
+            end = text.find(q * 3, end)
+            if end < 0:
+                return len(text)
+            if q == '"' and _escaped(text, end):
+                end += 1
+                continue
+            end += 3
+            for _ in range(2):  # the content may end in up to two quotes: """a""""" is 'a""'
+                if end < len(text) and text[end] == q:
+                    end += 1
+            return end
+    j = i + 1
+    while j < len(text) and text[j] != "\n":
+        if text[j] == "\\" and q == '"':
+            j += 2
+            continue
+        if text[j] == q:
+            return j + 1
+        j += 1
+    return j
+
+
+def _escaped(text: str, pos: int) -> bool:
+    backslashes = 0
+    while pos - backslashes - 1 >= 0 and text[pos - backslashes - 1] == "\\":
+        backslashes += 1
+    return backslashes % 2 == 1
+
+
 def parse_listen(value, key: str) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` -> (host, port)."""
     if not isinstance(value, str) or ":" not in value:
@@ -54,7 +150,7 @@ def parse_listen(value, key: str) -> tuple[str, int]:
         if host != "localhost":
             raise PortunusError("config_invalid", f"{key} host must be an IP address, got {host!r}") from None
         host = "127.0.0.1"
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise PortunusError("config_invalid", f"{key} port must be 0-65535, got {port!r}")
     return host, int(port)
 
@@ -104,11 +200,10 @@ def load(data_dir: str) -> ServerConfig:
     if os.path.exists(path):
         try:
             with open(path, "rb") as f:
-                doc = tomllib.load(f)
-        except tomllib.TOMLDecodeError as exc:
-            raise PortunusError("config_invalid", f"{path}: TOML syntax error: {exc}") from None
+                raw = f.read()
         except OSError as exc:
             raise PortunusError("config_invalid", f"{path}: cannot read: {exc.strerror}") from None
+        doc = parse_toml(raw, path)
         unknown = sorted(set(doc) - set(DEFAULTS))
         if unknown:
             raise PortunusError("config_invalid", f"{path}: unknown key(s) {', '.join(unknown)} "

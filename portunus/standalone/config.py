@@ -6,11 +6,11 @@ the field.
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 
 from ..errors import PortunusError
 from ..model import Rule, UDP_FLOW_IDLE_BOUNDS, UDP_MAX_FLOWS_BOUNDS
+from ..server.config import parse_toml
 
 LOG_FORMATS = ("json", "pretty", "compact")
 LOG_LEVELS = ("debug", "info", "warn", "error")
@@ -71,13 +71,7 @@ def load(path: str) -> StandaloneConfig:
         raise PortunusError("config_invalid", f"{path}: no such file (pass --config PATH)") from None
     except OSError as exc:
         raise PortunusError("config_invalid", f"{path}: cannot read: {exc.strerror}") from None
-    try:
-        doc = tomllib.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise PortunusError("config_invalid", f"{path}: not UTF-8 text") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise PortunusError("config_invalid", f"{path}: TOML syntax error: {exc}") from None
-    return parse(doc, path)
+    return parse(parse_toml(raw, path), path)
 
 
 def parse(doc: dict, path: str = "<config>") -> StandaloneConfig:
