@@ -25,7 +25,8 @@ def _main_parser() -> argparse.ArgumentParser:
                    help="validate the config, print 'ok' and exit 0, or print the error and exit 2")
     p.add_argument("--log-level", choices=("debug", "info", "warn", "error"),
                    help="override [global] log_level")
-    p.add_argument("--log-format", choices=("json", "pretty"), help="override [global] log_format")
+    p.add_argument("--log-format", choices=("json", "compact", "pretty"), metavar="json|compact",
+                   help="override [global] log_format (pretty is an alias of compact)")
     return p
 
 
@@ -50,7 +51,7 @@ def main(argv: list[str]) -> int:
     if args.log_level:
         cfg.log_level = args.log_level
     if args.log_format:
-        cfg.log_format = args.log_format
+        cfg.log_format = cfgmod.log_format_name(args.log_format)
     if args.check:
         print("ok")
         return 0

@@ -92,7 +92,7 @@ class StatsSocket:
 
 
 def run(cfg: StandaloneConfig) -> int:
-    log.configure(fmt="json" if cfg.log_format == "json" else "pretty", level=cfg.log_level)
+    log.configure(fmt=cfg.log_format, level=cfg.log_level)
     nofile = raise_nofile_limit()
     loop = Loop()
     ctx = RelayContext(loop, Resolver(loop, cfg.dns_servers or None))
@@ -155,7 +155,7 @@ def run(cfg: StandaloneConfig) -> int:
         except PortunusError as exc:
             log.error("config.reload_failed", code=exc.code, reason=exc.message, effect="kept the running rules")
             return
-        log.configure(fmt="json" if new.log_format == "json" else "pretty", level=new.log_level)
+        log.configure(fmt=new.log_format, level=new.log_level)
         runtime.settings.udp_max_flows = new.udp_max_flows
         runtime.settings.udp_flow_idle_secs = new.udp_flow_idle_secs
         runtime.settings.drain_timeout = cfg.shutdown_drain_secs = new.shutdown_drain_secs

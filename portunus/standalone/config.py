@@ -12,7 +12,8 @@ from ..errors import PortunusError
 from ..model import Rule, UDP_FLOW_IDLE_BOUNDS, UDP_MAX_FLOWS_BOUNDS
 from ..server.config import parse_toml
 
-LOG_FORMATS = ("json", "pretty", "compact")
+LOG_FORMATS = ("json", "compact")        # the one vocabulary of every role (SPEC §4.1)
+LOG_FORMAT_ALIASES = {"pretty": "compact"}  # standalone's older name, still accepted
 LOG_LEVELS = ("debug", "info", "warn", "error")
 
 _TOP = {"global", "defaults", "rule", "stats"}
@@ -37,6 +38,14 @@ class StandaloneConfig:
     stats_refresh_ms: int = 1000
     dns_servers: list = field(default_factory=list)  # [(ip, port)]; empty = /etc/resolv.conf
     rules: list[Rule] = field(default_factory=list)
+
+
+def log_format_name(value) -> str | None:
+    """The canonical log format for ``value`` (``pretty`` -> ``compact``), or None if it is not one."""
+    if not isinstance(value, str):
+        return None
+    value = LOG_FORMAT_ALIASES.get(value, value)
+    return value if value in LOG_FORMATS else None
 
 
 def _err(path: str, where: str, message: str) -> PortunusError:
@@ -89,9 +98,11 @@ def parse(doc: dict, path: str = "<config>") -> StandaloneConfig:
             raise _err(path, "[global] log_level", f"must be one of {', '.join(LOG_LEVELS)}, got {g['log_level']!r}")
         cfg.log_level = g["log_level"]
     if "log_format" in g:
-        if g["log_format"] not in LOG_FORMATS:
-            raise _err(path, "[global] log_format", f"must be one of {', '.join(LOG_FORMATS)}, got {g['log_format']!r}")
-        cfg.log_format = g["log_format"]
+        fmt = log_format_name(g["log_format"])
+        if fmt is None:
+            raise _err(path, "[global] log_format", f"must be one of {', '.join(LOG_FORMATS)} "
+                                                    f"(pretty is an alias of compact), got {g['log_format']!r}")
+        cfg.log_format = fmt
     if "shutdown_drain_secs" in g:
         v = g["shutdown_drain_secs"]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 3600:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 
@@ -237,3 +238,29 @@ target = "127.0.0.1:{free_port()}"
         assert not (tmp_path / "s.sock").exists(), "a failed start must not leave a stats socket behind"
     finally:
         holder.close()
+
+
+@pytest.mark.parametrize("fmt", ["json", "compact", "pretty"])
+def test_log_format_vocabulary_is_json_or_compact_with_pretty_as_alias(tmp_path, fmt):
+    cfg = tmp_path / "fmt.toml"
+    cfg.write_text(f'[global]\nlog_format = "{fmt}"\n' + rule())
+    assert check(cfg).returncode == 0
+    r = run(portunus_cmd("standalone") + ["--check", "--log-format", fmt, "--config", str(cfg)])
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_help_names_json_and_compact_log_formats():
+    r = run(portunus_cmd("standalone") + ["--help"])
+    assert "--log-format json|compact" in r.stdout
+    assert "pretty is an alias of compact" in " ".join(r.stdout.split())
+
+
+def test_compact_log_format_writes_text_lines(procs, tmp_path):
+    cfg = tmp_path / "compact.toml"
+    cfg.write_text('[global]\nlog_format = "json"\n' + rule(listen=free_port(), target=free_port()))
+    p = procs(portunus_cmd("standalone") + ["--config", str(cfg), "--log-format", "compact"])
+    wait_until(lambda: any(" INFO  process.ready " in line for line in p.lines), timeout=20,
+               what="a compact process.ready line")
+    assert p.events() == [], "compact lines are not JSON"
+    p.signal(signal.SIGTERM)
+    assert p.wait(20) == 0
