@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in ROLES:
         if prog == f"portunus-{r}":
             role = r
+    if role is not None and args[:1] == [role]:
+        args = args[1:]  # `portunus-server server …` is `portunus server …`: the role may be said twice
     if role is None:
         if not args or args[0] in ("-h", "--help", "help"):
             print(USAGE)

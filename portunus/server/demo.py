@@ -17,18 +17,36 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from ..errors import PortunusError
 
+LOG_TAIL_LINES = 20
+
 
 def self_command() -> list[str]:
-    """How to run this same program again (a zipapp, a symlink to it, or the source tree)."""
-    argv0 = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    """How to run this same program again, role not included (the caller adds it).
+
+    The role symlinks (portunus-server …) resolve to the one file, so re-running
+    never depends on the name this process was called by.
+    """
+    argv0 = os.path.realpath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     if argv0.endswith("__main__.py") or not os.path.isfile(argv0):
         return [sys.executable, "-m", "portunus"]
     return [sys.executable, argv0]
+
+
+def shown_server_command() -> str:
+    """`portunus-server` as the user typed it, for the hints the demo prints."""
+    argv0 = sys.argv[0] if sys.argv and sys.argv[0] else ""
+    if argv0.endswith("__main__.py") or not os.path.isfile(argv0):
+        return "python3 -m portunus server"
+    name = os.path.basename(argv0)
+    if os.path.dirname(argv0) and shutil.which(name) and os.path.samefile(shutil.which(name), argv0):
+        argv0 = name  # found on PATH: the bare name is what the user typed
+    return argv0 if name == "portunus-server" else f"{argv0} server"
 
 
 class _Hello(BaseHTTPRequestHandler):
@@ -76,101 +94,155 @@ def _api(url: str, token: str, method: str, path: str, body=None) -> dict:
         raise PortunusError(err.get("code", "internal"), err.get("message", f"HTTP {exc.code}")) from None
 
 
-def run_demo(keep: bool = False) -> int:
-    me = self_command()
-    tmp = tempfile.mkdtemp(prefix="portunus-demo-")
-    data = os.path.join(tmp, "server")
-    os.makedirs(data, mode=0o700)
-    token = secrets.token_urlsafe(32)
-    with open(os.path.join(data, "server.toml"), "w") as f:
-        f.write('control_listen = "127.0.0.1:0"\noperator_http_listen = "127.0.0.1:0"\n'
-                'metrics_listen = "127.0.0.1:0"\nstats_report_interval_secs = 1\n'
-                f'operator_token = "{token}"\nlog_format = "compact"\n')
-    logs = open(os.path.join(tmp, "demo.log"), "w")
-    children: list[subprocess.Popen] = []
-    backend = None
-
-    def stop_all() -> None:
-        for p in reversed(children):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in reversed(children):
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        if backend is not None:
-            backend.shutdown()
-        logs.close()
-        if not keep:
-            shutil.rmtree(tmp, ignore_errors=True)
-
+def log_tail(path: str, lines: int = LOG_TAIL_LINES) -> str:
     try:
-        server = subprocess.Popen(me + ["server", "--data-dir", data, "serve"], stdout=logs, stderr=logs,
-                                  stdin=subprocess.DEVNULL)
-        children.append(server)
-        info_path = os.path.join(data, "serve.json")
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError as exc:
+        return f"(cannot read {path}: {exc.strerror})\n"
+
+
+class DemoFailed(Exception):
+    """A demo child did not come up or died; the temp dir is kept for its log."""
+
+
+class Demo:
+    """The demo's children, its temp dir and its backend; `stop` undoes all of it."""
+
+    def __init__(self, keep: bool):
+        self.keep = keep
+        self.me = self_command()
+        self.tmp = tempfile.mkdtemp(prefix="portunus-demo-")
+        self.data = os.path.join(self.tmp, "server")
+        os.makedirs(self.data, mode=0o700)
+        self.token = secrets.token_urlsafe(32)
+        with open(os.path.join(self.data, "server.toml"), "w") as f:
+            f.write('control_listen = "127.0.0.1:0"\noperator_http_listen = "127.0.0.1:0"\n'
+                    'metrics_listen = "127.0.0.1:0"\nstats_report_interval_secs = 1\n'
+                    f'operator_token = "{self.token}"\nlog_format = "compact"\n')
+        self.log_path = os.path.join(self.tmp, "demo.log")
+        self.logs = open(self.log_path, "w")
+        self.children: dict[str, subprocess.Popen] = {}
+        self.backend: ThreadingHTTPServer | None = None
+        # the demo's state is meant to vanish, so a tmpfs /tmp is fine for it
+        self.env = {**os.environ, "PORTUNUS_ALLOW_ANY_FS": "1"}
+
+    def spawn(self, what: str, args: list[str]) -> subprocess.Popen:
+        # own process group: a terminal's Ctrl-C reaches only the demo, which stops its children in order
+        p = subprocess.Popen(self.me + args, stdout=self.logs, stderr=self.logs, stdin=subprocess.DEVNULL,
+                             env=self.env, process_group=0)
+        self.children[what] = p
+        return p
+
+    def failed(self, what: str, p: subprocess.Popen | None) -> DemoFailed:
+        status = "" if p is None or p.poll() is None else f" (exit {p.returncode})"
+        self.keep = True
+        self.logs.flush()
+        return DemoFailed(f"{what}{status}")
+
+    def start(self) -> dict:
+        """Server, enrolled client, backend and rule; returns what to print."""
+        server = self.spawn("server", ["server", "--data-dir", self.data, "serve"])
+        info_path = os.path.join(self.data, "serve.json")
         deadline = time.monotonic() + 30
         while not os.path.exists(info_path):
             if server.poll() is not None or time.monotonic() > deadline:
-                raise PortunusError("internal", f"the demo server did not start; see {logs.name}")
+                raise self.failed("the demo server did not start", server)
             time.sleep(0.05)
         with open(info_path) as f:
             info = json.load(f)
         api = info["operator_http_url"]
 
-        enrollment = _api(api, token, "POST", "/v1/client-enrollments", {"name": "demo-edge"})
-        bundle = os.path.join(tmp, "client.bundle.json")
-        subprocess.run(me + ["client", "enroll", enrollment["enrollment_uri"], "--out", bundle],
-                       check=True, stdout=subprocess.DEVNULL, stderr=logs, timeout=30)
-        client = subprocess.Popen(me + ["client", "--bundle", bundle, "--log-format", "compact"],
-                                  stdout=logs, stderr=logs, stdin=subprocess.DEVNULL)
-        children.append(client)
+        enrollment = _api(api, self.token, "POST", "/v1/client-enrollments", {"name": "demo-edge"})
+        bundle = os.path.join(self.tmp, "client.bundle.json")
+        enroll = subprocess.run(self.me + ["client", "enroll", enrollment["enrollment_uri"], "--out", bundle],
+                                stdout=subprocess.DEVNULL, stderr=self.logs, env=self.env, timeout=30)
+        if enroll.returncode != 0:
+            raise self.failed(f"the demo client could not enroll (exit {enroll.returncode})", None)
+        client = self.spawn("client", ["client", "--bundle", bundle, "--log-format", "compact"])
 
         backend_port = _free_port()
-        backend = ThreadingHTTPServer(("127.0.0.1", backend_port), _Hello)
-        threading.Thread(target=backend.serve_forever, daemon=True).start()
+        self.backend = ThreadingHTTPServer(("127.0.0.1", backend_port), _Hello)
+        threading.Thread(target=self.backend.serve_forever, daemon=True).start()
 
         deadline = time.monotonic() + 30
-        while not any(c["connected"] for c in _api(api, token, "GET", "/v1/clients")["clients"]):
+        while not any(c["connected"] for c in _api(api, self.token, "GET", "/v1/clients")["clients"]):
             if client.poll() is not None or time.monotonic() > deadline:
-                raise PortunusError("internal", f"the demo client did not connect; see {logs.name}")
+                raise self.failed("the demo client did not connect", client)
             time.sleep(0.1)
         listen = 18080 if _port_free(18080) else _free_port()
-        rule = _api(api, token, "POST", "/v1/rules",
+        rule = _api(api, self.token, "POST", "/v1/rules",
                     {"client": "demo-edge", "listen_port": listen, "target": f"127.0.0.1:{backend_port}"})
+        return {"api": api, "metrics": info["metrics_url"], "listen": listen, "backend_port": backend_port,
+                "rule_id": rule["rule_id"]}
 
-        shown = "python3 -m portunus" if me[1:2] == ["-m"] else os.path.relpath(me[1])
-        print(f"""
-Portunus demo is running (Ctrl-C to stop). State lives in {tmp}.
+    def banner(self, s: dict) -> str:
+        shown = shown_server_command()
+        return f"""
+Portunus demo is running (Ctrl-C to stop). State lives in {self.tmp}.
 
-  Sample rule   http://127.0.0.1:{listen}/  ->  demo backend 127.0.0.1:{backend_port}
-                (rule {rule['rule_id']} on client demo-edge)
-  Operator API  {api}
-  Metrics       {info['metrics_url']}
-  Login         bearer token {token}
+  Sample rule   http://127.0.0.1:{s['listen']}/  ->  demo backend 127.0.0.1:{s['backend_port']}
+                (rule {s['rule_id']} on client demo-edge)
+  Operator API  {s['api']}
+  Metrics       {s['metrics']}
+  Login         bearer token {self.token}
   Web UI        not part of this build yet; use the CLI below.
 
 Try, in another terminal:
-  export PORTUNUS_SERVER={api}
-  export PORTUNUS_OPERATOR_TOKEN={token}
-  {shown} server list-clients
-  {shown} server list-rules
-  {shown} server rule-stats {rule['rule_id']} --per-port
-  curl http://127.0.0.1:{listen}/
-Logs: {logs.name}
-""", flush=True)
+  export PORTUNUS_SERVER={s['api']}
+  export PORTUNUS_OPERATOR_TOKEN={self.token}
+  {shown} list-clients
+  {shown} list-rules
+  {shown} rule-stats {s['rule_id']} --per-port
+  curl http://127.0.0.1:{s['listen']}/
+Logs: {self.log_path}
+"""
+
+    def watch(self) -> None:
+        """Until SIGINT/SIGTERM; raises DemoFailed when a child exits on its own."""
         stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        # a handler, not KeyboardInterrupt: that can land inside Event.wait's lock juggling
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
+        while not stop.is_set():
+            for what, p in self.children.items():
+                if p.poll() is not None:
+                    raise self.failed(f"the demo {what} exited", p)
+            stop.wait(0.5)
+
+    def stop(self) -> None:
+        for p in reversed(list(self.children.values())):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in reversed(list(self.children.values())):
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+        if self.backend is not None:
+            self.backend.shutdown()
+        self.logs.close()
+        if not self.keep:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def run_demo(keep: bool = False) -> int:
+    demo = Demo(keep)
+    try:
         try:
-            while not stop.is_set():
-                if any(p.poll() is not None for p in children):
-                    print(f"a demo process exited; see {logs.name}", file=sys.stderr)
-                    return 1
-                stop.wait(0.5)
-        except KeyboardInterrupt:
-            pass
+            shown = demo.start()
+            print(demo.banner(shown), flush=True)
+            demo.watch()
+        except (DemoFailed, PortunusError) as exc:
+            demo.keep = True
+            demo.stop()
+            reason = exc.cli_line() if isinstance(exc, PortunusError) else f"error: internal: {exc}"
+            print(f"{reason}\n--- last lines of {demo.log_path} ---\n{log_tail(demo.log_path)}"
+                  f"--- the demo's temp dir is kept: {demo.tmp}", file=sys.stderr)
+            return 1
         print("stopping the demo…", file=sys.stderr)
         return 0
     finally:
-        stop_all()
+        if not demo.logs.closed:
+            demo.stop()
