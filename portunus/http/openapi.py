@@ -1,18 +1,19 @@
-"""A machine-readable description of the operator API, built from the routing table."""
+"""A machine-readable description of the operator API, built from the routing table (``routes.ROUTES``)."""
 
 from __future__ import annotations
 
 import re
 
 from .. import __version__
+from .auth import PUBLIC
 
 
 def document(routes) -> dict:
     paths: dict = {}
-    for method, pattern, _fn, summary in routes:
-        path = re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern)
+    for route in routes:
+        path = re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", route.pattern)
         op = {
-            "summary": summary,
+            "summary": route.summary,
             "responses": {
                 "200": {"description": "OK"},
                 "default": {"description": "Error", "content": {"application/json": {
@@ -23,9 +24,9 @@ def document(routes) -> dict:
                   for name in re.findall(r"{(\w+)}", path)]
         if params:
             op["parameters"] = params
-        if path not in ("/v1/auth/status", "/v1/openapi.json"):
+        if route.access != PUBLIC:
             op["security"] = [{"bearer": []}]
-        paths.setdefault(path, {})[method.lower()] = op
+        paths.setdefault(path, {})[route.method.lower()] = op
     return {
         "openapi": "3.0.3",
         "info": {"title": "Portunus operator API", "version": __version__},

@@ -349,6 +349,24 @@ class Store:
             self._local.depth = 0
             return conn
 
+    def release_thread_connection(self) -> None:
+        """Close the calling thread's connection now (a worker thread about to end).
+
+        Short-lived threads (one per HTTP connection) would otherwise leave three fds each
+        (database, -wal, -shm) until some later thread opens a connection and prunes them.
+        """
+        conn = getattr(self._local, "conn", None)
+        if conn is None or getattr(self._local, "depth", 0):
+            return  # nothing open, or called inside write(): the transaction owns the connection
+        self._local.conn = None
+        with self._registry_lock:
+            if self._conns.get(threading.current_thread()) is conn:
+                del self._conns[threading.current_thread()]
+        try:
+            conn.close()
+        except sqlite3.Error:
+            pass
+
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
         """``BEGIN IMMEDIATE`` … ``COMMIT``; ROLLBACK on exception. Nested calls become savepoints."""

@@ -1,0 +1,222 @@
+"""The operator API's routing table, read top to bottom, and the handlers it names.
+
+A handler takes ``(api, principal, params, query, body, ctx)`` and returns
+``(status, payload)``; payload is a JSON value, a ``(content_type, text)`` pair, or
+a ``StatsStream``. Who may call a route is the table's ``access`` column, enforced by
+``auth.AuthSeam``, never by the handler.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+from .. import __version__
+from ..errors import PortunusError
+from .auth import AUTHENTICATED, LEVELS, PUBLIC, SUPERADMIN
+from .parse import query_flag, query_int, query_value
+
+AUDIT_LIMIT_MAX = 1000
+
+
+@dataclass(frozen=True)
+class StatsStream:
+    """Answer with Server-Sent Events: ``first`` now, then a snapshot per report tick."""
+
+    rule_id: str
+    first: dict
+
+
+# ---------------------------------------------------------------- handlers
+
+def auth_status(api, p, m, q, body, ctx):
+    return 200, {"version": __version__, "bootstrap_required": api.access.onboarding_required()}
+
+
+def enroll_client(api, p, m, q, body, ctx):
+    body = _object(body)
+    _only(body, {"name", "client_name", "address", "ttl_secs"})
+    name = body.get("name", body.get("client_name"))
+    return 201, api.core.enroll_client(name, address=body.get("address"), ttl_secs=body.get("ttl_secs"),
+                                       request_host=ctx["host"])
+
+
+def reenroll_client(api, p, m, q, body, ctx):
+    body = _object(body or {})
+    _only(body, {"ttl_secs"})
+    client = api.access.client_ref(m["id"])
+    return 201, api.core.reenroll_client(client["client_id"], ttl_secs=body.get("ttl_secs"),
+                                         request_host=ctx["host"])
+
+
+def list_clients(api, p, m, q, body, ctx):
+    return 200, {"clients": api.core.list_clients()}
+
+
+def get_client(api, p, m, q, body, ctx):
+    return 200, api.core.client_view(api.access.client_ref(m["id"]))
+
+
+def put_client(api, p, m, q, body, ctx):
+    body = _object(body)
+    _only(body, {"address"})
+    if "address" not in body:
+        raise PortunusError("validation.missing_field", "address is required (null clears it)")
+    return 200, api.core.set_address(api.access.client_ref(m["id"])["client_id"], body["address"])
+
+
+def rename_client(api, p, m, q, body, ctx):
+    body = _object(body)
+    _only(body, {"name", "client_name"})
+    client_id = api.access.client_ref(m["id"])["client_id"]
+    return 200, api.core.rename_client(client_id, body.get("name", body.get("client_name")))
+
+
+def revoke_client(api, p, m, q, body, ctx):
+    return 200, api.core.revoke_client(api.access.client_ref(m["id"])["client_id"])
+
+
+def delete_client(api, p, m, q, body, ctx):
+    api.core.delete_client(api.access.client_ref(m["id"])["client_id"])
+    return 200, {"deleted": True}
+
+
+def push_rule(api, p, m, q, body, ctx):
+    body = _object(body)
+    ack = body.pop("ack_timeout_secs", None)
+    ack = 2.0 if ack is None else ack
+    if isinstance(ack, bool) or not isinstance(ack, (int, float)) or not 0 <= ack <= 60:
+        raise PortunusError("validation.invalid_ack_timeout", f"ack_timeout_secs must be 0..60, got {ack!r}")
+    return api.core.push_rule(body, owner=p.user_id if p else None, ack_timeout=float(ack),
+                              request_id=ctx["request_id"])
+
+
+def list_rules(api, p, m, q, body, ctx):
+    return 200, {"rules": api.core.list_rules(client=query_value(q, "client"), owner=query_value(q, "owner"))}
+
+
+def get_rule(api, p, m, q, body, ctx):
+    return 200, api.core.get_rule(m["id"])
+
+
+def delete_rule(api, p, m, q, body, ctx):
+    return 200, api.core.remove_rule(m["id"], request_id=ctx["request_id"])
+
+
+def rule_stats(api, p, m, q, body, ctx):
+    return 200, api.core.rule_stats(m["id"], per_port=query_flag(q, "per_port"),
+                                    per_target=query_flag(q, "per_target"))
+
+
+def rule_stats_stream(api, p, m, q, body, ctx):
+    # the first snapshot is taken here, so an unknown rule is an ordinary 404 before the stream starts
+    return 200, StatsStream(m["id"], api.core.rule_stats(m["id"], per_port=True, per_target=True))
+
+
+def metrics(api, p, m, q, body, ctx):
+    return 200, ("text/plain; version=0.0.4; charset=utf-8", api.core.metrics_text())
+
+
+def get_advertised_endpoint(api, p, m, q, body, ctx):
+    info = api.core.advertised_endpoint_info(ctx["host"])
+    info.pop("error", None)
+    return 200, info
+
+
+def put_advertised_endpoint(api, p, m, q, body, ctx):
+    body = _object(body)
+    _only(body, {"override"})
+    if "override" not in body:
+        raise PortunusError("validation.missing_field", "override is required (a host:port, or null to clear it)")
+    return 200, api.core.set_advertised_override(body["override"])
+
+
+def get_audit(api, p, m, q, body, ctx):
+    outcome = query_value(q, "outcome")
+    cursor = query_int(q, "cursor", code="validation.invalid_cursor")
+    if any(query_value(q, k) is not None for k in ("since", "until", "cursor")):
+        return 200, api.access.audit_page(since=query_value(q, "since"), until=query_value(q, "until"),
+                                          cursor=cursor, limit=query_int(q, "limit", 100, high=AUDIT_LIMIT_MAX),
+                                          outcome=outcome)
+    limit = min(query_int(q, "limit", 100), AUDIT_LIMIT_MAX)  # the plain form clamps, as it always did
+    return 200, {"entries": api.access.audit_entries(limit=limit, outcome=outcome)}
+
+
+def openapi(api, p, m, q, body, ctx):
+    from .openapi import document
+    return 200, document(ROUTES)
+
+
+def _object(body) -> dict:
+    if not isinstance(body, dict):
+        raise PortunusError("bad_request", "the request body must be a JSON object")
+    return body
+
+
+def _only(body: dict, allowed: set) -> None:
+    extra = sorted(set(body) - allowed)
+    if extra:
+        raise PortunusError("validation.unknown_field", f"unknown field(s): {', '.join(extra)}")
+
+
+# ---------------------------------------------------------------- the table
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    pattern: str
+    handler: Callable
+    access: str
+    summary: str
+
+    def __post_init__(self):
+        if self.access not in LEVELS:
+            raise ValueError(f"route {self.method} {self.pattern}: unknown access level {self.access!r}")
+
+
+_ID = r"(?P<id>[^/]+)"
+ROUTES = [
+    Route("GET", r"/v1/auth/status", auth_status, PUBLIC, "Whether onboarding is still required."),
+    Route("POST", r"/v1/client-enrollments", enroll_client, AUTHENTICATED,
+          "Create a client and a one-time enrollment command."),
+    Route("GET", r"/v1/clients", list_clients, AUTHENTICATED, "List clients."),
+    Route("GET", rf"/v1/clients/{_ID}", get_client, AUTHENTICATED, "One client."),
+    Route("PUT", rf"/v1/clients/{_ID}", put_client, AUTHENTICATED, "Set the client's address."),
+    Route("PATCH", rf"/v1/clients/{_ID}/name", rename_client, AUTHENTICATED,
+          "Rename a client (keeps id and session)."),
+    Route("POST", rf"/v1/clients/{_ID}/enrollment", reenroll_client, AUTHENTICATED,
+          "Re-enroll: new code, same id and rules."),
+    Route("POST", rf"/v1/clients/{_ID}/revoke", revoke_client, AUTHENTICATED, "Revoke the token and disconnect now."),
+    Route("DELETE", rf"/v1/clients/{_ID}", delete_client, AUTHENTICATED, "Delete a revoked client."),
+    Route("POST", r"/v1/rules", push_rule, AUTHENTICATED, "Push a rule and wait for the client's ack."),
+    Route("GET", r"/v1/rules", list_rules, AUTHENTICATED, "List rules (?client=&owner=)."),
+    Route("GET", rf"/v1/rules/{_ID}", get_rule, AUTHENTICATED, "One rule."),
+    Route("DELETE", rf"/v1/rules/{_ID}", delete_rule, AUTHENTICATED, "Drain and remove a rule."),
+    Route("GET", rf"/v1/rules/{_ID}/stats", rule_stats, AUTHENTICATED,
+          "Latest counters (?per_port=true&per_target=true)."),
+    Route("GET", rf"/v1/rules/{_ID}/stats/stream", rule_stats_stream, AUTHENTICATED,
+          "Server-Sent Events: a snapshot per report tick."),
+    Route("GET", r"/v1/settings/advertised-endpoint", get_advertised_endpoint, SUPERADMIN,
+          "The host:port enrollment commands point at, and where it comes from (superadmin)."),
+    Route("PUT", r"/v1/settings/advertised-endpoint", put_advertised_endpoint, SUPERADMIN,
+          "Set (or clear with null) the advertised endpoint override; must be covered by the cert SAN."),
+    Route("GET", r"/v1/audit", get_audit, SUPERADMIN,
+          "Audit rows, newest first (?limit=&outcome=, or ?since=&until=&cursor=&limit= "
+          "for {entries, next_cursor, count}; superadmin)."),
+    Route("GET", r"/v1/metrics", metrics, SUPERADMIN, "Prometheus text (superadmin)."),
+    Route("GET", r"/v1/openapi.json", openapi, PUBLIC, "This API, described."),
+]
+_COMPILED = [(route, re.compile(f"^{route.pattern}$")) for route in ROUTES]
+
+
+def match(method: str, path: str) -> tuple[Route | None, dict, list[str]]:
+    """(route, path params, methods allowed on this path); route is None for 404 (no methods) or 405."""
+    allowed: list[str] = []
+    for route, rx in _COMPILED:
+        found = rx.match(path)
+        if found:
+            allowed.append(route.method)
+            if route.method == method:
+                return route, found.groupdict(), allowed
+    return None, {}, allowed
