@@ -116,13 +116,18 @@ def set_address(store: Store, client_id: str, address: str | None) -> dict:
 
 
 def revoke_client(store: Store, client_id: str) -> dict:
-    """Mark the client and every token of it revoked (idempotent: the first revocation time stays)."""
+    """Mark the client, every token and every unused code of it revoked (idempotent: the first time stays).
+
+    Only a code created after the revocation (reenroll-client) can bring the client back.
+    """
     now = now_rfc3339()
     with store.write() as conn:
         cid = _row(conn, client_id)["client_id"]
         conn.execute("UPDATE clients SET revoked_at = ? WHERE client_id = ? AND revoked_at IS NULL", (now, cid))
         conn.execute("UPDATE client_tokens SET revoked_at = ? WHERE client_id = ? AND revoked_at IS NULL",
                      (now, cid))
+        conn.execute("UPDATE enrollments SET superseded_at = ? "
+                     "WHERE client_id = ? AND used_at IS NULL AND superseded_at IS NULL", (now, cid))
         return _client(_row(conn, cid))
 
 
@@ -178,7 +183,9 @@ def create_enrollment(store: Store, client_id: str, ttl_secs: int, endpoint: str
     """A new one-time code for the client; older unused codes of that client stop working.
 
     ``endpoint`` is the advertised host:port resolved now (SPEC §3.3); None stores a
-    legacy enrollment whose endpoint is resolved at redeem.
+    legacy enrollment whose endpoint is resolved at redeem. A revoked client may get
+    a code: redeeming it lifts the revocation (seed 004: "generate a re-enrollment
+    command and run it on the edge host").
     """
     if isinstance(ttl_secs, bool) or not isinstance(ttl_secs, int) or not 1 <= ttl_secs <= MAX_ENROLLMENT_TTL_SECS:
         raise PortunusError("validation.out_of_range",
@@ -186,12 +193,7 @@ def create_enrollment(store: Store, client_id: str, ttl_secs: int, endpoint: str
     code = new_code()
     now = utc_now()
     with store.write() as conn:
-        row = _row(conn, client_id)
-        cid = row["client_id"]
-        if row["revoked_at"] is not None:
-            raise PortunusError("conflict.client_revoked",
-                                f"client {cid} ({row['client_name']}) is revoked; delete it and enroll a new client",
-                                client_id=cid)
+        cid = _row(conn, client_id)["client_id"]
         conn.execute("UPDATE enrollments SET superseded_at = ? "
                      "WHERE client_id = ? AND used_at IS NULL AND superseded_at IS NULL", (rfc3339(now), cid))
         conn.execute("INSERT INTO enrollments (code_hash, client_id, created_at, expires_at, endpoint) "
@@ -219,13 +221,14 @@ def _usable_enrollment(conn, code):
         raise _invalid("used", f"enrollment code was already used at {row['used_at']}; codes are single-use, "
                                f"create a new one with reenroll-client")
     if row["superseded_at"] is not None:
+        if row["client_revoked_at"] is not None and row["superseded_at"] <= row["client_revoked_at"]:
+            raise _invalid("client_revoked", f"client {row['client_id']} was revoked after this code was created; "
+                                             f"create a new one with reenroll-client")
         raise _invalid("superseded", "enrollment code was replaced by a newer code for the same client; "
                                      "use the most recent enroll URI")
     if utc_now() >= parse_rfc3339(row["expires_at"]):
         raise _invalid("expired", f"enrollment code expired at {row['expires_at']}; "
                                   f"create a new one with reenroll-client")
-    if row["client_revoked_at"] is not None:
-        raise _invalid("client_revoked", f"client {row['client_id']} was revoked after this code was created")
     return row
 
 
@@ -241,7 +244,10 @@ def peek_enrollment(store: Store, code: str) -> dict:
 
 
 def redeem_enrollment(store: Store, code: str) -> tuple[dict, str]:
-    """Consume a code: rotate the client's token. Returns (client, plaintext token)."""
+    """Consume a code: rotate the client's token and lift a revocation. Returns (client, plaintext token).
+
+    The id and every rule stay; older tokens stay revoked.
+    """
     token = new_token()
     now = now_rfc3339()
     with store.write() as conn:
@@ -252,4 +258,5 @@ def redeem_enrollment(store: Store, code: str) -> tuple[dict, str]:
                      (now, cid))
         conn.execute("INSERT INTO client_tokens (token_hash, client_id, created_at) VALUES (?, ?, ?)",
                      (hash_token(token), cid, now))
+        conn.execute("UPDATE clients SET revoked_at = NULL WHERE client_id = ?", (cid,))
         return _client(_row(conn, cid)), token

@@ -303,12 +303,26 @@ def test_revoke_stops_every_token_of_the_client(store):
     assert clients.revoke_client(store, c["client_id"])["revoked_at"] == revoked["revoked_at"]
 
 
-def test_a_revoked_client_cannot_be_reenrolled(store):
+def test_a_code_from_before_the_revocation_stays_dead(store):
     c, code = enroll(store)
     clients.revoke_client(store, c["client_id"])
     e = raises("enrollment_invalid", clients.redeem_enrollment, store, code)
     assert e.fields["reason"] == "client_revoked"
-    raises("conflict.client_revoked", clients.create_enrollment, store, c["client_id"], 600, None)
+    assert "reenroll-client" in e.message
+
+
+def test_reenrolling_a_revoked_client_lifts_the_revocation_and_keeps_its_rules(store):
+    c, code = enroll(store)
+    _, old_token = clients.redeem_enrollment(store, code)
+    r = Rule.from_dict({"rule_id": new_ulid(), "listen_port": 8080, "target": "10.0.0.1:80"})
+    rules.insert_rule(store, r, c["client_id"], None)
+    clients.revoke_client(store, c["client_id"])
+    fresh = clients.create_enrollment(store, c["client_id"], 600, "portunus.example:7443")
+    back, new_token = clients.redeem_enrollment(store, fresh)
+    assert (back["client_id"], back["revoked"], back["revoked_at"]) == (c["client_id"], False, None)
+    assert clients.authenticate_client(store, new_token)["client_id"] == c["client_id"]
+    raises("token_revoked", clients.authenticate_client, store, old_token)
+    assert [x["rule_id"] for x in rules.list_rules(store, client_id=c["client_id"])] == [r.rule_id]
 
 
 def test_delete_needs_a_revoked_client(store):
