@@ -20,217 +20,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-def free_block(n: int) -> int:
-    import random
-    for _ in range(500):
-        base = random.randrange(10000, 32000 - n)
-        ok = True
-        for p in range(base, base + n):
-            s = socket.socket()
-            try:
-                s.bind(("0.0.0.0", p))
-            except OSError:
-                ok = False
-            finally:
-                s.close()
-            if not ok:
-                break
-        if ok:
-            return base
-    raise RuntimeError("no free port block")
-
-
-class Echo:
-    def __init__(self, ports):
-        self.socks = []
-        for p in ports:
-            s = socket.socket()
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(("127.0.0.1", p))
-            s.listen(128)
-            self.socks.append(s)
-            threading.Thread(target=self._serve, args=(s,), daemon=True).start()
-
-    @staticmethod
-    def _serve(s):
-        while True:
-            try:
-                c, _ = s.accept()
-            except OSError:
-                return
-            threading.Thread(target=Echo._echo, args=(c,), daemon=True).start()
-
-    @staticmethod
-    def _echo(c):
-        with c:
-            while True:
-                b = c.recv(65536)
-                if not b:
-                    return
-                c.sendall(b)
-
-    def close(self):
-        for s in self.socks:
-            s.close()
-
-
-class Deployment:
-    """A real server and one enrolled client ("bench-edge") on 127.0.0.1.
-
-    Also used by bench/run.py (the client-splice / client-userspace paths), which passes
-    `spawn` so that every process runs in its own session under its process manager, and
-    `client_env` / `client_args` for the client process."""
-
-    CLIENT_NAME = "bench-edge"
-
-    def __init__(self, cmd: list[str], workdir: str, *, spawn=None, client_env: dict | None = None,
-                 client_args: list[str] | tuple = ()):
-        self.cmd = cmd
-        self.dir = Path(workdir)
-        self.data = self.dir / "server"
-        self.data.mkdir()
-        self.token = secrets.token_urlsafe(32)
-        (self.data / "server.toml").write_text(
-            'control_listen = "127.0.0.1:0"\noperator_http_listen = "127.0.0.1:0"\n'
-            f'metrics_listen = "127.0.0.1:0"\noperator_token = "{self.token}"\nlog_format = "json"\n')
-        self.procs: list[subprocess.Popen] = []
-        self.server_proc: subprocess.Popen | None = None
-        self.client_proc: subprocess.Popen | None = None
-        self.client_env = client_env
-        self.client_args = list(client_args)
-        self._spawn = spawn or self._default_spawn
-        self.server_log_path = self.dir / "server.log"
-        self.client_log_path = self.dir / "client.log"
-        # never send the loopback API calls through an HTTP proxy from the environment
-        self._http = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-    def _default_spawn(self, name: str, argv: list[str], env=None) -> subprocess.Popen:
-        path = self.server_log_path if name == "server" else self.client_log_path
-        with open(path, "a") as fh:
-            p = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                 stderr=fh)
-        p.log_path = path       # type: ignore[attr-defined]
-        return p
-
-    def _start(self, name: str, argv: list[str], env=None) -> subprocess.Popen:
-        p = self._spawn(name, argv, env)
-        self.procs.append(p)
-        return p
-
-    def start_server(self, timeout: float = 30):
-        p = self.server_proc = self._start("server", self.cmd + ["server", "--data-dir", str(self.data), "serve"])
-        self.server_log_path = getattr(p, "log_path", self.server_log_path)
-        info = self.data / "serve.json"
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.info = json.loads(info.read_text())
-                self.api = self.info["operator_http_url"]
-                return
-            except (OSError, ValueError, KeyError):
-                pass        # not there yet (or half written)
-            if p.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start; see {self.server_log_path}")
-            time.sleep(0.005)
-
-    def call(self, method, path, body=None, timeout: float = 30):
-        req = urllib.request.Request(self.api + path, method=method,
-                                     data=None if body is None else json.dumps(body).encode())
-        req.add_header("Authorization", f"Bearer {self.token}")
-        req.add_header("Content-Type", "application/json")
-        with self._http.open(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
-
-    def enroll(self, timeout: float = 60) -> Path:
-        _, res = self.call("POST", "/v1/client-enrollments", {"name": self.CLIENT_NAME})
-        bundle = self.dir / "bundle.json"
-        p = self._start("client-enroll", self.cmd + ["client", "enroll", res["enrollment_uri"], "--out", str(bundle)])
-        try:
-            rc = p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-            raise RuntimeError(f"client enroll timed out after {timeout:.0f}s")
-        if rc != 0:
-            raise RuntimeError(f"client enroll failed (exit {rc}); see {getattr(p, 'log_path', '')}")
-        return bundle
-
-    def start_client(self, bundle: Path, timeout: float = 30):
-        p = self.client_proc = self._start("client", self.cmd + ["client", "--bundle", str(bundle)]
-                                           + self.client_args, self.client_env)
-        self.client_log_path = getattr(p, "log_path", self.client_log_path)
-        deadline = time.monotonic() + timeout
-        while True:
-            _, r = self.call("GET", "/v1/clients")
-            if any(c["connected"] for c in r["clients"]):
-                return
-            if p.poll() is not None:
-                raise RuntimeError(f"client exited with code {p.returncode}; see {self.client_log_path}")
-            if time.monotonic() > deadline:
-                raise RuntimeError("client did not connect")
-            time.sleep(0.005)
-
-    def enroll_and_start_client(self):
-        self.start_client(self.enroll())
-
-    def server_push_durations(self) -> dict[str, float]:
-        out = {}
-        for line in Path(self.server_log_path).read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if rec.get("event") == "rule.pushed":
-                out[rec["rule"]] = rec["duration_ms"]
-        return out
-
-    def close(self):
-        for p in reversed(self.procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in reversed(self.procs):
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-
-
-def roundtrip_ok(port: int) -> bool:
-    try:
-        c = socket.create_connection(("127.0.0.1", port), timeout=2)
-    except OSError:
-        return False
-    with c:
-        c.settimeout(2)
-        c.sendall(b"x")
-        try:
-            return c.recv(1) == b"x"
-        except OSError:
-            return False
+from portbench import REPO as ROOT               # bench/ is sys.path[0] when this file is run
+from portbench.deployment import Deployment
+from portbench.origins import TcpEcho
+from portbench.procs import free_block, free_port
+from portbench.tools import tcp_roundtrip_ok
 
 
 def measure_push(cmd, repeat: int) -> dict:
@@ -239,7 +40,7 @@ def measure_push(cmd, repeat: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="portunus-bench-") as tmp:
         d = Deployment(cmd, tmp)
         target = free_port()
-        echo = Echo([target])
+        echo = TcpEcho([target])
         try:
             d.start_server()
             d.enroll_and_start_client()
@@ -278,7 +79,7 @@ def measure_deploy(cmd) -> dict:
     """Cold: nothing running -> traffic on 3 ports. Warm: a connected client -> 3 rules -> traffic."""
     ports = [free_port() for _ in range(3)]
     targets = [free_port() for _ in range(3)]
-    echo = Echo(targets)
+    echo = TcpEcho(targets)
     out = {}
     with tempfile.TemporaryDirectory(prefix="portunus-bench-") as tmp:
         d = Deployment(cmd, tmp)
@@ -295,7 +96,7 @@ def measure_deploy(cmd) -> dict:
                                                          "target": f"127.0.0.1:{t}"})
                 assert status == 201
             for p in ports:
-                while not roundtrip_ok(p):
+                while not tcp_roundtrip_ok(p):
                     time.sleep(0.001)
             now = time.perf_counter()
             out["deploy_to_traffic_s"] = now - t2

@@ -18,25 +18,20 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from portbench import REPO as ROOT, BenchError   # bench/ is sys.path[0] when this file is run
+from portbench.origins import one_byte_echo
+from portbench.procs import ChildProcess, free_port, wait_ready
+from portbench.tools import percentile
+
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from dnsserver import DnsServer  # noqa: E402  (the tests' controllable DNS server)
 from portunus.loop import Loop  # noqa: E402
 from portunus.relay.resolver import Resolver  # noqa: E402
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def cache_hit_cost(dns_port: int, n: int) -> list[float]:
@@ -59,29 +54,6 @@ def cache_hit_cost(dns_port: int, n: int) -> list[float]:
     return samples
 
 
-def echo_server(port: int) -> socket.socket:
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("127.0.0.1", port))
-    s.listen(1024)
-
-    def serve():
-        while True:
-            try:
-                c, _ = s.accept()
-            except OSError:
-                return
-            try:
-                b = c.recv(1)
-                if b:
-                    c.sendall(b)
-            except OSError:
-                pass
-            c.close()
-    threading.Thread(target=serve, daemon=True).start()
-    return s
-
-
 def setup_times(port: int, n: int) -> list[float]:
     out = []
     for _ in range(n):
@@ -94,9 +66,51 @@ def setup_times(port: int, n: int) -> list[float]:
     return out
 
 
-def pct(values: list[float], p: float) -> float:
-    v = sorted(values)
-    return v[min(len(v) - 1, int(len(v) * p))]
+def standalone_config(dns_port: int, ip_port: int, name_port: int, target: int) -> str:
+    """Two rules to the same echo server: one by IP literal, one by a DNS name."""
+    return f"""
+[global]
+log_level = "warn"
+dns_servers = ["127.0.0.1:{dns_port}"]
+[[rule]]
+name = "ip"
+listen_port = {ip_port}
+listen_host = "127.0.0.1"
+target = "127.0.0.1:{target}"
+[[rule]]
+name = "dns"
+listen_port = {name_port}
+listen_host = "127.0.0.1"
+target = "backend.bench:{target}"
+"""
+
+
+def measure_setup(cmd: list[str], dns: DnsServer, n: int) -> tuple[list[float], list[float], int]:
+    """Connection setup times through the IP rule and the DNS-name rule, and the
+    A queries the standalone sent meanwhile."""
+    queries_before = dns.count("backend.bench", qtype=1)
+    target = free_port()
+    srv = one_byte_echo(target)
+    ip_port, dns_port = free_port(), free_port()
+    with tempfile.TemporaryDirectory(prefix="portunus-bench-") as tmp:
+        cfg = Path(tmp) / "dns.toml"
+        cfg.write_text(standalone_config(dns.port, ip_port, dns_port, target))
+        p = ChildProcess("standalone", None, cmd + ["standalone", "--config", str(cfg)],
+                         stderr=subprocess.DEVNULL)
+        try:
+            try:
+                wait_ready([ip_port, dns_port], [], p, timeout=20)
+            except BenchError as e:
+                raise SystemExit(f"standalone did not start: {e}") from None
+            setup_times(ip_port, 100)  # warm up both paths (and the DNS cache)
+            setup_times(dns_port, 100)
+            ip = setup_times(ip_port, n)
+            via_dns = setup_times(dns_port, n)
+        finally:
+            p.send_signal(signal.SIGTERM)
+            p.wait(10)
+            srv.close()
+    return ip, via_dns, dns.count("backend.bench", qtype=1) - queries_before
 
 
 def main() -> int:
@@ -109,55 +123,16 @@ def main() -> int:
     cmd = [sys.executable, "-m", "portunus"] if args.source else [sys.executable, args.bin]
 
     dns = DnsServer()
-    dns.set("backend.bench", a=["127.0.0.1"], ttl=300)
-    hit = cache_hit_cost(dns.port, 200_000)
-    queries_before = dns.count("backend.bench", qtype=1)
-
-    target = free_port()
-    srv = echo_server(target)
-    ip_port, dns_port = free_port(), free_port()
-    with tempfile.TemporaryDirectory(prefix="portunus-bench-") as tmp:
-        cfg = Path(tmp) / "dns.toml"
-        cfg.write_text(f"""
-[global]
-log_level = "warn"
-dns_servers = ["127.0.0.1:{dns.port}"]
-[[rule]]
-name = "ip"
-listen_port = {ip_port}
-listen_host = "127.0.0.1"
-target = "127.0.0.1:{target}"
-[[rule]]
-name = "dns"
-listen_port = {dns_port}
-listen_host = "127.0.0.1"
-target = "backend.bench:{target}"
-""")
-        p = subprocess.Popen(cmd + ["standalone", "--config", str(cfg)], stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", dns_port), timeout=1).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline or p.poll() is not None:
-                        raise SystemExit("standalone did not start")
-                    time.sleep(0.05)
-            setup_times(ip_port, 100)  # warm up both paths (and the DNS cache)
-            setup_times(dns_port, 100)
-            ip = setup_times(ip_port, args.n)
-            via_dns = setup_times(dns_port, args.n)
-        finally:
-            p.send_signal(signal.SIGTERM)
-            p.wait(10)
-            srv.close()
-            queries = dns.count("backend.bench", qtype=1) - queries_before
-            dns.close()
+    try:
+        dns.set("backend.bench", a=["127.0.0.1"], ttl=300)
+        hit = cache_hit_cost(dns.port, 200_000)
+        ip, via_dns, queries = measure_setup(cmd, dns, args.n)
+    finally:
+        dns.close()
     summary = {
         "cache_hit_us": {"median": statistics.median(hit)},
-        "setup_ip_ms": {"p50": pct(ip, 0.5), "p99": pct(ip, 0.99)},
-        "setup_dns_ms": {"p50": pct(via_dns, 0.5), "p99": pct(via_dns, 0.99)},
+        "setup_ip_ms": {"p50": percentile(ip, 0.5), "p99": percentile(ip, 0.99)},
+        "setup_dns_ms": {"p50": percentile(via_dns, 0.5), "p99": percentile(via_dns, 0.99)},
         "dns_queries_for_all_connections": queries,
     }
     print(f"resolver cache hit:          {summary['cache_hit_us']['median']:.2f} µs per resolve()")

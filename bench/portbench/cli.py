@@ -1,0 +1,322 @@
+"""`python3 bench/run.py`: options, the run from start to JSON, exit code.
+
+Exit codes: 0 ok, 1 --compare found a regression, 2 incomplete run (or the
+baseline could not be read), 130 interrupted (partial JSON is still written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import datetime as _dt
+import json
+import os
+import shlex
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import BENCH_DIR, BenchError, log
+from .machine import host_busy_pct, machine_info
+from .origins import Backends, serve_http_origin, serve_udp_echo
+from .paths import ClientPath, DirectPath, HaproxyPath, PathBase, PortunusPath
+from .procs import Procs, free_port, wait_ready
+from .product import portunus_commands, probe_portunus, resolve_bin
+from .report import (ALL_GROUPS, ALL_PATHS, DEFAULT_PATHS, NOT_APPLICABLE, PORTUNUS_PATHS,
+                     compare, format_compare, format_header, format_issues, format_ratios,
+                     format_table, ratios, summarize)
+from .runner import Runner
+
+RUN_PY = BENCH_DIR / "run.py"     # also starts the helper servers: run.py _http-origin PORT
+
+PROCS: Procs | None = None
+
+
+def _cleanup() -> None:
+    if PROCS is not None:
+        PROCS.stop_all()
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        description="Portunus benchmark: direct vs portunus (splice/userspace) vs haproxy.")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: 1 s tests, repeat 1 (unless --repeat given); < 1 min")
+    ap.add_argument("--only", default="tcp,http,udp", help="comma list of tcp,http,udp")
+    ap.add_argument("--paths", default=",".join(DEFAULT_PATHS),
+                    help=f"comma list of {','.join(ALL_PATHS)} (default: all but haproxy-splice)")
+    ap.add_argument("--bin", default="dist/portunus",
+                    help="the portunus command, taking the role as its first argument "
+                         "(standalone paths: BIN standalone --config F; client paths: "
+                         "BIN server ... / BIN client ...); may contain args, e.g. "
+                         "'python3 -m portunus'; default %(default)s")
+    ap.add_argument("--repeat", type=int, default=None, help="repetitions per measurement "
+                    "(median is reported); default 3, 1 with --quick")
+    ap.add_argument("--compare", metavar="BASELINE_JSON",
+                    help="compare medians with a baseline; exit 1 if a metric is worse by more "
+                         "than --threshold percent")
+    ap.add_argument("--threshold", type=float, default=25.0, help="regression threshold %% (25)")
+    ap.add_argument("--write-baseline", action="store_true",
+                    help="store this run as bench/baseline.json")
+    ap.add_argument("--out", default=str(BENCH_DIR / "results" / "latest.json"))
+    ap.add_argument("--tcp-secs", type=int, default=None, help="iperf3 -t (default 5; quick 1)")
+    ap.add_argument("--no-reverse", dest="reverse", action="store_false",
+                    help="skip the iperf3 -R run")
+    ap.add_argument("--wrk-secs", type=int, default=None, help="wrk -d (default 5; quick 1)")
+    ap.add_argument("--wrk-threads", type=int, default=2)
+    ap.add_argument("--wrk-conns", type=int, default=32)
+    ap.add_argument("--rtt-count", type=int, default=None, help="idle RTT samples (2000; quick 300)")
+    ap.add_argument("--udp-count", type=int, default=None,
+                    help="datagrams per UDP run (default 100000; quick 20000)")
+    ap.add_argument("--udp-secs", type=float, default=None,
+                    help="time cap per UDP run (default 5; quick 1)")
+    ap.add_argument("--udp-flows", type=int, default=256, help="source sockets for the N-flow run")
+    ap.add_argument("--udp-window", type=int, default=128, help="datagrams in flight (all flows)")
+    ap.add_argument("--haproxy-threads", type=int, default=1,
+                    help="haproxy nbthread (default 1: same core budget as the single "
+                         "reactor of portunus)")
+    ap.add_argument("--portunus-log-level", default="info",
+                    choices=["debug", "info", "warn", "error"],
+                    help="log_level in the generated TOML (default info, so that the runner can "
+                         "check proxy.splice_selected; nothing is logged per connection)")
+    ap.add_argument("--max-total-secs", type=float, default=1800,
+                    help="overall time budget; remaining tests are skipped after it")
+    ap.add_argument("--keep-logs", action="store_true", help="keep child logs even on success")
+    return ap
+
+
+def parse_args(argv=None):
+    ap = _build_parser()
+    a = ap.parse_args(argv)
+    q = a.quick
+    a.repeat = a.repeat if a.repeat is not None else (1 if q else 3)
+    a.tcp_secs = a.tcp_secs or (1 if q else 5)
+    a.wrk_secs = a.wrk_secs or (1 if q else 5)
+    a.rtt_count = a.rtt_count or (300 if q else 2000)
+    a.udp_count = a.udp_count or (20000 if q else 100000)
+    a.udp_secs = a.udp_secs or (1.0 if q else 5.0)
+    if q:
+        a.max_total_secs = min(a.max_total_secs, 55)
+    a.only = [x.strip() for x in a.only.split(",") if x.strip()]
+    a.paths = [x.strip() for x in a.paths.split(",") if x.strip()]
+    for x in a.only:
+        if x not in ALL_GROUPS:
+            ap.error(f"--only: unknown group {x!r}")
+    for x in a.paths:
+        if x not in ALL_PATHS:
+            ap.error(f"--paths: unknown path {x!r}")
+    if a.repeat < 1:
+        ap.error("--repeat must be >= 1")
+    return a
+
+
+def _install_signal_handlers() -> None:
+    def _on_term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # even if inherited as ignored
+    signal.signal(signal.SIGTERM, _on_term)
+    signal.signal(signal.SIGHUP, _on_term)
+
+
+def _start_meta(argv: list[str], a, workdir: Path) -> dict:
+    meta = {"started": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "command": shlex.join(["python3", "bench/run.py"] + list(argv)),
+            "machine": machine_info(),
+            "options": {k: v for k, v in vars(a).items()}, "workdir": str(workdir),
+            "loadavg_start": os.getloadavg()}
+    busy = host_busy_pct(1.0)
+    meta["host_busy_pct_before"] = busy
+    if busy is not None and busy > 15:
+        log(f"WARNING: the machine is {busy:.0f}% busy before the run (other workloads); "
+            "results will be noisy")
+    return meta
+
+
+def _portunus_argvs(a, procs: Procs, workdir: Path, runner: Runner,
+                    meta: dict) -> tuple[list[str] | None, list[str] | None]:
+    """(standalone argv, base argv) of the product, or None for what cannot run;
+    why not is recorded as an error of each wanted path."""
+    wanted = [p for p in a.paths if p in PORTUNUS_PATHS]
+    if not wanted:
+        return None, None
+    bin_argv = resolve_bin(a.bin)
+    if bin_argv is None:
+        msg = (f"portunus binary {a.bin!r} not found; portunus and client paths skipped "
+               "(build with ./build.sh or pass --bin 'python3 -m portunus')")
+        log("WARNING: " + msg)
+        for p in wanted:
+            runner.errors.setdefault(p, []).append(msg)
+        return None, None
+    standalone_argv, base_argv, why = portunus_commands(bin_argv)
+    meta["portunus"] = {"argv": standalone_argv, "base_argv": base_argv}
+    if base_argv is None:
+        for p in wanted:
+            if p.startswith("client"):
+                runner.errors.setdefault(p, []).append(why)
+    if standalone_argv is None:
+        return None, base_argv
+    try:
+        lh, pinfo = probe_portunus(procs, standalone_argv, workdir)
+    except BenchError as e:
+        log(f"ERROR: {e}")
+        meta["portunus"]["probe_error"] = str(e)
+        for p in wanted:
+            runner.errors.setdefault(p, []).append(str(e))
+        return None, None
+    meta["portunus"].update(pinfo)
+    if lh is None:
+        log("WARNING: this portunus build rejects listen_host in the TOML; "
+            "its standalone listeners will bind 0.0.0.0 (product default) during the run")
+    return standalone_argv, base_argv
+
+
+def _build_paths(a, workdir: Path, runner: Runner, meta: dict, standalone_argv, base_argv,
+                 paths: list[PathBase]) -> None:
+    for p in a.paths:
+        if p == "direct":
+            paths.append(DirectPath())
+        elif p in ("haproxy", "haproxy-splice"):
+            if shutil.which("haproxy"):
+                paths.append(HaproxyPath(workdir, a.haproxy_threads, p == "haproxy-splice"))
+            else:
+                runner.errors.setdefault(p, []).append("haproxy not installed")
+        elif p.startswith("client"):
+            if base_argv is not None:
+                paths.append(ClientPath(p, base_argv, p == "client-splice"))
+        elif standalone_argv is not None:
+            paths.append(PortunusPath(p, standalone_argv, workdir, p == "portunus-splice",
+                                      meta["portunus"].get("listen_host"),
+                                      log_level=a.portunus_log_level))
+
+
+def _start_backends(a, procs: Procs, meta: dict) -> Backends:
+    """The backends, shared by every path (iperf3's is started per test)."""
+    be = Backends(free_port(), free_port(), free_port())
+    me = [sys.executable, str(RUN_PY)]
+    if "http" in a.only or "tcp" in a.only:
+        origin = procs.spawn("http-origin", me + ["_http-origin", str(be.http)])
+        wait_ready([be.http], [], origin, timeout=10)
+    if "udp" in a.only:
+        echo = procs.spawn("udp-echo", me + ["_udp-echo", str(be.udp)])
+        wait_ready([], [be.udp], echo, timeout=10)
+    meta["backends"] = {"iperf": be.iperf, "http": be.http, "udp": be.udp}
+    return be
+
+
+def _measure(a, runner: Runner, paths: list[PathBase], be: Backends) -> None:
+    """Repeats outermost, so paths are interleaved in time, and the path order
+    rotates from one repeat to the next (no path always runs first)."""
+    for rep in range(1, a.repeat + 1):
+        k = (rep - 1) % max(len(paths), 1)
+        for path in paths[k:] + paths[:k]:
+            if runner.out_of_time():
+                break
+            if not path.supports_udp and not ({"tcp", "http"} & set(a.only)):
+                continue
+            log(f"repeat {rep}/{a.repeat}: {path.name}")
+            runner.run_path(path, be, rep)
+
+
+def _compare_with_baseline(a, summary: dict, doc: dict) -> int | None:
+    """Print the comparison; its exit code (1 regression, 2 unreadable baseline), or None."""
+    try:
+        baseline = json.loads(Path(a.compare).read_text())
+    except (OSError, ValueError) as e:
+        print(f"\ncannot read baseline {a.compare}: {e}")
+        return 2
+    rows, missing = compare(summary, baseline, a.threshold)
+    doc["compare"] = {"baseline": a.compare, "threshold_pct": a.threshold,
+                      "rows": rows, "missing": missing}
+    print("\n".join(format_compare(a.compare, a.threshold, rows, missing)))
+    return 1 if any(r["regressed"] for r in rows) else None
+
+
+def _report(a, meta: dict, runner: Runner, paths: list[PathBase], interrupted: bool) -> dict:
+    """Print the table, ratios, errors and problems; the JSON document of the run."""
+    summary = summarize(runner.samples)
+    shown = [p.name for p in paths] + [p for p in a.paths if p not in {x.name for x in paths}]
+    print()
+    print("\n".join(format_header(meta, a)))
+    table = format_table(summary, shown, NOT_APPLICABLE, runner.errors)
+    print(table)
+    rat = ratios(summary)
+    if rat:
+        print()
+        print("\n".join(format_ratios(rat)))
+    issues = format_issues(runner.errors, runner.problems)
+    if issues:
+        print("\n".join(issues))
+    return {"meta": meta, "summary": summary, "ratios": rat, "errors": runner.errors,
+            "problems": runner.problems, "details": runner.details, "table": table,
+            "interrupted": interrupted}
+
+
+def _write_outputs(a, doc: dict, workdir: Path, runner: Runner, interrupted: bool) -> None:
+    out = Path(a.out)
+    out.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    print(f"\nresults: {out}")
+    if a.write_baseline and not interrupted:
+        bl = BENCH_DIR / "baseline.json"
+        bl.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+        print(f"baseline written: {bl}")
+    if not interrupted and not runner.errors and not runner.problems and not a.keep_logs:
+        shutil.rmtree(workdir, ignore_errors=True)
+    else:
+        print(f"child logs kept in {workdir}")
+
+
+def _make_workdir(a) -> Path:
+    results_dir = Path(a.out).parent
+    results_dir.mkdir(parents=True, exist_ok=True)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    workdir = Path(tempfile.mkdtemp(prefix=f"run-{stamp}-", dir=results_dir))
+    (workdir / "logs").mkdir()
+    return workdir
+
+
+def main(argv=None) -> int:
+    global PROCS
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_http-origin":
+        serve_http_origin(int(argv[1]))
+        return 0
+    if argv and argv[0] == "_udp-echo":
+        serve_udp_echo(int(argv[1]))
+        return 0
+    a = parse_args(argv)
+    for tool in ("iperf3", "wrk", "haproxy"):
+        if shutil.which(tool) is None:
+            log(f"WARNING: {tool} not found (apt-get install -y iperf3 wrk haproxy)")
+    workdir = _make_workdir(a)
+    PROCS = procs = Procs(workdir / "logs")
+    atexit.register(_cleanup)
+    _install_signal_handlers()
+    t_start = time.monotonic()
+    meta = _start_meta(argv, a, workdir)
+    runner = Runner(a, procs, workdir)
+    interrupted, rc = False, 0
+    paths: list[PathBase] = []
+    try:
+        standalone_argv, base_argv = _portunus_argvs(a, procs, workdir, runner, meta)
+        _build_paths(a, workdir, runner, meta, standalone_argv, base_argv, paths)
+        _measure(a, runner, paths, _start_backends(a, procs, meta))
+    except KeyboardInterrupt as e:
+        interrupted, rc = True, 130
+        log(f"interrupted ({str(e) or 'Ctrl-C'}); stopping children and writing partial results")
+    finally:
+        procs.stop_all()
+        for path in paths:      # client-mode data dirs (keys, bundle) of an interrupted run
+            if isinstance(path, ClientPath):
+                path.discard_data_dir()
+    meta["elapsed_s"] = round(time.monotonic() - t_start, 1)
+    meta["loadavg_end"] = os.getloadavg()
+    doc = _report(a, meta, runner, paths, interrupted)
+    if a.compare and not interrupted:
+        rc = _compare_with_baseline(a, doc["summary"], doc) or rc
+    if rc == 0 and runner.errors:
+        rc = 2          # incomplete run: some path or test could not be measured
+    _write_outputs(a, doc, workdir, runner, interrupted)
+    return rc

@@ -1,0 +1,73 @@
+"""The machine the run is on: whole-host CPU load (/proc/stat), CPU model, tool versions."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+
+from . import REPO
+
+
+def stat_snap() -> tuple[int, int] | None:
+    """(total jiffies, idle+iowait jiffies) over all CPUs, from /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return sum(v[:8]), v[3] + (v[4] if len(v) > 4 else 0)
+
+
+def busy_pct_between(a: tuple[int, int] | None, b: tuple[int, int] | None) -> float | None:
+    """Whole-machine CPU busy % between two stat_snap() readings (100 % = every core)."""
+    if not a or not b:
+        return None
+    return 100.0 * (1 - (b[1] - a[1]) / max(b[0] - a[0], 1))
+
+
+def host_busy_pct(secs: float = 1.0) -> float | None:
+    """Whole-machine CPU busy % over `secs`."""
+    a = stat_snap()
+    time.sleep(secs)
+    return busy_pct_between(a, stat_snap())
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def _tool_version(argv: list[str]) -> str | None:
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        return (r.stdout or r.stderr).strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+
+
+def _git_revision() -> str | None:
+    try:
+        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return rev + ("-dirty" if dirty else "")
+
+
+def machine_info() -> dict:
+    return {
+        "hostname": platform.node(), "nproc": os.cpu_count(), "cpu_model": _cpu_model(),
+        "kernel": platform.release(), "python": platform.python_version(),
+        "iperf3": _tool_version(["iperf3", "--version"]), "wrk": _tool_version(["wrk", "--version"]),
+        "haproxy": _tool_version(["haproxy", "-v"]), "git": _git_revision(),
+    }

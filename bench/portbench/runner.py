@@ -1,0 +1,209 @@
+"""Measures one path: start it, check it forwards, run the tcp/http/udp groups,
+stop it; collects samples, per-repeat details, errors and problems."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from . import BenchError, log
+from .machine import busy_pct_between, stat_snap
+from .origins import BODY, Backends
+from .paths import PathBase
+from .procs import Procs, proc_cpu_secs
+from .tools import http_get, idle_rtt, iperf_once, udp_load, udp_probe, wrk_once
+
+
+def _cpu_note(cpu: float | None) -> str:
+    return f"  (proxy cpu {cpu:.0f}%)" if cpu is not None else ""
+
+
+class Runner:
+    def __init__(self, args, procs: Procs, workdir: Path):
+        self.a, self.procs, self.workdir = args, procs, workdir
+        self.samples: dict[str, dict[str, list[float]]] = {}
+        self.details: dict[str, list[dict]] = {}
+        self.problems: dict[str, list[str]] = {}
+        self.errors: dict[str, list[str]] = {}
+        self.started = time.monotonic()
+        self.skipped_for_time = False
+        self.last_host_busy: float | None = None
+        self.last_cpu_secs: float | None = None
+
+    def add(self, path: str, metric: str, value) -> None:
+        if value is None:
+            return
+        self.samples.setdefault(path, {}).setdefault(metric, []).append(float(value))
+
+    def note_error(self, path: str, msg: str) -> None:
+        log(f"  ERROR [{path}] {msg}")
+        self.errors.setdefault(path, []).append(msg)
+
+    def out_of_time(self) -> bool:
+        if time.monotonic() - self.started > self.a.max_total_secs:
+            if not self.skipped_for_time:
+                log(f"total time budget ({self.a.max_total_secs}s) exhausted; skipping the rest")
+            self.skipped_for_time = True
+            return True
+        return False
+
+    def cpu_pct(self, path: PathBase, fn):
+        """Run fn(); return (result, proxy CPU %). Whole-host busy % during fn()
+        is left in self.last_host_busy (100 % = every core busy)."""
+        pid = path.pid
+        c0 = proc_cpu_secs(pid) if pid else None
+        h0 = stat_snap()
+        t0 = time.monotonic()
+        r = fn()
+        self.last_host_busy = busy_pct_between(h0, stat_snap())
+        self.last_cpu_secs = None
+        if c0 is None:
+            return r, None
+        c1 = proc_cpu_secs(pid)
+        if c1 is None:
+            return r, None
+        self.last_cpu_secs = c1 - c0
+        return r, 100.0 * (c1 - c0) / max(time.monotonic() - t0, 1e-6)
+
+    def run_path(self, path: PathBase, be: Backends, rep: int) -> None:
+        a, n = self.a, path.name
+        if not path.supports_udp and not ({"tcp", "http"} & set(a.only)):
+            return                      # nothing this path can be measured on
+        detail: dict = {"repeat": rep}
+        self.details.setdefault(n, []).append(detail)
+        path.tcp_used = "tcp" in a.only or "http" in a.only
+        try:
+            fronts, startup = path.start(be, self.procs)
+        except BenchError as e:
+            self.note_error(n, f"start failed: {e}")
+            info = path.release(self.procs)
+            if info is not None:
+                detail["stop"] = info
+            self._collect_problems(path)
+            return
+        self.add(n, "proxy_startup_s", startup)
+        try:
+            self._sanity(path, fronts)
+            if "tcp" in a.only:
+                self._tcp(path, fronts, be, detail)
+            if "http" in a.only:
+                self._http(path, fronts, detail)
+            if "udp" in a.only and path.supports_udp:
+                self._udp(path, fronts, detail)
+        except (BenchError, OSError) as e:
+            self.note_error(n, f"{type(e).__name__}: {e}")
+        finally:
+            self._finish(path, detail)
+
+    def _sanity(self, path: PathBase, fronts: Backends) -> None:
+        """The path must actually forward before we measure it."""
+        a, n = self.a, path.name
+        if "http" in a.only or "tcp" in a.only:
+            resp = http_get(fronts.http)
+            if not resp.startswith(b"HTTP/1.1 200") or not resp.endswith(BODY):
+                raise BenchError(f"sanity GET through {n} returned {resp[:120]!r}")
+        if "udp" in a.only and path.supports_udp and not udp_probe(fronts.udp):
+            raise BenchError(f"sanity UDP echo through {n} got no reply")
+
+    def _finish(self, path: PathBase, detail: dict) -> None:
+        n = path.name
+        if path.proc is None:       # e.g. a client path whose client never started
+            info = path.release(self.procs)
+            if info is not None:
+                detail["stop"] = info
+                self._collect_problems(path)
+            return
+        if path.proc.poll() is not None:
+            self.note_error(n, f"proxy process died during the run (code {path.proc.returncode})")
+        info = path.stop(self.procs)
+        detail["stop"] = info
+        self.add(n, "proxy_peak_rss_mib", info.get("peak_rss_mib"))
+        self._collect_problems(path)
+
+    def _collect_problems(self, path: PathBase) -> None:
+        if path.problems:
+            lst = self.problems.setdefault(path.name, [])
+            for p in path.problems:
+                if p not in lst:
+                    lst.append(p)
+                    log(f"  problem [{path.name}] {p[:300]}")
+            path.problems = []
+
+    def _tcp(self, path, f, be, detail):
+        a, n = self.a, path.name
+        for metric, rev in (("tcp_bulk_gbps", False), ("tcp_bulk_rev_gbps", True)):
+            if rev and not a.reverse:
+                continue
+            if self.out_of_time():
+                return
+            try:
+                r, cpu = self.cpu_pct(path, lambda: iperf_once(self.procs, f.iperf, be.iperf,
+                                                               a.tcp_secs, rev))
+            except BenchError as e:
+                self.note_error(n, f"{metric}: {e}")
+                continue
+            self.add(n, metric, r["gbps"])
+            if not rev:
+                self.add(n, "tcp_bulk_proxy_cpu_pct", cpu)
+                self.add(n, "tcp_bulk_host_busy_pct", self.last_host_busy)
+                if self.last_cpu_secs is not None and r.get("bytes"):
+                    self.add(n, "tcp_bulk_proxy_cpu_ms_per_gb",
+                             self.last_cpu_secs * 1e3 / (r["bytes"] / 1e9))
+            detail[metric] = {**r, "proxy_cpu_pct": cpu, "host_busy_pct": self.last_host_busy}
+            log(f"  {n:<19} {metric:<22} {r['gbps']:.2f} Gbit/s" + _cpu_note(cpu))
+
+    def _http(self, path, f, detail):
+        a, n = self.a, path.name
+        for kind, close in (("keepalive", False), ("close", True)):
+            if self.out_of_time():
+                return
+            try:
+                r, cpu = self.cpu_pct(path, lambda: wrk_once(self.procs, f.http, a.wrk_secs,
+                                                             a.wrk_threads, a.wrk_conns, close))
+            except BenchError as e:
+                self.note_error(n, f"http_{kind}: {e}")
+                continue
+            self._record_wrk(n, kind, r, cpu, detail)
+        if self.out_of_time():
+            return
+        try:
+            r = idle_rtt(f.http, a.rtt_count, timeout=a.wrk_secs + 5)
+        except (BenchError, OSError) as e:
+            self.note_error(n, f"idle rtt: {e}")
+            return
+        self.add(n, "http_idle_rtt_p50_us", r["p50_us"])
+        self.add(n, "http_idle_rtt_p99_us", r["p99_us"])
+        detail["http_idle_rtt"] = r
+        log(f"  {n:<19} idle rtt               p50 {r['p50_us']:.0f} us p99 {r['p99_us']:.0f} us")
+
+    def _record_wrk(self, n: str, kind: str, r: dict, cpu: float | None, detail: dict) -> None:
+        self.add(n, f"http_{kind}_rps", r["rps"])
+        self.add(n, f"http_{kind}_p50_ms", r.get("p50_ms"))
+        self.add(n, f"http_{kind}_p99_ms", r.get("p99_ms"))
+        self.add(n, f"http_{kind}_proxy_cpu_pct", cpu)
+        if self.last_cpu_secs is not None and r.get("requests"):
+            self.add(n, f"http_{kind}_proxy_cpu_us_per_req",
+                     self.last_cpu_secs * 1e6 / r["requests"])
+        detail[f"http_{kind}"] = {**r, "proxy_cpu_pct": cpu, "host_busy_pct": self.last_host_busy}
+        errs = sum(r["socket_errors"].values()) if r["socket_errors"] else 0
+        if errs or r["non_2xx"]:
+            self.problems.setdefault(n, []).append(
+                f"wrk {kind}: socket errors {r['socket_errors']}, non-2xx {r['non_2xx']}")
+        log(f"  {n:<19} http_{kind:<17} {r['rps']:.0f} req/s p50 {r.get('p50_ms', 0):.3f} ms "
+            f"p99 {r.get('p99_ms', 0):.3f} ms  errors {errs}" + _cpu_note(cpu))
+
+    def _udp(self, path, f, detail):
+        a, n = self.a, path.name
+        for key, flows in (("1flow", 1), ("manyflow", a.udp_flows)):
+            if self.out_of_time():
+                return
+            r, cpu = self.cpu_pct(path, lambda: udp_load(f.udp, flows, a.udp_count,
+                                                         a.udp_window, a.udp_secs))
+            self.add(n, f"udp_{key}_pps", r["pps"])
+            self.add(n, f"udp_{key}_loss_pct", r["loss_pct"])
+            if key == "manyflow":
+                self.add(n, "udp_manyflow_proxy_cpu_pct", cpu)
+            detail[f"udp_{key}"] = {**r, "flows": flows, "proxy_cpu_pct": cpu,
+                                    "host_busy_pct": self.last_host_busy}
+            log(f"  {n:<19} udp_{key:<18} {r['pps']:.0f} pkt/s  sent {r['sent']} recv "
+                f"{r['received']} loss {r['loss_pct']:.2f}%  stalls {r['stalls']}" + _cpu_note(cpu))
