@@ -41,7 +41,10 @@ MAX_CONCURRENT_HASHES = 2
 _MAX_MEMORY_KIB = 1 << 20
 _MAX_ITERATIONS = 16
 _MAX_LANES = 16
-_PHC = re.compile(r"\$argon2id\$v=(\d{1,3})\$m=(\d{1,8}),t=(\d{1,3}),p=(\d{1,3})\$([A-Za-z0-9+/]+)\$([A-Za-z0-9+/]+)")
+# [0-9], not \d: \d also matches non-ASCII digits, which int() accepts
+# (no leading zeros either: one value, one spelling)
+_PHC = re.compile(r"\$argon2id\$v=([1-9][0-9]{0,2})\$m=([1-9][0-9]{0,7}),t=([1-9][0-9]{0,2}),p=([1-9][0-9]{0,2})"
+                  r"\$([A-Za-z0-9+/]+)\$([A-Za-z0-9+/]+)")
 
 _hash_slots = threading.BoundedSemaphore(MAX_CONCURRENT_HASHES)
 
