@@ -40,6 +40,7 @@ class Channel:
         self.open = False
         self.closed = False
         self.close_reason: str | None = None
+        self.close_code: str | None = None  # stable reason of a protocol close (frame/message/TLS error)
         self._wbuf = bytearray()
         self.last_rx = loop.time()
         self.peer = _peername(sock)
@@ -61,6 +62,7 @@ class Channel:
             return
         except (ssl.SSLError, OSError) as exc:
             self._flush_tls()
+            self.close_code = "tls_handshake_failed"
             self.close(f"tls handshake failed: {_short(exc)}")
             return
         self._flush_tls()
@@ -98,6 +100,7 @@ class Channel:
                 self.close("peer closed the TLS session")
                 return
             except ssl.SSLError as exc:
+                self.close_code = "tls_error"
                 self.close(f"tls error: {_short(exc)}")
                 return
             if not chunk:
@@ -109,6 +112,7 @@ class Channel:
         try:
             messages = self.decoder.feed(b"".join(chunks))
         except FrameError as exc:
+            self.close_code = exc.code
             self.close(f"{exc.code}: {exc.message}")
             return
         for msg in messages:
@@ -117,6 +121,7 @@ class Channel:
             try:
                 msg = validate(msg, self.peer_role)
             except MessageError as exc:
+                self.close_code = exc.code
                 self.close(f"{exc.code}: {exc.message}")
                 return
             self.on_message(self, msg)

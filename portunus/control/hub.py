@@ -20,11 +20,21 @@ from .. import __version__
 from ..errors import PortunusError
 from ..log import log
 from . import messages as m
+from . import stats_report
 from .channel import Channel
 
 FIRST_MESSAGE_TIMEOUT = 10.0
 PING_INTERVAL = 15.0
 DEAD_AFTER = 45.0
+REJECT_LOG_EVERY = 60.0  # seconds between control.rejected / control.message_rejected lines per key
+MAX_REMOVING = 4096  # removals a session remembers so their late "removed" status is still accepted
+
+# why a message about a rule was dropped (label of portunus_control_rejected_messages_total)
+RULE_NOT_OWNED = "rule_not_owned"
+REQUEST_ID_UNKNOWN = "request_id_unknown"
+REJECT_REASONS = (RULE_NOT_OWNED, REQUEST_ID_UNKNOWN) + stats_report.REASONS
+# closes before authentication that are not the server rejecting a peer
+_QUIET_CLOSES = ("peer closed", "read failed", "server shutting down", "enrolled")
 
 
 class Offload:
@@ -51,10 +61,20 @@ class Offload:
 
 
 class ClientSession:
-    __slots__ = ("client_id", "client_name", "channel", "capabilities", "client_version", "connected_at",
-                 "remote_addr", "waiters", "stats", "stats_at")
+    """One authenticated client channel and what the server told it.
+
+    ``rules`` holds the shapes of the rules this client owns (None until the replay
+    has loaded them): every message about a rule is checked against it.
+    ``sent_requests`` is the request id of the last push or remove sent per rule.
+    """
+
+    __slots__ = ("serial", "client_id", "client_name", "channel", "capabilities", "client_version",
+                 "connected_at", "remote_addr", "waiters", "rules", "sent_requests", "removing")
+
+    _serials = itertools.count(1)
 
     def __init__(self, client: dict, channel: Channel, hello: dict):
+        self.serial = next(self._serials)
         self.client_id = client["client_id"]
         self.client_name = client["client_name"]
         self.channel = channel
@@ -63,6 +83,12 @@ class ClientSession:
         self.connected_at = time.time()
         self.remote_addr = channel.peer
         self.waiters: dict[str, list[concurrent.futures.Future]] = {}
+        self.rules: dict[str, stats_report.RuleShape] | None = None
+        self.sent_requests: dict[str, str | None] = {}
+        self.removing: dict[str, str | None] = {}  # removed rule id -> request id of the remove
+
+    def owns(self, rule_id: str) -> bool:
+        return self.rules is not None and rule_id in self.rules
 
 
 class Hub:
@@ -80,6 +106,7 @@ class Hub:
         self._nonce = itertools.count(1)
         self._lock = threading.Lock()  # guards the read-only views HTTP threads take
         self.auth_failures: dict[str, int] = {}
+        self.rejected_messages: dict[str, int] = {}
         self.pending_channels: set[Channel] = set()
 
     # ---- listening --------------------------------------------------------
@@ -108,7 +135,8 @@ class Hub:
                 return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE):
-                    log.warn("control.accept_error", errno_name=errno.errorcode.get(exc.errno))
+                    name = errno.errorcode.get(exc.errno)
+                    log.limited("warn", "control.accept_error", key=name, errno_name=name)
                     self.loop.remove_reader(self.listener.fileno())
                     self.loop.call_later(0.2, self.loop.add_reader, self.listener.fileno(), self._on_accept)
                 return
@@ -116,11 +144,14 @@ class Hub:
                          on_open=self._on_open, on_message=self._on_message, on_close=self._on_close)
             if not ch.closed:
                 self.pending_channels.add(ch)
-                ch.context["first_timer"] = self.loop.call_later(
-                    FIRST_MESSAGE_TIMEOUT, lambda c=ch: c.close("no hello within 10 s"))
+                ch.context["first_timer"] = self.loop.call_later(FIRST_MESSAGE_TIMEOUT, self._hello_timeout, ch)
 
     def _on_open(self, ch: Channel) -> None:
         pass  # the client speaks first
+
+    def _hello_timeout(self, ch: Channel) -> None:
+        ch.close_code = "hello_timeout"
+        ch.close(f"no hello within {FIRST_MESSAGE_TIMEOUT:g} s")
 
     # ---- messages ---------------------------------------------------------
     def _on_message(self, ch: Channel, msg: dict) -> None:
@@ -128,6 +159,7 @@ class Hub:
         mtype = msg["type"]
         if session is None:
             if ch.context.get("authenticating"):
+                ch.close_code = "message_before_auth"
                 ch.close("message before authentication finished")
                 return
             timer = ch.context.pop("first_timer", None)
@@ -143,15 +175,16 @@ class Hub:
         if mtype == "rule_status":
             self._on_rule_status(session, msg)
         elif mtype == "stats_report":
-            if self.stats_sink is not None:
-                self.stats_sink(session.client_id, msg)
+            self._on_stats_report(session, msg)
         elif mtype == "pong":
             pass
         else:
             self._refuse(ch, "protocol_error", f"unexpected message {mtype!r}")
 
     def _refuse(self, ch: Channel, code: str, message: str) -> None:
-        log.warn("control.refused", peer=ch.peer, code=code, reason=message)
+        ch.context["close_logged"] = True
+        log.limited("warn", "control.refused", key=f"{_source(ch.peer)}:{code}", every=REJECT_LOG_EVERY,
+                    peer=ch.peer, code=code, reason=message)
         ch.send(m.error(code, message))
         ch.close(f"{code}: {message}")
 
@@ -171,7 +204,9 @@ class Hub:
                 client, token = fut.result()
             except PortunusError as exc:
                 self._count_auth_failure("enrollment_invalid")
-                log.warn("enrollment.refused", peer=ch.peer, reason=exc.message)
+                ch.context["close_logged"] = True
+                log.limited("warn", "enrollment.refused", key=_source(ch.peer), every=REJECT_LOG_EVERY,
+                            peer=ch.peer, reason=exc.message)
                 ch.send(m.error(exc.code, exc.message))
                 ch.close(exc.code)
                 return
@@ -200,7 +235,9 @@ class Hub:
             except PortunusError as exc:
                 reason = "token_revoked" if exc.code == "token_revoked" else "invalid_token"
                 self._count_auth_failure(reason)
-                log.warn("auth.failure", peer=ch.peer, reason=reason)
+                ch.context["close_logged"] = True
+                log.limited("warn", "auth.failure", key=f"{_source(ch.peer)}:{reason}", every=REJECT_LOG_EVERY,
+                            peer=ch.peer, reason=reason)
                 ch.send(m.error(exc.code, exc.message))
                 ch.close(reason)
                 return
@@ -233,25 +270,58 @@ class Hub:
         def replay(fut) -> None:
             if ch.closed:
                 return
-            rules = fut.result()
+            owned, rules = fut.result()
+            # pushes sent while the replay loaded are already in session.rules; keep them
+            session.rules = {**owned, **(session.rules or {})}
             for rule in rules:
+                session.sent_requests[rule.rule_id] = None
                 ch.send(m.rule_push(rule.to_dict(), None))
             ch.send(m.replay_done([r.rule_id for r in rules]))
             log.info("client.replayed", client_id=session.client_id, rules=len(rules))
-        def replayable() -> list:
+
+        def replayable() -> tuple[dict, list]:
             # a failed rule stays failed until removed: replaying it would be an automatic retry
             failed = {r["rule_id"] for r in store_rules.list_rules(self.store, client_id=session.client_id)
                       if r["state"] == "failed"}
-            return [r for r in store_rules.rules_for_client(self.store, session.client_id)
-                    if r.rule_id not in failed]
+            every = store_rules.rules_for_client(self.store, session.client_id)
+            owned = {r.rule_id: stats_report.RuleShape.of(r) for r in every}
+            return owned, [r for r in every if r.rule_id not in failed]
         self.offload.run(replayable, then=replay)
+
+    # ---- messages about rules: only the sender's own rules count -----------
+    def _reject(self, session: ClientSession, reason: str, detail: str, count: int = 1) -> None:
+        with self._lock:
+            self.rejected_messages[reason] = self.rejected_messages.get(reason, 0) + count
+        log.limited("warn", "control.message_rejected", key=f"{session.serial}:{reason}", every=REJECT_LOG_EVERY,
+                    client_id=session.client_id, client_name=session.client_name, peer=session.remote_addr,
+                    reason=reason, detail=detail)
+
+    def _rule_status_problem(self, session: ClientSession, msg: dict) -> str | None:
+        """Why a rule_status may not be applied, or None when it is about this client's rule."""
+        rule_id, request_id = msg["rule_id"], msg.get("request_id")
+        if msg["state"] == "removed" and rule_id in session.removing:
+            expected = session.removing[rule_id]
+        elif session.owns(rule_id):
+            expected = session.sent_requests.get(rule_id)
+        else:
+            return RULE_NOT_OWNED
+        if request_id is not None and request_id != expected:
+            return REQUEST_ID_UNKNOWN
+        return None
 
     def _on_rule_status(self, session: ClientSession, msg: dict) -> None:
         from ..store import rules as store_rules
         rule_id, state = msg["rule_id"], msg["state"]
+        problem = self._rule_status_problem(session, msg)
+        if problem is not None:
+            self._reject(session, problem, f"rule_status {state!r} for rule {rule_id[:64]!r} "
+                                           f"(request_id {str(msg.get('request_id'))[:64]!r})")
+            return
         log.info("rule.status", client_id=session.client_id, rule=rule_id, state=state,
                  reason=msg.get("reason"), request_id=msg.get("request_id"))
-        if state in ("active", "failed"):
+        if state == "removed":
+            session.removing.pop(rule_id, None)
+        elif state in ("active", "failed"):
             def persist() -> None:
                 try:
                     store_rules.set_rule_state(self.store, rule_id, state, msg.get("reason"))
@@ -262,6 +332,23 @@ class Hub:
             if not fut.done():
                 fut.set_result(msg)
 
+    def _on_stats_report(self, session: ClientSession, msg: dict) -> None:
+        if session.rules is None:
+            return  # sent before the replay loaded this client's rules: the next report counts
+        clean, rejected = [], {}
+        for snap in msg["rules"]:
+            try:
+                clean.append(stats_report.clean_snapshot(snap, session.rules))
+            except stats_report.StatsRejected as exc:
+                if exc.reason == stats_report.UNKNOWN_RULE and snap.get("rule_id") in session.removing:
+                    continue  # counters of a rule removed a moment ago: late, not hostile
+                count, _ = rejected.get(exc.reason, (0, exc.detail))
+                rejected[exc.reason] = (count + 1, exc.detail)
+        for reason, (count, detail) in rejected.items():
+            self._reject(session, reason, detail, count)
+        if clean and self.stats_sink is not None:
+            self.stats_sink(session.client_id, {"rules": clean, "at": msg["at"]})
+
     def _on_close(self, ch: Channel, reason: str) -> None:
         self.pending_channels.discard(ch)
         timer = ch.context.pop("first_timer", None)
@@ -269,6 +356,7 @@ class Hub:
             timer.cancel()
         session: ClientSession | None = ch.context.get("session")
         if session is None:
+            self._log_unauthenticated_close(ch, reason)
             return
         with self._lock:
             if self.sessions.get(session.client_id) is session:
@@ -281,6 +369,15 @@ class Hub:
         session.waiters.clear()
         log.info("client.disconnected", client_id=session.client_id, client_name=session.client_name,
                  reason=reason)
+
+    def _log_unauthenticated_close(self, ch: Channel, reason: str) -> None:
+        """SPEC §3.1: a channel the server closes before authentication gets a logged reason."""
+        if ch.context.get("close_logged") or reason.startswith(_QUIET_CLOSES):
+            log.debug("control.closed_unauthenticated", peer=ch.peer, reason=reason)
+            return
+        code = ch.close_code or "closed"
+        log.limited("warn", "control.rejected", key=_source(ch.peer), every=REJECT_LOG_EVERY,
+                    peer=ch.peer, reason=code, detail=reason)
 
     # ---- liveness ---------------------------------------------------------
     def _heartbeat(self) -> None:
@@ -319,9 +416,17 @@ class Hub:
         with self._lock:
             return dict(self.auth_failures)
 
+    def rejected_message_counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.rejected_messages)
+
     def connected_count(self) -> int:
         with self._lock:
             return len(self.sessions)
+
+    def connected_ids(self) -> set[str]:
+        with self._lock:
+            return set(self.sessions)
 
     # the following run on the loop (via call)
     def push_rule(self, client_id: str, rule_dict: dict, request_id: str | None) -> concurrent.futures.Future:
@@ -331,13 +436,25 @@ class Hub:
         if session is None or not session.channel.send(m.rule_push(rule_dict, request_id)):
             ack.set_exception(PortunusError("client_not_connected", f"client {client_id} is not connected"))
             return ack
-        session.waiters.setdefault(rule_dict["rule_id"], []).append(ack)
+        rule_id = rule_dict["rule_id"]
+        if session.rules is None:
+            session.rules = {}  # the replay is still loading; it merges what it finds
+        session.rules[rule_id] = stats_report.RuleShape.of(rule_dict)
+        session.removing.pop(rule_id, None)
+        session.sent_requests[rule_id] = request_id
+        session.waiters.setdefault(rule_id, []).append(ack)
         return ack
 
     def remove_rule(self, client_id: str, rule_id: str, request_id: str | None) -> bool:
         session = self.sessions.get(client_id)
         if session is None:
             return False
+        if session.rules is not None:
+            session.rules.pop(rule_id, None)
+        session.sent_requests.pop(rule_id, None)
+        session.removing[rule_id] = request_id
+        while len(session.removing) > MAX_REMOVING:
+            session.removing.pop(next(iter(session.removing)))
         return session.channel.send(m.rule_remove(rule_id, request_id))
 
     def disconnect(self, client_id: str, code: str, message: str) -> bool:
@@ -358,3 +475,8 @@ class Hub:
             self.listener.close()
             self.listener = None
         self.offload.close()
+
+
+def _source(peer: str) -> str:
+    """The source address of a "host:port" peer: the key of per-source rate limits."""
+    return peer.rsplit(":", 1)[0] if ":" in peer else peer

@@ -19,7 +19,9 @@ from ..store import clients as store_clients
 from ..store import rules as store_rules
 from ..store import settings as store_settings
 from ..store.ids import new_ulid
-from .metrics import Family, render
+from ..control.hub import REJECT_REASONS
+from ..control.stats_report import PORT_COUNTERS
+from .metrics import render, server_families
 
 # capability each rule feature needs from the client (SPEC §3.1)
 def required_capabilities(rule: Rule) -> list[tuple[str, str]]:
@@ -43,7 +45,11 @@ ADVERTISED_OVERRIDE_KEY = "advertised_endpoint_override"
 
 
 class StatsCache:
-    """Latest stats_report snapshot per rule, and a condition SSE streams wait on."""
+    """Latest stats_report snapshot per rule, and a condition SSE streams wait on.
+
+    The hub hands over only snapshots it validated (``control.stats_report``) of rules
+    the reporting client owns, so what is held here is bounded by the rule count.
+    """
 
     def __init__(self):
         self._lock = threading.Condition()
@@ -273,8 +279,11 @@ class ServerCore:
     def remove_rule(self, rule_id: str, request_id: str | None = None) -> dict:
         rule = store_rules.get_rule(self.store, rule_id)
         store_rules.delete_rule(self.store, rule_id)
-        self.stats.forget(rule_id)
-        sent = self.hub.call(self.hub.remove_rule, rule["client_id"], rule_id, request_id).result(5)
+        try:
+            sent = self.hub.call(self.hub.remove_rule, rule["client_id"], rule_id, request_id).result(5)
+        finally:
+            # after the hub stopped accepting this rule's stats, so a report in flight cannot re-add it
+            self.stats.forget(rule_id)
         log.info("rule.remove", rule=rule_id, client_id=rule["client_id"], delivered=sent, request_id=request_id)
         return {"rule_id": rule_id, "removed": True, "client_notified": sent}
 
@@ -294,8 +303,7 @@ class ServerCore:
         if per_port:
             rows = {r["listen_port"]: r for r in snap.get("per_port", [])}
             out["per_port"] = [
-                rows.get(p, {"listen_port": p, "bytes_in": 0, "bytes_out": 0, "active_connections": 0,
-                             "datagrams_in": 0, "datagrams_out": 0})
+                rows.get(p, {"listen_port": p, **dict.fromkeys(PORT_COUNTERS, 0)})
                 for p in range(rule["listen_port"], rule["listen_port_end"] + 1)]
         if per_target:
             out["per_target"] = snap.get("per_target", [])
@@ -308,61 +316,16 @@ class ServerCore:
             self.operator_requests[key] = self.operator_requests.get(key, 0) + 1
 
     def metrics_text(self) -> str:
-        clients = {c["client_id"]: c for c in store_clients.list_clients(self.store)}
         # one row per live rule: failed rules bind nothing and have no series
         rules = [r for r in store_rules.list_rules(self.store) if r["state"] in ("active", "pending")]
-        fams = []
-        f = Family("portunus_clients_connected", "gauge", "Clients with a live control channel.")
-        f.add({}, self.hub.connected_count())
-        fams.append(f)
-        f = Family("portunus_auth_failures_total", "counter", "Control-channel authentication failures by reason.")
-        failures = self.hub.auth_failure_counts()
-        for reason in sorted(set(failures) | {"invalid_token", "token_revoked"}):
-            f.add({"reason": reason}, failures.get(reason, 0))
-        fams.append(f)
-        f = Family("portunus_operator_requests_total", "counter", "Operator API requests by outcome and reason.")
         with self._req_lock:
             reqs = dict(self.operator_requests)
-        for (outcome, reason), n in sorted(reqs.items()):
-            f.add({"outcome": outcome, "reason": reason}, n)
-        fams.append(f)
-        f = Family("portunus_audit_buffer_drops_total", "counter", "Audit rows that could not be written.")
-        f.add({}, getattr(self, "audit_drops", 0))
-        fams.append(f)
-        f = Family("portunus_store_busy_total", "counter", "Times the store reported busy.")
-        f.add({}, getattr(self.store, "busy_count", 0))
-        fams.append(f)
-
-        per_rule = [
-            ("portunus_rule_bytes_in_total", "counter", "Bytes delivered from end users to targets.", "bytes_in", "tcp"),
-            ("portunus_rule_bytes_out_total", "counter", "Bytes delivered from targets to end users.", "bytes_out", "tcp"),
-            ("portunus_rule_active_connections", "gauge", "Open TCP connections.", "active_connections", "tcp"),
-            ("portunus_rule_dns_failures_total", "counter", "Target name resolution failures.", "dns_failures", None),
-            ("portunus_rule_udp_datagrams_in_total", "counter", "Datagrams forwarded to targets.", "datagrams_in", "udp"),
-            ("portunus_rule_udp_datagrams_out_total", "counter", "Datagrams returned to end users.", "datagrams_out", "udp"),
-            ("portunus_rule_active_flows", "gauge", "Live UDP flows.", "active_flows", "udp"),
-            ("portunus_rule_flows_dropped_overflow_total", "counter", "New UDP flows dropped at the flow cap.",
-             "flows_dropped_overflow", "udp"),
-        ]
-        for name, typ, help_text, key, proto in per_rule:
-            f = Family(name, typ, help_text)
-            for r in rules:
-                if proto is not None and r["protocol"] != proto:
-                    continue
-                snap = self.stats.get(r["rule_id"]) or {}
-                client = clients.get(r["client_id"], {})
-                f.add({"client": client.get("client_name", r["client_id"]), "rule": r["rule_id"],
-                       "owner": r.get("owner") or ""}, snap.get(key, 0))
-            fams.append(f)
-        f = Family("portunus_rule_target_failovers_total", "counter", "Target health transitions (multi-target rules).")
-        for r in rules:
-            if len(r.get("targets", [])) > 1:
-                snap = self.stats.get(r["rule_id"]) or {}
-                client = clients.get(r["client_id"], {})
-                f.add({"client": client.get("client_name", r["client_id"]), "rule": r["rule_id"],
-                       "owner": r.get("owner") or ""}, snap.get("target_failovers_total", 0))
-        fams.append(f)
-        return render(fams)
+        return render(server_families(
+            clients=store_clients.list_clients(self.store), connected_ids=self.hub.connected_ids(),
+            rules=rules, snapshot_of=self.stats.get, auth_failures=self.hub.auth_failure_counts(),
+            rejected_messages=self.hub.rejected_message_counts(), rejected_reasons=REJECT_REASONS,
+            operator_requests=reqs, audit_drops=getattr(self, "audit_drops", 0),
+            store_busy=getattr(self.store, "busy_count", 0)))
 
 
 def _rfc3339(ts: float | None) -> str | None:

@@ -79,7 +79,7 @@ def test_seed_walkthrough_range_bytes_stats_metrics_remove(server, procs, tmp_pa
         text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
         rows = [line for line in text.splitlines() if line.startswith("portunus_rule_bytes_in_total{")]
         assert len(rows) == 1 and f'rule="{rule_id}"' in rows[0]
-        assert "portunus_clients_connected 1" in text
+        assert 'portunus_clients_connected{client="edge-01"} 1' in text.splitlines()
 
         res = server.cli("remove-rule", rule_id)
         assert res.returncode == 0, res.stderr
