@@ -119,7 +119,12 @@ def run(cfg: StandaloneConfig) -> int:
                             f"rule {failed.rule_id!r}: {failed.reason}", rule_id=failed.rule_id, port=failed.port)
 
     def snapshot() -> dict:
-        return {"label": cfg.label, "rules": runtime.snapshots(per_port=True, per_target=True)}
+        rows = runtime.snapshots(per_port=True, per_target=True)
+        for row in rows:  # what the rule is, next to its counters, so `stats` needs no config
+            rule = runtime.rules[row["rule_id"]].rule
+            row.update(listen_host=rule.listen_host, listen=rule.listen_label,
+                       targets=[t.label() for t in rule.targets])
+        return {"label": cfg.label, "pid": os.getpid(), "rules": rows}
 
     stats_sock = StatsSocket(loop, cfg.stats_socket_path, snapshot) if cfg.stats_socket_path else None
 
