@@ -69,6 +69,8 @@ def _loop(stdscr, dash: Dashboard) -> int:
         curses.curs_set(0)
     except curses.error:
         pass  # a terminal without cursor control still works
+    if hasattr(curses, "set_escdelay"):
+        curses.set_escdelay(25)  # Esc closes the detail at once, not after ncurses' 1 s default
     styles = _styles(curses)
     unicode_ok = (getattr(sys.stdout, "encoding", "") or "").lower().replace("-", "") == "utf8"
     refresh = dash.refresh_ms / 1000
