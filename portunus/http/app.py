@@ -182,7 +182,8 @@ class Handler(DeadlineRequestHandler):
             self.end_headers()
         except OSError:
             return
-        write_stats_stream(self.wfile, self.api.core, stream.rule_id, stream.first, lambda: self.server.stopping)
+        write_stats_stream(self.wfile, self.api.core, stream.rule_id, stream.first, lambda: self.server.stopping,
+                           release=self.api.access.release_connection)
 
 
 def _family(host: str) -> int:
@@ -193,7 +194,7 @@ def make_server(host: str, port: int, api: OperatorAPI, limits: Limits | None = 
     handler = type("BoundHandler", (Handler,), {"api": api})
     try:
         return APIServer((host, port), handler, family=_family(host), limits=limits or Limits.from_env(),
-                         on_thread_end=api.access.release_thread)
+                         request_scope=api.access.request_scope)
     except OSError as exc:
         raise PortunusError("startup.listen_failed",
                             f"cannot listen on operator_http_listen {host}:{port}: {exc.strerror}") from None
@@ -235,7 +236,7 @@ def make_metrics_server(host: str, port: int, core, access: OperatorAccess | Non
     try:
         return APIServer((host, port), handler, family=_family(host),
                          limits=Limits.from_env(max_connections=METRICS_MAX_CONNECTIONS),
-                         on_thread_end=access.release_thread)
+                         request_scope=access.request_scope)
     except OSError as exc:
         raise PortunusError("startup.listen_failed",
                             f"cannot listen on metrics_listen {host}:{port}: {exc.strerror}") from None

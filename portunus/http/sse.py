@@ -15,13 +15,17 @@ def _event(snapshot: dict) -> bytes:
     return f"event: stats\ndata: {json.dumps(snapshot)}\n\n".encode()
 
 
-def write_stats_stream(wfile, core, rule_id: str, first: dict, stopping) -> None:
-    """Write ``first``, then a snapshot whenever a report lands, until the peer leaves or ``stopping()``."""
+def write_stats_stream(wfile, core, rule_id: str, first: dict, stopping, release=lambda: None) -> None:
+    """Write ``first``, then a snapshot whenever a report lands, until the peer leaves or ``stopping()``.
+
+    ``release()`` runs before each wait, so a long-lived stream holds no store connection while idle.
+    """
     try:
         wfile.write(_event(first))
         tick = core.stats.tick
         last_write = time.monotonic()
         while not stopping():
+            release()
             new_tick = core.stats.wait_tick(tick, WAIT_SLICE_SECS)
             if new_tick != tick:
                 tick = new_tick

@@ -14,6 +14,7 @@ Why each limit exists (docs/server.md "Operator listener limits"):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -107,11 +108,12 @@ class APIServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, address, handler, *, family: int, limits: Limits, on_thread_end=None):
+    def __init__(self, address, handler, *, family: int, limits: Limits, request_scope=None):
         self.address_family = family  # per instance: the class attribute is shared by every listener
         self.limits = limits
         self.stopping = False
-        self._on_thread_end = on_thread_end
+        # a context manager factory around each request (the store's pooled connections)
+        self.request_scope = request_scope or contextlib.nullcontext
         self._conn_lock = threading.Lock()
         self._open: dict[socket.socket, _Connection] = {}
         super().__init__(address, handler)
@@ -136,8 +138,6 @@ class APIServer(ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self._forget(request)
-            if self._on_thread_end is not None:
-                self._on_thread_end()
 
     def waiting_for_headers(self, request, waiting: bool) -> None:
         """The handler's phase: True while it waits for (the next) request headers."""
@@ -223,6 +223,10 @@ class DeadlineRequestHandler(BaseHTTPRequestHandler):
         pass
 
     def handle_one_request(self):
+        with self.server.request_scope():
+            self._handle_one_request()
+
+    def _handle_one_request(self):
         limits = self.server.limits
         self.server.waiting_for_headers(self.request, True)
         self.reader.deadline = time.monotonic() + limits.header_secs

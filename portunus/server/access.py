@@ -2,8 +2,8 @@
 
 ``http/`` never imports ``store``: it authenticates bearers, writes and reads the
 audit trail and resolves client references through ``OperatorAccess``. Methods run
-on HTTP threads; each thread uses its own store connection, which
-``release_thread`` closes when the thread is done.
+on HTTP threads; inside ``request_scope`` their store access borrows from a small
+connection pool, so the fd count does not follow the number of HTTP threads.
 
 The identity work (users, sessions, grants) adds its lookups here, next to
 ``principal_for_bearer``, and its access levels at the HTTP seam.
@@ -84,7 +84,11 @@ class OperatorAccess:
         """A client by exact id or unique name (the same lookup the domain services use)."""
         return store_clients.resolve_client_ref(self._store, ref)
 
-    # ---- thread lifetime ------------------------------------------------------------
-    def release_thread(self) -> None:
-        """Close the calling thread's store connection (an HTTP thread that is about to end)."""
+    # ---- store connections of HTTP threads ----------------------------------------------
+    def request_scope(self):
+        """Context for handling one request: store access borrows a pooled connection, given back at exit."""
+        return self._store.pooled_connections()
+
+    def release_connection(self) -> None:
+        """Give the borrowed (or per-thread) connection back now, e.g. before a long wait in a stream."""
         self._store.release_thread_connection()

@@ -6,7 +6,8 @@ explicit transactions, numbered SQL migrations.
         conn.execute("UPDATE …", (…))
     rows = store.read().execute("SELECT …").fetchall()
 
-Each thread gets its own connection; the aggregate modules (clients, rules, …) are
+Each thread gets its own connection, except inside ``pooled_connections()`` (HTTP request
+threads), which borrows one from a small shared pool; the aggregate modules (clients, rules, …) are
 plain functions taking the store first.
 """
 
@@ -22,6 +23,7 @@ import re
 import sqlite3
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -33,6 +35,8 @@ DB_NAME = "state.db"
 LOCK_NAME = "state.db.lock"
 ALLOW_ANY_FS_ENV = "PORTUNUS_ALLOW_ANY_FS"
 DEFAULT_BUSY_TIMEOUT_MS = 5000
+POOL_SIZE = 32
+POOL_WAIT_SECS = 5.0
 
 # statfs(2) f_type magics (linux/magic.h) of filesystems SQLite's locking or durability can't trust
 NFS_SUPER_MAGIC = 0x6969
@@ -216,6 +220,9 @@ class Store:
         self._registry_lock = threading.Lock()
         # thread -> its connection; connections of finished threads are closed when the next one opens
         self._conns: dict[threading.Thread, sqlite3.Connection] = {}
+        self._pool_cond = threading.Condition(threading.Lock())
+        self._pool_all: set[sqlite3.Connection] = set()  # pooled connections, idle or lent
+        self._pool_idle: list[sqlite3.Connection] = []
         self._busy = 0
         self._closed = False
 
@@ -298,6 +305,10 @@ class Store:
                 return
             self._closed = True
             conns, self._conns = list(self._conns.values()), {}
+        with self._pool_cond:
+            conns += list(self._pool_all)
+            self._pool_all, self._pool_idle = set(), []
+            self._pool_cond.notify_all()
         for conn in conns:
             try:
                 conn.close()
@@ -320,11 +331,32 @@ class Store:
     # ---------------------------------------------------------------- connections and transactions
 
     def read(self) -> sqlite3.Connection:
-        """This thread's connection (autocommit; inside ``write()`` it sees the open transaction)."""
+        """This thread's connection (autocommit; inside ``write()`` it sees the open transaction).
+
+        Inside ``pooled_connections()`` the connection is borrowed from the shared pool on first
+        use and given back when the scope ends (or at ``release_thread_connection()``).
+        """
         conn = getattr(self._local, "conn", None)
         if conn is not None and not self._closed:
             return conn
+        if getattr(self._local, "pooled", False):
+            return self._borrow()
         return self._connect()
+
+    def _new_connection(self) -> sqlite3.Connection:
+        # check_same_thread=False so close() may close a connection from another thread and pooled
+        # connections may serve several threads in turn; each is used by one thread at a time
+        conn = sqlite3.connect(self.db_path, timeout=self._busy_timeout_ms / 1000, isolation_level=None,
+                               check_same_thread=False, factory=_Connection)
+        conn.on_busy = self._note_busy
+        conn.row_factory = sqlite3.Row
+        conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
+        conn.execute("PRAGMA foreign_keys=ON")
+        # NORMAL with WAL: a commit is in the WAL before COMMIT returns, so kill -9 never loses or
+        # corrupts a committed row; only an OS crash/power cut may drop the last commits (never corrupt).
+        # FULL would fsync every commit (~2 ms here), tripling rule push latency.
+        conn.execute("PRAGMA synchronous=NORMAL")
+        return conn
 
     def _connect(self) -> sqlite3.Connection:
         with self._registry_lock:
@@ -332,33 +364,76 @@ class Store:
                 raise PortunusError("internal", f"the store at {self.data_dir} is closed")
             for thread in [t for t in self._conns if not t.is_alive()]:
                 self._conns.pop(thread).close()
-            # check_same_thread=False only so close() and the pruning above may close a connection
-            # from another thread; each connection is otherwise used by its own thread alone
-            conn = sqlite3.connect(self.db_path, timeout=self._busy_timeout_ms / 1000, isolation_level=None,
-                                   check_same_thread=False, factory=_Connection)
-            conn.on_busy = self._note_busy
-            conn.row_factory = sqlite3.Row
-            conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
-            conn.execute("PRAGMA foreign_keys=ON")
-            # NORMAL with WAL: a commit is in the WAL before COMMIT returns, so kill -9 never loses or
-            # corrupts a committed row; only an OS crash/power cut may drop the last commits (never corrupt).
-            # FULL would fsync every commit (~2 ms here), tripling rule push latency.
-            conn.execute("PRAGMA synchronous=NORMAL")
+            conn = self._new_connection()
             self._conns[threading.current_thread()] = conn
             self._local.conn = conn
             self._local.depth = 0
+            self._local.lent = False
             return conn
 
-    def release_thread_connection(self) -> None:
-        """Close the calling thread's connection now (a worker thread about to end).
+    # ---- the pool for many short-lived worker threads (one per HTTP connection) ----------------
+    # In WAL mode every open connection holds a shared lock on the database file, so SQLite cannot
+    # really close a connection's file descriptor while another one is open: it parks it for reuse.
+    # Opening a connection per HTTP thread therefore grew the fd count with every burst of
+    # connections; a pool bounds the fds by POOL_SIZE whatever the number of threads.
 
-        Short-lived threads (one per HTTP connection) would otherwise leave three fds each
-        (database, -wal, -shm) until some later thread opens a connection and prunes them.
+    @contextmanager
+    def pooled_connections(self) -> Iterator[None]:
+        """On this thread, borrow a pooled connection at first use; give it back when the scope ends."""
+        self._local.pooled = True
+        try:
+            yield
+        finally:
+            self.release_thread_connection()
+            self._local.pooled = False
+
+    def _borrow(self) -> sqlite3.Connection:
+        deadline = time.monotonic() + POOL_WAIT_SECS
+        create = overflow = False
+        with self._pool_cond:
+            while not self._closed and not self._pool_idle and len(self._pool_all) >= POOL_SIZE:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._pool_cond.wait(remaining)
+            if self._closed:
+                raise PortunusError("internal", f"the store at {self.data_dir} is closed")
+            if self._pool_idle:
+                conn = self._pool_idle.pop()
+            else:
+                # all POOL_SIZE lent for POOL_WAIT_SECS (e.g. pushes waiting for acks): serve anyway
+                create, overflow = True, len(self._pool_all) >= POOL_SIZE
+                conn = None
+                if not overflow:
+                    conn = self._new_connection()
+                    self._pool_all.add(conn)
+        if create and overflow:
+            conn = self._new_connection()
+        self._local.conn = conn
+        self._local.depth = 0
+        self._local.lent = not overflow
+        return conn
+
+    def release_thread_connection(self) -> None:
+        """Give back (pooled) or close (per-thread) the calling thread's connection now.
+
+        For a worker thread about to end, or a pooled scope that will wait a long time.
         """
         conn = getattr(self._local, "conn", None)
         if conn is None or getattr(self._local, "depth", 0):
             return  # nothing open, or called inside write(): the transaction owns the connection
         self._local.conn = None
+        if getattr(self._local, "lent", False):
+            try:
+                if conn.in_transaction:  # never hand on a connection with someone's open transaction
+                    conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            with self._pool_cond:
+                if not self._closed:
+                    self._pool_idle.append(conn)
+                    self._pool_cond.notify()
+                    return
         with self._registry_lock:
             if self._conns.get(threading.current_thread()) is conn:
                 del self._conns[threading.current_thread()]
