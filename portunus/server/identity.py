@@ -188,8 +188,11 @@ class IdentityService:
         row = self._onboarding_row()
         return self.bootstrap_required() and (row is None or row["completed_at"] is None)
 
-    def issue_setup_token(self) -> str:
-        """A fresh setup token (30 min) replacing any earlier one; ``already_bootstrapped`` once closed."""
+    def issue_setup_token(self, issued_by: str = "cli") -> str:
+        """A fresh setup token (30 min) replacing any earlier one; ``already_bootstrapped`` once closed.
+
+        ``issued_by`` is ``cli`` for the offline ``onboarding-token`` command, ``serve`` at a start.
+        """
         if not self.onboarding_open():
             raise PortunusError("already_bootstrapped",
                                 "onboarding is closed: a superadmin exists; recover access with "
@@ -197,15 +200,30 @@ class IdentityService:
         token = new_token()
         now = self._now()
         with self.store.write() as conn:
-            conn.execute("INSERT INTO onboarding_setup (id, token_hash, created_at, expires_at) VALUES (1, ?, ?, ?) "
-                         "ON CONFLICT (id) DO UPDATE SET token_hash = excluded.token_hash, "
-                         "created_at = excluded.created_at, expires_at = excluded.expires_at",
-                         (hash_token(token), self._ts(now), self._ts(now + SETUP_TOKEN_TTL_SECS)))
+            conn.execute("INSERT INTO onboarding_setup (id, token_hash, issued_by, created_at, expires_at) "
+                         "VALUES (1, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET token_hash = excluded.token_hash, "
+                         "issued_by = excluded.issued_by, created_at = excluded.created_at, "
+                         "expires_at = excluded.expires_at",
+                         (hash_token(token), issued_by, self._ts(now), self._ts(now + SETUP_TOKEN_TTL_SECS)))
         return token
 
+    def cli_setup_token_expires_at(self) -> str | None:
+        """When the still-valid token from ``onboarding-token`` expires (None when there is none)."""
+        row = self._onboarding_row()
+        if (row is None or row["token_hash"] is None or row["issued_by"] != "cli"
+                or self._secs(row["expires_at"]) <= self._now()):
+            return None
+        return row["expires_at"]
+
     def start_onboarding(self) -> str | None:
-        """At every serve start: a fresh setup token while onboarding is open, else None."""
-        return self.issue_setup_token() if self.onboarding_open() else None
+        """At every serve start while onboarding is open: a fresh setup token for serve to print.
+
+        None when onboarding is closed, or when a token from ``onboarding-token`` is still valid
+        (serve then says so instead: that token was printed to the operator, not to the log).
+        """
+        if not self.onboarding_open() or self.cli_setup_token_expires_at() is not None:
+            return None
+        return self.issue_setup_token("serve")
 
     def complete_onboarding(self, setup_token, user_id, display_name, password, *, remote_ip: str) -> dict:
         """Create the first superadmin with a valid setup token; closes onboarding for good."""

@@ -124,6 +124,17 @@ def test_setup_token_missing_wrong_rotated_and_expired(ids, clock):
     assert ids.complete_onboarding(third, "admin", "A", ADMIN_PW, remote_ip=IP)["role"] == "superadmin"
 
 
+def test_a_token_from_onboarding_token_survives_a_serve_start_for_its_30_minutes(ids, clock):
+    offline = ids.issue_setup_token()
+    assert ids.cli_setup_token_expires_at() == "2027-01-15T08:30:00Z"
+    assert ids.start_onboarding() is None  # serve keeps it (and says so) instead of printing a new one
+    clock.advance(30 * 60)
+    assert ids.cli_setup_token_expires_at() is None
+    served = ids.start_onboarding()
+    assert served is not None and ids.start_onboarding() not in (None, served)  # serve's own rotate
+    refused("setup_token_invalid", ids.complete_onboarding, offline, "admin", "A", ADMIN_PW, remote_ip=IP)
+
+
 def test_onboarding_validates_the_new_user_after_the_token(ids):
     token = ids.start_onboarding()
     refused("validation.invalid_user_id", ids.complete_onboarding, token, "Admin", "A", ADMIN_PW, remote_ip=IP)

@@ -133,7 +133,10 @@ def test_the_new_tables_refuse_bad_rows(data_dir):
             "INSERT INTO grants VALUES ('g4', 'alice', 'NOCLIENT', 1, 5, 'tcp', NULL, 't')",   # unknown client
             "INSERT INTO web_sessions VALUES ('h', 'nobody', 't', 't', 't')",
             "INSERT INTO login_attempts VALUES ('sudo', 's', 'ip', 1, 't', NULL, 't')",
-            "INSERT INTO onboarding_setup (id, token_hash, created_at, expires_at) VALUES (2, 'h', 't', 't')",
+            "INSERT INTO onboarding_setup (id, token_hash, issued_by, created_at, expires_at) "
+            "VALUES (2, 'h', 'serve', 't', 't')",
+            "INSERT INTO onboarding_setup (id, token_hash, issued_by, created_at, expires_at) "
+            "VALUES (1, 'h', 'mail', 't', 't')",
         ]
         for sql in bad:
             with pytest.raises(sqlite3.IntegrityError):

@@ -28,10 +28,13 @@ CREATE TABLE login_attempts (
 );
 CREATE INDEX login_attempts_by_forget ON login_attempts (forget_at);
 
--- at most one row: the current setup token while no superadmin exists; completed_at closes it for good
+-- at most one row: the current setup token while no superadmin exists; completed_at closes it for good.
+-- serve replaces its own token at every start; a token from `onboarding-token` (cli) lives its 30 minutes
+-- across a start, or the offline command could never be used (serve must be stopped to run it)
 CREATE TABLE onboarding_setup (
     id           INTEGER PRIMARY KEY CHECK (id = 1),
     token_hash   TEXT,                           -- NULL once onboarding completed
+    issued_by    TEXT NOT NULL CHECK (issued_by IN ('serve', 'cli')),
     created_at   TEXT NOT NULL,
     expires_at   TEXT NOT NULL,
     completed_at TEXT,
