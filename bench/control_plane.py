@@ -31,6 +31,7 @@ from portbench import REPO as ROOT               # bench/ is sys.path[0] when th
 from portbench.deployment import Deployment
 from portbench.origins import TcpEcho
 from portbench.procs import free_block, free_port
+from portbench.product import script_command
 from portbench.tools import tcp_roundtrip_ok
 
 
@@ -116,7 +117,7 @@ def main() -> int:
     ap.add_argument("--compare", metavar="BASELINE", help="fail if a median is >25%% worse than this JSON")
     ap.add_argument("--write-baseline", metavar="PATH")
     args = ap.parse_args()
-    cmd = [sys.executable, "-m", "portunus"] if args.source else [sys.executable, args.bin]
+    cmd = script_command(args.bin, args.source)
     results = measure_push(cmd, args.repeat)
     for _ in range(max(1, args.repeat // 2)):
         for k, v in measure_deploy(cmd).items():

@@ -24,6 +24,7 @@ from pathlib import Path
 from portbench import REPO as ROOT, BenchError   # bench/ is sys.path[0] when this file is run
 from portbench.origins import one_byte_echo
 from portbench.procs import ChildProcess, free_port, wait_ready
+from portbench.product import script_command
 from portbench.tools import percentile
 
 sys.path.insert(0, str(ROOT))
@@ -120,7 +121,7 @@ def main() -> int:
     ap.add_argument("-n", type=int, default=2000, help="connections per path")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "dns_targets.json"))
     args = ap.parse_args()
-    cmd = [sys.executable, "-m", "portunus"] if args.source else [sys.executable, args.bin]
+    cmd = script_command(args.bin, args.source)
 
     dns = DnsServer()
     try:

@@ -10,6 +10,7 @@ import os
 import re
 import shlex
 import shutil
+import sys
 from pathlib import Path
 
 from . import LOOPBACK, REPO, BenchError
@@ -38,6 +39,12 @@ def resolve_bin(spec: str) -> list[str] | None:
     elif shutil.which(exe) is None:
         return None
     return argv
+
+
+def script_command(bin_path: str, source: bool) -> list[str]:
+    """The product command of control_plane.py and dns_targets.py (--bin / --source):
+    the zipapp, or the source tree run by this interpreter."""
+    return [sys.executable, "-m", "portunus"] if source else [sys.executable, bin_path]
 
 
 def portunus_commands(argv: list[str]) -> tuple[list[str] | None, list[str] | None, str | None]:

@@ -165,15 +165,6 @@ def _drain(s: socket.socket) -> tuple[int, int]:
         n += 1
 
 
-def _send(s: socket.socket, payload: bytes) -> int:
-    """Send one datagram: 1 if it failed (it still counts as sent, i.e. lost)."""
-    try:
-        s.send(payload)
-    except OSError:     # BlockingIOError, ConnectionRefusedError, ...
-        return 1
-    return 0
-
-
 def _flow_socket(port: int, ep: select.epoll) -> socket.socket:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind((LOOPBACK, 0))
@@ -203,8 +194,11 @@ def udp_load(port: int, flows: int, count: int, window: int, max_secs: float,
         deadline = t0 + max_secs
         last_rx = last_progress = t0
         while sent < count and time.monotonic() <= deadline:
-            while inflight < window and sent < count:
-                errors += _send(socks[rr], payload)
+            while inflight < window and sent < count:     # inline: this is the hot loop
+                try:
+                    socks[rr].send(payload)
+                except OSError:     # BlockingIOError, ConnectionRefusedError, ...: lost
+                    errors += 1
                 rr = (rr + 1) % flows
                 sent += 1
                 inflight += 1
