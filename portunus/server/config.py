@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import reprlib
 import tomllib
 from dataclasses import dataclass, field
 
@@ -57,11 +58,39 @@ def parse_toml(raw: bytes, path: str) -> dict:
         raise PortunusError("config_invalid", f"{path}: line {line}: {key} is nested more than "
                                               f"{MAX_TOML_DEPTH} levels deep")
     try:
-        return tomllib.loads(text)
+        doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise PortunusError("config_invalid", f"{path}: TOML syntax error: {exc}") from None
     except RecursionError:  # the scan above is a heuristic; this is the guarantee
         raise PortunusError("config_invalid", f"{path}: values nested too deeply") from None
+    deep_key = _deep_key(doc)  # dotted keys and table headers nest without brackets
+    if deep_key is not None:
+        raise PortunusError("config_invalid", f"{path}: key {deep_key!r} is nested more than "
+                                              f"{MAX_TOML_DEPTH} levels deep")
+    return doc
+
+
+def _deep_key(doc: dict) -> str | None:
+    """The (shortened) key path of a value deeper than MAX_TOML_DEPTH in a parsed document, else None."""
+    stack = [(doc, ())]
+    while stack:
+        value, keys = stack.pop()
+        if len(keys) > MAX_TOML_DEPTH:
+            return "".join(k if k.startswith("[") or i == 0 else "." + k for i, k in enumerate(keys[:6])) + ".…"
+        if isinstance(value, dict):
+            stack.extend((v, keys + (str(k),)) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((v, keys + (f"[{i}]",)) for i, v in enumerate(value))
+    return None
+
+
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = 80
+
+
+def shown(value) -> str:
+    """``repr`` for error messages: bounded in length and depth, whatever a config file holds."""
+    return _SHOWN.repr(value)
 
 
 def _too_deep(text: str) -> tuple[int, str] | None:
@@ -139,7 +168,7 @@ def _escaped(text: str, pos: int) -> bool:
 def parse_listen(value, key: str) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` -> (host, port)."""
     if not isinstance(value, str) or ":" not in value:
-        raise PortunusError("config_invalid", f"{key} must look like host:port, got {value!r}")
+        raise PortunusError("config_invalid", f"{key} must look like host:port, got {shown(value)}")
     if value.startswith("["):
         host, _, port = value[1:].partition("]:")
     else:
@@ -148,10 +177,10 @@ def parse_listen(value, key: str) -> tuple[str, int]:
         ipaddress.ip_address(host)
     except ValueError:
         if host != "localhost":
-            raise PortunusError("config_invalid", f"{key} host must be an IP address, got {host!r}") from None
+            raise PortunusError("config_invalid", f"{key} host must be an IP address, got {shown(host)}") from None
         host = "127.0.0.1"
     if not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
-        raise PortunusError("config_invalid", f"{key} port must be 0-65535, got {port!r}")
+        raise PortunusError("config_invalid", f"{key} port must be 0-65535, got {shown(port)}")
     return host, int(port)
 
 
@@ -220,11 +249,11 @@ def _check(path: str, key: str, value):
     if key in _BOUNDS:
         lo, hi = _BOUNDS[key]
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            raise PortunusError("config_invalid", f"{path}: {key} must be an integer {lo}..{hi}, got {value!r}")
+            raise PortunusError("config_invalid", f"{path}: {key} must be an integer {lo}..{hi}, got {shown(value)}")
         return value
     if key == "log_format":
         if value not in ("json", "compact"):
-            raise PortunusError("config_invalid", f"{path}: log_format must be json or compact, got {value!r}")
+            raise PortunusError("config_invalid", f"{path}: log_format must be json or compact, got {shown(value)}")
         return value
     if key == "operator_token":
         if not isinstance(value, str) or len(value) < 32:
@@ -235,8 +264,8 @@ def _check(path: str, key: str, value):
         if not isinstance(value, str) or not value.startswith(("http://", "https://")) or \
                 value.rstrip("/").count("/") > 2:
             raise PortunusError("config_invalid", f"{path}: operator_http_public_origin must be an origin like "
-                                                  f"https://portunus.example.com, got {value!r}")
+                                                  f"https://portunus.example.com, got {shown(value)}")
         return value
     if not isinstance(value, str):
-        raise PortunusError("config_invalid", f"{path}: {key} must be a string, got {value!r}")
+        raise PortunusError("config_invalid", f"{path}: {key} must be a string, got {shown(value)}")
     return value

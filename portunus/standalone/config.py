@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from ..errors import PortunusError
 from ..model import Rule, UDP_FLOW_IDLE_BOUNDS, UDP_MAX_FLOWS_BOUNDS
-from ..server.config import parse_toml
+from ..server.config import parse_toml, shown
 
 LOG_FORMATS = ("json", "compact")        # the one vocabulary of every role (SPEC §4.1)
 LOG_FORMAT_ALIASES = {"pretty": "compact"}  # standalone's older name, still accepted
@@ -68,7 +68,7 @@ def _table(path: str, doc: dict, name: str) -> dict:
 
 def _int(path: str, where: str, value, lo: int, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise _err(path, where, f"must be an integer {lo}..{hi}, got {value!r}")
+        raise _err(path, where, f"must be an integer {lo}..{hi}, got {shown(value)}")
     return value
 
 
@@ -91,28 +91,29 @@ def parse(doc: dict, path: str = "<config>") -> StandaloneConfig:
     _unknown(path, "[global]", g, _GLOBAL)
     if "label" in g:
         if not isinstance(g["label"], str):
-            raise _err(path, "[global] label", f"must be a string, got {g['label']!r}")
+            raise _err(path, "[global] label", f"must be a string, got {shown(g['label'])}")
         cfg.label = g["label"]
     if "log_level" in g:
         if g["log_level"] not in LOG_LEVELS:
-            raise _err(path, "[global] log_level", f"must be one of {', '.join(LOG_LEVELS)}, got {g['log_level']!r}")
+            raise _err(path, "[global] log_level",
+                       f"must be one of {', '.join(LOG_LEVELS)}, got {shown(g['log_level'])}")
         cfg.log_level = g["log_level"]
     if "log_format" in g:
         fmt = log_format_name(g["log_format"])
         if fmt is None:
             raise _err(path, "[global] log_format", f"must be one of {', '.join(LOG_FORMATS)} "
-                                                    f"(pretty is an alias of compact), got {g['log_format']!r}")
+                                                    f"(pretty is an alias of compact), got {shown(g['log_format'])}")
         cfg.log_format = fmt
     if "shutdown_drain_secs" in g:
         v = g["shutdown_drain_secs"]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 3600:
-            raise _err(path, "[global] shutdown_drain_secs", f"must be a number 0..3600, got {v!r}")
+            raise _err(path, "[global] shutdown_drain_secs", f"must be a number 0..3600, got {shown(v)}")
         cfg.shutdown_drain_secs = float(v)
 
     if "dns_servers" in g:
         v = g["dns_servers"]
         if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-            raise _err(path, "[global] dns_servers", f"must be a list of \"ip[:port]\" strings, got {v!r}")
+            raise _err(path, "[global] dns_servers", f"must be a list of \"ip[:port]\" strings, got {shown(v)}")
         from ..relay.resolver import parse_servers
         try:
             cfg.dns_servers = parse_servers(v)
@@ -123,7 +124,7 @@ def parse(doc: dict, path: str = "<config>") -> StandaloneConfig:
     _unknown(path, "[defaults]", d, _DEFAULTS)
     default_protocol = d.get("protocol", "tcp")
     if default_protocol not in ("tcp", "udp"):
-        raise _err(path, "[defaults] protocol", f"must be \"tcp\" or \"udp\", got {default_protocol!r}")
+        raise _err(path, "[defaults] protocol", f"must be \"tcp\" or \"udp\", got {shown(default_protocol)}")
     if "udp_max_flows" in d:
         cfg.udp_max_flows = _int(path, "[defaults] udp_max_flows", d["udp_max_flows"], *UDP_MAX_FLOWS_BOUNDS)
     if "udp_flow_idle_secs" in d:
@@ -131,13 +132,13 @@ def parse(doc: dict, path: str = "<config>") -> StandaloneConfig:
                                       *UDP_FLOW_IDLE_BOUNDS)
     default_v6 = d.get("prefer_ipv6", False)
     if not isinstance(default_v6, bool):
-        raise _err(path, "[defaults] prefer_ipv6", f"must be true or false, got {default_v6!r}")
+        raise _err(path, "[defaults] prefer_ipv6", f"must be true or false, got {shown(default_v6)}")
 
     s = _table(path, doc, "stats")
     _unknown(path, "[stats]", s, _STATS)
     if "socket_path" in s:
         if not isinstance(s["socket_path"], str) or not s["socket_path"]:
-            raise _err(path, "[stats] socket_path", f"must be a file path, got {s['socket_path']!r}")
+            raise _err(path, "[stats] socket_path", f"must be a file path, got {shown(s['socket_path'])}")
         cfg.stats_socket_path = s["socket_path"]
     if "refresh_ms" in s:
         cfg.stats_refresh_ms = _int(path, "[stats] refresh_ms", s["refresh_ms"], 100, 60000)
@@ -153,13 +154,13 @@ def parse(doc: dict, path: str = "<config>") -> StandaloneConfig:
         if not isinstance(r, dict):
             raise _err(path, where, "must be a table")
         if isinstance(r.get("name"), str):
-            where = f"[[rule]] #{i + 1} ({r['name']!r})"
+            where = f"[[rule]] #{i + 1} ({shown(r['name'])})"
         _unknown(path, where, r, _RULE)
         name = r.get("name")
         if not isinstance(name, str) or not name:
             raise _err(path, where, "needs a name = \"...\"")
         if name in names:
-            raise _err(path, where, f"duplicate rule name {name!r}")
+            raise _err(path, where, f"duplicate rule name {shown(name)}")
         names.add(name)
         if "listen_port" in r and "listen_ports" in r:
             raise _err(path, where, "give listen_port or listen_ports, not both")

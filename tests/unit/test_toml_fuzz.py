@@ -21,7 +21,7 @@ from portunus.standalone import config as standalone_config
 
 SEED = 20261201
 CASES = int(os.environ.get("PORTUNUS_FUZZ_CASES", "300"))
-CLI_CASES = 24
+CLI_CASES = max(36, CASES // 10)
 
 STANDALONE_EXAMPLE = (ROOT / "examples" / "portunus.toml").read_text()
 SERVER_EXAMPLE = (ROOT / "server.toml.example").read_text()
@@ -185,3 +185,27 @@ def test_deep_toml_through_check_is_config_invalid_exit_2(tmp_path):
                        text=True, timeout=30, stdin=subprocess.DEVNULL)
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("error: config_invalid: ") and "'target'" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("text,key", [
+    ("[" + ".".join(["a"] * 1000) + "]\nx = 1\n", "a.a.a.a.a.a.…"),
+    ("[global]\nlabel." + ".".join(["a"] * 1000) + " = 1\n", "global.label.a.a.a.a.…"),
+    ('[[rule]]\nname = "r"\nlisten_port = 1\ntarget = {' + ".".join(["a"] * 100) + " = 1}\n",
+     "rule[0].target.a.a.a.…"),
+])
+def test_dotted_keys_nesting_without_brackets_are_config_invalid_too(tmp_path, text, key):
+    path = tmp_path / "dotted.toml"
+    path.write_text(text)
+    with pytest.raises(PortunusError) as err:
+        standalone_config.load(str(path))
+    assert err.value.code == "config_invalid"
+    assert f"key {key!r} is nested more than 32 levels deep" in err.value.message
+
+
+def test_error_messages_show_huge_values_shortened(tmp_path):
+    path = tmp_path / "long.toml"
+    rest = STANDALONE_EXAMPLE.split("\n[defaults]", 1)[1]
+    path.write_text(f"[global]\nlog_level = '{'x' * 100_000}'\n[defaults]{rest}")
+    with pytest.raises(PortunusError) as err:
+        standalone_config.load(str(path))
+    assert "[global] log_level" in err.value.message and len(err.value.message) < 400
