@@ -5,12 +5,17 @@ from __future__ import annotations
 import errno
 import socket
 
+from ..netio import family_of
 from .resolver import Resolver
 from .splice import PipePool
 
 COPY_CHUNK = 256 * 1024
 UDP_MAX_DATAGRAM = 65536
 CONNECT_TIMEOUT = 3.0
+# Relay warnings a peer, a resolver or the kernel can repeat per connection or datagram go
+# through log.limited: the first at once, then one line per key (rule, rule+port, rule+host)
+# per this many seconds, carrying suppressed=<count>.
+REPEAT_LOG_EVERY = 60.0
 
 
 class BindError(Exception):
@@ -50,10 +55,6 @@ class RelayContext:
     def close(self) -> None:
         self.pipes.close()
         self.resolver.close()
-
-
-def family_of(host: str) -> int:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 300, 30, 4

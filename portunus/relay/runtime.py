@@ -14,16 +14,14 @@ from typing import Callable
 from ..log import log
 from ..model import Rule, same_listeners
 from .context import BindError, RelayContext
+from .rule_relay import RuleRelay, RuntimeSettings
 from .stats import RuleCounters
 from .tcp import TcpRuleRelay
 from .udp import UdpRuleRelay
 
+__all__ = ["RELAYS", "LiveRule", "RuleRuntime", "RuleStatus", "RuntimeSettings"]
 
-@dataclass
-class RuntimeSettings:
-    udp_max_flows: int = 1024
-    udp_flow_idle_secs: float = 60.0
-    drain_timeout: float = 30.0
+RELAYS: dict[str, type] = {"tcp": TcpRuleRelay, "udp": UdpRuleRelay}  # protocol -> RuleRelay
 
 
 @dataclass(frozen=True)
@@ -49,7 +47,7 @@ class LiveRule:
     def __init__(self, rule: Rule):
         self.rule = rule
         self.counters = RuleCounters(rule.listen_ports)
-        self.relay = None
+        self.relay: RuleRelay | None = None  # None until bound (and for a failed rule)
         self.status = RuleStatus(rule.rule_id, "pending")
 
 
@@ -74,22 +72,14 @@ class RuleRuntime:
                 return live.status
             if same_listeners(live.rule, rule) and self._has_bandwidth_cap(live.rule) == self._has_bandwidth_cap(rule):
                 live.rule = rule
-                if isinstance(live.relay, UdpRuleRelay):
-                    live.relay.update(rule, max_flows=self.settings.udp_max_flows,
-                                      idle_secs=self.settings.udp_flow_idle_secs)
-                else:
-                    live.relay.update(rule)
+                live.relay.update(rule, self.settings)
                 log.info("rule.updated", rule=rule.rule_id, **rid)
                 return live.status
         if live is not None:
             self.remove(rule.rule_id)
 
         live = LiveRule(rule)
-        if rule.protocol == "tcp":
-            relay = TcpRuleRelay(self.ctx, rule, live.counters)
-        else:
-            relay = UdpRuleRelay(self.ctx, rule, live.counters, max_flows=self.settings.udp_max_flows,
-                                 idle_secs=self.settings.udp_flow_idle_secs)
+        relay: RuleRelay = RELAYS[rule.protocol](self.ctx, rule, live.counters, self.settings)
         self.rules[rule.rule_id] = live
         try:
             relay.bind()
@@ -119,17 +109,16 @@ class RuleRuntime:
 
     # ---- removal ----------------------------------------------------------
     def remove(self, rule_id: str, on_drained: Callable[[], None] | None = None) -> bool:
-        """Close the rule's listeners now; let its connections drain up to the drain timeout."""
+        """Close the rule's listeners now; let its connections drain up to the drain timeout.
+
+        UDP flows end with their listen sockets, so a UDP rule is removed at once.
+        """
         live = self.rules.pop(rule_id, None)
         if live is None:
             return False
         relay = live.relay
         live.status = RuleStatus(rule_id, "removing")
         if relay is None:  # a failed rule: nothing bound
-            self._finish_removal(live, on_drained)
-            return True
-        if isinstance(relay, UdpRuleRelay):
-            relay.close()
             self._finish_removal(live, on_drained)
             return True
         relay.close_listeners()
@@ -164,6 +153,7 @@ class RuleRuntime:
         def one_done() -> None:
             remaining["n"] -= 1
             if remaining["n"] == 0:
+                log.flush_limited()  # the counts of rate-limited warnings, before the process goes
                 on_done()
         for rule_id in ids:
             self.remove(rule_id, one_done)
@@ -189,7 +179,7 @@ class RuleRuntime:
                 "reason": live.status.reason}
         snap.update(live.counters.snapshot(per_port=per_port))
         if per_target:
-            snap["per_target"] = live.relay.targets.snapshot() if live.relay is not None else []
+            snap["per_target"] = live.relay.snapshot() if live.relay is not None else []
         return snap
 
     def snapshots(self, per_port: bool = False, per_target: bool = False) -> list[dict]:

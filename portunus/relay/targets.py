@@ -6,16 +6,19 @@ gets a trial connection at most every 10 s so it can recover even without
 active probes. Connections go to the best healthy target and walk down the
 list; when every target is failed, the best one is still tried first.
 Health is per client process and ephemeral.
+
+The state machine reads time only through the clock it is given (the loop's
+by default), so it is tested with a fake one.
 """
 
 from __future__ import annotations
 
-import errno
-import socket
 import time
+from typing import Callable
 
 from ..log import log
 from ..model import Rule, Target
+from ..netio import Connect, family_of
 
 FAIL_AFTER = 3
 FAIL_WINDOW = 30.0
@@ -58,11 +61,21 @@ class TargetState:
 
 
 class TargetSet:
-    def __init__(self, rule: Rule, counters, loop=None, resolver=None):
+    """The targets of one rule: the order to try them, passive health, active probes.
+
+    ``clock`` (monotonic seconds) drives the health windows and trials; it
+    defaults to the loop's. ``wall_clock`` only stamps ``last_failure_at`` and
+    ``last_success_at`` for reports.
+    """
+
+    def __init__(self, rule: Rule, counters, loop=None, resolver=None, *,
+                 clock: Callable[[], float] | None = None, wall_clock: Callable[[], float] = time.time):
         self.rule = rule
         self.counters = counters
         self.loop = loop
         self.resolver = resolver
+        self.clock = clock or (loop.time if loop is not None else time.monotonic)
+        self.wall_clock = wall_clock
         self.states = [TargetState(i, t) for i, t in enumerate(rule.targets)]
         self._order = [self.states[i] for i, _ in rule.ordered_targets()]
         self._probe_timer = None
@@ -101,7 +114,7 @@ class TargetSet:
         """
         if not self.multi:
             return list(self._order)
-        now = time.monotonic()
+        now = self.clock()
         first, failed = [], []
         for s in self._order:
             if s.healthy:
@@ -115,10 +128,10 @@ class TargetSet:
 
     # ---- passive health ----------------------------------------------------
     def record_failure(self, s: TargetState, why: str = "connect failed") -> None:
-        now = time.monotonic()
+        now = self.clock()
         s.consecutive_failures += 1
         s.consecutive_successes = 0
-        s.last_failure_at = time.time()
+        s.last_failure_at = self.wall_clock()
         s.failure_times.append(now)
         del s.failure_times[:-FAIL_AFTER]
         if (s.healthy and s.consecutive_failures >= FAIL_AFTER
@@ -133,7 +146,7 @@ class TargetSet:
     def record_success(self, s: TargetState) -> None:
         s.consecutive_failures = 0
         s.consecutive_successes += 1
-        s.last_success_at = time.time()
+        s.last_success_at = self.wall_clock()
         s.failure_times.clear()
         if not s.healthy and s.consecutive_successes >= RECOVER_AFTER:
             s.healthy = True
@@ -164,8 +177,14 @@ class TargetSet:
 
     def _probe(self, s: TargetState, timeout: float) -> None:
         """A TCP connect to the target, entirely on the loop; never blocks dispatch."""
-        resolver = self.resolver
         t = s.target
+
+        def on_connected(sock, reason) -> None:
+            if sock is None:
+                self.record_failure(s, f"probe: {reason}")
+                return
+            sock.close()
+            self.record_success(s)
 
         def on_addrs(addrs, err) -> None:
             if self._probe_timer is None:
@@ -174,32 +193,11 @@ class TargetSet:
                 self.record_failure(s, f"probe: {err}")
                 return
             fam, ip = addrs[0]
-            sock = socket.socket(fam, socket.SOCK_STREAM)
-            sock.setblocking(False)
-            done = {"v": False}
-
-            def finish(ok: bool, why: str) -> None:
-                if done["v"]:
-                    return
-                done["v"] = True
-                timer.cancel()
-                self.loop.forget(sock.fileno())
-                sock.close()
-                if ok:
-                    self.record_success(s)
-                else:
-                    self.record_failure(s, f"probe: {why}")
-
-            def ready() -> None:
-                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                finish(err == 0, errno.errorcode.get(err, str(err)))
-            rc = sock.connect_ex((ip, t.port))
-            timer = self.loop.call_later(timeout, finish, False, "timeout")
-            if rc in (0, errno.EINPROGRESS):
-                self.loop.add_writer(sock.fileno(), ready)
-            else:
-                self.loop.call_soon(finish, False, errno.errorcode.get(rc, str(rc)))
-        if resolver is None:
-            on_addrs([(socket.AF_INET6 if ":" in t.host else socket.AF_INET, t.host)], None)
+            try:
+                Connect(self.loop, ip, t.port, timeout, on_connected, family=fam)
+            except OSError:
+                return  # out of descriptors: that says nothing about the target
+        if self.resolver is None:
+            on_addrs([(family_of(t.host), t.host)], None)
         else:
-            resolver.resolve(t.host, self.rule.prefer_ipv6, on_addrs)
+            self.resolver.resolve(t.host, self.rule.prefer_ipv6, on_addrs)

@@ -11,15 +11,16 @@ half-closes the far side on EOF.
 
 from __future__ import annotations
 
-import errno
 import os
 import socket
 import struct
 
 from ..log import log
 from ..model import Rule
-from .context import BindError, RelayContext, bind_socket, tune_stream_socket
+from ..netio import Acceptor, Connect, errno_name
+from .context import REPEAT_LOG_EVERY, BindError, RelayContext, bind_socket, tune_stream_socket
 from . import proxy_protocol
+from .rule_relay import RuntimeSettings
 from .splice import SPLICE_FLAGS, UNSUPPORTED_ERRNOS, use_splice
 from .targets import TargetSet
 from .stats import PortCounters, RuleCounters
@@ -27,11 +28,8 @@ from .stats import PortCounters, RuleCounters
 SPLICE_CHUNK = 1 << 20
 SPLICE_ROUNDS = 8
 SHORT_READ = 64 * 1024  # a read shorter than this usually emptied the socket
-ACCEPT_BATCH = 64
-ACCEPT_BACKOFF = 0.1
 PROXY_HEADER_TIMEOUT = 3.0
 _LINGER_RST = struct.pack("ii", 1, 0)
-_FD_EXHAUSTION = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 class Pump:
@@ -141,8 +139,9 @@ class Pump:
         return True
 
     def _fallback(self, exc: OSError) -> None:
-        log.warn("proxy.splice_unsupported_fallback", rule=self.session.relay.rule.rule_id,
-                 errno_name=errno.errorcode.get(exc.errno, str(exc.errno)))
+        rule_id = self.session.relay.rule.rule_id
+        log.limited("warn", "proxy.splice_unsupported_fallback", key=rule_id, every=REPEAT_LOG_EVERY,
+                    rule=rule_id, errno_name=errno_name(exc))
         if self.pipe is not None:
             self.session.ctx.pipes.release(self.pipe, clean=False)
             self.pipe = None
@@ -240,7 +239,7 @@ class TcpSession:
     """One accepted connection and its upstream."""
 
     __slots__ = ("relay", "ctx", "csock", "caddr", "listen_port", "counters", "up", "candidates",
-                 "addrs", "target_port", "timer", "pumps", "closed", "target_state", "header_left",
+                 "addrs", "target_port", "dial", "pumps", "closed", "target_state", "header_left",
                  "header_timer")
 
     def __init__(self, relay: "TcpRuleRelay", csock: socket.socket, caddr, listen_port: int):
@@ -255,7 +254,7 @@ class TcpSession:
         self.addrs: list = []
         self.target_port = 0
         self.target_state = None
-        self.timer = None
+        self.dial: Connect | None = None
         self.header_timer = None
         self.header_left = 0
         self.pumps: tuple = ()
@@ -285,62 +284,36 @@ class TcpSession:
             return
         if err is not None:
             self.relay.counters.dns_failures += 1
-            log.warn("rule.dns_failed", rule=self.relay.rule.rule_id, host=state.target.host, reason=err)
+            rule_id = self.relay.rule.rule_id
+            log.limited("warn", "rule.dns_failed", key=f"{rule_id}:{state.target.host}", every=REPEAT_LOG_EVERY,
+                        rule=rule_id, host=state.target.host, reason=err)
             self._next_target()
             return
         self.addrs = list(addrs)
         self._dial_next_addr()
 
     def _dial_next_addr(self) -> None:
-        while self.addrs:
+        if self.addrs:
             fam, ip = self.addrs.pop(0)
             try:
-                s = socket.socket(fam, socket.SOCK_STREAM)
+                self.dial = Connect(self.ctx.loop, ip, self.target_port, self.ctx.connect_timeout,
+                                    self._on_dialed, family=fam)
             except OSError as exc:
-                log.warn("proxy.upstream_socket_failed", rule=self.relay.rule.rule_id,
-                         errno_name=errno.errorcode.get(exc.errno, str(exc.errno)))
+                log.limited("warn", "proxy.upstream_socket_failed", key=self.relay.rule.rule_id,
+                            every=REPEAT_LOG_EVERY, rule=self.relay.rule.rule_id, errno_name=errno_name(exc))
                 self.close()
-                return
-            s.setblocking(False)
-            rc = s.connect_ex((ip, self.target_port))
-            if rc in (0, errno.EINPROGRESS):
-                self.up = s
-                self.ctx.loop.add_writer(s.fileno(), self._on_connect_ready)
-                self.timer = self.ctx.loop.call_later(self.ctx.connect_timeout, self._on_connect_timeout)
-                return
-            s.close()
-            self.relay.counters.connect_failures += 1
+            return
         # every address of this target failed: that is one failed connect for its health
         self.relay.targets.record_failure(self.target_state)
         self._next_target()
 
-    def _drop_upstream_attempt(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        if self.up is not None:
-            self.ctx.loop.forget(self.up.fileno())
-            self.up.close()
-            self.up = None
-
-    def _on_connect_timeout(self) -> None:
-        self.timer = None
-        self.relay.counters.connect_failures += 1
-        self._drop_upstream_attempt()
-        self._dial_next_addr()
-
-    def _on_connect_ready(self) -> None:
-        up = self.up
-        self.ctx.loop.remove_writer(up.fileno())
-        err = up.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
+    def _on_dialed(self, up: socket.socket | None, reason: str | None) -> None:
+        self.dial = None
+        if up is None:
             self.relay.counters.connect_failures += 1
-            self._drop_upstream_attempt()
             self._dial_next_addr()
             return
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.up = up
         self._established()
 
     def _established(self) -> None:
@@ -384,7 +357,8 @@ class TcpSession:
 
     def _header_timeout(self) -> None:
         self.header_timer = None
-        log.warn("proxy.proxy_header_timeout", rule=self.relay.rule.rule_id)
+        log.limited("warn", "proxy.proxy_header_timeout", key=self.relay.rule.rule_id, every=REPEAT_LOG_EVERY,
+                    rule=self.relay.rule.rule_id)
         self.abort("PROXY header not written within 3 s")
 
     # ---- ending -----------------------------------------------------------
@@ -408,10 +382,12 @@ class TcpSession:
         if self.closed:
             return
         self.closed = True
-        for t in (self.timer, self.header_timer):
-            if t is not None:
-                t.cancel()
-        self.timer = self.header_timer = None
+        if self.dial is not None:
+            self.dial.cancel()
+            self.dial = None
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+            self.header_timer = None
         for p in self.pumps:
             p.release(clean)
         loop = self.ctx.loop
@@ -424,14 +400,15 @@ class TcpSession:
 
 
 class TcpRuleRelay:
-    """The listeners and live sessions of one TCP rule."""
+    """The listeners and live sessions of one TCP rule (a ``RuleRelay``)."""
 
-    def __init__(self, ctx: RelayContext, rule: Rule, counters: RuleCounters, *,
-                 owner_has_bandwidth_cap: bool = False):
+    def __init__(self, ctx: RelayContext, rule: Rule, counters: RuleCounters,
+                 settings: RuntimeSettings | None = None, *, owner_has_bandwidth_cap: bool = False):
         self.ctx = ctx
         self.rule = rule
         self.counters = counters
         self.listeners: dict[int, socket.socket] = {}
+        self.acceptors: list[Acceptor] = []
         self.sessions: set[TcpSession] = set()
         self.accepting = False
         self.on_idle = None  # called when draining and the last session ends
@@ -455,45 +432,30 @@ class TcpRuleRelay:
         self.targets.start_probes()
         self.accepting = True
         for port, sock in self.listeners.items():
-            self.ctx.loop.add_reader(sock.fileno(), self._acceptor(sock, port))
+            acceptor = Acceptor(self.ctx.loop, sock, self._on_accept_for(port), self._on_accept_error_for(port))
+            self.acceptors.append(acceptor)
+            acceptor.start()
 
-    def update(self, rule: Rule) -> None:
+    def update(self, rule: Rule, settings: RuntimeSettings | None = None) -> None:
         """New targets/options for new connections; listeners and live sessions stay."""
         self.rule = rule
         self.targets.update(rule)
 
-    def _acceptor(self, lsock: socket.socket, port: int):
-        def on_accept() -> None:
-            for _ in range(ACCEPT_BATCH):
-                try:
-                    csock, caddr = lsock.accept()
-                except BlockingIOError:
-                    return
-                except OSError as exc:
-                    if exc.errno in _FD_EXHAUSTION:
-                        self._back_off(lsock, port, exc)
-                        return
-                    if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR):
-                        continue
-                    log.warn("proxy.accept_error", rule=self.rule.rule_id, port=port,
-                             errno_name=errno.errorcode.get(exc.errno, str(exc.errno)))
-                    return
-                csock.setblocking(False)
-                session = TcpSession(self, csock, caddr, port)
-                self.sessions.add(session)
-                session.start()
+    def _on_accept_for(self, port: int):
+        def on_accept(csock: socket.socket, caddr) -> None:
+            session = TcpSession(self, csock, caddr, port)
+            self.sessions.add(session)
+            session.start()
         return on_accept
 
-    def _back_off(self, lsock: socket.socket, port: int, exc: OSError) -> None:
-        log.warn("proxy.accept_error", rule=self.rule.rule_id, port=port,
-                 errno_name=errno.errorcode.get(exc.errno, str(exc.errno)), backoff_ms=int(ACCEPT_BACKOFF * 1000))
-        loop = self.ctx.loop
-        loop.remove_reader(lsock.fileno())
-
-        def resume() -> None:
-            if self.accepting and self.listeners.get(port) is lsock:
-                loop.add_reader(lsock.fileno(), self._acceptor(lsock, port))
-        loop.call_later(ACCEPT_BACKOFF, resume)
+    def _on_accept_error_for(self, port: int):
+        def on_error(exc: OSError, backoff: float | None) -> None:
+            # while descriptors are exhausted this repeats every back-off: one line, then a count
+            extra = {} if backoff is None else {"backoff_ms": int(backoff * 1000)}
+            log.limited("warn", "proxy.accept_error", key=f"{self.rule.rule_id}:{port}",
+                        every=REPEAT_LOG_EVERY, rule=self.rule.rule_id, port=port,
+                        errno_name=errno_name(exc), **extra)
+        return on_error
 
     def session_closed(self, session: TcpSession) -> None:
         self.sessions.discard(session)
@@ -504,6 +466,9 @@ class TcpRuleRelay:
     def close_listeners(self) -> None:
         self.targets.stop_probes()
         self.accepting = False
+        for acceptor in self.acceptors:
+            acceptor.stop()
+        self.acceptors = []
         for sock in self.listeners.values():
             self.ctx.loop.forget(sock.fileno())
             sock.close()
@@ -516,3 +481,6 @@ class TcpRuleRelay:
     @property
     def active(self) -> int:
         return len(self.sessions)
+
+    def snapshot(self) -> list[dict]:
+        return self.targets.snapshot()

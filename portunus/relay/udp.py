@@ -14,7 +14,9 @@ import socket
 
 from ..log import log
 from ..model import Rule
-from .context import BindError, RelayContext, bind_socket
+from ..netio import errno_name
+from .context import REPEAT_LOG_EVERY, BindError, RelayContext, bind_socket
+from .rule_relay import RuntimeSettings
 from .stats import RuleCounters
 from .targets import TargetSet
 
@@ -111,15 +113,16 @@ class Flow:
 
 
 class UdpRuleRelay:
-    """The listen sockets, flow table and reaper of one UDP rule."""
+    """The listen sockets, flow table and reaper of one UDP rule (a ``RuleRelay``)."""
 
-    def __init__(self, ctx: RelayContext, rule: Rule, counters: RuleCounters, *,
-                 max_flows: int, idle_secs: float):
+    def __init__(self, ctx: RelayContext, rule: Rule, counters: RuleCounters,
+                 settings: RuntimeSettings | None = None):
+        settings = settings or RuntimeSettings()
         self.ctx = ctx
         self.rule = rule
         self.counters = counters
-        self.max_flows = rule.udp_max_flows or max_flows
-        self.idle_secs = rule.udp_flow_idle_secs or idle_secs
+        self.max_flows = rule.udp_max_flows or settings.udp_max_flows
+        self.idle_secs = rule.udp_flow_idle_secs or settings.udp_flow_idle_secs
         self.sockets: dict[int, socket.socket] = {}
         self.flows: dict[tuple, Flow] = {}
         self._reaper = None
@@ -143,11 +146,12 @@ class UdpRuleRelay:
         self._schedule_reaper()
         self.targets.start_probes()
 
-    def update(self, rule: Rule, *, max_flows: int, idle_secs: float) -> None:
+    def update(self, rule: Rule, settings: RuntimeSettings | None = None) -> None:
+        settings = settings or RuntimeSettings()
         self.rule = rule
         self.targets.update(rule)
-        self.max_flows = rule.udp_max_flows or max_flows
-        self.idle_secs = rule.udp_flow_idle_secs or idle_secs
+        self.max_flows = rule.udp_max_flows or settings.udp_max_flows
+        self.idle_secs = rule.udp_flow_idle_secs or settings.udp_flow_idle_secs
 
     def _receiver(self, lsock: socket.socket, port: int):
         view = self.ctx.udp_view
@@ -190,15 +194,16 @@ class UdpRuleRelay:
                 return
             if err is not None or not addrs:
                 self.counters.dns_failures += 1
-                log.warn("rule.udp_dns_failed", rule=self.rule.rule_id, host=target.host, reason=err)
+                log.limited("warn", "rule.udp_dns_failed", key=f"{self.rule.rule_id}:{target.host}",
+                            every=REPEAT_LOG_EVERY, rule=self.rule.rule_id, host=target.host, reason=err)
                 self.remove_flow(flow)
                 return
             fam, ip = addrs[0]
             try:
                 flow.connect(fam, ip, tport)
             except OSError as exc:
-                log.warn("rule.udp_flow_connect_failed", rule=self.rule.rule_id,
-                         errno_name=errno.errorcode.get(exc.errno, str(exc.errno)))
+                log.limited("warn", "rule.udp_flow_connect_failed", key=self.rule.rule_id,
+                            every=REPEAT_LOG_EVERY, rule=self.rule.rule_id, errno_name=errno_name(exc))
                 self.remove_flow(flow)
         self.ctx.resolver.resolve(target.host, self.rule.prefer_ipv6, on_resolved)
         return flow
@@ -208,12 +213,15 @@ class UdpRuleRelay:
             del self.flows[(flow.listen_port, flow.src)]
             self.counters.ports[flow.listen_port].active_flows -= 1
         flow.close()
+        if not self.flows and not self.sockets and self.on_idle is not None:
+            cb, self.on_idle = self.on_idle, None
+            cb()
 
     def evict_icmp(self, flow: Flow, exc: OSError) -> None:
         self.counters.flows_evicted_icmp += 1
         self.targets.record_failure(flow.target_state, "ICMP error")
-        log.info("rule.udp_flow_evicted_icmp", rule=self.rule.rule_id, source=f"{flow.src[0]}:{flow.src[1]}",
-                 errno_name=errno.errorcode.get(exc.errno, str(exc.errno)))
+        log.limited("info", "rule.udp_flow_evicted_icmp", key=self.rule.rule_id, every=REPEAT_LOG_EVERY,
+                    rule=self.rule.rule_id, source=f"{flow.src[0]}:{flow.src[1]}", errno_name=errno_name(exc))
         self.remove_flow(flow)
 
     def _schedule_reaper(self) -> None:
@@ -227,23 +235,24 @@ class UdpRuleRelay:
         self._schedule_reaper()
 
     def close_listeners(self) -> None:
+        """Close the listen sockets and with them every flow: replies go out through them."""
+        self.targets.stop_probes()
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
         for sock in self.sockets.values():
             self.ctx.loop.forget(sock.fileno())
             sock.close()
         self.sockets = {}
+        self.abort_sessions()
 
     def abort_sessions(self) -> None:
         for flow in list(self.flows.values()):
             self.remove_flow(flow)
 
-    def close(self) -> None:
-        self.targets.stop_probes()
-        if self._reaper is not None:
-            self._reaper.cancel()
-            self._reaper = None
-        self.close_listeners()
-        self.abort_sessions()
-
     @property
     def active(self) -> int:
-        return 0  # flows die with the listen sockets: nothing to drain
+        return len(self.flows)
+
+    def snapshot(self) -> list[dict]:
+        return self.targets.snapshot()

@@ -1,0 +1,169 @@
+"""Socket plumbing the data plane and the control channel share, on the loop.
+
+Below ``relay/`` and ``control/``: imports only the standard library (and at
+most ``portunus.errors``/``portunus.log``). Everything here runs on the loop thread and never blocks.
+
+- ``Connect``: one non-blocking TCP connect with a deadline.
+- ``Acceptor``: the accept loop of one listening socket, with back-off when the
+  process runs out of file descriptors.
+- ``family_of``, ``errno_name``: the address-family and errno-naming helpers.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from typing import Callable
+
+# running out of these leaves the connection in the backlog: the listener stays readable
+FD_EXHAUSTION = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+# the peer went away between SYN and accept(), or a firewall hook refused it: try the next one
+TRANSIENT_ACCEPT = (errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR)
+ACCEPT_BATCH = 64
+ACCEPT_BACKOFF = 0.1
+TIMEOUT = "timeout"  # the reason ``Connect`` reports when the deadline passes
+
+
+def family_of(host: str) -> int:
+    """AF_INET6 for an IPv6 literal, AF_INET otherwise (names are resolved before this)."""
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def errno_name(err: int | OSError | None) -> str:
+    """``ECONNREFUSED`` for 111 or an OSError carrying it; the number (or message) when unnamed."""
+    if isinstance(err, OSError):
+        if err.errno is None:
+            return str(err)
+        err = err.errno
+    return errno.errorcode.get(err, str(err))
+
+
+class Connect:
+    """One non-blocking TCP connect to ``(ip, port)`` with a deadline.
+
+    ``on_done(sock, None)`` hands over the connected non-blocking socket (no
+    longer watched by the loop); ``on_done(None, reason)`` reports an errno name
+    or ``TIMEOUT``, the socket already closed. ``on_done`` runs exactly once,
+    always from the loop (never from inside the constructor), and never after
+    ``cancel()``. Creating the socket can raise ``OSError`` (e.g. EMFILE): the
+    caller decides what running out of descriptors means.
+    """
+
+    __slots__ = ("loop", "sock", "on_done", "timer", "done")
+
+    def __init__(self, loop, ip: str, port: int, timeout: float,
+                 on_done: Callable[[socket.socket | None, str | None], None], *, family: int | None = None):
+        sock = socket.socket(family or family_of(ip), socket.SOCK_STREAM)
+        sock.setblocking(False)
+        self.loop = loop
+        self.sock = sock
+        self.on_done = on_done
+        self.done = False
+        rc = sock.connect_ex((ip, port))
+        if rc in (0, errno.EINPROGRESS):
+            self.timer = loop.call_later(timeout, self._finish, TIMEOUT)
+            loop.add_writer(sock.fileno(), self._on_writable)
+        else:
+            self.timer = None
+            loop.call_soon(self._finish, errno_name(rc))
+
+    def _on_writable(self) -> None:
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        self._finish(None if err == 0 else errno_name(err))
+
+    def _finish(self, reason: str | None) -> None:
+        if self.done:
+            return
+        sock = self._release()
+        if reason is not None:
+            sock.close()
+            sock = None
+        self.on_done(sock, reason)
+
+    def _release(self) -> socket.socket:
+        self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        sock = self.sock
+        self.loop.forget(sock.fileno())
+        return sock
+
+    def cancel(self) -> None:
+        """Abandon the attempt and close its socket; ``on_done`` is not called."""
+        if not self.done:
+            self._release().close()
+
+
+class Acceptor:
+    """The accept loop of one listening socket.
+
+    Each wakeup accepts up to ``batch`` connections and hands each to
+    ``on_accept(sock, addr)`` as a non-blocking socket. Transient errors (the
+    peer already gone) skip to the next connection. When descriptors run out,
+    the pending connection stays in the backlog and would wake the loop again at
+    once, so the acceptor stops watching the listener for ``backoff`` seconds;
+    ``on_error(exc, backoff)`` reports it (``backoff`` is None for any other
+    error, after which the acceptor waits for the next wakeup).
+    """
+
+    __slots__ = ("loop", "lsock", "fd", "on_accept", "on_error", "batch", "backoff", "running", "_resume")
+
+    def __init__(self, loop, lsock: socket.socket, on_accept: Callable[[socket.socket, object], None],
+                 on_error: Callable[[OSError, float | None], None] | None = None, *,
+                 batch: int = ACCEPT_BATCH, backoff: float = ACCEPT_BACKOFF):
+        self.loop = loop
+        self.lsock = lsock
+        self.fd = lsock.fileno()
+        self.on_accept = on_accept
+        self.on_error = on_error
+        self.batch = batch
+        self.backoff = backoff
+        self.running = False
+        self._resume = None
+
+    def start(self) -> None:
+        self.running = True
+        self.loop.add_reader(self.fd, self._on_readable)
+
+    def stop(self) -> None:
+        """Stop accepting (the caller closes the socket)."""
+        self.running = False
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
+        self.loop.remove_reader(self.fd)
+
+    def _on_readable(self) -> None:
+        accept, on_accept = self.lsock.accept, self.on_accept
+        for _ in range(self.batch):
+            try:
+                sock, addr = accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in TRANSIENT_ACCEPT:
+                    continue
+                if exc.errno in FD_EXHAUSTION:
+                    self._back_off()
+                    self._report(exc, self.backoff)
+                else:
+                    self._report(exc, None)
+                return
+            sock.setblocking(False)
+            on_accept(sock, addr)
+            if not self.running:
+                return  # the callback closed the listener
+
+    def _report(self, exc: OSError, backoff: float | None) -> None:
+        if self.on_error is not None:
+            self.on_error(exc, backoff)
+
+    def _back_off(self) -> None:
+        self.loop.remove_reader(self.fd)
+        self._resume = self.loop.call_later(self.backoff, self._on_backoff_over)
+
+    def _on_backoff_over(self) -> None:
+        self._resume = None
+        if self.running:
+            self.loop.add_reader(self.fd, self._on_readable)
