@@ -1,0 +1,105 @@
+"""Transport limits: whole-request deadlines, the connection cap and who it evicts (issue 8 point 5)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+
+from portunus.http import transport
+from portunus.http.transport import (EVICT_AFTER_SECS, LIMITS_ENV, APIServer, DeadlineReader,
+                                     DeadlineRequestHandler, Limits)
+
+
+def test_limits_defaults_and_the_test_knob(monkeypatch):
+    monkeypatch.delenv(LIMITS_ENV, raising=False)
+    assert Limits.from_env() == Limits(10.0, 30.0, 256)
+    assert Limits.from_env(max_connections=64).max_connections == 64
+    monkeypatch.setenv(LIMITS_ENV, "header_secs=1.5, body_secs=2,max_connections=8")
+    assert Limits.from_env(max_connections=64) == Limits(1.5, 2.0, 8)
+
+
+@pytest.fixture
+def pair():
+    a, b = socket.socketpair()
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_a_passed_deadline_stops_reading_even_with_data_waiting(pair):
+    a, b = pair
+    b.sendall(b"GET / HTTP/1.1\r\n")
+    reader = DeadlineReader(a)
+    reader.deadline = time.monotonic() - 1
+    with pytest.raises(TimeoutError):
+        reader.readinto(bytearray(64))
+
+
+def test_before_the_deadline_data_is_read(pair):
+    a, b = pair
+    b.sendall(b"hello")
+    reader = DeadlineReader(a)
+    reader.deadline = time.monotonic() + 60
+    buf = bytearray(64)
+    assert reader.readinto(buf) == 5 and bytes(buf[:5]) == b"hello"
+
+
+@pytest.fixture
+def server():
+    srv = APIServer(("127.0.0.1", 0), DeadlineRequestHandler, family=socket.AF_INET,
+                    limits=Limits(10.0, 30.0, 2))
+    yield srv
+    srv.server_close()
+
+
+def _track(srv, sock, age: float, waiting: bool):
+    """Pretend ``sock`` is a connection the server admitted ``age`` seconds ago (no sleeping)."""
+    srv._open[sock] = transport._Connection(time.monotonic() - age, waiting)
+
+
+def test_the_cap_evicts_the_oldest_connection_waiting_for_headers(server, pair):
+    old, young = socket.socketpair()
+    busy_a, busy_b = socket.socketpair()
+    try:
+        _track(server, old, EVICT_AFTER_SECS + 5, True)
+        _track(server, busy_a, EVICT_AFTER_SECS + 50, False)  # older, but being served: never cut
+        _track(server, young, 0.0, True)                       # too young to be a dripper
+        with server._conn_lock:
+            assert server._evict_one_locked()
+        assert old not in server._open and busy_a in server._open and young in server._open
+        with server._conn_lock:
+            assert not server._evict_one_locked()  # the rest are busy or young
+    finally:
+        for s in (old, young, busy_a, busy_b):
+            s.close()
+
+
+def test_a_full_listener_answers_503_at_once_without_a_thread(server, pair):
+    a, b = pair
+    held = [socket.socketpair() for _ in range(2)]
+    try:
+        for s, _ in held:
+            _track(server, s, 100.0, False)
+        server.process_request(a, ("127.0.0.1", 1))
+        b.settimeout(5)
+        reply = b.recv(65536)
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503 ")
+        assert json.loads(body)["error"]["code"] == "server_busy"
+        assert server.open_connections == 2
+    finally:
+        for s, t in held:
+            s.close()
+            t.close()
+
+
+def test_each_listener_keeps_its_own_address_family():
+    v4 = APIServer(("127.0.0.1", 0), DeadlineRequestHandler, family=socket.AF_INET, limits=Limits())
+    try:
+        assert v4.address_family == socket.AF_INET and "address_family" in vars(v4)
+        assert APIServer.address_family == socket.AF_INET  # the class attribute is never written
+    finally:
+        v4.server_close()
