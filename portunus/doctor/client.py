@@ -42,6 +42,8 @@ class AgentProcess:
     nofile: tuple[int, int] | None
     cap_eff: int | None
     listen_ports: dict[str, list[int]]  # protocol -> ports
+    environ: dict[str, str] | None = None  # None when /proc/PID/environ is not readable
+    dns_servers: list[str] = field(default_factory=list)  # its --dns-server arguments
 
 
 @dataclass
@@ -184,9 +186,11 @@ def check_token(tls: ssl.SSLSocket, bundle: dict, env, session: Session) -> r.Ch
                       "check the server's log for control.refused around this time", {})
     if reply.get("type") == "error":
         code = reply.get("code")
-        fix = ("generate a re-enrollment command (`portunus-server reenroll-client NAME`) and run it on this "
-               "host" if code == "token_revoked" else
-               "the server does not know this token (reset, older backup, or another server): enroll again")
+        fix = {"token_revoked": "generate a re-enrollment command (`portunus-server reenroll-client NAME`) and "
+                                "run it on this host",
+               "unauthenticated": "the server does not know this token (reset, older backup, or another "
+                                  "server): enroll again"}.get(
+            code, "run the same Portunus version on the server and this host")
         return r.fail("auth.token", f"auth.failure reason={code}: {reply.get('message')}", fix, {"code": code})
     session.rules = [rule for rule in map(_rule, rule_dicts) if rule is not None]
     session.udp_max_flows = reply.get("udp_max_flows_per_rule")
@@ -221,8 +225,12 @@ def find_connected_agent(addrs: list[str], port: int) -> AgentProcess | None:
     listen["udp"] = [p for p in listen["udp"] if p != 0]
     limits_text = host.read_text(f"{host.PROC}/{pid}/limits")
     status_text = host.read_text(f"{host.PROC}/{pid}/status")
+    environ_text = host.read_text(f"{host.PROC}/{pid}/environ")
+    argv = (host.read_text(f"{host.PROC}/{pid}/cmdline") or "").split("\x00")
     return AgentProcess(pid, open_fds, host.parse_proc_limits(limits_text) if limits_text else None,
-                        host.parse_cap_eff(status_text) if status_text else None, listen)
+                        host.parse_cap_eff(status_text) if status_text else None, listen,
+                        host.parse_environ(environ_text) if environ_text is not None else None,
+                        [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--dns-server"])
 
 
 def endpoint_checks(bundle: dict, servers, env, session: Session) -> list[r.Check]:
@@ -367,10 +375,17 @@ def run_checks(bundle_path: str | None, cli_dns_servers: list[str], env=os.envir
     else:
         checks.append(r.skip("endpoint.resolve", "not checked: no usable bundle"))
     checks += rule_checks(session, env)
+    agent = session.agent
+    agent_env = agent.environ if agent is not None and agent.environ is not None else None
+    if agent_env is not None and not cli_dns_servers:
+        # the running agent's own settings are the ones that matter
+        servers, source, _ = dns_servers(agent.dns_servers, agent_env)
+        source = f"{source} of the agent (pid {agent.pid})"
     checks += [host.check_splice_kernel(host.splice_probe()),
                host.check_pipe_max_size(_int(host.read_text(f"{host.PROC}/sys/fs/pipe-max-size")),
                                         host.pipe_size_probe()),
-               host.check_splice_env(env),
+               host.check_splice_env(agent_env if agent_env is not None else env,
+                                     f"the agent (pid {agent.pid})" if agent_env is not None else "this shell"),
                dns_check(bundle, session, servers, source)]
     return checks
 

@@ -143,16 +143,21 @@ def check_pipe_max_size(sysctl_value: int | None, probe: tuple[bool, str | None]
     return r.ok("splice.pipe_size", f"pipes can be sized to 1 MiB (pipe-max-size {sysctl_value})", details)
 
 
-def check_splice_env(env) -> r.Check:
+def parse_environ(text: str) -> dict[str, str]:
+    """A /proc/PID/environ text (NUL-separated NAME=value)."""
+    return dict(item.partition("=")[::2] for item in text.split("\x00") if "=" in item)
+
+
+def check_splice_env(env, whose: str = "this shell") -> r.Check:
     value = env.get("PORTUNUS_DISABLE_SPLICE")
+    details = {"environment_of": whose, "PORTUNUS_DISABLE_SPLICE": value}
     if value is None:
-        return r.ok("splice.env", "PORTUNUS_DISABLE_SPLICE is not set: eligible TCP rules use splice")
+        return r.ok("splice.env", "PORTUNUS_DISABLE_SPLICE is not set: eligible TCP rules use splice", details)
     if value == "1":
         return r.warn("splice.env", "PORTUNUS_DISABLE_SPLICE=1: every connection takes the userspace path",
-                      "unset PORTUNUS_DISABLE_SPLICE in the agent's environment unless you are triaging",
-                      {"PORTUNUS_DISABLE_SPLICE": value})
+                      "unset PORTUNUS_DISABLE_SPLICE in the agent's environment unless you are triaging", details)
     return r.warn("splice.env", f"PORTUNUS_DISABLE_SPLICE={value!r} has no effect (only 1 disables splice)",
-                  "unset it, or set it to 1 to force the userspace path", {"PORTUNUS_DISABLE_SPLICE": value})
+                  "unset it, or set it to 1 to force the userspace path", details)
 
 
 # ------------------------------------------------------------------ capabilities and port ranges

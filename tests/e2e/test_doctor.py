@@ -104,11 +104,16 @@ def test_healthy_server_and_agent_pass_and_nothing_disturbs_the_session(server, 
 
 
 def test_disable_splice_env_is_reported_without_failing(server, procs, tmp_path):
-    _agent, bundle = enroll_client(server, procs, tmp_path, "edge-01")
+    agent, bundle = enroll_client(server, procs, tmp_path, "edge-01", env={"PORTUNUS_DISABLE_SPLICE": "1"})
+    code, checks = client_doctor(bundle, tmp_path)  # read from the running agent's environment
+    assert code == 0, statuses(checks, "fail")
+    assert checks["splice.env"]["status"] == "warn" and "userspace" in checks["splice.env"]["summary"]
+    assert checks["splice.env"]["details"]["environment_of"] == f"the agent (pid {agent.p.pid})"
+    stop(agent)
+    code, checks = client_doctor(bundle, tmp_path)  # no agent: this shell's environment decides
+    assert code == 0 and checks["splice.env"]["status"] == "ok"
     code, checks = client_doctor(bundle, tmp_path, env={"PORTUNUS_DISABLE_SPLICE": "1"})
-    assert code == 0
-    assert checks["splice.env"]["status"] == "warn"
-    assert "userspace" in checks["splice.env"]["summary"]
+    assert code == 0 and checks["splice.env"]["status"] == "warn"
 
 
 # ------------------------------------------------------------------ the client cannot connect
