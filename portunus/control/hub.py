@@ -376,7 +376,7 @@ class Hub:
             log.debug("control.closed_unauthenticated", peer=ch.peer, reason=reason)
             return
         code = ch.close_code or "closed"
-        log.limited("warn", "control.rejected", key=_source(ch.peer), every=REJECT_LOG_EVERY,
+        log.limited("warn", "control.rejected", key=f"{_source(ch.peer)}:{code}", every=REJECT_LOG_EVERY,
                     peer=ch.peer, reason=code, detail=reason)
 
     # ---- liveness ---------------------------------------------------------
