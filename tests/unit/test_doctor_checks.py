@@ -252,6 +252,7 @@ def test_dns_failure_series_from_metrics_text():
     assert ds.parse_dns_failures(text) == {"R1": 3}
 
 
-@pytest.mark.parametrize("seconds, text", [(5, "5s"), (125, "2m"), (3 * 3600 + 120, "3h02m"), (2 * 86400 + 7200, "2d2h")])
+@pytest.mark.parametrize("seconds, text", [(5, "5s"), (125, "2m"), (3 * 3600 + 120, "3h02m"),
+                                           (2 * 86400 + 7200, "2d2h")])
 def test_human_duration(seconds, text):
     assert ds.human_duration(seconds) == text
