@@ -52,6 +52,9 @@ def run_dashboard(path: str, refresh_ms: int) -> int:
         return curses.wrapper(_loop, Dashboard(socket_path=path, refresh_ms=refresh_ms))
     except KeyboardInterrupt:
         return 0
+    except curses.error as exc:  # e.g. a TERM without a terminfo entry
+        raise PortunusError("usage", f"cannot start the live stats view on this terminal ({exc}; "
+                                     f"TERM={os.environ.get('TERM', '')!r}); use `stats --once`") from None
 
 
 def _key_name(curses, ch: int) -> str | None:

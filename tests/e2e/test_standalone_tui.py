@@ -211,3 +211,12 @@ def test_live_view_without_a_terminal_says_so_and_suggests_once(tmp_path):
     assert r.returncode == 2
     assert r.stdout == ""
     assert r.stderr.startswith("error: usage: the live stats view needs a terminal") and "--once" in r.stderr
+
+
+def test_a_terminal_curses_cannot_drive_is_a_usage_error_not_a_traceback(tmux, tmp_path):
+    tui = tmux(["env", "TERM=no-such-terminal"] + portunus_cmd("standalone")
+               + ["stats", "--socket", str(tmp_path / "none.sock")])
+    wait_until(lambda: tui.exit_code() is not None, timeout=20, what="the command to exit")
+    assert tui.exit_code() == 2
+    screen = tui.screen()
+    assert "error: usage: cannot start the live stats view" in screen and "Traceback" not in screen
