@@ -75,8 +75,11 @@ class Dashboard:
                 continue
             self.rates[key] = ((b_in - prev[0]) / dt, (b_out - prev[1]) / dt)
         self._prev, self._prev_at, self._prev_pid = counters, now, snapshot.get("pid")
+        selected_id = _str(self.rules[self.selected], "rule_id") if self.selected < len(self.rules) else None
         self.snapshot, self.connected, self.error, self.lost_at, self.now = snapshot, True, None, None, now
-        self.selected = min(self.selected, max(len(self.rules) - 1, 0))
+        ids = [_str(r, "rule_id") for r in self.rules]
+        # the selection follows its rule when a reload adds or removes rules before it
+        self.selected = ids.index(selected_id) if selected_id in ids else min(self.selected, max(len(ids) - 1, 0))
 
     def lost(self, reason: str, now: float) -> None:
         """The stats socket did not answer; keep the last data on screen, marked stale."""

@@ -170,6 +170,15 @@ def test_before_any_snapshot_it_says_it_is_waiting_or_reconnecting(dash):
     assert "reconnecting…: cannot read stats socket" in text(render(dash, 80, 10))
 
 
+def test_the_selection_follows_its_rule_across_a_reload(dash):
+    dash.update(snap(rule("a"), rule("b"), rule("c")), now=0)
+    dash.press("j")
+    dash.update(snap(rule("new"), rule("a"), rule("b"), rule("c")), now=1)
+    assert dash.rules[dash.selected]["rule_id"] == "b"
+    dash.update(snap(rule("a")), now=2)  # b is gone: stay in bounds
+    assert dash.selected == 0
+
+
 def test_selection_stays_visible_when_rules_do_not_fit(dash):
     dash.update(snap(*[rule(f"r{i:02}") for i in range(50)]), now=0)
     for _ in range(45):
