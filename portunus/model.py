@@ -112,9 +112,6 @@ class Target:
     priority: int = 1
     proxy_protocol: str | None = None
 
-    def port_for_offset(self, offset: int) -> int:
-        return self.port + offset
-
     def label(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         ports = f"{self.port}-{self.port_end}" if self.port_end and self.port_end != self.port else str(self.port)
@@ -135,14 +132,25 @@ def parse_target_text(text, what: str = "target") -> Target:
     return Target(host=host, port=start, port_end=end if end != start else None)
 
 
-def _parse_target_obj(obj, index: int) -> Target:
+def parse_target_spec(text, index: int = 0, what: str | None = None) -> Target:
+    """``host:port``, ``host:a-b`` or ``[v6]:port``, optionally ``@priority`` -> Target.
+
+    Without ``@priority`` a target's priority is its list position + 1 (the first is preferred).
+    """
+    what = what or f"targets[{index}]"
+    prio = ""
+    if isinstance(text, str):
+        text, _, prio = text.partition("@")
+    t = parse_target_text(text, what)
+    priority = _int_in(prio, f"{what} priority", 0, 65535) if prio else index + 1
+    return replace(t, priority=priority)
+
+
+def parse_target(obj, index: int) -> Target:
+    """One entry of a rule's ``targets``: a ``host:port[@priority]`` string or an object."""
     what = f"targets[{index}]"
     if isinstance(obj, str):
-        # "host:port" or "host:port@priority"
-        text, _, prio = obj.partition("@")
-        t = parse_target_text(text, what)
-        priority = _int_in(prio, f"{what} priority", 0, 65535) if prio else index + 1
-        return replace(t, priority=priority)
+        return parse_target_spec(obj, index, what)
     if not isinstance(obj, dict):
         raise _bad("validation.invalid_target", f"{what} must be an object with host and port, got {obj!r}")
     # port_end: a range rule's target as Target.to_dict() writes it
@@ -319,128 +327,173 @@ class Rule:
     @classmethod
     def from_dict(cls, d, *, max_range_ports: int = DEFAULT_RANGE_MAX_PORTS,
                   allow_health_check: bool = True) -> "Rule":
+        """Validate a rule as the API, the control channel and the TOML config give it.
+
+        Checks run in a fixed order (identity, listen, targets, features), so the
+        error a rule with several faults gets does not change between releases.
+        """
         if not isinstance(d, dict):
             raise _bad("validation.invalid_rule", f"a rule must be an object, got {type(d).__name__}")
         unknown = set(d) - _RULE_FIELDS
         if unknown:
             raise _bad("validation.unknown_field", f"rule has unknown field(s): {', '.join(sorted(unknown))}")
+        rule_id, protocol = _parse_identity(d)
+        start, end, listen_host = _parse_listen(d, max_range_ports)
+        targets = _parse_targets(d, protocol, start, end)
+        features = _parse_features(d, protocol, end - start + 1, allow_health_check)
+        return cls(rule_id=rule_id, protocol=protocol, listen_port=start, listen_port_end=end,
+                   targets=targets, listen_host=listen_host, **features)
 
-        rule_id = d.get("rule_id", d.get("id"))
-        if not isinstance(rule_id, str) or not _RULE_ID.fullmatch(rule_id):
-            raise _bad("validation.invalid_rule_id",
-                       f"rule id must be 1-128 chars of letters, digits, '.', '_', ':' or '-', got {rule_id!r}")
 
-        protocol = d.get("protocol", "tcp")
-        if protocol not in PROTOCOLS:
-            raise _bad("validation.invalid_protocol", f"protocol must be \"tcp\" or \"udp\", got {protocol!r}")
+def _parse_identity(d: dict) -> tuple[str, str]:
+    rule_id = d.get("rule_id", d.get("id"))
+    if not isinstance(rule_id, str) or not _RULE_ID.fullmatch(rule_id):
+        raise _bad("validation.invalid_rule_id",
+                   f"rule id must be 1-128 chars of letters, digits, '.', '_', ':' or '-', got {rule_id!r}")
+    protocol = d.get("protocol", "tcp")
+    if protocol not in PROTOCOLS:
+        raise _bad("validation.invalid_protocol", f"protocol must be \"tcp\" or \"udp\", got {protocol!r}")
+    return rule_id, protocol
 
-        # listen: listen_port [+ listen_port_end] or listen: "a-b"
-        if d.get("listen") is not None:
-            if d.get("listen_port") is not None:
-                raise _bad("validation.invalid_listen", "give either listen or listen_port, not both")
-            start, end = parse_port_span(d["listen"], "listen port")
-        elif d.get("listen_port") is not None:
-            start, end = parse_port_span(d["listen_port"], "listen port")
-            if d.get("listen_port_end") is not None:
-                end = parse_port(d["listen_port_end"], "listen_port_end")
-                if end < start:
-                    raise _bad("validation.invalid_port_range",
-                               f"listen_port_end {end} is below listen_port {start}")
-        else:
-            raise _bad("validation.invalid_listen", "a rule needs listen_port (or listen: \"a-b\")")
-        width = end - start + 1
-        if width > max_range_ports:
-            raise _bad("validation.port_range_too_large",
-                       f"listen range {start}-{end} spans {width} ports; the limit is {max_range_ports} "
-                       f"(range_rule_max_ports)")
 
-        listen_host = d.get("listen_host") or "0.0.0.0"
-        if not is_ip_literal(str(listen_host).strip("[]")):
-            raise _bad("validation.invalid_listen_host",
-                       f"listen_host must be an IP address of this host, got {listen_host!r}")
-        listen_host = str(ipaddress.ip_address(str(listen_host).strip("[]")))
+def _parse_listen(d: dict, max_range_ports: int) -> tuple[int, int, str]:
+    """listen_port [+ listen_port_end] or listen: "a-b", and listen_host -> (start, end, host)."""
+    if d.get("listen") is not None:
+        if d.get("listen_port") is not None:
+            raise _bad("validation.invalid_listen", "give either listen or listen_port, not both")
+        start, end = parse_port_span(d["listen"], "listen port")
+    elif d.get("listen_port") is not None:
+        start, end = parse_port_span(d["listen_port"], "listen port")
+        if d.get("listen_port_end") is not None:
+            end = parse_port(d["listen_port_end"], "listen_port_end")
+            if end < start:
+                raise _bad("validation.invalid_port_range",
+                           f"listen_port_end {end} is below listen_port {start}")
+    else:
+        raise _bad("validation.invalid_listen", "a rule needs listen_port (or listen: \"a-b\")")
+    width = end - start + 1
+    if width > max_range_ports:
+        raise _bad("validation.port_range_too_large",
+                   f"listen range {start}-{end} spans {width} ports; the limit is {max_range_ports} "
+                   f"(range_rule_max_ports)")
 
-        # targets
-        if d.get("target") is not None and d.get("targets") is not None:
-            raise _bad("validation.invalid_target", "give either target or targets, not both")
-        if d.get("target") is not None:
-            targets = [parse_target_text(d["target"]) if isinstance(d["target"], str)
-                       else _parse_target_obj(d["target"], 0)]
-        elif d.get("targets") is not None:
-            raw = d["targets"]
-            if not isinstance(raw, list) or not raw:
-                raise _bad("validation.invalid_target", "targets must be a non-empty list")
-            if len(raw) > MAX_TARGETS:
-                raise _bad("validation.too_many_targets", f"at most {MAX_TARGETS} targets, got {len(raw)}")
-            targets = [_parse_target_obj(t, i) for i, t in enumerate(raw)]
-        else:
-            raise _bad("validation.invalid_target", "a rule needs a target (host:port) or targets")
+    listen_host = d.get("listen_host") or "0.0.0.0"
+    if not is_ip_literal(str(listen_host).strip("[]")):
+        raise _bad("validation.invalid_listen_host",
+                   f"listen_host must be an IP address of this host, got {listen_host!r}")
+    return start, end, str(ipaddress.ip_address(str(listen_host).strip("[]")))
 
-        for i, t in enumerate(targets):
-            if t.port_end is not None:
-                if len(targets) > 1:
-                    raise _bad("validation.invalid_target", f"targets[{i}] may not be a port range on a multi-target rule")
-                if t.port_end - t.port + 1 != width:
-                    raise _bad("validation.port_range_width_mismatch",
-                               f"listen range {start}-{end} has {width} ports but target {t.label()} has "
-                               f"{t.port_end - t.port + 1}")
-        if width > 1 and targets[0].port_end is None:
+
+def _parse_targets(d: dict, protocol: str, start: int, end: int) -> tuple[Target, ...]:
+    """target / targets, checked against the listen range they serve."""
+    if d.get("target") is not None and d.get("targets") is not None:
+        raise _bad("validation.invalid_target", "give either target or targets, not both")
+    if d.get("target") is not None:
+        targets = [parse_target_text(d["target"]) if isinstance(d["target"], str)
+                   else parse_target(d["target"], 0)]
+    elif d.get("targets") is not None:
+        raw = d["targets"]
+        if not isinstance(raw, list) or not raw:
+            raise _bad("validation.invalid_target", "targets must be a non-empty list")
+        if len(raw) > MAX_TARGETS:
+            raise _bad("validation.too_many_targets", f"at most {MAX_TARGETS} targets, got {len(raw)}")
+        targets = [parse_target(t, i) for i, t in enumerate(raw)]
+    else:
+        raise _bad("validation.invalid_target", "a rule needs a target (host:port) or targets")
+
+    width = end - start + 1
+    for i, t in enumerate(targets):
+        if t.port_end is not None:
             if len(targets) > 1:
-                raise _bad("validation.invalid_target", "a port-range rule takes exactly one target")
-            # "listen 30000-30050 -> host:30000" is ambiguous; require an explicit matching range
-            raise _bad("validation.port_range_width_mismatch",
-                       f"listen range {start}-{end} needs a target range of the same width, e.g. "
-                       f"{targets[0].host}:{targets[0].port}-{targets[0].port + width - 1}")
-        if width > 1 and len(targets) > 1:
+                raise _bad("validation.invalid_target", f"targets[{i}] may not be a port range on a multi-target rule")
+            if t.port_end - t.port + 1 != width:
+                raise _bad("validation.port_range_width_mismatch",
+                           f"listen range {start}-{end} has {width} ports but target {t.label()} has "
+                           f"{t.port_end - t.port + 1}")
+    if width > 1 and targets[0].port_end is None:
+        if len(targets) > 1:
             raise _bad("validation.invalid_target", "a port-range rule takes exactly one target")
+        # "listen 30000-30050 -> host:30000" is ambiguous; require an explicit matching range
+        raise _bad("validation.port_range_width_mismatch",
+                   f"listen range {start}-{end} needs a target range of the same width, e.g. "
+                   f"{targets[0].host}:{targets[0].port}-{targets[0].port + width - 1}")
+    if width > 1 and len(targets) > 1:
+        raise _bad("validation.invalid_target", "a port-range rule takes exactly one target")
 
-        if any(t.proxy_protocol for t in targets) and protocol != "tcp":
-            raise _bad("validation.proxy_protocol_on_unsupported_rule",
-                       "proxy_protocol is for TCP rules only")
+    if any(t.proxy_protocol for t in targets) and protocol != "tcp":
+        raise _bad("validation.proxy_protocol_on_unsupported_rule",
+                   "proxy_protocol is for TCP rules only")
+    return tuple(targets)
 
-        sni = d.get("sni_pattern")
-        if sni is not None:
-            if protocol != "tcp" or width > 1:
-                raise _bad("validation.sni_on_unsupported_rule",
-                           "sni_pattern is allowed only on single-port TCP rules")
-            sni = validate_sni_pattern(sni)
 
-        prefer_ipv6 = d.get("prefer_ipv6", False)
-        if not isinstance(prefer_ipv6, bool):
-            raise _bad("validation.invalid_bool", f"prefer_ipv6 must be true or false, got {prefer_ipv6!r}")
+def _parse_features(d: dict, protocol: str, width: int, allow_health_check: bool) -> dict:
+    """The optional fields, as ``Rule`` keyword arguments."""
+    sni = d.get("sni_pattern")
+    if sni is not None:
+        if protocol != "tcp" or width > 1:
+            raise _bad("validation.sni_on_unsupported_rule",
+                       "sni_pattern is allowed only on single-port TCP rules")
+        sni = validate_sni_pattern(sni)
 
-        hci = d.get("health_check_interval_secs")
-        if hci is not None:
-            if not allow_health_check:
-                raise _bad("validation.health_check_unsupported",
-                           "health_check_interval_secs is only available on server-pushed rules")
-            hci = _int_in(hci, "health_check_interval_secs", *HEALTH_CHECK_BOUNDS)
-            if protocol != "tcp":
-                # the probe is a TCP connect: it says nothing about a UDP service
-                raise _bad("validation.health_check_on_unsupported_rule",
-                           "health_check_interval_secs (active TCP probes) is for TCP rules only")
+    prefer_ipv6 = d.get("prefer_ipv6", False)
+    if not isinstance(prefer_ipv6, bool):
+        raise _bad("validation.invalid_bool", f"prefer_ipv6 must be true or false, got {prefer_ipv6!r}")
 
-        udp_max_flows = d.get("udp_max_flows")
-        if udp_max_flows is not None:
-            udp_max_flows = _int_in(udp_max_flows, "udp_max_flows", *UDP_MAX_FLOWS_BOUNDS)
-        udp_idle = d.get("udp_flow_idle_secs")
-        if udp_idle is not None:
-            udp_idle = _int_in(udp_idle, "udp_flow_idle_secs", *UDP_FLOW_IDLE_BOUNDS)
+    hci = d.get("health_check_interval_secs")
+    if hci is not None:
+        if not allow_health_check:
+            raise _bad("validation.health_check_unsupported",
+                       "health_check_interval_secs is only available on server-pushed rules")
+        hci = _int_in(hci, "health_check_interval_secs", *HEALTH_CHECK_BOUNDS)
+        if protocol != "tcp":
+            # the probe is a TCP connect: it says nothing about a UDP service
+            raise _bad("validation.health_check_on_unsupported_rule",
+                       "health_check_interval_secs (active TCP probes) is for TCP rules only")
 
-        owner = d.get("owner")
-        if owner is not None and not isinstance(owner, str):
-            raise _bad("validation.invalid_owner", f"owner must be a string, got {owner!r}")
+    udp_max_flows = d.get("udp_max_flows")
+    if udp_max_flows is not None:
+        udp_max_flows = _int_in(udp_max_flows, "udp_max_flows", *UDP_MAX_FLOWS_BOUNDS)
+    udp_idle = d.get("udp_flow_idle_secs")
+    if udp_idle is not None:
+        udp_idle = _int_in(udp_idle, "udp_flow_idle_secs", *UDP_FLOW_IDLE_BOUNDS)
 
-        return cls(
-            rule_id=rule_id, protocol=protocol, listen_port=start, listen_port_end=end,
-            targets=tuple(targets), listen_host=listen_host, prefer_ipv6=prefer_ipv6,
-            sni_pattern=sni, rate_limit=RateLimit.from_dict(d.get("rate_limit")),
-            health_check_interval_secs=hci, owner=owner,
-            udp_max_flows=udp_max_flows, udp_flow_idle_secs=udp_idle,
-        )
+    owner = d.get("owner")
+    if owner is not None and not isinstance(owner, str):
+        raise _bad("validation.invalid_owner", f"owner must be a string, got {owner!r}")
+
+    return {"prefer_ipv6": prefer_ipv6, "sni_pattern": sni, "rate_limit": RateLimit.from_dict(d.get("rate_limit")),
+            "health_check_interval_secs": hci, "owner": owner,
+            "udp_max_flows": udp_max_flows, "udp_flow_idle_secs": udp_idle}
+
+
+# ---------------------------------------------------------------- listeners
+
+WILDCARD_HOSTS = ("0.0.0.0", "::")
 
 
 def same_listeners(a: Rule, b: Rule) -> bool:
     """True when b can reuse a's listening sockets."""
     return (a.protocol, a.listen_host, a.listen_port, a.listen_port_end) == \
         (b.protocol, b.listen_host, b.listen_port, b.listen_port_end)
+
+
+def listen_hosts_overlap(a: str, b: str) -> bool:
+    """Two listen hosts collide when equal or when either is a wildcard."""
+    return a == b or a in WILDCARD_HOSTS or b in WILDCARD_HOSTS
+
+
+def shared_listen_port(a: Rule, b: Rule) -> int | None:
+    """The lowest port both rules would listen on, or None when their listeners cannot collide.
+
+    Listeners collide on the same protocol, overlapping port ranges and colliding
+    listen hosts. (Whether two SNI rules may share one port is the caller's policy.)
+    """
+    if a.protocol != b.protocol or not listen_hosts_overlap(a.listen_host, b.listen_host):
+        return None
+    low, high = max(a.listen_port, b.listen_port), min(a.listen_port_end, b.listen_port_end)
+    return low if low <= high else None
+
+
+def listeners_overlap(a: Rule, b: Rule) -> bool:
+    """True when the two rules cannot both be bound on one host."""
+    return shared_listen_port(a, b) is not None

@@ -15,9 +15,10 @@ from .. import __version__
 from ..errors import PortunusError
 from ..log import log
 from ..model import Rule
+from ..netio import TIMEOUT, Connect, errno_name
 from ..relay.runtime import RuleRuntime
 from . import messages as m
-from .channel import Channel, connect_tcp
+from .channel import Channel
 from .enrollment import split_endpoint
 from .tls import client_context, fingerprint_der, pins_match
 
@@ -32,7 +33,30 @@ EXIT_PIN_MISMATCH = 1
 EXIT_AUTH_FAILURE = 1
 
 
+def stats_reports(snapshots: list[dict], now: float) -> list[dict]:
+    """``stats_report`` messages for ``snapshots``, split so no frame nears the 1 MiB cap.
+
+    A range too wide for one frame reports its totals without per-port rows.
+    """
+    reports, batch, size = [], [], 0
+    for snap in snapshots:
+        cost = 200 + 160 * len(snap.get("per_port", ())) + 300 * len(snap.get("per_target", ()))
+        if cost > PER_PORT_LIMIT:
+            snap = {k: v for k, v in snap.items() if k != "per_port"}
+            cost = 200 + 300 * len(snap.get("per_target", ()))
+        if batch and size + cost > STATS_FRAME_BUDGET:
+            reports.append(m.stats_report(batch, now))
+            batch, size = [], 0
+        batch.append(snap)
+        size += cost
+    if batch:
+        reports.append(m.stats_report(batch, now))
+    return reports
+
+
 class Agent:
+    """The client's end of the control channel; ``loop`` and ``runtime`` are the client's own."""
+
     def __init__(self, loop, bundle: dict, runtime: RuleRuntime, *, reconnect_initial: float = 0.5,
                  reconnect_max: float = 30.0, stats_interval: float = 5.0, capabilities: list[str] | None = None):
         self.loop = loop
@@ -71,7 +95,11 @@ class Agent:
         if err is not None or not addrs:
             self._failed(f"cannot resolve {self.host}: {err}")
             return
-        connect_tcp(self.loop, addrs[0][1], self.port, CONNECT_TIMEOUT, self._on_tcp)
+        fam, ip = addrs[0]
+        try:
+            Connect(self.loop, ip, self.port, CONNECT_TIMEOUT, self._on_tcp, family=fam)
+        except OSError as exc:  # no descriptor for the socket: try again later
+            self._failed(f"socket: {errno_name(exc)}")
 
     def _on_tcp(self, sock: socket.socket | None, err: str | None) -> None:
         if self.stopping:
@@ -79,7 +107,7 @@ class Agent:
                 sock.close()
             return
         if sock is None:
-            self._failed(err or "connect failed")
+            self._failed("connect timeout" if err == TIMEOUT else (err or "connect failed"))
             return
         self.channel = Channel(self.loop, sock, self.ssl_ctx, server_side=False, peer_role="server",
                                on_open=self._on_open, on_message=self._on_message, on_close=self._on_close)
@@ -215,21 +243,8 @@ class Agent:
 
     def _report(self, ch: Channel) -> None:
         """Send the counters, split over several frames so wide ranges never hit the frame cap."""
-        now = time.time()
-        batch, size = [], 0
-        for snap in self.runtime.snapshots(per_port=True, per_target=True):
-            cost = 200 + 160 * len(snap.get("per_port", ())) + 300 * len(snap.get("per_target", ()))
-            if cost > PER_PORT_LIMIT:
-                # a very wide range: its per-port rows would not fit one frame; keep the totals
-                snap = {k: v for k, v in snap.items() if k != "per_port"}
-                cost = 200 + 300 * len(snap.get("per_target", ()))
-            if batch and size + cost > STATS_FRAME_BUDGET:
-                ch.send(m.stats_report(batch, now))
-                batch, size = [], 0
-            batch.append(snap)
-            size += cost
-        if batch:
-            ch.send(m.stats_report(batch, now))
+        for msg in stats_reports(self.runtime.snapshots(per_port=True, per_target=True), time.time()):
+            ch.send(msg)
 
     # ---- stopping ---------------------------------------------------------
     def stop(self) -> None:

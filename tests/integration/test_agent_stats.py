@@ -36,27 +36,40 @@ class Snapshots:
         return self.snaps
 
 
-def _agent(runtime):
-    a = agent_mod.Agent.__new__(agent_mod.Agent)
-    a.runtime = runtime
-    return a
+BUNDLE = {"version": 1, "client_id": "c1", "client_name": "edge-01", "server_endpoint": "127.0.0.1:7443",
+          "server_cert_sha256": "00" * 32, "token": "not-a-real-token"}
+
+
+def frames(snapshots) -> list[tuple[dict, int]]:
+    """The stats_report messages for ``snapshots`` with their encoded sizes (encode raises past 1 MiB)."""
+    return [(msg, len(encode(msg))) for msg in agent_mod.stats_reports(snapshots.snapshots(), now=1.7e9)]
 
 
 def test_reports_of_several_wide_ranges_are_split_under_the_frame_cap():
-    sink = FrameSink()
-    _agent(Snapshots(8, 1024))._report(sink)  # one frame would be ~1.3 MiB
-    assert len(sink.frames) >= 2
-    assert all(size < (1 << 20) for _, size in sink.frames)
-    reported = [s["rule_id"] for msg, _ in sink.frames for s in msg["rules"]]
+    sent = frames(Snapshots(8, 1024))  # one frame would be ~1.3 MiB
+    assert len(sent) >= 2
+    assert all(size < (1 << 20) for _, size in sent)
+    reported = [s["rule_id"] for msg, _ in sent for s in msg["rules"]]
     assert sorted(reported) == [f"r{i}" for i in range(8)]
-    assert all(len(s["per_port"]) == 1024 for msg, _ in sink.frames for s in msg["rules"])
+    assert all(len(s["per_port"]) == 1024 for msg, _ in sent for s in msg["rules"])
 
 
 def test_a_range_too_wide_for_one_frame_reports_totals_only():
-    sink = FrameSink()
-    _agent(Snapshots(1, 8000))._report(sink)
-    (msg, size), = sink.frames
+    (msg, size), = frames(Snapshots(1, 8000))
     assert size < (1 << 20)
     snap = msg["rules"][0]
     assert "per_port" not in snap
     assert snap["bytes_in"] == 8000 * 10 ** 15
+
+
+def test_no_rules_no_report():
+    assert agent_mod.stats_reports([], now=1.7e9) == []
+
+
+def test_the_agent_sends_its_runtimes_counters_as_split_reports():
+    sink = FrameSink()
+    agent = agent_mod.Agent(None, BUNDLE, Snapshots(8, 1024))
+    assert (agent.host, agent.port) == ("127.0.0.1", 7443)
+    agent._report(sink)
+    assert len(sink.frames) >= 2
+    assert sorted(s["rule_id"] for msg, _ in sink.frames for s in msg["rules"]) == [f"r{i}" for i in range(8)]

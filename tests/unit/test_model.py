@@ -14,8 +14,13 @@ from portunus.model import (
     Target,
     parse_port,
     parse_port_span,
+    listen_hosts_overlap,
+    listeners_overlap,
+    parse_target,
+    parse_target_spec,
     parse_target_text,
     same_listeners,
+    shared_listen_port,
     split_host_port,
     validate_host,
     validate_sni_pattern,
@@ -116,9 +121,6 @@ def test_port_range_via_listen_string():
     assert r.listen_label == "30000-30050"
     t = r.targets[0]
     assert (t.port, t.port_end) == (40000, 40050)
-    assert t.port_for_offset(0) == 40000
-    assert t.port_for_offset(5) == 40005
-    assert t.port_for_offset(50) == 40050
     assert t.label() == "h:40000-40050"
 
 
@@ -263,6 +265,84 @@ def test_parse_target_text_range():
     t = parse_target_text("h:10-12")
     assert (t.host, t.port, t.port_end) == ("h", 10, 12)
     assert parse_target_text("h:10-10").port_end is None
+
+
+# ---------------------------------------------------------------- host:port@priority
+
+
+def test_target_spec_with_and_without_priority():
+    assert parse_target_spec("10.0.0.1:80@5") == Target(host="10.0.0.1", port=80, priority=5)
+    assert parse_target_spec("10.0.0.1:80", index=2).priority == 3  # list position + 1
+    t = parse_target_spec("[2001:DB8::1]:443@0")
+    assert (t.host, t.port, t.priority) == ("2001:db8::1", 443, 0)
+    t = parse_target_spec("h:10-12@2")
+    assert (t.port, t.port_end, t.priority) == (10, 12, 2)
+
+
+@pytest.mark.parametrize("text, code", [
+    ("h:80@x", "validation.out_of_range"),
+    ("h:80@65536", "validation.out_of_range"),
+    ("h:80@\u00b2", "validation.out_of_range"),  # not an ASCII digit
+    ("h:0@1", "validation.invalid_port"),
+    ("h@1", "validation.invalid_target"),
+    (None, "validation.invalid_target"),
+])
+def test_bad_target_specs_name_the_given_text(text, code):
+    with pytest.raises(PortunusError) as ei:
+        parse_target_spec(text, 0, f"--target {text!r}")
+    assert ei.value.code == code
+    assert f"--target {text!r}" in ei.value.message
+
+
+def test_rule_targets_as_strings_and_objects_parse_alike():
+    assert parse_target("10.0.0.1:80@2", 0) == parse_target({"host": "10.0.0.1", "port": 80, "priority": 2}, 0)
+    assert rule(target=_DROP, targets=["a.test:1@9", {"host": "b.test", "port": 2}]).targets == (
+        Target(host="a.test", port=1, priority=9), Target(host="b.test", port=2, priority=2))
+
+
+# ---------------------------------------------------------------- listener overlap
+
+
+@pytest.mark.parametrize("a, b, clash", [
+    ("0.0.0.0", "127.0.0.1", True),
+    ("::", "127.0.0.1", True),
+    ("127.0.0.1", "::", True),
+    ("127.0.0.1", "127.0.0.1", True),
+    ("127.0.0.1", "127.0.0.2", False),
+    ("::1", "127.0.0.1", False),
+])
+def test_listen_hosts_overlap_when_equal_or_either_is_a_wildcard(a, b, clash):
+    assert listen_hosts_overlap(a, b) is clash
+    assert listen_hosts_overlap(b, a) is clash
+
+
+def range_rule(rule_id, listen, protocol="tcp", host="0.0.0.0") -> Rule:
+    start, _, end = listen.partition("-")
+    width = int(end or start) - int(start)
+    return rule(rule_id=rule_id, listen_port=_DROP, listen=listen, protocol=protocol, listen_host=host,
+                target=f"10.0.0.5:{20000}-{20000 + width}" if width else "10.0.0.5:20000")
+
+
+@pytest.mark.parametrize("first, second, port", [
+    ("30000-30050", "30050-30060", 30050),   # overlaps the top
+    ("30000-30050", "29990-30000", 30000),   # overlaps the bottom
+    ("30000-30050", "30010-30020", 30010),   # inside
+    ("30010", "30000-30050", 30010),         # a single port inside a range
+    ("30000-30050", "30051-30060", None),    # adjacent
+    ("8080", "8081", None),
+])
+def test_shared_listen_port_is_the_lowest_port_both_would_bind(first, second, port):
+    a, b = range_rule("a", first), range_rule("b", second)
+    assert shared_listen_port(a, b) == port
+    assert shared_listen_port(b, a) == port
+    assert listeners_overlap(a, b) is (port is not None)
+
+
+def test_listeners_of_other_protocols_or_distinct_hosts_never_overlap():
+    assert not listeners_overlap(range_rule("a", "8080"), range_rule("b", "8080", protocol="udp"))
+    assert not listeners_overlap(range_rule("a", "8080", host="127.0.0.1"),
+                                 range_rule("b", "8080", host="127.0.0.2"))
+    assert listeners_overlap(range_rule("a", "8080", host="127.0.0.1"), range_rule("b", "8080", host="::"))
 
 
 def test_target_and_targets_together_are_refused():
