@@ -26,8 +26,13 @@ def _is_sensitive(name: str) -> bool:
     return any(s in lname for s in _SENSITIVE)
 
 
-def _redact(value, path: str, violations: list):
+_MAX_DEPTH = 16  # a logged peer value may nest ~1000 deep; deeper levels are cut, never a RecursionError
+
+
+def _redact(value, path: str, violations: list, depth: int = 0):
     """Copy ``value`` with sensitive keys of nested dicts (e.g. a logged message) redacted."""
+    if isinstance(value, (dict, list, tuple)) and depth >= _MAX_DEPTH:
+        return "[too deep]"
     if isinstance(value, dict):
         out = {}
         for k, v in value.items():
@@ -35,10 +40,10 @@ def _redact(value, path: str, violations: list):
                 out[k] = "[redacted]"
                 violations.append(f"{path}.{k}")
             else:
-                out[k] = _redact(v, f"{path}.{k}", violations)
+                out[k] = _redact(v, f"{path}.{k}", violations, depth + 1)
         return out
     if isinstance(value, (list, tuple)):
-        return [_redact(v, f"{path}[{i}]", violations) for i, v in enumerate(value)]
+        return [_redact(v, f"{path}[{i}]", violations, depth + 1) for i, v in enumerate(value)]
     return value
 
 

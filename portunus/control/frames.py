@@ -10,6 +10,7 @@ code owns every read, write and close.
 from __future__ import annotations
 
 import json
+import reprlib
 
 MAX_FRAME = 1 << 20  # payload bytes, header excluded
 HEADER_SIZE = 4
@@ -39,9 +40,19 @@ def _refuse_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 3  # a peer's value may nest ~1000 deep: plain repr() would hit the recursion limit
+_REPR.maxstring = _REPR.maxother = 60
+
+
+def short_repr(value, limit: int = 60) -> str:
+    """A peer-supplied value for an error message or log line: bounded in depth and length."""
+    text = _REPR.repr(value) if isinstance(value, (list, dict, tuple, set)) else repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _describe(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return short_repr(value)
 
 
 def _json_kind(value) -> str:

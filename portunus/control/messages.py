@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+from .frames import short_repr
+
 PROTOCOL_VERSION = 1
 CAPABILITIES = ("udp", "multi_target", "sni", "rate_limit", "traffic_quota", "proxy_protocol", "port_range")
 FIRST_MESSAGE_TYPES = ("hello", "enroll")
@@ -119,8 +121,7 @@ def _shown(field: str, value) -> str:
     """A value for an error message: repr, cut short; secrets never appear."""
     if field in _SECRET_FIELDS:
         return "<redacted>"
-    text = repr(value)
-    return text if len(text) <= _MAX_SHOWN else text[:_MAX_SHOWN - 3] + "..."
+    return short_repr(value, _MAX_SHOWN)
 
 
 def _bad(kind: str, field: str, must: str, value) -> MessageError:

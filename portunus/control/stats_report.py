@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .frames import short_repr
+
 COUNTER_LIMIT = 1 << 63  # Prometheus and SQLite both top out at int64
 MAX_TEXT = 256  # longest reported string kept (a target host name, a health word)
 
@@ -72,8 +74,7 @@ def _counters(row: dict, names: tuple[str, ...], reason: str, where: str) -> dic
 
 
 def _shown(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return short_repr(value)
 
 
 def _timestamp(value):

@@ -499,3 +499,14 @@ def test_fresh_decoder_has_no_error():
     dec = FrameDecoder()
     assert dec.error is None
     assert dec.buffered == 0
+
+
+def test_short_repr_bounds_depth_and_length():
+    from portunus.control.frames import short_repr
+    deep = inner = []
+    for _ in range(5000):
+        inner.append([])
+        inner = inner[0]
+    assert short_repr(deep).startswith("[[") and len(short_repr(deep)) <= 60
+    assert short_repr("x" * 1000).endswith("...") and len(short_repr("x" * 1000)) == 60
+    assert short_repr({"a": 1}) == "{'a': 1}"

@@ -407,3 +407,13 @@ def test_limited_is_thread_safe(clocked, buf):
 def test_module_logger_has_limited_api():
     from portunus.log import log
     assert callable(log.limited) and callable(log.flush_limited)
+
+
+def test_a_deeply_nested_field_is_cut_instead_of_recursing(logger, buf):
+    deep = inner = []
+    for _ in range(5000):
+        inner.append([])
+        inner = inner[0]
+    logger.warn("e", value=deep, msg={"token": "s3cret", "rules": deep})
+    [rec] = [r for r in records(buf) if r["event"] == "e"]
+    assert "[too deep]" in json.dumps(rec) and "s3cret" not in buf.getvalue()

@@ -540,3 +540,18 @@ def test_constructor_refusing_a_token_does_not_show_it():
 def test_enrolled_takes_positional_arguments():
     msg = m.enrolled("01HZX", "edge-1", TOKEN, "203.0.113.5:7443")
     assert msg == VALID["enrolled"][1]
+
+
+def _nested(depth: int) -> list:
+    outer = inner = []
+    for _ in range(depth):
+        inner.append([])
+        inner = inner[0]
+    return outer
+
+
+def test_a_deeply_nested_bad_value_is_described_without_recursion():
+    _, msg = valid("rule_status")
+    msg["state"] = _nested(5000)  # plain repr() would raise RecursionError
+    err = refused("message_bad_field", msg, "client")
+    assert len(err.message) < 200 and "[[" in err.message
