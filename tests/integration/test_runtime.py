@@ -8,10 +8,11 @@ import threading
 import pytest
 
 from conftest import free_port, free_port_block, wait_until
-from peers import TcpEchoServer
+from peers import TcpEchoServer, UdpEchoServer
 from portunus.loop import Loop
 from portunus.model import Rule
-from portunus.relay.runtime import RuleRuntime, RuntimeSettings
+from portunus.relay.rule_relay import RuleRelay
+from portunus.relay.runtime import RELAYS, RuleRuntime, RuntimeSettings
 
 
 class LoopThread:
@@ -176,3 +177,55 @@ def test_snapshot_counts_delivered_bytes_per_port(lt):
         c.close()
     finally:
         echo.close()
+
+
+def udp_rule(rule_id, listen, target, **kw) -> Rule:
+    return Rule.from_dict({"rule_id": rule_id, "protocol": "udp", "listen_port": listen,
+                           "target": f"127.0.0.1:{target}", **kw})
+
+
+def udp_ask(s: socket.socket, listen: int, data: bytes) -> bytes:
+    s.sendto(data, ("127.0.0.1", listen))
+    return s.recvfrom(65536)[0]
+
+
+def test_both_relays_implement_the_one_rule_relay_interface():
+    for relay_cls in RELAYS.values():
+        for name in ("bind", "start", "update", "close_listeners", "abort_sessions", "active", "snapshot"):
+            assert hasattr(relay_cls, name), f"{relay_cls.__name__} lacks {name}"
+    assert sorted(RELAYS) == ["tcp", "udp"]
+
+
+def test_udp_relay_reports_its_live_flows_and_removal_ends_them_at_once(lt):
+    listen, target = free_port(), free_port()
+    echo = UdpEchoServer([target])
+    clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3)]
+    try:
+        assert lt.call(lt.runtime.activate, udp_rule("u1", listen, target)).state == "active"
+        relay = lt.call(lambda: lt.runtime.rules["u1"].relay)
+        assert isinstance(relay, RuleRelay)
+        for i, c in enumerate(clients):
+            c.settimeout(5)
+            assert udp_ask(c, listen, f"d{i}".encode()) == f"{target}:d{i}".encode()
+        assert lt.call(lambda: relay.active) == 3  # one flow per source
+        assert lt.call(lt.runtime.snapshot, "u1")["active_flows"] == 3
+        removed = threading.Event()
+        lt.call(lt.runtime.remove, "u1", removed.set)
+        assert removed.is_set()  # replies go out through the listen socket: nothing to drain
+        assert lt.call(lambda: relay.active) == 0
+    finally:
+        for c in clients:
+            c.close()
+        echo.close()
+
+
+def test_udp_update_applies_new_default_limits_to_the_running_rule(lt):
+    listen, target, other = free_port(), free_port(), free_port()
+    lt.call(lt.runtime.activate, udp_rule("u1", listen, target))
+    relay = lt.call(lambda: lt.runtime.rules["u1"].relay)
+    assert relay.max_flows == 1024
+    lt.call(setattr, lt.runtime.settings, "udp_max_flows", 7)  # as the agent does on welcome
+    assert relay.max_flows == 1024  # a new default reaches a rule at its next update
+    assert lt.call(lt.runtime.activate, udp_rule("u1", listen, other)).state == "active"
+    assert lt.call(lambda: lt.runtime.rules["u1"].relay) is relay  # same listeners: updated in place
+    assert relay.max_flows == 7
