@@ -418,43 +418,81 @@ def online_checks(args, serve_pid: int | None, ro_store, env) -> tuple[Online | 
     return ctx, checks
 
 
+# ------------------------------------------------------------------ this host, for serve
+
+HTTP_FD_ALLOWANCE = 32  # operator API and metrics connections served at once, each one fd (plus sqlite's)
+
+
+def host_checks(cfg, serve_pid: int | None, ro_store) -> list[r.Check]:
+    """fds for the client sessions, and serve's own listen ports: capability and ephemeral range."""
+    import resource
+    ports = [port for _host, port in (cfg.control_addr, cfg.http_addr, cfg.metrics_addr) if port]
+    unpriv = host.read_text(f"{host.PROC}/sys/net/ipv4/ip_unprivileged_port_start")
+    port_range = host.parse_port_range(host.read_text(f"{host.PROC}/sys/net/ipv4/ip_local_port_range"))
+    clients = [c for c in store_clients.list_clients(ro_store) if not c["revoked"]] if ro_store else []
+    needs = {"client_sessions": len(clients), "operator_api_and_metrics": HTTP_FD_ALLOWANCE}
+    who = f"/proc/{serve_pid}" if serve_pid else f"{host.PROC}/self"
+    limits = host.parse_proc_limits(host.read_text(f"{who}/limits") or "")
+    cap_eff = host.parse_cap_eff(host.read_text(f"{who}/status") or "")
+    if serve_pid and limits:
+        limit, source = limits[0], f"running serve pid {serve_pid}"
+    else:
+        limit = host.effective_nofile(*resource.getrlimit(resource.RLIMIT_NOFILE))
+        source = "this shell's hard limit (serve raises its soft limit to it)"
+    return [host.check_nofile(limit, needs, source),
+            host.check_privileged_ports(ports, cap_eff, int(unpriv) if unpriv and unpriv.strip().isdigit() else None,
+                                        f"serve (pid {serve_pid})" if serve_pid else "this user"),
+            host.check_ephemeral_ports(ports, port_range)]
+
+
 # ------------------------------------------------------------------ all of it
 
-def run_checks(args, env=os.environ) -> list[r.Check]:
-    data_dir = os.path.abspath(args.data_dir)
+def datadir_checks(data_dir: str, env) -> tuple[object, list[r.Check]]:
+    """(config or None, checks) for the directory itself and server.toml."""
+    from ..server import config as server_config
     checks = [check_filesystem(data_dir, env), check_permissions(data_dir)]
     if os.path.exists(data_dir):
         checks.append(check_free_space(data_dir))
-    from ..server import config as server_config
     try:
-        cfg = server_config.load(data_dir)
+        return server_config.load(data_dir), checks
     except PortunusError as exc:
-        cfg = None
-        checks.append(r.fail("datadir.config", f"{exc.code}: {exc.message}", "fix the named key "
-                                                                              "(server.toml.example)"))
-    db_path = os.path.join(data_dir, store_db.DB_NAME)
-    conn = ro_store = None
+        return None, checks + [r.fail("datadir.config", f"{exc.code}: {exc.message}",
+                                      "fix the named key (server.toml.example)")]
+
+
+def database_checks(db_path: str) -> tuple[sqlite3.Connection | None, list[r.Check]]:
     if not os.path.exists(db_path):
-        checks.append(r.ok("store.integrity", "no state.db yet: serve creates it at first start"))
-    else:
-        try:
-            conn = open_readonly(db_path)
-            checks += [check_integrity(conn, db_path), check_schema(conn)]
-            ro_store = ReadOnlyStore(conn)
-        except sqlite3.Error as exc:
-            checks.append(r.fail("store.integrity", f"cannot open {db_path} read-only: {exc}", None))
+        return None, [r.ok("store.integrity", "no state.db yet: serve creates it at first start")]
+    try:
+        conn = open_readonly(db_path)
+        return conn, [check_integrity(conn, db_path), check_schema(conn)]
+    except sqlite3.Error as exc:
+        return None, [r.fail("store.integrity", f"cannot open {db_path} read-only: {exc}",
+                             "check the file's owner and mode; restore the latest backup if it is damaged")]
+
+
+def cert_checks(cfg, online: Online | None, ro_store, env) -> list[r.Check]:
+    facts, checks = load_cert(cfg.cert_path, cfg.key_path)
+    if facts is None:
+        return checks
+    checks.append(check_expiry(facts.leaf, datetime.datetime.now(datetime.timezone.utc)))
+    endpoint = effective_endpoint(online, ro_store, facts.info, env)
+    return checks + [check_endpoint(endpoint, facts.info, cfg.control_addr[1] or None)]
+
+
+def run_checks(args, env=os.environ) -> list[r.Check]:
+    data_dir = os.path.abspath(args.data_dir)
+    cfg, checks = datadir_checks(data_dir, env)
+    conn, db_results = database_checks(os.path.join(data_dir, store_db.DB_NAME))
+    checks += db_results
+    ro_store = ReadOnlyStore(conn) if conn is not None else None
     try:
         serve_pid, lock = check_lock(data_dir)
         checks.append(lock)
         online, online_results = online_checks(args, serve_pid, ro_store, env)
         if cfg is not None:
-            facts, cert_checks = load_cert(cfg.cert_path, cfg.key_path)
-            checks += cert_checks
-            if facts is not None:
-                checks.append(check_expiry(facts.leaf, datetime.datetime.now(datetime.timezone.utc)))
-                control_port = cfg.control_addr[1] or None
-                checks.append(check_endpoint(effective_endpoint(online, ro_store, facts.info, env), facts.info,
-                                             control_port))
+            checks += cert_checks(cfg, online, ro_store, env)
+            checks += host_checks(cfg, serve_pid, ro_store)
         return checks + online_results
     finally:
         if conn is not None:

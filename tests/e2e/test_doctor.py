@@ -86,6 +86,9 @@ def test_healthy_server_and_agent_pass_and_nothing_disturbs_the_session(server, 
     assert checks["clients.offline"]["details"]["connected"] == 1
     assert checks["rules.failed"]["status"] == "ok"
     assert checks["cert.endpoint_san"]["status"] == "warn"  # no seed: bundles point at 127.0.0.1
+    assert checks["limits.nofile"]["details"]["limit_source"] == f"running serve pid {server.proc.p.pid}"
+    assert checks["limits.nofile"]["details"]["need_breakdown"]["client_sessions"] == 1
+    assert checks["ports.privileged"]["status"] == "ok"
 
     code, checks = client_doctor(bundle, tmp_path)
     assert code == 0, statuses(checks, "fail")
