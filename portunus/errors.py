@@ -114,6 +114,15 @@ ERRORS: dict[str, ErrorKind] = {
     "endpoint_invalid": ErrorKind(422, EXIT_PREFLIGHT, "advertised endpoint must be a bare host:port"),
     "endpoint_not_in_cert_san": ErrorKind(422, EXIT_PREFLIGHT, "advertised endpoint host not covered by the certificate"),
     "failed_precondition": ErrorKind(422, EXIT_PREFLIGHT, "failed precondition"),
+    # traffic quotas and history (SPEC §4.4); quota_unsupported_by_client is with the capability gates
+    "invalid_quota_size": ErrorKind(400, EXIT_USAGE, "monthly_bytes must be an integer >= 0"),
+    "invalid_billing_anchor": ErrorKind(400, EXIT_USAGE, "billing_anchor must be unix seconds and is immutable"),
+    "quota_target_not_found": ErrorKind(422, EXIT_PREFLIGHT, "no grant gives this user this client"),
+    "quota_not_found": ErrorKind(404, EXIT_NOT_FOUND, "no quota for this user and client"),
+    "invalid_time_range": ErrorKind(400, EXIT_USAGE, "from and to must be unix seconds with from < to"),
+    "invalid_bucket": ErrorKind(400, EXIT_USAGE, "bucket must be 1m or 1h"),
+    "quota_bucket_out_of_retention": ErrorKind(422, EXIT_PREFLIGHT, "the window is older than the bucket's retention"),
+    "traffic_too_many_rows": ErrorKind(422, EXIT_PREFLIGHT, "the query would return more than 10000 rows"),
 }
 
 
