@@ -175,8 +175,9 @@ def hello_exchange(tls: ssl.SSLSocket, token: str, env) -> tuple[dict | None, li
             if first is not None and first.get("type") == "error":
                 return first, rules, None
     except (OSError, FrameError) as exc:
-        return first, rules, None if first else f"{type(exc).__name__}: {exc}"
-    return first, rules, None if first else f"no answer to the hello within {STEP_TIMEOUT:g} s"
+        return first, rules, f"{type(exc).__name__}: {exc}"
+    return first, rules, ("the rule replay did not finish within the timeout" if first
+                          else f"no answer to the hello within {STEP_TIMEOUT:g} s")
 
 
 def check_token(tls: ssl.SSLSocket, bundle: dict, env, session: Session) -> r.Check:
@@ -194,10 +195,12 @@ def check_token(tls: ssl.SSLSocket, bundle: dict, env, session: Session) -> r.Ch
         return r.fail("auth.token", f"auth.failure reason={code}: {reply.get('message')}", fix, {"code": code})
     session.rules = [rule for rule in map(_rule, rule_dicts) if rule is not None]
     session.udp_max_flows = reply.get("udp_max_flows_per_rule")
+    details = {"client_id": reply.get("client_id"),
+               "note": "the server logged this as a short session (client.connected / client.disconnected)"}
+    if err is not None:  # welcomed, but the replay was cut short: the port checks see only part of the rules
+        details["replay"] = err
     return r.ok("auth.token", f"token accepted by server {reply.get('server_version')} as "
-                              f"{reply.get('client_name')}; {len(session.rules)} rule(s) replayed",
-                {"client_id": reply.get("client_id"),
-                 "note": "the server logged this as a short session (client.connected / client.disconnected)"})
+                              f"{reply.get('client_name')}; {len(session.rules)} rule(s) replayed", details)
 
 
 def _rule(d: dict) -> Rule | None:
