@@ -140,37 +140,42 @@ class IdentityService:
 
     # ------------------------------------------------------------ throttle (SPEC §5)
 
-    def _check_throttle(self, action: str, subject: str, remote_ip: str) -> None:
-        row = store_throttle.get_attempts(self.store, action, subject, remote_ip)
-        if row is None or row["locked_until"] is None:
-            return
-        remaining = self._secs(row["locked_until"]) - self._now()
-        if remaining > 0:
-            raise PortunusError("rate_limited", f"too many failed attempts; retry in {remaining} s",
-                                retry_after_secs=remaining)
+    def _begin_attempt(self, action: str, subject: str, remote_ip: str) -> int:
+        """Refuse a locked key (``rate_limited``), else count this attempt as a failure up front.
 
-    def _record_failure(self, action: str, subject: str, remote_ip: str) -> None:
+        Counting before the password check, in the same transaction as the lock check, means
+        parallel guesses cannot slip past the limit while hashes run; a success clears the key.
+        Returns the lock this attempt set (0 for none), for ``_attempt_failed``.
+        """
         now = self._now()
         with self.store.write():
             row = store_throttle.get_attempts(self.store, action, subject, remote_ip)
+            if row is not None and row["locked_until"] is not None:
+                remaining = self._secs(row["locked_until"]) - now
+                if remaining > 0:
+                    raise PortunusError("rate_limited", f"too many failed attempts; retry in {remaining} s",
+                                        retry_after_secs=remaining)
             fresh = row is None or self._secs(row["forget_at"]) <= now
             failures = 1 if fresh else row["failures"] + 1
             lock = lock_secs(failures)
             if lock:
-                locked_until = now + lock
-                forget_at = locked_until + THROTTLE_WINDOW_SECS  # further failures soon after keep doubling
+                locked_until = self._ts(now + lock)
+                forget_at = now + lock + THROTTLE_WINDOW_SECS  # further failures soon after keep doubling
             else:
                 locked_until = None
                 # the 15-minute window is counted from the first failure
                 forget_at = now + THROTTLE_WINDOW_SECS if fresh else self._secs(row["forget_at"])
             store_throttle.put_attempts(self.store, action, subject, remote_ip, failures=failures,
-                                        last_failure_at=self._ts(now),
-                                        locked_until=None if locked_until is None else self._ts(locked_until),
+                                        last_failure_at=self._ts(now), locked_until=locked_until,
                                         forget_at=self._ts(forget_at))
             store_throttle.prune_forgotten(self.store, self._ts(now))
+        return lock
+
+    @staticmethod
+    def _attempt_failed(action: str, subject: str, remote_ip: str, lock: int) -> None:
         if lock:
             log.warn("auth.throttle_locked", action=action, subject=subject, remote_ip=remote_ip,
-                     failures=failures, locked_secs=lock)
+                     locked_secs=lock)
 
     def _clear_throttle(self, action: str, subject: str, remote_ip: str) -> None:
         store_throttle.clear_attempts(self.store, action, subject, remote_ip)
@@ -229,18 +234,19 @@ class IdentityService:
         """Create the first superadmin with a valid setup token; closes onboarding for good."""
         if not self.onboarding_open():
             raise PortunusError("already_bootstrapped", "onboarding is closed: a superadmin already exists")
-        self._check_throttle("onboarding", ONBOARDING_SUBJECT, remote_ip)
         if not isinstance(setup_token, str) or not setup_token.strip():
             raise PortunusError("setup_token_required", "setup_token is required (printed by serve on stderr, "
                                                         "or by `portunus-server onboarding-token`)")
+        lock = self._begin_attempt("onboarding", ONBOARDING_SUBJECT, remote_ip)
         row = self._onboarding_row()
         valid = (row is not None and row["token_hash"] is not None
                  and hmac.compare_digest(hash_token(setup_token.strip()), row["token_hash"]))
         if not valid or self._secs(row["expires_at"]) <= self._now():
-            self._record_failure("onboarding", ONBOARDING_SUBJECT, remote_ip)
+            self._attempt_failed("onboarding", ONBOARDING_SUBJECT, remote_ip, lock)
             why = "has expired (30 minutes)" if valid else "does not match the current one"
             raise PortunusError("setup_token_invalid", f"the setup token {why}; restart serve or run "
                                                        f"`portunus-server onboarding-token` for a fresh one")
+        self._clear_throttle("onboarding", ONBOARDING_SUBJECT, remote_ip)  # the token was right
         user_id = validate_user_id(user_id)
         display_name = clean_label(display_name, "display name", MAX_DISPLAY_NAME, "validation.invalid_display_name")
         password_hash = passwords.hash_password(password)
@@ -251,7 +257,6 @@ class IdentityService:
             user = store_users.insert_user(self.store, user_id, display_name, "superadmin", password_hash, now)
             conn.execute("UPDATE onboarding_setup SET token_hash = NULL, completed_at = ?, completed_by = ? "
                          "WHERE id = 1", (now, user_id))
-        self._clear_throttle("onboarding", ONBOARDING_SUBJECT, remote_ip)
         log.info("identity.onboarding_completed", user_id=user_id)
         return user
 
@@ -297,14 +302,14 @@ class IdentityService:
         """Check the password (throttled, uniform ``invalid_login``) and open a Web session."""
         row = store_users.find_user_row(self.store, user_id)
         subject = row["user_id"] if row is not None else store_throttle.UNKNOWN_SUBJECT
-        self._check_throttle("login", subject, remote_ip)
+        lock = self._begin_attempt("login", subject, remote_ip)
         ok = False
         if row is not None and row["password_hash"]:
             ok = self._verify(row, password)
         else:
             passwords.verify_unknown_user(password)  # the same cost as a real check
         if not ok or row["disabled"]:
-            self._record_failure("login", subject, remote_ip)
+            self._attempt_failed("login", subject, remote_ip, lock)
             raise PortunusError("invalid_login", "unknown user or wrong password")
         self._clear_throttle("login", subject, remote_ip)
         return self._open_session(row)
@@ -361,12 +366,13 @@ class IdentityService:
         row = store_users.find_user_row(self.store, user_id)
         if row is None:
             raise store_users.not_found(user_id)
-        self._check_throttle("password_change", user_id, remote_ip)
+        lock = self._begin_attempt("password_change", user_id, remote_ip)
         if not row["password_hash"] or not self._verify(row, current_password):
             if not row["password_hash"]:
                 passwords.verify_unknown_user(current_password)
-            self._record_failure("password_change", user_id, remote_ip)
+            self._attempt_failed("password_change", user_id, remote_ip, lock)
             raise PortunusError("invalid_login", "the current password is wrong")
+        self._clear_throttle("password_change", user_id, remote_ip)
         passwords.check_password_policy(new_password)
         if hmac.compare_digest(new_password.encode("utf-8", "surrogatepass"),
                                current_password.encode("utf-8", "surrogatepass")):
@@ -374,7 +380,6 @@ class IdentityService:
         store_users.set_password_hash(self.store, user_id, passwords.hash_password(new_password),
                                       change_required=False)
         store_sessions.delete_user_sessions(self.store, user_id, keep_hash=keep_session_hash)
-        self._clear_throttle("password_change", user_id, remote_ip)
 
     def reset_password(self, user_id, new_password=None, *, revoke_api_tokens: bool = True) -> dict:
         """Set a password for someone (a generated temporary one when none is given): the user must

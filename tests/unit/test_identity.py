@@ -381,6 +381,33 @@ def test_keys_are_per_subject_and_address_and_unknown_subjects_share_one(ids, al
     assert ids.login("admin", ADMIN_PW, remote_ip=IP)
 
 
+def test_parallel_guesses_cannot_exceed_the_limit(ids, alice):
+    """Each attempt is counted before its hash runs, so a burst of guesses gets exactly five checks."""
+    import threading
+    codes, lock = [], threading.Lock()
+
+    def guess():
+        try:
+            ids.login("alice", "wrong password!!", remote_ip=IP)
+        except PortunusError as exc:
+            with lock:
+                codes.append(exc.code)
+
+    threads = [threading.Thread(target=guess) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(codes) == ["invalid_login"] * 5 + ["rate_limited"] * 7
+
+
+def test_a_right_password_on_the_fifth_attempt_still_logs_in(ids, alice):
+    for _ in range(4):
+        refused("invalid_login", ids.login, "alice", "wrong password!!", remote_ip=IP)
+    assert ids.login("alice", ALICE_PW, remote_ip=IP)
+    refused("invalid_login", ids.login, "alice", "wrong password!!", remote_ip=IP)  # cleared: 1 failure
+
+
 def test_a_lockout_survives_a_restart(data_dir, clock):
     with Store.open(data_dir) as s:
         ids = IdentityService(s, clock=clock)
@@ -445,7 +472,7 @@ def test_password_change_checks_the_current_password_and_policy(ids, alice, cloc
     assert "alice new password 2" not in e.message
     refused("password_too_short", ids.change_password, "alice", ALICE_PW, "short", remote_ip=IP)
     refused("validation.password_unchanged", ids.change_password, "alice", ALICE_PW, ALICE_PW, remote_ip=IP)
-    for _ in range(4):
+    for _ in range(5):  # the right current password above cleared the key: five fresh failures lock it
         refused("invalid_login", ids.change_password, "alice", "not my password", "alice new password 2",
                 remote_ip=IP)
     refused("rate_limited", ids.change_password, "alice", ALICE_PW, "alice new password 2", remote_ip=IP)
