@@ -140,9 +140,14 @@ def _derive(password: str, memory_kib: int, iterations: int, lanes: int, salt: b
                         memory_cost=memory_kib).derive(secret)
 
 
-def hash_password(password: str) -> str:
-    """A fresh PHC string with today's parameters; the policy is checked first."""
-    check_password_policy(password)
+def hash_password(password: str, *, enforce_policy: bool = True) -> str:
+    """A fresh PHC string with today's parameters; the policy is checked first.
+
+    ``enforce_policy=False`` only for re-hashing a password that just verified: a password set
+    under an older policy must keep working, not fail the login.
+    """
+    if enforce_policy:
+        check_password_policy(password)
     salt = os.urandom(SALT_BYTES)
     digest = _derive(password, MEMORY_KIB, ITERATIONS, LANES, salt, HASH_BYTES)
     return PasswordHash(MEMORY_KIB, ITERATIONS, LANES, salt, digest).to_phc()

@@ -309,6 +309,24 @@ def test_old_parameter_hashes_are_upgraded_at_login(ids, alice, store):
     ids.login("alice", ALICE_PW, remote_ip=IP)
 
 
+def test_a_password_from_an_older_policy_still_logs_in_and_is_rehashed(ids, alice, store):
+    from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
+    short = "old-8chr"
+    digest = Argon2id(salt=b"t" * 16, length=32, iterations=1, lanes=1, memory_cost=1024).derive(short.encode())
+    with store.write() as conn:
+        conn.execute("UPDATE users SET password_hash = ? WHERE user_id = 'alice'",
+                     (passwords.PasswordHash(1024, 1, 1, b"t" * 16, digest).to_phc(),))
+    assert ids.login("alice", short, remote_ip=IP).user["user_id"] == "alice"
+    stored = store.read().execute("SELECT password_hash FROM users WHERE user_id = 'alice'").fetchone()[0]
+    assert passwords.parse_phc(stored).is_current and passwords.verify_password(short, stored).ok
+
+
+def test_a_missing_remote_address_shares_one_key(ids, alice):
+    for _ in range(5):
+        refused("invalid_login", ids.login, "alice", "wrong password!!", remote_ip=None)
+    refused("rate_limited", ids.login, "alice", ALICE_PW, remote_ip="")
+
+
 def test_an_unreadable_stored_hash_fails_closed_and_is_logged_without_content(ids, alice, store, logs):
     with store.write() as conn:
         conn.execute("UPDATE users SET password_hash = '$argon2id$garbage-secret' WHERE user_id = 'alice'")
