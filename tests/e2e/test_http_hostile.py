@@ -197,6 +197,18 @@ def test_bad_content_length_is_400(server, value, method):
     assert "Content-Length" in error["message"]
 
 
+@pytest.mark.parametrize("raw", [b"\xb2", b"\xb9", b"\xbc"])  # "²", "¹", "¼" once http.server decodes latin-1
+def test_latin1_digit_content_length_is_400(server, raw):
+    data = request("POST", "/v1/client-enrollments").replace(b"\r\n\r\n", b"\r\nContent-Length: " + raw +
+                                                             b"\r\n\r\n") + b"{}"
+    assert_json_4xx(server, data, 400, "bad_request")
+
+
+def test_latin1_digit_query_limit_is_400(server):
+    assert_json_4xx(server, request("GET", "/v1/audit?limit=").replace(b"limit=", b"limit=\xb2"), 400,
+                    "validation.out_of_range")
+
+
 def test_two_content_lengths_are_400(server):
     data = request("POST", "/v1/client-enrollments", headers=AUTH + "Content-Length: 2\r\n", body=b"{}")
     assert_json_4xx(server, data, 400, "bad_request")
