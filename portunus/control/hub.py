@@ -107,6 +107,7 @@ class Hub:
         self._lock = threading.Lock()  # guards the read-only views HTTP threads take
         self.auth_failures: dict[str, int] = {}
         self.rejected_messages: dict[str, int] = {}
+        self._limited_flushed_at = loop.time()
         self.pending_channels: set[Channel] = set()
 
     # ---- listening --------------------------------------------------------
@@ -183,8 +184,11 @@ class Hub:
 
     def _refuse(self, ch: Channel, code: str, message: str) -> None:
         ch.context["close_logged"] = True
-        log.limited("warn", "control.refused", key=f"{_source(ch.peer)}:{code}", every=REJECT_LOG_EVERY,
-                    peer=ch.peer, code=code, reason=message)
+        session: ClientSession | None = ch.context.get("session")
+        if session is None:
+            self._log_rejected(ch, code, message)
+        else:  # closes the session: at most one line per connection
+            log.warn("control.refused", client_id=session.client_id, peer=ch.peer, code=code, reason=message)
         ch.send(m.error(code, message))
         ch.close(f"{code}: {message}")
 
@@ -375,13 +379,20 @@ class Hub:
         if ch.context.get("close_logged") or reason.startswith(_QUIET_CLOSES):
             log.debug("control.closed_unauthenticated", peer=ch.peer, reason=reason)
             return
-        code = ch.close_code or "closed"
+        self._log_rejected(ch, ch.close_code or "closed", reason)
+
+    @staticmethod
+    def _log_rejected(ch: Channel, code: str, detail: str) -> None:
+        # rate-limited per source and reason: a flood of bad connections cannot fill the disk
         log.limited("warn", "control.rejected", key=f"{_source(ch.peer)}:{code}", every=REJECT_LOG_EVERY,
-                    peer=ch.peer, reason=code, detail=reason)
+                    peer=ch.peer, reason=code, detail=detail)
 
     # ---- liveness ---------------------------------------------------------
     def _heartbeat(self) -> None:
         now = self.loop.time()
+        if now - self._limited_flushed_at >= REJECT_LOG_EVERY:
+            self._limited_flushed_at = now
+            log.flush_limited()  # a flood that stopped still gets its suppressed=N summary line
         for session in list(self.sessions.values()):
             ch = session.channel
             if now - ch.last_rx > DEAD_AFTER:
@@ -475,6 +486,7 @@ class Hub:
             self.listener.close()
             self.listener = None
         self.offload.close()
+        log.flush_limited()
 
 
 def _source(peer: str) -> str:

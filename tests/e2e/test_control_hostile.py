@@ -187,6 +187,11 @@ def test_pre_auth_errors_and_hello_timeout_are_logged_once_per_source_and_reason
     p.send({"type": "hello"})
     assert p.recv(10) is None
     p.close()
+    p = RawPeer(server.control_port)
+    p.send({"type": "pong", "nonce": 1})  # a valid message, but not a first one
+    assert p.wait_for("error")["code"] == "protocol_error"
+    p.close()
+    server.proc.wait_event("control.rejected", pred=lambda e: e.get("reason") == "protocol_error")
     events = server.proc.wait_event("control.rejected", pred=lambda e: e.get("reason") == "message_missing_field")
     assert events["peer"].startswith("127.0.0.1:")
     bad_json = [e for e in server.proc.events("control.rejected") if e.get("reason") == "frame_invalid_json"]
