@@ -218,7 +218,8 @@ class ServerCore:
         return self.client_view(store_clients.get_client(self.store, client_id))
 
     def delete_client(self, client_id: str) -> None:
-        store_clients.delete_client(self.store, client_id)
+        for rule_id in store_clients.delete_client(self.store, client_id):
+            self.stats.forget(rule_id)
 
     # ---- rules ----------------------------------------------------------------
     def push_rule(self, body: dict, *, owner: str | None, ack_timeout: float = 2.0,
