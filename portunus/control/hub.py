@@ -351,7 +351,8 @@ class Hub:
         for reason, (count, detail) in rejected.items():
             self._reject(session, reason, detail, count)
         if clean and self.stats_sink is not None:
-            self.stats_sink(session.client_id, {"rules": clean, "at": msg["at"]})
+            at = stats_report.report_time(msg["at"], time.time())
+            self.stats_sink(session.client_id, {"rules": clean, "at": at})
 
     def _on_close(self, ch: Channel, reason: str) -> None:
         self.pending_channels.discard(ch)

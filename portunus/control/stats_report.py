@@ -77,10 +77,20 @@ def _shown(value) -> str:
     return short_repr(value)
 
 
+LATEST_TIME = 253402300799  # 9999-12-31T23:59:59Z: beyond it time.gmtime() and RFC 3339 give up
+
+
 def _timestamp(value):
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+            and 0 <= value <= LATEST_TIME:
         return value
     return None
+
+
+def report_time(at, received_at: float) -> float:
+    """The report's own ``at`` when it is a usable epoch time, else when the server received it."""
+    value = _timestamp(at)
+    return received_at if value is None else value
 
 
 def _text(value, default=None):

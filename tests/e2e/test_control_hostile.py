@@ -141,6 +141,7 @@ def test_poisoned_stats_never_break_metrics_or_rule_stats_and_memory_stays_bound
                what="the good report")
     for snap in poison:
         peer.send({"type": "stats_report", "at": time.time(), "rules": [snap]})
+    peer.send({"type": "stats_report", "at": 1e308, "rules": [good]})  # a time gmtime() cannot take
     pid = server_pid(server)
 
     def invent(prefix: str) -> None:

@@ -132,3 +132,16 @@ def test_stats_cache_holds_one_snapshot_per_rule_and_forgets():
     assert len(cache._by_rule) == 1
     cache.forget("r-range")
     assert cache.get("r-range") is None
+
+
+@pytest.mark.parametrize("at", [1e308, -5, float("inf"), "now", None, True, sr.LATEST_TIME + 1])
+def test_an_unusable_report_time_falls_back_to_the_receive_time(at):
+    assert sr.report_time(at, 1234.5) == 1234.5
+
+
+def test_a_usable_report_time_is_kept():
+    assert sr.report_time(1700000000.25, 1234.5) == 1700000000.25
+
+
+def test_a_snapshot_updated_at_out_of_range_is_dropped():
+    assert clean_snapshot(snap(updated_at=1e308), SHAPES)["updated_at"] is None
