@@ -275,7 +275,8 @@ class Hub:
             if ch.closed:
                 return
             owned, rules = fut.result()
-            # pushes sent while the replay loaded are already in session.rules; keep them
+            # pushes sent while the replay loaded are already in session.rules; removals are not in owned
+            owned = {rule_id: shape for rule_id, shape in owned.items() if rule_id not in session.removing}
             session.rules = {**owned, **(session.rules or {})}
             for rule in rules:
                 session.sent_requests[rule.rule_id] = None
