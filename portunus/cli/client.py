@@ -55,6 +55,9 @@ def _non_negative_int(text: str) -> int:
 
 def main(argv: list[str]) -> int:
     from ..log import log
+    if argv and argv[0] == "doctor":
+        from ..doctor.cli import client_main
+        return client_main(argv[1:])
     if argv and argv[0] == "enroll":
         args = _enroll_parser().parse_args(argv[1:])
         from ..control.agent import enroll

@@ -19,8 +19,10 @@ import urllib.parse
 import urllib.request
 
 from ..errors import PortunusError
+from . import identity as identity_cli
 
 SQLITE_HEADER = b"SQLite format 3\x00"
+ALL_INTERFACES = "0.0.0.0"  # a rule's listen_host unless --listen-host is given (SPEC §2.1)
 
 
 # ---------------------------------------------------------------- API client
@@ -208,6 +210,7 @@ def cmd_enroll_client(args) -> int:
 
 
 def _offline_enroll(args) -> dict:
+    from ..control.enrollment import seed_san_hosts
     from ..control.tls import ensure_server_cert
     from ..server import config as server_config
     from ..server.core import ServerCore, validate_seed_endpoint
@@ -215,8 +218,7 @@ def _offline_enroll(args) -> dict:
     store = _open_store(args)
     try:
         seed = os.environ.get("PORTUNUS_ADVERTISED_ENDPOINT")
-        cert = ensure_server_cert(cfg.cert_path, cfg.key_path,
-                                  extra_hosts=[seed.rpartition(":")[0]] if seed and ":" in seed else [])
+        cert = ensure_server_cert(cfg.cert_path, cfg.key_path, extra_hosts=seed_san_hosts(seed))
         if seed:
             seed = validate_seed_endpoint(seed, cert)
         elif cfg.control_addr[1] == 0:
@@ -299,6 +301,8 @@ def _parse_target_flag(text: str, index: int) -> dict:
 
 def cmd_push_rule(args) -> int:
     body: dict = {"client": args.client, "listen": args.listen, "protocol": args.protocol}
+    if args.listen_host:
+        body["listen_host"] = args.listen_host
     given = sum(x is not None and x != [] for x in (args.target, args.targets, args.targets_json))
     if given != 1:
         raise PortunusError("usage", "give exactly one of TARGET, --target (repeatable) or --targets-json")
@@ -311,6 +315,9 @@ def cmd_push_rule(args) -> int:
             body["targets"] = json.loads(args.targets_json)
         except ValueError as exc:
             raise PortunusError("usage", f"--targets-json is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise PortunusError("usage", "--targets-json is nested too deeply; give a list of target "
+                                         "objects, e.g. [{\"host\":\"a\",\"port\":80}]") from None
     if args.sni:
         body["sni_pattern"] = args.sni
     if args.prefer_ipv6:
@@ -357,6 +364,9 @@ def cmd_list_rules(args) -> int:
     for r in rules:
         listen = str(r["listen_port"]) if r["listen_port"] == r["listen_port_end"] else \
             f"{r['listen_port']}-{r['listen_port_end']}"
+        host = r.get("listen_host") or ALL_INTERFACES
+        if host != ALL_INTERFACES:
+            listen = f"[{host}]:{listen}" if ":" in host else f"{host}:{listen}"
         state = r["state"] if not r.get("reason") else f"{r['state']}({r['reason']})"
         rows.append([r["rule_id"], r.get("client_name") or r["client_id"], r["protocol"], listen,
                      _target_text(r), state, _rule_caps(r), r.get("owner") or "-"])
@@ -370,7 +380,11 @@ def cmd_rule_stats(args) -> int:
     if args.format == "json":
         _print_json(res)
         return 0
-    print(f"rule {res['rule_id']} ({res['protocol']}, {res['state']}) on client {res['client']}")
+    name = res.get("client_name")
+    if name is None:  # the stats shape carries the id only; the rule names its client
+        name = _api(args).call("GET", f"/v1/rules/{_q(args.rule_id)}")[1].get("client_name")
+    client = f"{name} ({res['client']})" if name else res["client"]
+    print(f"rule {res['rule_id']} ({res['protocol']}, {res['state']}) on client {client}")
     print(f"  bytes in {_human_bytes(res['bytes_in'])} ({res['bytes_in']}), "
           f"out {_human_bytes(res['bytes_out'])} ({res['bytes_out']})")
     if res["protocol"] == "tcp":
@@ -387,6 +401,36 @@ def cmd_rule_stats(args) -> int:
         rows = [[t["index"], f"{t['host']}:{t['port']}", t["priority"], t["health"], t["consecutive_failures"],
                  t["bytes_in"], t["bytes_out"], t["connections"]] for t in res.get("per_target", [])]
         _table(rows, ["#", "TARGET", "PRIO", "HEALTH", "FAILS", "BYTES_IN", "BYTES_OUT", "CONNS"])
+    return 0
+
+
+# ---- certificate ---------------------------------------------------------------
+
+def cmd_rotate_cert(args) -> int:
+    from ..control.enrollment import parse_advertised_endpoint
+    from ..control.tls import PREVIOUS_SUFFIX, rotate_self_signed_cert, validate_san_host
+    from ..server import config as server_config
+    from ..store import clients as store_clients
+    cfg = server_config.load(args.data_dir)
+    seed = args.advertised_endpoint or os.environ.get("PORTUNUS_ADVERTISED_ENDPOINT")
+    hosts = [parse_advertised_endpoint(seed)[0]] if seed else []
+    hosts += [validate_san_host(h) for h in args.san]
+    store = _open_store(args)  # holds the store lock: refuses with store_in_use while serve runs
+    try:
+        info, old_fingerprint = rotate_self_signed_cert(cfg.cert_path, cfg.key_path, extra_hosts=hosts)
+        to_reenroll = [c for c in store_clients.list_clients(store) if not c["revoked"]]
+    finally:
+        store.close()
+    print(f"new self-signed certificate {info.cert_path} (key {info.key_path}, mode 0600)")
+    print(f"  fingerprint  sha256:{info.fingerprint}")
+    print(f"  SAN          {', '.join(info.sans_dns + info.sans_ip)}")
+    if old_fingerprint:
+        print(f"  replaces     sha256:{old_fingerprint} (kept as {os.path.basename(info.cert_path)}{PREVIOUS_SUFFIX}"
+              f" and {os.path.basename(info.key_path)}{PREVIOUS_SUFFIX})")
+    print("\nEvery enrolled client pins the old certificate and can no longer connect: re-enroll each one\n"
+          "(start serve, run `portunus-server reenroll-client REF`, then the printed command on its host).")
+    if to_reenroll:
+        print("Clients to re-enroll: " + ", ".join(f"{c['client_name']} ({c['client_id']})" for c in to_reenroll))
     return 0
 
 
@@ -469,11 +513,15 @@ def cmd_restore(args) -> int:
                                 f"{db_path} exists; pass --force to replace it (a copy is kept as state.db.pre-restore)")
         staging = os.path.join(args.data_dir, "state.db.restoring")
         stage_dir = staging + ".d"
-        for suffix in ("", "-wal", "-shm"):
-            _unlink(staging + suffix)
+        source_copy = os.path.join(args.data_dir, "state.db.restore-source")
+        for path in (staging, source_copy):
+            for suffix in ("", "-wal", "-shm"):
+                _unlink(path + suffix)
         _rmtree(stage_dir)
         try:
-            src = sqlite3.connect(f"file:{args.input}?mode=ro", uri=True)
+            # sqlite opens the copy, never the input: opening a WAL-mode file leaves -wal/-shm beside it
+            _copy_with_wal(args.input, source_copy)
+            src = sqlite3.connect(source_copy)
             try:
                 dst = sqlite3.connect(staging)
                 try:
@@ -487,6 +535,11 @@ def cmd_restore(args) -> int:
                 _unlink(staging + suffix)
             raise PortunusError("validation.not_a_database",
                                 f"{args.input} is not a readable SQLite database: {exc}") from None
+        except OSError as exc:
+            raise PortunusError("io_error", f"cannot copy {args.input} into {args.data_dir}: {exc}") from None
+        finally:
+            for suffix in ("", "-wal", "-shm"):
+                _unlink(source_copy + suffix)
         # migrate the staged copy in its own directory so a failure leaves the live db untouched
         os.makedirs(stage_dir, mode=0o700, exist_ok=True)
         os.replace(staging, os.path.join(stage_dir, "state.db"))
@@ -511,16 +564,50 @@ def cmd_restore(args) -> int:
     return 0
 
 
+def _copy_with_wal(src: str, dst: str) -> None:
+    """The database file and, when one sits beside it, its committed-but-not-checkpointed WAL."""
+    import shutil
+    shutil.copyfile(src, dst)
+    os.chmod(dst, 0o600)
+    if os.path.exists(src + "-wal"):
+        shutil.copyfile(src + "-wal", dst + "-wal")
+        os.chmod(dst + "-wal", 0o600)
+
+
 def _rmtree(path: str) -> None:
     import shutil
     shutil.rmtree(path, ignore_errors=True)
 
 
+class _ReadOnlyStore:
+    """Just enough of a Store for read-only queries beside a running serve (WAL lets a reader in)."""
+
+    def __init__(self, data_dir: str):
+        db_path = os.path.join(data_dir, "state.db")
+        if not os.path.exists(db_path):
+            raise PortunusError("not_found", f"no database at {db_path}")
+        self.conn = sqlite3.connect(f"file:{urllib.parse.quote(db_path)}?mode=ro", uri=True, timeout=10)
+        self.conn.row_factory = sqlite3.Row
+
+    def read(self) -> sqlite3.Connection:
+        return self.conn
+
+    def close(self) -> None:
+        self.conn.close()
+
+
 def cmd_audit_prune(args) -> int:
     from ..store import audit as store_audit
-    store = _open_store(args)  # offline: refuses with store_in_use while serve runs
+    try:
+        store = _open_store(args)  # deleting is offline: refuses with store_in_use while serve runs
+    except PortunusError as exc:
+        if exc.code != "store_in_use" or not args.dry_run:
+            raise
+        store = _ReadOnlyStore(args.data_dir)  # a dry run only counts
     try:
         n = store_audit.prune(store, args.before, dry_run=args.dry_run)
+    except sqlite3.Error as exc:
+        raise PortunusError("io_error", f"cannot read the audit trail in {args.data_dir}: {exc}") from None
     finally:
         store.close()
     print(f"{'would delete' if args.dry_run else 'deleted'} {n} audit row(s) older than {args.before}")
@@ -557,8 +644,8 @@ def build_parser() -> argparse.ArgumentParser:
     from ..server.config import default_data_dir
     p = argparse.ArgumentParser(prog="portunus-server",
                                 description="Portunus control plane: serve, and operate clients and rules.")
-    p.add_argument("--data-dir", default=os.environ.get("PORTUNUS_DATA_DIR") or default_data_dir(),
-                   metavar="DIR", help="state directory (default: $XDG_STATE_HOME/portunus)")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help=f"state directory (default: $PORTUNUS_DATA_DIR, else {default_data_dir()})")
     p.add_argument("--server", metavar="URL", help="operator API URL (default: $PORTUNUS_SERVER or the running "
                                                    "server of --data-dir)")
     sub = p.add_subparsers(dest="command", metavar="<command>")
@@ -568,6 +655,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--advertised-endpoint", metavar="HOST:PORT",
                    help="host:port written into enrollment commands (or PORTUNUS_ADVERTISED_ENDPOINT)")
     s.set_defaults(fn=cmd_serve)
+    s = sub.add_parser("rotate-cert", help="replace the self-signed control certificate (server stopped); "
+                                           "every client must then be re-enrolled")
+    s.add_argument("--san", action="append", default=[], metavar="HOST",
+                   help="another DNS name or IP for the certificate (repeatable); the hostname, localhost, "
+                        "127.0.0.1 and the advertised endpoint's host are always in it")
+    s.add_argument("--advertised-endpoint", metavar="HOST:PORT",
+                   help="the endpoint serve will advertise (default: $PORTUNUS_ADVERTISED_ENDPOINT)")
+    s.set_defaults(fn=cmd_rotate_cert)
     sub.add_parser("gen-token", help="print a fresh 43-char random token").set_defaults(fn=cmd_gen_token)
     s = sub.add_parser("demo", help="run server, client and a sample rule on loopback until Ctrl-C")
     s.add_argument("--keep", action="store_true", help="keep the temporary data dir afterwards")
@@ -601,20 +696,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", required=True)
     s.set_defaults(fn=cmd_rename_client)
 
-    s = sub.add_parser("push-rule", help="push a forwarding rule to a client; prints the rule id")
+    s = sub.add_parser("push-rule", help="push a forwarding rule to a client; prints the rule id",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Push a forwarding rule to a client and wait for its ack; prints the rule id.\n"
+                                   "The rule listens on all interfaces (0.0.0.0) unless --listen-host is given.",
+                       epilog=PUSH_RULE_CAPABILITIES)
     s.add_argument("client", help="client id or unique name")
-    s.add_argument("listen", help="listen port or range, e.g. 8080 or 30000-30099")
+    s.add_argument("listen", help="listen port or range, e.g. 8080 or 30000-30099 [a range needs port_range]")
     s.add_argument("target", nargs="?", help="host:port or host:start-end")
-    s.add_argument("--protocol", choices=("tcp", "udp"), default="tcp")
+    s.add_argument("--listen-host", metavar="ADDR",
+                   help="bind only this address of the edge host, e.g. 127.0.0.1 or ::1 (default: all "
+                        "interfaces, 0.0.0.0)")
+    s.add_argument("--protocol", choices=("tcp", "udp"), default="tcp", help="default tcp [udp needs udp]")
     s.add_argument("--target", dest="targets", action="append", default=[], metavar="HOST:PORT@PRIO",
-                   help="a failover target (repeatable)")
-    s.add_argument("--targets-json", metavar="JSON", help='e.g. [{"host":"a","port":80,"priority":1}]')
-    s.add_argument("--sni", metavar="PATTERN", help="TLS SNI pattern (exact or *.domain)")
+                   help="a failover target (repeatable) [more than one needs multi_target]")
+    s.add_argument("--targets-json", metavar="JSON", help='e.g. [{"host":"a","port":80,"priority":1}] '
+                                                          '[more than one needs multi_target, "proxy_protocol" '
+                                                          'needs proxy_protocol]')
+    s.add_argument("--sni", metavar="PATTERN", help="TLS SNI pattern (exact or *.domain) [needs sni]")
     s.add_argument("--prefer-ipv6", action="store_true")
     s.add_argument("--health-check-interval-secs", type=int, metavar="N")
     for flag in ("bandwidth-in-bps", "bandwidth-out-bps", "new-connections-per-sec", "concurrent-connections",
                  "bandwidth-in-burst", "bandwidth-out-burst", "new-connections-burst"):
-        s.add_argument(f"--{flag}", type=int, metavar="N")
+        s.add_argument(f"--{flag}", type=int, metavar="N", help="[needs rate_limit]")
     s.add_argument("--ack-timeout", type=float, default=2.0, metavar="S",
                    help="how long to wait for the client's ack (default 2)")
     s.set_defaults(fn=cmd_push_rule)
@@ -647,17 +751,42 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--before", required=True, metavar="RFC3339", help="e.g. 2026-01-01T00:00:00Z")
     a.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
     a.set_defaults(fn=cmd_audit_prune)
+    from ..doctor.cli import add_server_parser
+    add_server_parser(sub)
     s = sub.add_parser("reset", help="delete the state database (dry run without --confirm)")
     s.add_argument("--confirm", action="store_true")
     s.set_defaults(fn=cmd_reset)
+    identity_cli.add_parsers(sub)
     return p
 
 
-class _Parser(argparse.ArgumentParser):
-    pass
+PUSH_RULE_CAPABILITIES = """\
+[needs CAPABILITY]: the flag uses a feature the client must have (list-clients shows its
+CAPABILITIES). A client without it is never sent the rule: the push fails with exit 3
+(e.g. rate_limit_unsupported_by_client; for udp, unsupported_protocol) and nothing is stored."""
+
+# these create the data dir when it is missing (or never use it); the others need it to exist
+CREATES_DATA_DIR = {"serve", "bootstrap-superadmin", "restore", "demo", "gen-token"}
+# these open the store itself, so --server does not stand in for the data dir
+OFFLINE_COMMANDS = {"backup", "audit", "reset", "rotate-cert"}
+
+
+def resolve_data_dir(args) -> None:
+    """--data-dir, else $PORTUNUS_DATA_DIR, else the default; a named dir that does not exist is an error."""
+    from ..server.config import default_data_dir
+    flag = args.data_dir
+    named = flag or os.environ.get("PORTUNUS_DATA_DIR")
+    args.data_dir = named or default_data_dir()
+    url_given = bool(args.server or os.environ.get("PORTUNUS_SERVER")) and args.command not in OFFLINE_COMMANDS
+    if named and args.command not in CREATES_DATA_DIR and not url_given and not os.path.isdir(named):
+        source = "--data-dir" if flag else "$PORTUNUS_DATA_DIR"
+        raise PortunusError("io_error", f"data dir {named} ({source}) does not exist; check the path, or run "
+                                        f"`portunus-server --data-dir {named} serve` once to create it",
+                            data_dir=named)
 
 
 def main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    resolve_data_dir(args)
     return args.fn(args)

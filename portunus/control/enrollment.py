@@ -43,9 +43,20 @@ def _uri_error(what: str) -> PortunusError:
 # ------------------------------------------------------------------ host:port
 
 def split_endpoint(text: str, error=_uri_error) -> tuple[str, int]:
-    """Split a bare ``host:port`` (DNS name or IPv4; never IPv6, §3.3); ``error(what)`` builds the exception."""
+    """Split a bare ``host:port`` (DNS name or IPv4; never IPv6, §3.3); ``error(what)`` builds the exception.
+
+    The message names what is wrong: whitespace, a scheme, a path, or an IPv6 literal.
+    """
+    if any(c.isspace() for c in text):
+        raise error(f"{text!r} contains whitespace; the host may only contain letters, digits, '-', '.' and '_'")
+    scheme, sep, rest = text.partition("://")
+    if sep:
+        raise error(f"{text!r} has a scheme ({scheme}://); give only HOST:PORT, e.g. {rest.split('/')[0]!r}")
+    if "/" in text or "?" in text or "#" in text:
+        cut = min(i for i in (text.find("/"), text.find("?"), text.find("#")) if i >= 0)
+        raise error(f"{text!r} has a path ({text[cut:]!r}); give only HOST:PORT, e.g. {text[:cut]!r}")
     if text.startswith("[") or text.count(":") > 1:
-        raise error("IPv6 literal hosts are not supported; the advertised endpoint "
+        raise error(f"IPv6 literal hosts are not supported ({text!r}); the advertised endpoint "
                     "must be a DNS name or an IPv4 address")
     host, colon, port_text = text.rpartition(":")
     if not colon:
@@ -58,6 +69,27 @@ def split_endpoint(text: str, error=_uri_error) -> tuple[str, int]:
         raise error(f"port {port_text!r} is not a number 1-65535")
     _check_host(host, error)
     return host, int(port_text)
+
+
+def parse_advertised_endpoint(text) -> tuple[str, int]:
+    """An advertised endpoint (seed, override, --advertised-endpoint): ``endpoint_invalid`` naming what is wrong."""
+    if not isinstance(text, str):
+        raise PortunusError("endpoint_invalid", f"advertised endpoint must be a bare host:port, got {text!r}")
+    return split_endpoint(text, lambda what: PortunusError(
+        "endpoint_invalid", f"advertised endpoint must be a bare host:port: {what}"))
+
+
+def seed_san_hosts(seed: str | None) -> list[str]:
+    """The seed endpoint's host, for a new certificate's SAN ([] without a seed or when it is not HOST:PORT).
+
+    A bad seed must not stop the certificate from being made: validating it reports what is wrong.
+    """
+    if not seed:
+        return []
+    try:
+        return [split_endpoint(seed)[0]]
+    except PortunusError:
+        return []
 
 
 def _check_host(host: str, error) -> None:
@@ -269,6 +301,8 @@ def read_bundle(path: str) -> dict:
     except json.JSONDecodeError as e:
         # e.msg and the position only: the document itself holds the token
         raise _bundle_error(path, f"is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        raise _bundle_error(path, "is not a bundle: its JSON is nested too deeply") from None
     bundle = _validate_bundle(data, path)
     if mode & 0o077:
         log.warn("bundle.permissions_loose", path=path, mode=f"{mode:04o}",

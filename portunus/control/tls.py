@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import ipaddress
 import os
+import re
 import socket
 import ssl
 import stat
@@ -28,6 +29,7 @@ from portunus.log import log
 
 CERT_VALIDITY_DAYS = 3650
 CERT_COMMON_NAME = "portunus"
+_SAN_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 
 
 @dataclass
@@ -251,6 +253,59 @@ def _generate_pair(cert_path: str, key_path: str, extra_hosts: list[str]) -> Cer
     write_atomic(key_path, key_pem, 0o600)
     write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return _info_from_cert(cert, cert_path, key_path, generated=True)
+
+
+PREVIOUS_SUFFIX = ".prev"
+
+
+def rotate_self_signed_cert(cert_path: str, key_path: str, *, extra_hosts=()) -> tuple[CertInfo, str | None]:
+    """A new self-signed pair in place of the current one; returns (new info, old fingerprint or None).
+
+    The old pair is kept next to it as ``*.prev`` (the key stays 0600), so a rotation by
+    mistake can be undone. An operator-supplied certificate is never replaced.
+    """
+    old_fingerprint = None
+    if os.path.exists(cert_path) and os.path.exists(key_path):
+        old = _load_pair(cert_path, key_path)
+        if not _is_generated(cert_path):
+            raise PortunusError(
+                "failed_precondition",
+                f"{cert_path} is not a Portunus self-signed certificate (an operator-supplied one); "
+                f"rotate-cert only replaces the generated pair: replace your files instead",
+                path=cert_path)
+        old_fingerprint = old.fingerprint
+        for path in (key_path, cert_path):
+            os.replace(path, path + PREVIOUS_SUFFIX)
+    elif os.path.exists(cert_path) or os.path.exists(key_path):
+        present = cert_path if os.path.exists(cert_path) else key_path
+        os.replace(present, present + PREVIOUS_SUFFIX)  # half a pair is no certificate; keep it aside
+    info = _generate_pair(cert_path, key_path, list(extra_hosts))
+    log.info("tls.cert_rotated", cert_path=cert_path, fingerprint=info.fingerprint,
+             previous_fingerprint=old_fingerprint, sans_dns=info.sans_dns, sans_ip=info.sans_ip)
+    return info, old_fingerprint
+
+
+def validate_san_host(text: str) -> str:
+    """A host for the certificate's SAN: an IP address, a DNS name, or ``*.`` and a DNS name."""
+    host = text.strip() if isinstance(text, str) else ""
+    literal = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        return str(ipaddress.ip_address(literal))
+    except ValueError:
+        pass
+    name = host[2:] if host.startswith("*.") else host
+    labels = name.rstrip(".").split(".")
+    if not name or not name.isascii() or len(name) > 253 or not all(_SAN_LABEL.fullmatch(x) for x in labels):
+        raise PortunusError("validation.invalid_san",
+                            f"--san {text!r} is not a DNS name or an IP address (no port, scheme or path)")
+    return host
+
+
+def _is_generated(cert_path: str) -> bool:
+    """Self-signed with our common name: what _generate_pair writes."""
+    leaf = x509.load_pem_x509_certificates(_read(cert_path))[0]
+    subject = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return leaf.issuer == leaf.subject and [a.value for a in subject] == [CERT_COMMON_NAME]
 
 
 # ------------------------------------------------------------------ SAN coverage (§3.3)

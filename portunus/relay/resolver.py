@@ -89,6 +89,11 @@ class _Lookup:
         servers = self.r.servers()
         return servers[self.server_index % len(servers)]
 
+    def _server_label(self) -> str:
+        """``127.0.0.1:5399`` / ``[::1]:53``: a failure reason names the port too (it may not be 53)."""
+        host, port = self._server()
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
     def _send_udp(self) -> None:
         self._close_udp()
         host, port = self._server()
@@ -98,7 +103,7 @@ class _Lookup:
             sock.setblocking(False)
             sock.connect((host, port))
         except OSError as exc:
-            self._fail_all(f"cannot reach DNS server {host}:{port}: {exc.strerror or exc}")
+            self._fail_all(f"cannot reach DNS server {self._server_label()}: {exc.strerror or exc}")
             return
         self.sock = sock
         self.loop.add_reader(sock.fileno(), self._on_udp)
@@ -116,7 +121,7 @@ class _Lookup:
                 if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
                     # the ICMP error of the previous send surfaces here and is consumed, so
                     # recv will never see it: move on now rather than after a whole timeout
-                    self._next_server(f"DNS server {host} unreachable")
+                    self._next_server(f"DNS server {self._server_label()} unreachable")
                     return
                 # anything else shows up as a timeout
         self.timer = self.loop.call_later(QUERY_TIMEOUT, self._on_timeout)
@@ -129,7 +134,7 @@ class _Lookup:
                 return
             except OSError as exc:
                 if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
-                    self._next_server(f"DNS server {self._server()[0]} unreachable")
+                    self._next_server(f"DNS server {self._server_label()} unreachable")
                 return
             for qtype, txid in list(self.txids.items()):
                 if qtype in self.results:
@@ -152,7 +157,8 @@ class _Lookup:
         # the UDP timeout no longer applies: give the TCP exchange its own, longer budget
         if self.timer is not None:
             self.timer.cancel()
-        self.timer = self.loop.call_later(2 * QUERY_TIMEOUT, self._fail_all, "DNS query over TCP timed out")
+        self.timer = self.loop.call_later(2 * QUERY_TIMEOUT, self._fail_all,
+                                          f"DNS query over TCP to {self._server_label()} timed out")
         host, port = self._server()
         fam = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(fam, socket.SOCK_STREAM)
@@ -164,7 +170,7 @@ class _Lookup:
         reader = dns.TcpReader()
         rc = sock.connect_ex((host, port))
         if rc not in (0, errno.EINPROGRESS):
-            self.results[qtype] = f"tcp connect failed: {errno.errorcode.get(rc, rc)}"
+            self.results[qtype] = f"tcp connect to {self._server_label()} failed: {errno.errorcode.get(rc, rc)}"
             self._close_tcp(qtype)
             return
 
@@ -211,7 +217,7 @@ class _Lookup:
 
     def _on_timeout(self) -> None:
         self.timer = None
-        self._next_server("DNS query timed out")
+        self._next_server(f"DNS query to {self._server_label()} timed out")
 
     def _next_server(self, reason: str) -> None:
         self.server_index += 1

@@ -8,6 +8,7 @@ import signal
 import threading
 
 from .. import __version__
+from ..control.enrollment import seed_san_hosts
 from ..control.hub import Hub
 from ..control.tls import ensure_server_cert, server_context
 from ..errors import PortunusError
@@ -41,17 +42,14 @@ def serve(data_dir: str, *, advertised_endpoint: str | None = None, ready_event:
     raise_nofile_limit()
     store = Store.open(data_dir)
     seed = advertised_endpoint or os.environ.get("PORTUNUS_ADVERTISED_ENDPOINT") or None
-    seed_host = seed.rpartition(":")[0] if seed and ":" in seed else None
-    cert = ensure_server_cert(cfg.cert_path, cfg.key_path,
-                              extra_hosts=[seed_host] if seed_host and "[" not in seed_host else [])
+    cert = ensure_server_cert(cfg.cert_path, cfg.key_path, extra_hosts=seed_san_hosts(seed))
     seed_error = None
     if seed:
         try:
             seed = validate_seed_endpoint(seed, cert)
         except PortunusError as exc:
-            # fail closed: enrollments are refused until the seed is fixed, never sent to a wrong host
-            log.error("startup.advertised_endpoint_invalid", code=exc.code, reason=exc.message,
-                      effect="enrollment creation is refused until the seed is fixed")
+            # fail closed: enrollments are refused until the seed is fixed, never sent to a wrong host;
+            # reported once, below, with whatever else decides the endpoint
             seed_error, seed = exc, None
     if not store_operators.ensure_legacy_operator(store, cfg.operator_token) and cfg.operator_token:
         log.warn("startup.operator_token_ignored",
@@ -108,8 +106,8 @@ def serve(data_dir: str, *, advertised_endpoint: str | None = None, ready_event:
     os.replace(tmp, runtime_info_path(data_dir))
     endpoint = core.advertised_endpoint_info()
     if endpoint["effective"] is None:
-        log.error("startup.advertised_endpoint_invalid", source=endpoint["source"], reason=endpoint["diagnostic"],
-                  effect="enrollment creation is refused until this is fixed")
+        log.error("startup.advertised_endpoint_invalid", source=endpoint["source"], code=endpoint["error"].code,
+                  reason=endpoint["diagnostic"], effect="enrollment creation is refused until this is fixed")
     log.info("server.ready", **info, advertised_endpoint=endpoint["effective"],
              advertised_endpoint_source=endpoint["source"])
     if ready_event is not None:

@@ -10,7 +10,7 @@ import concurrent.futures
 import threading
 import time
 
-from ..control.enrollment import enroll_command, make_uri, split_endpoint
+from ..control.enrollment import enroll_command, make_uri, parse_advertised_endpoint
 from ..control.tls import san_covers
 from ..errors import PortunusError
 from ..log import log
@@ -337,12 +337,11 @@ def _rfc3339(ts: float | None) -> str | None:
 
 def validate_seed_endpoint(value: str, cert_info) -> str:
     """Tier-2 seed: a bare host:port covered by the certificate SAN (fail closed)."""
-    if not isinstance(value, str):
-        raise PortunusError("endpoint_invalid", f"advertised endpoint must be a bare host:port, got {value!r}")
-    host, port = split_endpoint(value, lambda what: PortunusError(
-        "endpoint_invalid", f"advertised endpoint must be a bare host:port: {what}"))
+    host, port = parse_advertised_endpoint(value)
     if not san_covers(cert_info, host):
         raise PortunusError("endpoint_not_in_cert_san",
                             f"advertised endpoint host {host!r} is not covered by the server certificate SAN "
-                            f"({', '.join(cert_info.sans_dns + cert_info.sans_ip)})")
+                            f"({', '.join(cert_info.sans_dns + cert_info.sans_ip)}); fix: stop the server, run "
+                            f"`portunus-server rotate-cert --san {host}`, start it again and re-enroll every "
+                            f"client (their pins change)", host=host)
     return f"{host}:{port}"
