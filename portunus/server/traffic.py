@@ -1,0 +1,279 @@
+"""Traffic accounting and history (SPEC §4.4): stats reports -> quota usage and samples, the hourly
+rollup, retention, and the history query.
+
+A client reports cumulative delivered-byte counters per rule. The delta against the last counters
+seen for that (client, rule) is the traffic since; those last counters are stored in the same
+transaction as the usage and samples they produced, so a server restart between two reports
+neither loses nor repeats a delta. A counter that went down means the client restarted (or the
+rule was re-created): the delta is then counted from zero.
+
+Writes never run on the loop thread: the hub hands reports to ``ReportWriter.enqueue`` (cheap,
+thread-safe) and its thread applies them in batches, one transaction per batch.
+
+    accounting = TrafficAccounting(store, quotas, clock=time.time)
+    writer = ReportWriter(accounting); writer.start()
+    writer.enqueue(report_from_stats(client_id, received_at, validated_rules, owners))
+    accounting.maintain()              # every 60 s: rollup at H+1 min, retention
+    accounting.history(from_=..., to=..., bucket=None, user_id="alice")
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+from ..errors import PortunusError
+from ..log import log
+from ..store import clients as store_clients
+from ..store import traffic as store_traffic
+from ..store.db import Store
+from .quotas import QuotaService
+
+BUCKET_SECS = {"1m": 60, "1h": 3600}
+RETENTION_SECS = {"1m": 7 * 86400, "1h": 90 * 86400}
+DEFAULT_1M_SPAN_SECS = 86400     # a window up to 24 h defaults to 1-minute buckets, longer to 1-hour
+MAX_ROWS = 10_000
+ROLLUP_DELAY_SECS = 60           # hour H is rolled up at H + 1 h + 1 min, when its last reports are in
+COUNTER_RETENTION_SECS = 7 * 86400
+MAX_TIME = 1 << 40               # unix seconds far beyond any real query; keeps SQL integers small
+WRITER_BATCH = 512               # reports per transaction
+WRITER_INTERVAL_SECS = 1.0
+
+
+@dataclass(frozen=True)
+class RuleBytes:
+    rule_id: str
+    owner: str          # user id; '' for a rule without owner
+    bytes_in: int       # cumulative since the rule started on the client
+    bytes_out: int
+
+
+@dataclass(frozen=True)
+class TrafficReport:
+    client_id: str
+    received_at: int    # server clock: client clocks may be off
+    rules: tuple[RuleBytes, ...]
+
+
+def report_from_stats(client_id: str, received_at: float, rules: list[dict],
+                      owners: dict[str, str | None]) -> TrafficReport:
+    """From a validated ``stats_report``'s rule snapshots and the owners of the client's rules;
+    snapshots of rules the server does not know (no owner entry) are left out."""
+    rows = tuple(RuleBytes(r["rule_id"], owners[r["rule_id"]] or "", int(r.get("bytes_in") or 0),
+                           int(r.get("bytes_out") or 0))
+                 for r in rules if r.get("rule_id") in owners)
+    return TrafficReport(client_id, int(received_at), rows)
+
+
+def counter_delta(previous: tuple[int, int] | None, current: tuple[int, int]) -> tuple[int, int]:
+    """Bytes since the last counters seen; a counter that went down restarted from zero."""
+    if previous is None or current[0] < previous[0] or current[1] < previous[1]:
+        return current
+    return current[0] - previous[0], current[1] - previous[1]
+
+
+def _parse_time(value, name: str, default: int) -> int:
+    if value is None or value == "":
+        return default
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 13:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TIME:
+        raise PortunusError("invalid_time_range", f"{name} must be unix seconds, got {str(value)[:40]!r}")
+    return value
+
+
+class TrafficAccounting:
+    def __init__(self, store: Store, quotas: QuotaService, *, clock: Callable[[], float] = time.time):
+        self.store = store
+        self.quotas = quotas
+        self.clock = clock
+
+    def _now(self) -> int:
+        return int(self.clock())
+
+    # ---------------------------------------------------------------- reports
+
+    def apply(self, reports: list[TrafficReport]) -> None:
+        """Turn a batch of reports into usage and samples in one transaction, in order."""
+        if not reports:
+            return
+        events = []
+        with self.store.write():
+            rolled_until = store_traffic.rolled_until(self.store)
+            counters: dict[str, dict] = {}
+            for report in reports:
+                if report.client_id not in counters:
+                    counters[report.client_id] = store_traffic.load_counters(self.store, report.client_id)
+                events += self._apply_one(report, counters[report.client_id], rolled_until)
+        self.quotas.finish_charge(events)
+
+    def _apply_one(self, report: TrafficReport, last: dict, rolled_until: int | None) -> list:
+        per_pair: dict[tuple[str, str], list[int]] = {}
+        seen = {}
+        for rule in report.rules:
+            current = (rule.bytes_in, rule.bytes_out)
+            d_in, d_out = counter_delta(last.get(rule.rule_id), current)
+            last[rule.rule_id] = seen[rule.rule_id] = current
+            pair = per_pair.setdefault((rule.owner, report.client_id), [0, 0])
+            pair[0] += d_in
+            pair[1] += d_out
+        store_traffic.save_counters(self.store, report.client_id, seen, report.received_at)
+        minute = report.received_at - report.received_at % 60
+        samples = [(user, client, minute, b_in, b_out) for (user, client), (b_in, b_out) in per_pair.items()
+                   if b_in or b_out]
+        if samples:
+            store_traffic.add_samples(self.store, "1m", samples)
+            hour = minute - minute % 3600
+            if rolled_until is not None and hour < rolled_until:
+                # a late report for an hour already rolled up: keep its 1h row whole
+                store_traffic.add_samples(self.store, "1h", [(u, c, hour, i, o) for u, c, _, i, o in samples])
+        usage = {pair: b_in + b_out for pair, (b_in, b_out) in per_pair.items() if pair[0]}
+        return self.quotas.charge(usage, report.received_at)
+
+    # ---------------------------------------------------------------- rollup, retention
+
+    def roll_up(self) -> int:
+        """Write the 1h rows of every complete hour not rolled yet (at H+1 min); returns rows written."""
+        until = self._now() - ROLLUP_DELAY_SECS
+        until -= until % 3600
+        with self.store.write():
+            since = store_traffic.rolled_until(self.store)
+            if since is None:
+                earliest = store_traffic.earliest_sample(self.store, "1m")
+                since = until if earliest is None else min(until, earliest - earliest % 3600)
+            written = 0
+            if since < until:
+                written = store_traffic.roll_up_hours(self.store, since, until)
+            # a clock that went back never un-rolls an hour
+            store_traffic.set_rolled_until(self.store, max(since, until))
+        return written
+
+    def prune(self) -> dict[str, int]:
+        """Drop samples past retention (1m: 7 days, 1h: 90 days) and counters of long-gone rules."""
+        now = self._now()
+        removed = {bucket: store_traffic.prune_samples(self.store, bucket, now - RETENTION_SECS[bucket])
+                   for bucket in BUCKET_SECS}
+        removed["counters"] = store_traffic.prune_counters(self.store, now - COUNTER_RETENTION_SECS)
+        return removed
+
+    def maintain(self) -> None:
+        """The 60 s housekeeping: rollup first (so nothing is pruned before it is rolled), then retention."""
+        rows = self.roll_up()
+        removed = self.prune()
+        if rows or any(removed.values()):
+            log.debug("traffic.maintained", hourly_rows=rows, **{f"pruned_{k}": v for k, v in removed.items()})
+
+    # ---------------------------------------------------------------- history
+
+    def history(self, *, from_=None, to=None, bucket=None, user_id: str | None = None,
+                client_ref: str | None = None) -> dict:
+        """``{bucket, samples: [{ts, bytes_in, bytes_out}], total_bytes_in, total_bytes_out}``."""
+        now = self._now()
+        end = _parse_time(to, "to", now)
+        start = _parse_time(from_, "from", max(0, end - DEFAULT_1M_SPAN_SECS))
+        if start >= end:
+            raise PortunusError("invalid_time_range", f"from ({start}) must be before to ({end})")
+        if bucket is None or bucket == "":
+            bucket = "1m" if end - start <= DEFAULT_1M_SPAN_SECS else "1h"
+        elif bucket not in BUCKET_SECS:
+            raise PortunusError("invalid_bucket", f"bucket must be 1m or 1h, got {str(bucket)[:20]!r}")
+        oldest = now - RETENTION_SECS[bucket]
+        if start < oldest:
+            days = RETENTION_SECS[bucket] // 86400
+            raise PortunusError("quota_bucket_out_of_retention",
+                                f"bucket={bucket} rows are kept for {days} days: from ({start}) is before {oldest}; "
+                                f"narrow the window" + (" or use bucket=1h" if bucket == "1m" else ""),
+                                bucket=bucket, oldest=oldest)
+        client_id = None
+        if client_ref is not None:
+            client_id = store_clients.resolve_client_ref(self.store, client_ref)["client_id"]
+        step = BUCKET_SECS[bucket]
+        rows = store_traffic.query_samples(self.store, bucket, start - start % step, end, user_id=user_id,
+                                           client_id=client_id, limit=MAX_ROWS + 1)
+        if len(rows) > MAX_ROWS:
+            raise PortunusError("traffic_too_many_rows",
+                                f"the window {start}..{end} at bucket={bucket} has more than {MAX_ROWS} rows; "
+                                f"narrow it" + (" or use bucket=1h" if bucket == "1m" else ""),
+                                bucket=bucket, max_rows=MAX_ROWS)
+        return {
+            "bucket": bucket,
+            "samples": [{"ts": ts, "bytes_in": b_in, "bytes_out": b_out} for ts, b_in, b_out in rows],
+            "total_bytes_in": sum(r[1] for r in rows),
+            "total_bytes_out": sum(r[2] for r in rows),
+        }
+
+
+class ReportWriter:
+    """A thread that applies queued reports in batches, so no sqlite write runs on the loop.
+
+    A batch that fails (the store busy for longer than its timeout) goes back to the front of the
+    queue and is retried: the counters it carries are cumulative, so nothing is lost by waiting.
+    """
+
+    def __init__(self, accounting: TrafficAccounting, *, interval_secs: float = WRITER_INTERVAL_SECS,
+                 batch: int = WRITER_BATCH):
+        self.accounting = accounting
+        self.interval_secs = interval_secs
+        self.batch = batch
+        self._queue: deque[TrafficReport] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    def enqueue(self, report: TrafficReport) -> None:
+        with self._cond:
+            self._queue.append(report)
+            if len(self._queue) >= self.batch:
+                self._cond.notify()
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    def flush(self) -> int:
+        """Apply everything queued now, batch by batch, on the calling thread; returns reports applied."""
+        applied = 0
+        while True:
+            with self._cond:
+                batch = [self._queue.popleft() for _ in range(min(self.batch, len(self._queue)))]
+            if not batch:
+                return applied
+            try:
+                self.accounting.apply(batch)
+            except Exception:
+                with self._cond:
+                    self._queue.extendleft(reversed(batch))
+                raise
+            applied += len(batch)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="traffic-writer", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the thread after a last flush (a shutdown loses no queued report)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if not self._stopping:
+                    self._cond.wait(self.interval_secs)
+                stopping = self._stopping
+            try:
+                self.flush()
+            except Exception as e:
+                log.limited("error", "traffic.accounting_failed", key="writer", every=60.0, error=str(e),
+                            queued=self.pending())
+                if stopping:
+                    return
+            if stopping:
+                return
