@@ -144,7 +144,7 @@ class _Lookup:
                 except dns.DnsError as exc:
                     if exc.code == "mismatch":
                         continue  # not the answer to this question
-                    self.results[qtype] = f"{exc.code}: {exc.message}"
+                    self.results[qtype] = f"{exc.code}: {exc.message} (DNS server {self._server_label()})"
                     break
                 if ans.truncated:
                     self._query_tcp(qtype)
@@ -204,7 +204,7 @@ class _Lookup:
                     ans = dns.parse_response(msg, txid, self.name, qtype)
                     self.results[qtype] = (ans.addresses, ans.ttl)
                 except dns.DnsError as exc:
-                    self.results[qtype] = f"{exc.code}: {exc.message}"
+                    self.results[qtype] = f"{exc.code}: {exc.message} (DNS server {self._server_label()})"
             self._close_tcp(qtype)
             self._maybe_finish()
         self.loop.add_writer(sock.fileno(), writable)

@@ -16,3 +16,13 @@ def test_an_unreachable_server_is_named_with_its_port(env):  # noqa: F811
     addrs, err = rec.calls[0]
     assert addrs == []
     assert f"DNS server {host}:{port} unreachable" in err, err
+
+
+def test_a_server_error_names_the_server_that_answered(env):  # noqa: F811
+    env.srv.fail("bad.test", rcode=2)
+    rec = Recorder()
+    env.r.resolve("bad.test", False, rec)
+    assert run_real(env.loop, lambda: rec.done, 5.0)
+    host, port = env.srv.address
+    addrs, err = rec.calls[0]
+    assert addrs == [] and "servfail" in err.lower() and f"(DNS server {host}:{port})" in err, err
