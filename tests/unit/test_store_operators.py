@@ -163,3 +163,51 @@ def test_audit_ids_are_not_reused_after_a_prune(store):
     with store.write() as conn:
         conn.execute("DELETE FROM audit")
     assert audit.append(store, "a", "GET", "/v1/x", "allow") > first
+
+
+# ------------------------------------------------------------------ server.access: what the HTTP layer sees
+
+def test_access_authenticates_bearers_as_principals(store):
+    from portunus.server.access import OperatorAccess, Principal
+    access = OperatorAccess(store)
+    assert access.onboarding_required() is True
+    token = operators.bootstrap_superadmin(store, "Ops")
+    assert access.onboarding_required() is False
+    assert access.principal_for_bearer(token) == Principal("_superadmin", "superadmin", "Ops")
+    assert access.principal_for_bearer(token).is_superadmin
+    assert access.principal_for_bearer(new_token()) is None
+
+
+def test_access_writes_and_reads_the_audit_trail(store):
+    from portunus.server.access import OperatorAccess
+    access = OperatorAccess(store)
+    assert access.record("_superadmin", "GET", "/v1/clients", "allow", None)
+    access.record("anonymous", "GET", "/v1/clients", "deny", "unauthenticated")
+    entries = access.audit_entries(limit=10, outcome="deny")
+    assert [(e["actor"], e["reason"]) for e in entries] == [("anonymous", "unauthenticated")]
+    page = access.audit_page(since="2000-01-01T00:00:00Z", until=None, cursor=None, limit=1, outcome=None)
+    assert page["count"] == 1 and page["next_cursor"] is not None
+
+
+def test_access_counts_audit_rows_it_could_not_write(store):
+    from portunus.server.access import OperatorAccess
+
+    class Core:
+        audit_drops = 0
+    core = Core()
+    access = OperatorAccess(store, core)
+    with pytest.raises(PortunusError):
+        access.record("x", "GET", "/v1/clients", "maybe", None)  # not allow|deny: refused by the store
+    assert access.audit_drops == 1 and core.audit_drops == 1
+
+
+def test_access_resolves_client_references(store):
+    from portunus.server.access import OperatorAccess
+    from portunus.store import clients
+    c = clients.create_client(store, "edge-01")
+    access = OperatorAccess(store)
+    assert access.client_ref("edge-01")["client_id"] == c["client_id"]
+    assert access.client_ref(c["client_id"])["client_name"] == "edge-01"
+    with pytest.raises(PortunusError) as ei:
+        access.client_ref("nope")
+    assert ei.value.code == "not_found"
