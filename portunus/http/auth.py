@@ -23,6 +23,8 @@ PUBLIC = "public"                # no principal needed
 AUTHENTICATED = "authenticated"  # any live operator bearer
 SUPERADMIN = "superadmin"        # role superadmin
 
+MAX_AUDITED_PATH = 1024
+
 
 def _any_principal(principal: Principal, params: dict, access: OperatorAccess) -> None:
     return None
@@ -79,6 +81,8 @@ class AuthSeam:
     def audit(self, principal: Principal | None, method: str, path: str, outcome: str, reason: str | None,
               status: int, request_id: str | None) -> None:
         actor = principal.user_id if principal else "anonymous"
+        if len(path) > MAX_AUDITED_PATH:  # anyone may send a 64 KiB path; the audit table keeps a prefix
+            path = path[:MAX_AUDITED_PATH] + "…"
         event = "operator.allow" if outcome == "allow" else "operator.deny"
         log.info(event, actor=actor, method=method, path=path, status=status, reason=reason, request_id=request_id)
         try:

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from ..errors import PortunusError
 from ..log import log
 
 EVICT_AFTER_SECS = 1.0
@@ -45,11 +46,13 @@ class Limits:
     def from_env(cls, **defaults) -> "Limits":
         values = dict(defaults)
         for item in filter(None, os.environ.get(LIMITS_ENV, "").split(",")):
-            key, _, raw = item.partition("=")
-            if key.strip() in ("header_secs", "body_secs"):
-                values[key.strip()] = float(raw)
-            elif key.strip() == "max_connections":
-                values["max_connections"] = int(raw)
+            key, _, raw = (part.strip() for part in item.partition("="))
+            try:
+                if key not in ("header_secs", "body_secs", "max_connections"):
+                    raise ValueError(f"unknown key {key!r}")
+                values[key] = int(raw) if key == "max_connections" else float(raw)
+            except ValueError as exc:
+                raise PortunusError("config_invalid", f"{LIMITS_ENV}: bad entry {item!r} ({exc})") from None
         return cls(**values)
 
 

@@ -141,3 +141,10 @@ def test_no_handler_checks_roles_itself():
 def test_a_typo_in_the_table_fails_at_import():
     with pytest.raises(ValueError):
         routes.Route("GET", "/v1/x", lambda *a: None, "superadmn", "typo")
+
+
+def test_absurdly_long_paths_are_audited_as_a_prefix():
+    s = seam()
+    s.audit(None, "GET", "/v1/" + "a" * 70_000, "deny", "unauthenticated", 401, None)
+    path = s.access.rows[0][2]
+    assert path.startswith("/v1/aaa") and len(path) == auth.MAX_AUDITED_PATH + 1

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from portunus.errors import PortunusError
 from portunus.http import transport
 from portunus.http.transport import (EVICT_AFTER_SECS, LIMITS_ENV, APIServer, DeadlineReader,
                                      DeadlineRequestHandler, Limits)
@@ -19,6 +20,11 @@ def test_limits_defaults_and_the_test_knob(monkeypatch):
     assert Limits.from_env(max_connections=64).max_connections == 64
     monkeypatch.setenv(LIMITS_ENV, "header_secs=1.5, body_secs=2,max_connections=8")
     assert Limits.from_env(max_connections=64) == Limits(1.5, 2.0, 8)
+    for bad in ("header_secs=soon", "max_connections=1.5", "threads=4"):
+        monkeypatch.setenv(LIMITS_ENV, bad)
+        with pytest.raises(PortunusError) as ei:
+            Limits.from_env()
+        assert ei.value.code == "config_invalid" and bad in ei.value.message
 
 
 @pytest.fixture
