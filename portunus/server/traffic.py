@@ -277,3 +277,39 @@ class ReportWriter:
                     return
             if stopping:
                 return
+
+
+class TrafficHousekeeper:
+    """A thread running the 60 s quota tick (period rolls and their pushes) and the traffic
+    housekeeping (rollup, retention). ``run_once`` is the whole job, for tests and the first pass."""
+
+    def __init__(self, quotas: QuotaService, accounting: TrafficAccounting, *, interval_secs: float = 60.0):
+        self.quotas = quotas
+        self.accounting = accounting
+        self.interval_secs = interval_secs
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def run_once(self) -> None:
+        for job in (self.quotas.tick, self.accounting.maintain):
+            try:
+                job()
+            except Exception as e:  # the next pass retries; one failure must not stop the others
+                log.limited("error", "traffic.housekeeping_failed", key=job.__name__, every=300.0,
+                            job=job.__name__, error=str(e))
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="traffic-housekeeper", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _run(self) -> None:
+        while True:
+            self.run_once()
+            if self._stop.wait(self.interval_secs):
+                return

@@ -14,8 +14,8 @@ from portunus.errors import PortunusError
 from portunus.log import log
 from portunus.server.billing import billing_period
 from portunus.server.quotas import QuotaService, client_state
-from portunus.server.traffic import (MAX_ROWS, ReportWriter, RuleBytes, TrafficAccounting, TrafficReport,
-                                     counter_delta, report_from_stats)
+from portunus.server.traffic import (MAX_ROWS, ReportWriter, RuleBytes, TrafficAccounting, TrafficHousekeeper,
+                                     TrafficReport, counter_delta, report_from_stats)
 from portunus.store import Store, clients
 from portunus.store import grants as store_grants
 from portunus.store import traffic as store_traffic
@@ -585,3 +585,32 @@ def test_a_failing_publish_does_not_undo_the_change(w, logs):
     assert w.quotas.put("alice", w.edge, {"monthly_bytes": 1}).created
     assert w.quotas.status("alice", w.edge)["monthly_bytes"] == 1
     assert events(logs, "traffic_quota.push_failed")
+
+
+# ------------------------------------------------------------------ the housekeeping thread
+
+def test_housekeeping_rolls_periods_and_hours_and_survives_a_failing_job(w, clock, logs):
+    w.quotas.put("alice", w.edge, {"monthly_bytes": 100})
+    w.report(r_alice=(100, 0))
+    clock.t = calendar.timegm((2026, 2, 28, 10, 0, 0))
+
+    def broken():
+        raise RuntimeError("store busy")
+
+    w.quotas.tick = broken
+    keeper = TrafficHousekeeper(w.quotas, w.traffic)
+    keeper.run_once()
+    assert events(logs, "traffic.housekeeping_failed")[0]["job"] == "broken"
+    assert w.store.read().execute("SELECT COUNT(*) FROM traffic_samples_1h").fetchone()[0] == 1  # maintain ran
+    del w.quotas.tick
+    keeper.run_once()
+    assert w.quotas.status("alice", w.edge)["current_period_bytes_used"] == 0
+
+
+def test_housekeeping_thread_runs_a_pass_before_it_stops(w, clock):
+    w.quotas.put("alice", w.edge, {"monthly_bytes": 100})
+    clock.t = calendar.timegm((2026, 2, 28, 10, 0, 0))
+    keeper = TrafficHousekeeper(w.quotas, w.traffic, interval_secs=3600)
+    keeper.start()
+    keeper.stop()
+    assert w.quotas.status("alice", w.edge)["current_period_started_at"] == clock.t
