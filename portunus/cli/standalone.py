@@ -56,15 +56,18 @@ def main(argv: list[str]) -> int:
         return _stats(_stats_parser().parse_args(argv[1:]))
     args = _main_parser().parse_args(argv)
     cfg = cfgmod.load(args.config)
+    overrides = {}
     if args.log_level:
-        cfg.log_level = args.log_level
+        overrides["log_level"] = args.log_level
     if args.log_format:
-        cfg.log_format = cfgmod.log_format_name(args.log_format)
+        overrides["log_format"] = cfgmod.log_format_name(args.log_format)
+    for name, value in overrides.items():
+        setattr(cfg, name, value)
     if args.check:
         print("ok")
         return 0
     from ..standalone.app import run
-    return run(cfg)
+    return run(cfg, overrides)
 
 
 def _stats(args) -> int:

@@ -91,7 +91,9 @@ class StatsSocket:
             pass
 
 
-def run(cfg: StandaloneConfig) -> int:
+def run(cfg: StandaloneConfig, overrides: dict | None = None) -> int:
+    """Run until a signal stops it; ``overrides`` (command-line settings) also apply to every reload."""
+    overrides = overrides or {}
     log.configure(fmt=cfg.log_format, level=cfg.log_level)
     nofile = raise_nofile_limit()
     loop = Loop()
@@ -157,6 +159,8 @@ def run(cfg: StandaloneConfig) -> int:
             return
         try:
             new = load(cfg.path)
+            for name, value in overrides.items():
+                setattr(new, name, value)
         except PortunusError as exc:
             log.error("config.reload_failed", code=exc.code, reason=exc.message, effect="kept the running rules")
             return

@@ -264,3 +264,16 @@ def test_compact_log_format_writes_text_lines(procs, tmp_path):
     assert p.events() == [], "compact lines are not JSON"
     p.signal(signal.SIGTERM)
     assert p.wait(20) == 0
+
+
+def test_command_line_log_settings_survive_a_reload(procs, tmp_path):
+    cfg = tmp_path / "reload.toml"
+    cfg.write_text('[global]\nlog_format = "json"\n' + rule(listen=free_port(), target=free_port()))
+    p = procs(portunus_cmd("standalone") + ["--config", str(cfg), "--log-format", "compact"])
+    wait_until(lambda: any(" process.ready " in line for line in p.lines), timeout=20, what="process.ready")
+    p.signal(signal.SIGHUP)
+    wait_until(lambda: any(" config.reloaded " in line for line in p.lines), timeout=20,
+               what="a compact config.reloaded line")
+    assert p.events() == [], "the file's json must not replace --log-format compact on reload"
+    p.signal(signal.SIGTERM)
+    assert p.wait(20) == 0
