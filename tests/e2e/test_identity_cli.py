@@ -55,7 +55,6 @@ def db_text(data_dir: Path) -> str:
 
 def login(data_dir: Path, user_id: str, password: str):
     """Log in with the store the CLI wrote (in-process, the server being stopped)."""
-    os.environ.setdefault("PORTUNUS_ALLOW_ANY_FS", "1")
     from portunus.server.identity import IdentityService
     from portunus.store import Store
     with Store.open(str(data_dir)) as store:
