@@ -19,6 +19,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Callable
 
 from ..control import messages
@@ -28,7 +29,7 @@ from ..store import clients as store_clients
 from ..store import grants as store_grants
 from ..store import quotas as store_quotas
 from ..store import users as store_users
-from ..store.db import Store, now_rfc3339
+from ..store.db import Store, rfc3339
 from .billing import MAX_ANCHOR, billing_period
 
 COUNTER_LIMIT = 1 << 63
@@ -99,6 +100,11 @@ def client_state(row) -> dict:
         "period_ends_at": view["current_period_ends_at"],
         "exhausted": view["exhausted"],
     }
+
+
+def _stamp(now: int) -> str:
+    """created_at / updated_at text from the injected clock."""
+    return rfc3339(datetime.fromtimestamp(now, timezone.utc))
 
 
 def settle_exhaustion(limit: int, used: int, exhausted_at: int | None, now: int, *, may_resume: bool):
@@ -193,7 +199,7 @@ class QuotaService:
                 anchor = now if anchor is None else anchor
                 exhausted_at = settle_exhaustion(limit, 0, None, now, may_resume=True)
                 store_quotas.insert_quota(self.store, user_id, client_id, limit, anchor,
-                                          billing_period(anchor, now), exhausted_at, now_rfc3339())
+                                          billing_period(anchor, now), exhausted_at, _stamp(now))
                 if exhausted_at is not None:
                     events.append(("exhausted", user_id, client_id))
             else:
@@ -252,7 +258,7 @@ class QuotaService:
         if settled is not None and exhausted_at is None:  # (after a roll, exhausted_at is None here)
             events.append(("exhausted", row["user_id"], row["client_id"]))
         store_quotas.update_quota(self.store, row["user_id"], row["client_id"], monthly_bytes=new_limit,
-                                  period=period, bytes_used=used, exhausted_at=settled, now_text=now_rfc3339())
+                                  period=period, bytes_used=used, exhausted_at=settled, now_text=_stamp(now))
         return events
 
     # ---------------------------------------------------------------- events, pushes
