@@ -61,6 +61,9 @@ def run_child(code: str, **kw) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60, **kw)
 
 
+LATEST = len(load_migrations())  # the newest shipped schema version
+
+
 def tables(conn) -> set[str]:
     return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
 
@@ -71,10 +74,11 @@ def test_open_creates_a_private_data_dir_and_applies_the_migrations(store, data_
     assert os.path.isdir(data_dir)
     assert os.stat(data_dir).st_mode & 0o777 == 0o700
     assert os.stat(os.path.join(data_dir, "state.db")).st_mode & 0o077 == 0
-    assert store.schema_version() == 1
+    assert store.schema_version() == LATEST
     assert TABLES_001 <= tables(store.read())
     rows = store.read().execute("SELECT version, name, applied_at FROM schema_migrations").fetchall()
-    assert [(r[0], r[1]) for r in rows] == [(1, "initial")]
+    assert [(r[0], r[1]) for r in rows] == [(m.version, m.name) for m in load_migrations()]
+    assert rows[0][1] == "initial"
     assert rows[0][2].endswith("Z")
 
 
@@ -84,8 +88,8 @@ def test_reopening_applies_nothing_twice_and_keeps_data(data_dir):
             conn.execute("INSERT INTO settings (key, value) VALUES ('k', 'v')")
     for _ in range(2):
         with Store.open(data_dir) as s:
-            assert s.schema_version() == 1
-            assert s.read().execute("SELECT COUNT(*) FROM schema_migrations").fetchone()[0] == 1
+            assert s.schema_version() == LATEST
+            assert s.read().execute("SELECT COUNT(*) FROM schema_migrations").fetchone()[0] == LATEST
             assert s.read().execute("SELECT value FROM settings WHERE key = 'k'").fetchone()[0] == "v"
 
 
@@ -94,7 +98,7 @@ def test_migrate_false_opens_without_migrating(data_dir):
         assert s.schema_version() == 0
         assert "clients" not in tables(s.read())
     with Store.open(data_dir) as s:
-        assert s.schema_version() == 1
+        assert s.schema_version() == LATEST
 
 
 def test_an_existing_data_dir_keeps_its_mode(tmp_path, monkeypatch):
@@ -127,8 +131,8 @@ def test_schema_newer_than_the_binary_is_refused_with_exit_78(data_dir):
         e = ei.value
         assert e.code == "startup.schema_version_too_new"
         assert e.exit_code == 78
-        assert e.message == "database schema version 999 is newer than this binary (knows up to 1)"
-        assert e.fields == {"schema_version": 999, "known_version": 1}
+        assert e.message == f"database schema version 999 is newer than this binary (knows up to {LATEST})"
+        assert e.fields == {"schema_version": 999, "known_version": LATEST}
     # the refusal released the lock
     fd = os.open(os.path.join(data_dir, "state.db.lock"), os.O_RDWR)
     try:
@@ -145,16 +149,16 @@ def _with_extra(monkeypatch, *extra: Migration) -> None:
 def test_a_failing_migration_rolls_back_entirely_and_is_not_recorded(data_dir, monkeypatch):
     with Store.open(data_dir):
         pass
-    _with_extra(monkeypatch, Migration(2, "broken", "CREATE TABLE half_done (a INTEGER);\n"
+    _with_extra(monkeypatch, Migration(LATEST + 1, "broken", "CREATE TABLE half_done (a INTEGER);\n"
                                                     "INSERT INTO no_such_table VALUES (1);\n"))
     with pytest.raises(PortunusError) as ei:
         Store.open(data_dir)
     assert ei.value.code == "internal"
-    assert "002_broken" in ei.value.message
+    assert f"{LATEST + 1:03d}_broken" in ei.value.message
     monkeypatch.undo()
     monkeypatch.setenv(ALLOW_ANY_FS_ENV, "1")
     with Store.open(data_dir) as s:
-        assert s.schema_version() == 1
+        assert s.schema_version() == LATEST
         assert "half_done" not in tables(s.read())
 
 
@@ -163,26 +167,26 @@ def test_new_migrations_apply_in_order_on_an_existing_store(data_dir, monkeypatc
         with s.write() as conn:
             conn.execute("INSERT INTO settings (key, value) VALUES ('a', '1')")
     _with_extra(monkeypatch,
-                Migration(2, "add_notes", "CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT);"),
-                Migration(3, "seed_notes", "INSERT INTO notes (body) SELECT value FROM settings;"))
+                Migration(LATEST + 1, "add_notes", "CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT);"),
+                Migration(LATEST + 2, "seed_notes", "INSERT INTO notes (body) SELECT value FROM settings;"))
     with Store.open(data_dir) as s:
-        assert s.schema_version() == 3
+        assert s.schema_version() == LATEST + 2
         assert s.read().execute("SELECT body FROM notes").fetchall()[0][0] == "1"
         names = [r[0] for r in s.read().execute("SELECT name FROM schema_migrations ORDER BY version")]
-        assert names == ["initial", "add_notes", "seed_notes"]
-    # the binary without 002/003 now meets a newer database
+        assert names == [m.name for m in load_migrations()] + ["add_notes", "seed_notes"]
+    # the binary without the two extra migrations now meets a newer database
     monkeypatch.undo()
     monkeypatch.setenv(ALLOW_ANY_FS_ENV, "1")
     with pytest.raises(PortunusError) as ei:
         Store.open(data_dir)
-    assert "version 3 is newer than this binary (knows up to 1)" in ei.value.message
+    assert f"version {LATEST + 2} is newer than this binary (knows up to {LATEST})" in ei.value.message
 
 
 def test_a_migration_leaving_dangling_foreign_keys_is_refused(data_dir, monkeypatch):
-    _with_extra(monkeypatch, Migration(2, "orphan", "INSERT INTO client_tokens VALUES ('h', 'nobody', 't', NULL);"))
+    _with_extra(monkeypatch, Migration(LATEST + 1, "orphan", "INSERT INTO client_tokens VALUES ('h', 'nobody', 't', NULL);"))
     with pytest.raises(PortunusError) as ei:
         Store.open(data_dir)
-    assert "002_orphan" in ei.value.message and "foreign key" in ei.value.message
+    assert f"{LATEST + 1:03d}_orphan" in ei.value.message and "foreign key" in ei.value.message
 
 
 def test_shipped_migrations_are_numbered_from_one_without_gaps():
@@ -350,7 +354,7 @@ def test_the_lock_file_names_the_holder_and_is_released_on_close(data_dir):
         assert f.read().strip() == str(os.getpid())
     s.close()
     with Store.open(data_dir) as again:
-        assert again.schema_version() == 1
+        assert again.schema_version() == LATEST
 
 
 def test_another_process_is_refused_while_this_one_holds_the_store(store, data_dir):
@@ -399,7 +403,7 @@ def test_a_store_held_by_another_process_is_refused_here_naming_its_pid(data_dir
             if child.poll() is None:
                 child.kill()
     with Store.open(data_dir) as s:
-        assert s.schema_version() == 1
+        assert s.schema_version() == LATEST
 
 
 def test_kill_9_never_loses_a_committed_row(data_dir):
@@ -495,7 +499,7 @@ def test_a_data_dir_on_tmpfs_is_refused_before_anything_is_created(tmp_path, mon
         # the escape hatch for tests
         monkeypatch.setenv(ALLOW_ANY_FS_ENV, "1")
         with Store.open(target) as s:
-            assert s.schema_version() == 1
+            assert s.schema_version() == LATEST
     finally:
         shutil.rmtree(parent, ignore_errors=True)
 
@@ -526,7 +530,7 @@ def test_refusal_follows_the_magic_of_the_data_dir(tmp_path, monkeypatch):
     assert not (tmp_path / "data").exists()
     monkeypatch.setattr(db, "filesystem_magic", lambda path: 0xEF53)
     with Store.open(str(tmp_path / "data")) as s:
-        assert s.schema_version() == 1
+        assert s.schema_version() == LATEST
 
 
 def test_a_local_disk_data_dir_opens_without_the_escape_hatch(tmp_path, monkeypatch):
@@ -534,4 +538,4 @@ def test_a_local_disk_data_dir_opens_without_the_escape_hatch(tmp_path, monkeypa
         pytest.skip("tmp_path itself is on a refused filesystem here")
     monkeypatch.delenv(ALLOW_ANY_FS_ENV, raising=False)
     with Store.open(str(tmp_path / "data")) as s:
-        assert s.schema_version() == 1
+        assert s.schema_version() == LATEST
