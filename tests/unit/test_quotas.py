@@ -7,6 +7,7 @@ from __future__ import annotations
 import calendar
 import io
 import json
+import sqlite3
 
 import pytest
 
@@ -16,11 +17,11 @@ from portunus.server.billing import billing_period
 from portunus.server.quotas import QuotaService, client_state
 from portunus.server.traffic import (MAX_ROWS, ReportWriter, RuleBytes, TrafficAccounting, TrafficHousekeeper,
                                      TrafficReport, counter_delta, report_from_stats)
-from portunus.store import Store, clients
+from portunus.store import Store, clients, db
 from portunus.store import grants as store_grants
 from portunus.store import traffic as store_traffic
 from portunus.store import users as store_users
-from portunus.store.db import ALLOW_ANY_FS_ENV
+from portunus.store.db import ALLOW_ANY_FS_ENV, load_migrations
 
 T0 = calendar.timegm((2026, 1, 31, 10, 0, 0))  # a Jan 31 anchor: the next period starts Feb 28
 DAY = 86400
@@ -614,3 +615,35 @@ def test_housekeeping_thread_runs_a_pass_before_it_stops(w, clock):
     keeper.start()
     keeper.stop()
     assert w.quotas.status("alice", w.edge)["current_period_started_at"] == clock.t
+
+
+# ------------------------------------------------------------------ migration 003
+
+def test_a_002_store_upgrades_in_place_and_its_rules_start_accounting(data_dir, clock, monkeypatch):
+    before = [m for m in load_migrations() if m.version <= 2]
+    monkeypatch.setattr(db, "load_migrations", lambda: before)
+    old = Store.open(data_dir)
+    world = World(old, clock)  # users, clients, grants and rules written by the release before quotas
+    assert "traffic_quotas" not in {r[0] for r in old.read().execute("SELECT name FROM sqlite_master")}
+    old.close()
+    monkeypatch.setattr(db, "load_migrations", load_migrations)
+    with Store.open(data_dir) as new:
+        assert new.schema_version() == max(m.version for m in load_migrations())
+        quotas = QuotaService(new, clock=clock)
+        quotas.put("alice", "edge-tokyo", {"monthly_bytes": 100})
+        TrafficAccounting(new, quotas, clock=clock).apply(
+            [TrafficReport(world.edge, int(clock()), (RuleBytes("r-alice", "alice", 60, 60),))])
+        assert quotas.status("alice", world.edge)["exhausted"]
+        # the tables keep their own invariants whatever code writes them
+        for sql in ("UPDATE traffic_quotas SET monthly_bytes = -1",
+                    "INSERT INTO traffic_samples_1m VALUES ('alice', 'c', 61, 1, 1)",
+                    "INSERT INTO traffic_samples_1h VALUES ('alice', 'c', 60, 1, 1)",
+                    "INSERT INTO traffic_quotas (user_id, client_id, monthly_bytes, billing_anchor, "
+                    "period_started_at, period_ends_at, created_at, updated_at) VALUES ('nobody', 'c', 1, 0, 0, 1, "
+                    "'x', 'x')"):
+            with pytest.raises(sqlite3.IntegrityError):
+                with new.write() as conn:
+                    conn.execute(sql)
+        # a removed user's quotas go with it
+        store_users.delete_user(new, "alice")
+        assert quotas.list_for_client(world.edge) == []
