@@ -80,14 +80,15 @@ def render(families: list[Family]) -> str:
 def client_labels(clients: list[dict]) -> dict[str, str]:
     """The ``client`` label per client id: its name, unique across the list.
 
-    Names may repeat (SPEC: a display label). The oldest client with a name keeps it
-    bare; each later one is shown as ``name (client_id)``, so a label never changes
-    when another client is enrolled under the same name later. ``clients`` must be in
-    enrollment order (``store.clients.list_clients`` is).
+    Names may repeat (SPEC: a display label). The oldest unrevoked client with a name
+    keeps it bare; each later one, and any revoked one, is shown as ``name (client_id)``.
+    So a label does not change when another client is enrolled under the same name,
+    and a replacement enrolled after revoking the old edge host gets the bare name.
+    ``clients`` must be in enrollment order (``store.clients.list_clients`` is).
     """
     labels: dict[str, str] = {}
     taken: set[str] = set()
-    for c in clients:
+    for c in sorted(clients, key=lambda c: bool(c.get("revoked_at"))):  # stable: enrollment order kept
         label = c["client_name"]
         if label in taken:
             label = f"{c['client_name']} ({c['client_id']})"

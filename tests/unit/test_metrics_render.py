@@ -123,6 +123,15 @@ def test_duplicate_names_keep_the_oldest_bare_and_disambiguate_later_ones_by_id(
                     'portunus_clients_connected{client="other"} 0']
 
 
+def test_a_replacement_for_a_revoked_client_gets_the_bare_name():
+    clients = [client("OLD", "edge-01", revoked=True), client("NEW", "edge-01")]
+    assert client_labels(clients) == {"NEW": "edge-01", "OLD": "edge-01 (OLD)"}
+    fams = families(clients=clients, connected_ids={"NEW"}, rules=[rule("R1", "OLD")])
+    assert fams["portunus_clients_connected"] == ['portunus_clients_connected{client="edge-01"} 1']
+    assert fams["portunus_rule_bytes_in_total"] == [
+        'portunus_rule_bytes_in_total{client="edge-01 (OLD)",rule="R1",owner=""} 0']
+
+
 def test_rejected_messages_always_lists_its_reasons():
     fams = families(rejected_messages={"stats_bad_counter": 3})
     assert fams["portunus_control_rejected_messages_total"] == [
