@@ -127,6 +127,8 @@ def test_exit_codes_held_port_and_offline_client(server, procs, tmp_path):
     agent.signal(signal.SIGTERM)
     assert agent.wait(20) == 0
     wait_connected(server, "edge-01", connected=False)
+    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+    assert 'portunus_clients_connected{client="edge-01"} 0' in text.splitlines()  # issue 7: 1, then 0
     res = server.cli("push-rule", "edge-01", str(free_port()), "127.0.0.1:9")
     assert res.returncode == 4
     assert "error: client_not_connected:" in res.stderr
