@@ -41,6 +41,8 @@ COUNTER_RETENTION_SECS = 7 * 86400
 MAX_TIME = 1 << 40               # unix seconds far beyond any real query; keeps SQL integers small
 WRITER_BATCH = 512               # reports per transaction
 WRITER_INTERVAL_SECS = 1.0
+WRITER_MAX_QUEUE = 100_000       # ~20 000 clients' worth of 5 s reports
+WRITER_MAX_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -210,21 +212,29 @@ class ReportWriter:
     """A thread that applies queued reports in batches, so no sqlite write runs on the loop.
 
     A batch that fails (the store busy for longer than its timeout) goes back to the front of the
-    queue and is retried: the counters it carries are cumulative, so nothing is lost by waiting.
+    queue and is retried. After ``MAX_ATTEMPTS`` it is dropped, as are the oldest reports when the
+    queue is full: counters are cumulative, so the client's next report still carries those bytes
+    (only their minute moves later) — a poison batch must not stall accounting for good.
     """
 
     def __init__(self, accounting: TrafficAccounting, *, interval_secs: float = WRITER_INTERVAL_SECS,
-                 batch: int = WRITER_BATCH):
+                 batch: int = WRITER_BATCH, max_queue: int = WRITER_MAX_QUEUE):
         self.accounting = accounting
         self.interval_secs = interval_secs
         self.batch = batch
-        self._queue: deque[TrafficReport] = deque()
+        self._queue: deque[TrafficReport] = deque(maxlen=max_queue)
+        self._failures = 0
+        self.dropped = 0
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
 
     def enqueue(self, report: TrafficReport) -> None:
         with self._cond:
+            if len(self._queue) == self._queue.maxlen:
+                self.dropped += 1  # the deque drops the oldest
+                log.limited("warn", "traffic.reports_dropped", key="full", every=60.0, reason="queue_full",
+                            dropped_total=self.dropped)
             self._queue.append(report)
             if len(self._queue) >= self.batch:
                 self._cond.notify()
@@ -244,9 +254,17 @@ class ReportWriter:
             try:
                 self.accounting.apply(batch)
             except Exception:
+                self._failures += 1
                 with self._cond:
-                    self._queue.extendleft(reversed(batch))
+                    if self._failures < WRITER_MAX_ATTEMPTS:
+                        self._queue.extendleft(reversed(batch))
+                    else:
+                        self._failures = 0
+                        self.dropped += len(batch)
+                        log.error("traffic.reports_dropped", reason="apply_failed", reports=len(batch),
+                                  dropped_total=self.dropped)
                 raise
+            self._failures = 0
             applied += len(batch)
 
     def start(self) -> None:

@@ -405,6 +405,34 @@ def test_a_failed_batch_writes_nothing_and_is_retried_whole(w, monkeypatch):
     assert w.used() == 300 and writer.pending() == 0
 
 
+def test_a_poison_batch_is_dropped_after_three_attempts_and_the_next_report_recovers_its_bytes(w, logs,
+                                                                                                monkeypatch):
+    w.quotas.put("alice", w.edge, {"monthly_bytes": 10 * MiB})
+    writer = ReportWriter(w.traffic)
+    writer.enqueue(TrafficReport(w.edge, T0, (RuleBytes("r-alice", "alice", 100, 0),)))
+    real = w.traffic.apply
+    monkeypatch.setattr(w.traffic, "apply", lambda batch: (_ for _ in ()).throw(ValueError("poison")))
+    for _ in range(3):
+        with pytest.raises(ValueError):
+            writer.flush()
+    assert writer.pending() == 0 and writer.dropped == 1
+    assert events(logs, "traffic.reports_dropped")[0]["reason"] == "apply_failed"
+    monkeypatch.setattr(w.traffic, "apply", real)
+    writer.enqueue(TrafficReport(w.edge, T0 + 5, (RuleBytes("r-alice", "alice", 130, 0),)))
+    writer.flush()
+    assert w.used() == 130  # cumulative counters: nothing of the dropped report is lost
+
+
+def test_a_full_queue_drops_the_oldest_report(w):
+    w.quotas.put("alice", w.edge, {"monthly_bytes": 10 * MiB})
+    writer = ReportWriter(w.traffic, max_queue=2)
+    for n in (10, 20, 30):
+        writer.enqueue(TrafficReport(w.edge, T0, (RuleBytes("r-alice", "alice", n, 0),)))
+    assert writer.pending() == 2 and writer.dropped == 1
+    writer.flush()
+    assert w.used() == 30
+
+
 def test_the_writer_thread_applies_queued_reports_before_it_stops(w):
     w.quotas.put("alice", w.edge, {"monthly_bytes": 10 * MiB})
     writer = ReportWriter(w.traffic, interval_secs=3600)
