@@ -19,7 +19,7 @@ from .. import __version__
 from ..errors import PortunusError
 from ..log import log
 from ..server.access import OperatorAccess
-from . import routes
+from . import routes, static
 from .auth import AUTHENTICATED, AuthSeam
 from .parse import MAX_BODY, content_length, json_body
 from .routes import StatsStream
@@ -65,6 +65,8 @@ class Handler(DeadlineRequestHandler):
             request_id = secrets.token_hex(8)
         path = _v1_path(self.path)
         if path is None:
+            if static.serve(self):
+                return
             shown = self.path.split("?", 1)[0][:200]
             self._send(404, {"error": {"code": "not_found", "message": f"no such page {shown!r}"}}, request_id)
             return
