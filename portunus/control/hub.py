@@ -22,6 +22,7 @@ from ..log import log
 from . import messages as m
 from . import stats_report
 from .channel import Channel
+from .offload import Offload
 
 FIRST_MESSAGE_TIMEOUT = 10.0
 PING_INTERVAL = 15.0
@@ -35,29 +36,6 @@ REQUEST_ID_UNKNOWN = "request_id_unknown"
 REJECT_REASONS = (RULE_NOT_OWNED, REQUEST_ID_UNKNOWN) + stats_report.REASONS
 # closes before authentication that are not the server rejecting a peer
 _QUIET_CLOSES = ("peer closed", "read failed", "server shutting down", "enrolled")
-
-
-class Offload:
-    """Run blocking work (sqlite writes) off the loop; deliver the result back on it."""
-
-    def __init__(self, loop, workers: int = 2):
-        self.loop = loop
-        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="portunus-store")
-
-    def run(self, fn: Callable, *args, then: Callable | None = None) -> None:
-        fut = self.pool.submit(fn, *args)
-
-        def done(f: concurrent.futures.Future) -> None:
-            if then is None:
-                exc = f.exception()
-                if exc is not None:
-                    log.error("store.write_failed", error=f"{type(exc).__name__}: {exc}")
-                return
-            self.loop.call_soon_threadsafe(then, f)
-        fut.add_done_callback(done)
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True)
 
 
 class ClientSession:

@@ -135,29 +135,33 @@ def server(procs, tmp_path):
     return Server(procs, data)
 
 
-def test_control_channel_fuzz(server, procs, tmp_path):
-    agent, _ = enroll_client(server, procs, tmp_path, "edge-01")
+def setup_victim_and_fuzzer(server: Server, procs, tmp_path, listen: int, target: int) -> dict:
+    """edge-01 (a real agent) with a live rule that has carried 4 bytes; edge-fuzz (raw) with a rule of its own."""
+    enroll_client(server, procs, tmp_path, "edge-01")
     wait_connected(server, "edge-01")
+    res = server.cli("push-rule", "edge-01", str(listen), f"127.0.0.1:{target}")
+    assert res.returncode == 0, res.stderr
+    victim = res.stdout.strip()
+    push = server.proc.wait_event("rule.push", pred=lambda e: e.get("rule") == victim)
+    assert roundtrip(listen, b"ping") == b"ping"
+    wait_until(lambda: api(server, "GET", f"/v1/rules/{victim}/stats")[1]["bytes_in"] == 4, timeout=15,
+               interval=0.3, what="the legit client's stats")
+    _, token = enrolled_token(server, tmp_path, "edge-fuzz")
+    owner = RawPeer(server.control_port)
+    owner.hello(token)
+    own_port = free_port()
+    own = push_owned_rule(server, owner, "edge-fuzz", {"listen": str(own_port), "target": "127.0.0.1:9"})
+    owner.close()
+    return {"victim": victim, "victim_request": push["request_id"], "own": own["rule_id"], "own_port": own_port,
+            "token": token}
+
+
+def test_control_channel_fuzz(server, procs, tmp_path):
     listen, target = free_port(), free_port()
     echo = TcpEchoServer([target])
     try:
-        res = server.cli("push-rule", "edge-01", str(listen), f"127.0.0.1:{target}")
-        assert res.returncode == 0, res.stderr
-        victim = res.stdout.strip()
-        push = server.proc.wait_event("rule.push", pred=lambda e: e.get("rule") == victim)
-        assert roundtrip(listen, b"ping") == b"ping"
-        wait_until(lambda: api(server, "GET", f"/v1/rules/{victim}/stats")[1]["bytes_in"] == 4, timeout=15,
-                   interval=0.3, what="the legit client's stats")
-
-        _, token = enrolled_token(server, tmp_path, "edge-fuzz")
-        owner = RawPeer(server.control_port)
-        owner.hello(token)
-        own_port = free_port()
-        own = push_owned_rule(server, owner, "edge-fuzz", {"listen": str(own_port), "target": "127.0.0.1:9"})
-        owner.close()
-        ctx = {"victim": victim, "victim_request": push["request_id"], "own": own["rule_id"], "own_port": own_port,
-               "token": token}
-
+        ctx = setup_victim_and_fuzzer(server, procs, tmp_path, listen, target)
+        victim = ctx["victim"]
         pid = server.proc.p.pid
         baseline = fd_count(pid)
         rnd = random.Random(SEED)
@@ -178,7 +182,7 @@ def test_control_channel_fuzz(server, procs, tmp_path):
         status, text = metrics(server)
         assert status == 200 and 'portunus_clients_connected{client="edge-01"} 1' in text
         assert api(server, "GET", "/v1/metrics")[0] == 200
-        for rule_id in (victim, own["rule_id"]):
+        for rule_id in (victim, ctx["own"]):
             status, stats = api(server, "GET", f"/v1/rules/{rule_id}/stats?per_port=true&per_target=true")
             assert status == 200, stats
         status, rules = api(server, "GET", "/v1/rules")
