@@ -12,7 +12,7 @@ thread-safe) and its thread applies them in batches, one transaction per batch.
 
     accounting = TrafficAccounting(store, quotas, clock=time.time)
     writer = ReportWriter(accounting); writer.start()
-    writer.enqueue(report_from_stats(client_id, received_at, validated_rules, owners))
+    writer.enqueue(report_from_stats(client_id, received_at, validated_rules))  # owners: looked up off-loop
     accounting.maintain()              # every 60 s: rollup at H+1 min, retention
     accounting.history(from_=..., to=..., bucket=None, user_id="alice")
 """
@@ -28,6 +28,7 @@ from typing import Callable
 from ..errors import PortunusError
 from ..log import log
 from ..store import clients as store_clients
+from ..store import quotas as store_quotas
 from ..store import traffic as store_traffic
 from ..store.db import Store
 from .quotas import QuotaService
@@ -48,7 +49,7 @@ WRITER_MAX_ATTEMPTS = 3
 @dataclass(frozen=True)
 class RuleBytes:
     rule_id: str
-    owner: str          # user id; '' for a rule without owner
+    owner: str | None   # user id; '' for a rule without owner; None: look it up when applying
     bytes_in: int       # cumulative since the rule started on the client
     bytes_out: int
 
@@ -61,12 +62,13 @@ class TrafficReport:
 
 
 def report_from_stats(client_id: str, received_at: float, rules: list[dict],
-                      owners: dict[str, str | None]) -> TrafficReport:
-    """From a validated ``stats_report``'s rule snapshots and the owners of the client's rules;
-    snapshots of rules the server does not know (no owner entry) are left out."""
-    rows = tuple(RuleBytes(r["rule_id"], owners[r["rule_id"]] or "", int(r.get("bytes_in") or 0),
-                           int(r.get("bytes_out") or 0))
-                 for r in rules if r.get("rule_id") in owners)
+                      owners: dict[str, str | None] | None = None) -> TrafficReport:
+    """From a validated ``stats_report``'s rule snapshots. With ``owners`` (rule id -> owner),
+    snapshots of rules not in it are left out; without, owners are read from the store when the
+    report is applied (on the writer thread, not the loop)."""
+    rows = tuple(RuleBytes(r["rule_id"], None if owners is None else owners[r["rule_id"]] or "",
+                           int(r.get("bytes_in") or 0), int(r.get("bytes_out") or 0))
+                 for r in rules if owners is None or r.get("rule_id") in owners)
     return TrafficReport(client_id, int(received_at), rows)
 
 
@@ -115,11 +117,15 @@ class TrafficAccounting:
     def _apply_one(self, report: TrafficReport, last: dict, rolled_until: int | None) -> list:
         per_pair: dict[tuple[str, str], list[int]] = {}
         seen = {}
+        owners = None
+        if any(rule.owner is None for rule in report.rules):
+            owners = store_quotas.rule_owners(self.store, report.client_id)
         for rule in report.rules:
+            owner = rule.owner if rule.owner is not None else owners.get(rule.rule_id, "")
             current = (rule.bytes_in, rule.bytes_out)
             d_in, d_out = counter_delta(last.get(rule.rule_id), current)
             last[rule.rule_id] = seen[rule.rule_id] = current
-            pair = per_pair.setdefault((rule.owner, report.client_id), [0, 0])
+            pair = per_pair.setdefault((owner, report.client_id), [0, 0])
             pair[0] += d_in
             pair[1] += d_out
         store_traffic.save_counters(self.store, report.client_id, seen, report.received_at)

@@ -449,6 +449,18 @@ def test_report_from_stats_keeps_only_known_rules():
     assert report == TrafficReport("C1", 12, (RuleBytes("a", "alice", 1, 2), RuleBytes("b", "", 0, 0)))
 
 
+def test_owners_are_looked_up_off_the_loop_when_the_hub_does_not_know_them(w):
+    w.quotas.put("alice", w.edge, {"monthly_bytes": 10 * MiB})
+    rules = [{"rule_id": "r-alice", "bytes_in": 10, "bytes_out": 1}, {"rule_id": "r-bob", "bytes_in": 5},
+             {"rule_id": "r-gone", "bytes_in": 2, "bytes_out": 2}]
+    report = report_from_stats(w.edge, T0, rules)
+    assert [r.owner for r in report.rules] == [None, None, None]
+    w.traffic.apply([report])
+    assert w.used() == 11
+    by_user = dict(w.store.read().execute("SELECT user_id, bytes_in FROM traffic_samples_1m").fetchall())
+    assert by_user == {"alice": 10, "bob": 5, "": 2}  # a rule already removed counts as global traffic
+
+
 # ------------------------------------------------------------------ rollup and retention
 
 HOUR = calendar.timegm((2026, 1, 31, 10, 0, 0))
