@@ -31,6 +31,7 @@ from ..store import quotas as store_quotas
 from ..store import users as store_users
 from ..store.db import Store, rfc3339
 from .billing import MAX_ANCHOR, billing_period
+from .metrics import client_labels
 
 COUNTER_LIMIT = 1 << 63
 QUOTA_CAPABILITY = "traffic_quota"
@@ -357,15 +358,18 @@ class QuotaService:
     # ---------------------------------------------------------------- metrics
 
     def metric_samples(self) -> dict[str, list[tuple[dict, int]]]:
-        """SPEC §8.1 quota families as name -> [(labels {user, client}, value)], client = its name."""
+        """SPEC §8.1 quota families as name -> [(labels {user, client}, value)]; ``client`` is the
+        label every other family uses for that client (``metrics.client_labels``)."""
         families = {name: [] for name in (
             "portunus_traffic_quota_bytes_used", "portunus_traffic_quota_bytes_limit",
             "portunus_traffic_quota_exhausted", "portunus_traffic_quota_period_resets_total",
             "portunus_traffic_quota_exhausted_total")}
         with self._lock:
             resets, exhaustions = dict(self._period_resets), dict(self._exhaustions)
+        names = client_labels(store_clients.list_clients(self.store))
         for row in store_quotas.list_quotas(self.store):
-            labels, key = {"user": row["user_id"], "client": row["client_name"]}, (row["user_id"], row["client_id"])
+            key = (row["user_id"], row["client_id"])
+            labels = {"user": row["user_id"], "client": names.get(row["client_id"], row["client_name"])}
             families["portunus_traffic_quota_bytes_used"].append((labels, row["period_bytes_used"]))
             families["portunus_traffic_quota_bytes_limit"].append((labels, row["monthly_bytes"]))
             families["portunus_traffic_quota_exhausted"].append((labels, int(row["exhausted_at"] is not None)))

@@ -599,6 +599,12 @@ def test_metric_samples(w):
     assert m["portunus_traffic_quota_period_resets_total"] == [(alice, 0), (bob, 0)]
     w.quotas.delete("bob", w.edge)
     assert [labels for labels, _ in w.quotas.metric_samples()["portunus_traffic_quota_exhausted"]] == [alice]
+    # a second client under the same name is labelled the way every other family labels it
+    twin = clients.create_client(w.store, "edge-tokyo")["client_id"]
+    store_grants.insert_grant(w.store, "Gt", "alice", twin, 1, 2, ["tcp"], None, "2026-01-01T00:00:00Z")
+    w.quotas.put("alice", twin, {"monthly_bytes": 5})
+    assert [labels["client"] for labels, _ in w.quotas.metric_samples()["portunus_traffic_quota_bytes_limit"]] \
+        == ["edge-tokyo", f"edge-tokyo ({twin})"]
 
 
 def test_replay_sets_every_quota_and_removes_quotas_deleted_while_offline(w):
