@@ -13,53 +13,12 @@ import os
 import secrets
 import sqlite3
 import sys
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
 
 from ..errors import PortunusError
+from ..store import backup as store_backup
 from . import identity as identity_cli
-
-SQLITE_HEADER = b"SQLite format 3\x00"
-ALL_INTERFACES = "0.0.0.0"  # a rule's listen_host unless --listen-host is given (SPEC §2.1)
-
-
-# ---------------------------------------------------------------- API client
-
-class ApiClient:
-    def __init__(self, base_url: str, token: str | None):
-        self.base = base_url.rstrip("/")
-        self.token = token
-
-    def call(self, method: str, path: str, body=None, timeout: float = 30.0):
-        if not self.token:
-            raise PortunusError("unauthenticated", "PORTUNUS_OPERATOR_TOKEN is not set")
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.base + path, data=data, method=method)
-        req.add_header("Authorization", f"Bearer {self.token}")
-        if data is not None:
-            req.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                return resp.status, _decode(resp.read())
-        except urllib.error.HTTPError as exc:
-            payload = _decode(exc.read())
-            err = payload.get("error") if isinstance(payload, dict) else None
-            if isinstance(err, dict) and err.get("code"):
-                fields = {k: v for k, v in err.items() if k not in ("code", "message")}
-                raise PortunusError(err["code"], err.get("message"), **fields) from None
-            raise PortunusError("server_unreachable", f"{method} {path}: HTTP {exc.code}") from None
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise PortunusError("server_unreachable", f"cannot reach the server at {self.base}: {reason}") from None
-
-
-def _decode(raw: bytes):
-    try:
-        return json.loads(raw) if raw else {}
-    except ValueError:
-        return {"raw": raw.decode(errors="replace")}
+from .api_client import ApiClient, quote, running_server_url
+from .output import human_bytes, listen_text, print_json, rule_caps, table, target_text
 
 
 def _api_url(args) -> str | None:
@@ -67,23 +26,7 @@ def _api_url(args) -> str | None:
         return args.server
     if os.environ.get("PORTUNUS_SERVER"):
         return os.environ["PORTUNUS_SERVER"]
-    from ..server.app import read_runtime_info
-    info = read_runtime_info(args.data_dir)
-    if info and _pid_alive(info.get("pid")):
-        return info["operator_http_url"]
-    return None
-
-
-def _pid_alive(pid) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+    return running_server_url(args.data_dir)
 
 
 def _api(args) -> ApiClient:
@@ -96,58 +39,6 @@ def _api(args) -> ApiClient:
     return ApiClient(url, os.environ.get("PORTUNUS_OPERATOR_TOKEN"))
 
 
-def _q(text: str) -> str:
-    return urllib.parse.quote(text, safe="")
-
-
-# ---------------------------------------------------------------- output
-
-def _print_json(obj) -> None:
-    print(json.dumps(obj, indent=2))
-
-
-def _table(rows: list[list[str]], headers: list[str]) -> None:
-    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    print("  ".join(str(h).ljust(w) for h, w in zip(headers, widths)).rstrip())
-    for r in rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
-
-
-def _human_bytes(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return str(n)
-
-
-def _rule_caps(rule: dict) -> str:
-    caps = []
-    if rule["listen_port_end"] != rule["listen_port"]:
-        caps.append("range")
-    if len(rule.get("targets") or []) > 1:
-        caps.append("multi")
-    if any(t.get("proxy_protocol") for t in rule.get("targets") or []):
-        caps.append("proxy")
-    if rule.get("sni_pattern"):
-        caps.append("sni")
-    if rule.get("rate_limit"):
-        caps.append("qos")
-    return ",".join(caps) or "-"
-
-
-def _target_text(rule: dict) -> str:
-    out = []
-    for t in rule.get("targets") or []:
-        host = f"[{t['host']}]" if ":" in t["host"] else t["host"]
-        port = f"{t['port']}-{t['port_end']}" if t.get("port_end") else str(t["port"])
-        if rule["listen_port_end"] != rule["listen_port"] and not t.get("port_end"):
-            port = f"{t['port']}-{t['port'] + rule['listen_port_end'] - rule['listen_port']}"
-        out.append(f"{host}:{port}")
-    return ",".join(out)
-
-
 # ---------------------------------------------------------------- commands
 
 def cmd_serve(args) -> int:
@@ -156,7 +47,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from ..server.demo import run_demo
+    from .demo import run_demo
     return run_demo(keep=args.keep)
 
 
@@ -165,23 +56,8 @@ def cmd_gen_token(args) -> int:
     return 0
 
 
-# offline commands report the store refusals without serve's `startup.` prefix (SPEC §4.2, §7.2)
-_OFFLINE_CODES = {"startup.store_in_use": "store_in_use",
-                  "startup.schema_version_too_new": "schema_version_too_new"}
-
-
-def _open_offline(data_dir: str, **kw):
-    from ..store.db import Store
-    try:
-        return Store.open(data_dir, **kw)
-    except PortunusError as exc:
-        if exc.code in _OFFLINE_CODES:
-            raise PortunusError(_OFFLINE_CODES[exc.code], exc.message, **exc.fields) from None
-        raise
-
-
 def _open_store(args):
-    return _open_offline(args.data_dir)
+    return store_backup.open_offline(args.data_dir)
 
 
 def cmd_bootstrap_superadmin(args) -> int:
@@ -242,7 +118,7 @@ def _offline_enroll(args) -> dict:
 
 def _print_enrollment(args, res: dict) -> int:
     if getattr(args, "format", "text") == "json":
-        _print_json(res)
+        print_json(res)
         return 0
     client = res["client"]
     print(f"client {client['client_name']} ({client['client_id']})", file=sys.stderr)
@@ -253,7 +129,7 @@ def _print_enrollment(args, res: dict) -> int:
 
 def cmd_reenroll_client(args) -> int:
     body = {} if args.ttl_secs is None else {"ttl_secs": args.ttl_secs}
-    _, res = _api(args).call("POST", f"/v1/clients/{_q(args.client)}/enrollment", body)
+    _, res = _api(args).call("POST", f"/v1/clients/{quote(args.client)}/enrollment", body)
     return _print_enrollment(args, res)
 
 
@@ -261,29 +137,29 @@ def cmd_list_clients(args) -> int:
     _, res = _api(args).call("GET", "/v1/clients")
     clients = res["clients"]
     if args.format == "json":
-        _print_json(clients)
+        print_json(clients)
         return 0
     rows = [[c["client_id"], c["client_name"], "revoked" if c["revoked"] else ("yes" if c["connected"] else "no"),
              c.get("remote_addr") or "-", c.get("client_version") or "-", ",".join(c.get("capabilities") or []) or "-"]
             for c in clients]
-    _table(rows, ["CLIENT_ID", "NAME", "CONNECTED", "REMOTE", "VERSION", "CAPABILITIES"])
+    table(rows, ["CLIENT_ID", "NAME", "CONNECTED", "REMOTE", "VERSION", "CAPABILITIES"])
     return 0
 
 
 def cmd_revoke(args) -> int:
-    _, res = _api(args).call("POST", f"/v1/clients/{_q(args.client)}/revoke")
+    _, res = _api(args).call("POST", f"/v1/clients/{quote(args.client)}/revoke")
     print(f"revoked {res['client_name']} ({res['client_id']})")
     return 0
 
 
 def cmd_delete_client(args) -> int:
-    _api(args).call("DELETE", f"/v1/clients/{_q(args.client)}")
+    _api(args).call("DELETE", f"/v1/clients/{quote(args.client)}")
     print(f"deleted {args.client} and its rules")
     return 0
 
 
 def cmd_rename_client(args) -> int:
-    _, res = _api(args).call("PATCH", f"/v1/clients/{_q(args.client)}/name", {"name": args.name})
+    _, res = _api(args).call("PATCH", f"/v1/clients/{quote(args.client)}/name", {"name": args.name})
     print(f"renamed {res['client_id']} to {res['client_name']}")
     return 0
 
@@ -348,45 +224,41 @@ def cmd_push_rule(args) -> int:
 
 
 def cmd_remove_rule(args) -> int:
-    _api(args).call("DELETE", f"/v1/rules/{_q(args.rule_id)}")
+    _api(args).call("DELETE", f"/v1/rules/{quote(args.rule_id)}")
     print(f"removed {args.rule_id}")
     return 0
 
 
 def cmd_list_rules(args) -> int:
-    path = "/v1/rules" + (f"?client={_q(args.client)}" if args.client else "")
+    path = "/v1/rules" + (f"?client={quote(args.client)}" if args.client else "")
     _, res = _api(args).call("GET", path)
     rules = res["rules"]
     if args.format == "json":
-        _print_json(rules)
+        print_json(rules)
         return 0
     rows = []
     for r in rules:
-        listen = str(r["listen_port"]) if r["listen_port"] == r["listen_port_end"] else \
-            f"{r['listen_port']}-{r['listen_port_end']}"
-        host = r.get("listen_host") or ALL_INTERFACES
-        if host != ALL_INTERFACES:
-            listen = f"[{host}]:{listen}" if ":" in host else f"{host}:{listen}"
+        listen = listen_text(r)
         state = r["state"] if not r.get("reason") else f"{r['state']}({r['reason']})"
         rows.append([r["rule_id"], r.get("client_name") or r["client_id"], r["protocol"], listen,
-                     _target_text(r), state, _rule_caps(r), r.get("owner") or "-"])
-    _table(rows, ["RULE_ID", "CLIENT", "PROTO", "LISTEN", "TARGET", "STATE", "CAPS", "OWNER"])
+                     target_text(r), state, rule_caps(r), r.get("owner") or "-"])
+    table(rows, ["RULE_ID", "CLIENT", "PROTO", "LISTEN", "TARGET", "STATE", "CAPS", "OWNER"])
     return 0
 
 
 def cmd_rule_stats(args) -> int:
     q = "?per_port=true" if args.per_port else ("?per_target=true" if args.per_target else "")
-    _, res = _api(args).call("GET", f"/v1/rules/{_q(args.rule_id)}/stats{q}")
+    _, res = _api(args).call("GET", f"/v1/rules/{quote(args.rule_id)}/stats{q}")
     if args.format == "json":
-        _print_json(res)
+        print_json(res)
         return 0
     name = res.get("client_name")
     if name is None:  # the stats shape carries the id only; the rule names its client
-        name = _api(args).call("GET", f"/v1/rules/{_q(args.rule_id)}")[1].get("client_name")
+        name = _api(args).call("GET", f"/v1/rules/{quote(args.rule_id)}")[1].get("client_name")
     client = f"{name} ({res['client']})" if name else res["client"]
     print(f"rule {res['rule_id']} ({res['protocol']}, {res['state']}) on client {client}")
-    print(f"  bytes in {_human_bytes(res['bytes_in'])} ({res['bytes_in']}), "
-          f"out {_human_bytes(res['bytes_out'])} ({res['bytes_out']})")
+    print(f"  bytes in {human_bytes(res['bytes_in'])} ({res['bytes_in']}), "
+          f"out {human_bytes(res['bytes_out'])} ({res['bytes_out']})")
     if res["protocol"] == "tcp":
         print(f"  active connections {res['active_connections']}, dns failures {res['dns_failures']}")
     else:
@@ -396,11 +268,11 @@ def cmd_rule_stats(args) -> int:
     if args.per_port:
         rows = [[p["listen_port"], p["bytes_in"], p["bytes_out"], p["active_connections"],
                  p["datagrams_in"], p["datagrams_out"]] for p in res.get("per_port", [])]
-        _table(rows, ["PORT", "BYTES_IN", "BYTES_OUT", "CONNS", "DGRAMS_IN", "DGRAMS_OUT"])
+        table(rows, ["PORT", "BYTES_IN", "BYTES_OUT", "CONNS", "DGRAMS_IN", "DGRAMS_OUT"])
     if args.per_target:
         rows = [[t["index"], f"{t['host']}:{t['port']}", t["priority"], t["health"], t["consecutive_failures"],
                  t["bytes_in"], t["bytes_out"], t["connections"]] for t in res.get("per_target", [])]
-        _table(rows, ["#", "TARGET", "PRIO", "HEALTH", "FAILS", "BYTES_IN", "BYTES_OUT", "CONNS"])
+        table(rows, ["#", "TARGET", "PRIO", "HEALTH", "FAILS", "BYTES_IN", "BYTES_OUT", "CONNS"])
     return 0
 
 
@@ -436,147 +308,15 @@ def cmd_rotate_cert(args) -> int:
 
 # ---- storage -----------------------------------------------------------------
 
-def _check_sqlite_header(path: str) -> None:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-    except OSError as exc:
-        raise PortunusError("io_error", f"cannot read {path}: {exc.strerror}") from None
-    if head != SQLITE_HEADER:
-        raise PortunusError("validation.not_a_database", f"{path} is not a SQLite database")
-
-
 def cmd_backup(args) -> int:
-    db_path = os.path.join(args.data_dir, "state.db")
-    if not os.path.exists(db_path):
-        raise PortunusError("not_found", f"no database at {db_path}")
-    out = args.out
-    if os.path.isdir(out):
-        out = os.path.join(out, time.strftime("portunus-backup-%Y%m%dT%H%M%SZ.db", time.gmtime()))
-    if os.path.exists(out):
-        raise PortunusError("conflict.backup_exists", f"{out} already exists; refusing to overwrite")
-    tmp = out + ".partial"
-    try:
-        src = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
-        try:
-            dst = sqlite3.connect(tmp)
-            try:
-                src.backup(dst)  # the online backup API sees committed WAL content
-            finally:
-                dst.close()
-        finally:
-            src.close()
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, out)
-    except (sqlite3.Error, OSError) as exc:
-        _unlink(tmp)
-        raise PortunusError("io_error", f"cannot write the backup {out}: {exc}") from None
-    print(out)
+    print(store_backup.backup(args.data_dir, args.out))
     return 0
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _hold_store_lock(data_dir: str) -> int:
-    """The data dir's store lock, without opening the database: refuses with store_in_use while serve runs."""
-    from ..store import db as store_db
-    store_db.check_filesystem(data_dir)
-    try:
-        return store_db.acquire_lock(data_dir)
-    except PortunusError as exc:
-        if exc.code in _OFFLINE_CODES:
-            raise PortunusError(_OFFLINE_CODES[exc.code], exc.message, **exc.fields) from None
-        raise
-
-
-def _release_store_lock(fd: int) -> None:
-    try:
-        os.ftruncate(fd, 0)  # no stale holder pid, as Store.close leaves it
-    except OSError:
-        pass
-    os.close(fd)
 
 
 def cmd_restore(args) -> int:
-    _check_sqlite_header(args.input)
-    os.makedirs(args.data_dir, mode=0o700, exist_ok=True)
-    db_path = os.path.join(args.data_dir, "state.db")
-    lock_fd = _hold_store_lock(args.data_dir)  # held until the new database is in place
-    try:
-        if os.path.exists(db_path) and not args.force:
-            raise PortunusError("conflict.data_dir_not_empty",
-                                f"{db_path} exists; pass --force to replace it (a copy is kept as state.db.pre-restore)")
-        staging = os.path.join(args.data_dir, "state.db.restoring")
-        stage_dir = staging + ".d"
-        source_copy = os.path.join(args.data_dir, "state.db.restore-source")
-        for path in (staging, source_copy):
-            for suffix in ("", "-wal", "-shm"):
-                _unlink(path + suffix)
-        _rmtree(stage_dir)
-        try:
-            # sqlite opens the copy, never the input: opening a WAL-mode file leaves -wal/-shm beside it
-            _copy_with_wal(args.input, source_copy)
-            src = sqlite3.connect(source_copy)
-            try:
-                dst = sqlite3.connect(staging)
-                try:
-                    src.backup(dst)
-                finally:
-                    dst.close()
-            finally:
-                src.close()
-        except sqlite3.Error as exc:
-            for suffix in ("", "-wal", "-shm"):
-                _unlink(staging + suffix)
-            raise PortunusError("validation.not_a_database",
-                                f"{args.input} is not a readable SQLite database: {exc}") from None
-        except OSError as exc:
-            raise PortunusError("io_error", f"cannot copy {args.input} into {args.data_dir}: {exc}") from None
-        finally:
-            for suffix in ("", "-wal", "-shm"):
-                _unlink(source_copy + suffix)
-        # migrate the staged copy in its own directory so a failure leaves the live db untouched
-        os.makedirs(stage_dir, mode=0o700, exist_ok=True)
-        os.replace(staging, os.path.join(stage_dir, "state.db"))
-        try:
-            staged = _open_offline(stage_dir)
-            staged.close()
-        except PortunusError:
-            _rmtree(stage_dir)
-            raise
-        if os.path.exists(db_path):
-            # the kept copy takes its WAL along: committed rows there are part of it
-            os.replace(db_path, db_path + ".pre-restore")
-            _unlink(db_path + ".pre-restore-wal")
-            if os.path.exists(db_path + "-wal"):
-                os.replace(db_path + "-wal", db_path + ".pre-restore-wal")
-            _unlink(db_path + "-shm")
-        os.replace(os.path.join(stage_dir, "state.db"), db_path)
-        _rmtree(stage_dir)
-    finally:
-        _release_store_lock(lock_fd)
+    db_path = store_backup.restore(args.data_dir, args.input, force=args.force)
     print(f"restored {args.input} into {db_path}")
     return 0
-
-
-def _copy_with_wal(src: str, dst: str) -> None:
-    """The database file and, when one sits beside it, its committed-but-not-checkpointed WAL."""
-    import shutil
-    shutil.copyfile(src, dst)
-    os.chmod(dst, 0o600)
-    if os.path.exists(src + "-wal"):
-        shutil.copyfile(src + "-wal", dst + "-wal")
-        os.chmod(dst + "-wal", 0o600)
-
-
-def _rmtree(path: str) -> None:
-    import shutil
-    shutil.rmtree(path, ignore_errors=True)
 
 
 class _ReadOnlyStore:
@@ -586,7 +326,7 @@ class _ReadOnlyStore:
         db_path = os.path.join(data_dir, "state.db")
         if not os.path.exists(db_path):
             raise PortunusError("not_found", f"no database at {db_path}")
-        self.conn = sqlite3.connect(f"file:{urllib.parse.quote(db_path)}?mode=ro", uri=True, timeout=10)
+        self.conn = sqlite3.connect(store_backup.read_only_uri(db_path), uri=True, timeout=10)
         self.conn.row_factory = sqlite3.Row
 
     def read(self) -> sqlite3.Connection:
@@ -615,26 +355,17 @@ def cmd_audit_prune(args) -> int:
 
 
 def cmd_reset(args) -> int:
-    db_path = os.path.join(args.data_dir, "state.db")
-    if not os.path.exists(db_path):
-        print(f"nothing to reset: {db_path} does not exist")
+    files = store_backup.database_files(args.data_dir)
+    if not files:
+        print(f"nothing to reset: {os.path.join(args.data_dir, store_backup.DB_NAME)} does not exist")
         return 0
-    _check_sqlite_header(db_path)
-    files = [p for p in (db_path, db_path + "-wal", db_path + "-shm") if os.path.exists(p)]
     if not args.confirm:
         print("dry run; would remove:")
         for p in files:
             print(f"  {p}")
         print("pass --confirm to remove them (certificates and server.toml are kept)")
         return 0
-    lock_fd = _hold_store_lock(args.data_dir)  # refuses while serve runs; held while removing
-    try:
-        files = [p for p in (db_path, db_path + "-wal", db_path + "-shm") if os.path.exists(p)]
-        for p in files:
-            _unlink(p)
-    finally:
-        _release_store_lock(lock_fd)
-    print("removed: " + ", ".join(files))
+    print("removed: " + ", ".join(store_backup.reset(args.data_dir)))
     return 0
 
 

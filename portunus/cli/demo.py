@@ -17,11 +17,10 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from ..errors import PortunusError
+from .api_client import ApiClient
 
 LOG_TAIL_LINES = 20
 
@@ -82,18 +81,6 @@ def _free_port() -> int:
     return port
 
 
-def _api(url: str, token: str, method: str, path: str, body=None) -> dict:
-    req = urllib.request.Request(url + path, method=method, data=None if body is None else json.dumps(body).encode())
-    req.add_header("Authorization", f"Bearer {token}")
-    req.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(req, timeout=15) as r:
-            return json.loads(r.read())
-    except urllib.error.HTTPError as exc:
-        err = json.loads(exc.read() or b"{}").get("error", {})
-        raise PortunusError(err.get("code", "internal"), err.get("message", f"HTTP {exc.code}")) from None
-
-
 def log_tail(path: str, lines: int = LOG_TAIL_LINES) -> str:
     try:
         with open(path, errors="replace") as f:
@@ -152,8 +139,9 @@ class Demo:
         with open(info_path) as f:
             info = json.load(f)
         api = info["operator_http_url"]
+        client_api = ApiClient(api, self.token)
 
-        enrollment = _api(api, self.token, "POST", "/v1/client-enrollments", {"name": "demo-edge"})
+        _, enrollment = client_api.call("POST", "/v1/client-enrollments", {"name": "demo-edge"})
         bundle = os.path.join(self.tmp, "client.bundle.json")
         enroll = subprocess.run(self.me + ["client", "enroll", enrollment["enrollment_uri"], "--out", bundle],
                                 stdout=subprocess.DEVNULL, stderr=self.logs, env=self.env, timeout=30)
@@ -166,13 +154,13 @@ class Demo:
         threading.Thread(target=self.backend.serve_forever, daemon=True).start()
 
         deadline = time.monotonic() + 30
-        while not any(c["connected"] for c in _api(api, self.token, "GET", "/v1/clients")["clients"]):
+        while not any(c["connected"] for c in client_api.get("/v1/clients")["clients"]):
             if client.poll() is not None or time.monotonic() > deadline:
                 raise self.failed("the demo client did not connect", client)
             time.sleep(0.1)
         listen = 18080 if _port_free(18080) else _free_port()
-        rule = _api(api, self.token, "POST", "/v1/rules",
-                    {"client": "demo-edge", "listen_port": listen, "target": f"127.0.0.1:{backend_port}"})
+        _, rule = client_api.call("POST", "/v1/rules", {"client": "demo-edge", "listen_port": listen,
+                                                        "target": f"127.0.0.1:{backend_port}"})
         return {"api": api, "metrics": info["metrics_url"], "listen": listen, "backend_port": backend_port,
                 "rule_id": rule["rule_id"]}
 
