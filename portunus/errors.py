@@ -95,7 +95,9 @@ ERRORS: dict[str, ErrorKind] = {
     "conflict.client_revoked": ErrorKind(409, EXIT_CONFLICT, "client is revoked"),
     "conflict.rule_exists": ErrorKind(409, EXIT_CONFLICT, "a rule with this id already exists"),
     "conflict.already_bootstrapped": ErrorKind(409, EXIT_CONFLICT, "bootstrap-superadmin already ran"),
-    "conflict.legacy_to_sni_unsupported": ErrorKind(409, EXIT_CONFLICT, "cannot mix SNI and plain rules on one port"),
+    "conflict.legacy_to_sni_unsupported": ErrorKind(409, EXIT_CONFLICT, "an SNI rule cannot join a plain-mode port"),
+    "conflict.sni_fallback_duplicate": ErrorKind(409, EXIT_CONFLICT, "this SNI port already has a fallback rule"),
+    "conflict.sni_route_duplicate": ErrorKind(409, EXIT_CONFLICT, "this SNI pattern is already routed on the port"),
     # store
     "startup.store_in_use": ErrorKind(503, EXIT_STORE_IN_USE, "another process holds the store"),
     "store_in_use": ErrorKind(503, EXIT_STORE_IN_USE, "another process holds the store"),

@@ -246,15 +246,15 @@ class RateLimit:
 
 def validate_sni_pattern(p) -> str:
     if not isinstance(p, str) or not p or len(p) > 253 or not p.isascii():
-        raise _bad("validation.sni_pattern_invalid", f"sni_pattern must be an ASCII host of at most 253 chars, got {p!r}")
+        raise _bad("validation.sni_pattern_malformed", f"sni_pattern must be an ASCII host of at most 253 chars, got {p!r}")
     p = p.lower()
     labels = p.split(".")
     if labels[0] == "*":
         labels = labels[1:]
         if len(labels) < 2:
-            raise _bad("validation.sni_pattern_invalid", f"wildcard sni_pattern {p!r} needs at least two labels after '*.'")
+            raise _bad("validation.sni_pattern_malformed", f"wildcard sni_pattern {p!r} needs at least two labels after '*.'")
     if not all(_HOSTNAME_LABEL.fullmatch(lbl) for lbl in labels):
-        raise _bad("validation.sni_pattern_invalid", f"sni_pattern {p!r} is not a host name or '*.domain'")
+        raise _bad("validation.sni_pattern_malformed", f"sni_pattern {p!r} is not a host name or '*.domain'")
     return p
 
 
@@ -486,7 +486,7 @@ def shared_listen_port(a: Rule, b: Rule) -> int | None:
     """The lowest port both rules would listen on, or None when their listeners cannot collide.
 
     Listeners collide on the same protocol, overlapping port ranges and colliding
-    listen hosts. (Whether two SNI rules may share one port is the caller's policy.)
+    listen hosts. (Whether they may still share the port is ``port_conflict``'s call.)
     """
     if a.protocol != b.protocol or not listen_hosts_overlap(a.listen_host, b.listen_host):
         return None
@@ -497,3 +497,47 @@ def shared_listen_port(a: Rule, b: Rule) -> int | None:
 def listeners_overlap(a: Rule, b: Rule) -> bool:
     """True when the two rules cannot both be bound on one host."""
     return shared_listen_port(a, b) is not None
+
+
+# ---------------------------------------------------------------- port modes (SPEC §2.8)
+
+def _port_in_use(rule: Rule, other: Rule, port: int, why: str = "") -> PortunusError:
+    return _bad("port_in_use", f"port {port} already used by rule {other.rule_id} on this client{why}",
+                rule_id=other.rule_id, port=port)
+
+
+def port_conflict(rule: Rule, others) -> PortunusError | None:
+    """Why ``rule`` cannot listen beside ``others`` (one client's rules), or None.
+
+    ``others`` yields ``(rule, counts)`` oldest first; ``counts`` is true for an
+    active or failed rule. Only single-port TCP rules on the very same listen host
+    share a port: its mode is set by the oldest rule that counts (else the oldest
+    one). In SNI mode each pattern appears once and one plain rule is the fallback;
+    in plain mode nothing else may join.
+    """
+    sharing = [(o, counts) for o, counts in others if shared_listen_port(rule, o) is not None]
+    if not sharing:
+        return None
+    port = rule.listen_port
+    for other, _ in sharing:
+        if rule.protocol != "tcp" or rule.is_range or other.is_range:
+            return _port_in_use(rule, other, shared_listen_port(rule, other))
+        if other.listen_host != rule.listen_host:
+            return _port_in_use(rule, other, port, f" (listen host {other.listen_host})")
+    mode_rule = next((o for o, counts in sharing if counts), sharing[0][0])
+    if mode_rule.sni_pattern is None:
+        if rule.sni_pattern is not None:
+            return _bad("conflict.legacy_to_sni_unsupported",
+                        f"port {port} on this client is in plain mode (rule {mode_rule.rule_id}); "
+                        f"SNI rule {rule.sni_pattern!r} cannot share it", rule_id=mode_rule.rule_id, port=port)
+        return _port_in_use(rule, mode_rule, port)
+    for other, _ in sharing:
+        if rule.sni_pattern is None and other.sni_pattern is None:
+            return _bad("conflict.sni_fallback_duplicate",
+                        f"port {port} on this client already has a fallback (plain rule {other.rule_id}); "
+                        f"an SNI port takes one", rule_id=other.rule_id, port=port)
+        if rule.sni_pattern is not None and other.sni_pattern == rule.sni_pattern:
+            return _bad("conflict.sni_route_duplicate",
+                        f"SNI pattern {rule.sni_pattern!r} on port {port} is already routed by rule "
+                        f"{other.rule_id} on this client", rule_id=other.rule_id, port=port)
+    return None

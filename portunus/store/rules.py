@@ -10,11 +10,10 @@ import json
 from dataclasses import replace
 
 from ..errors import PortunusError
-from ..model import Rule
+from ..model import Rule, port_conflict
 from .db import Store, now_rfc3339
 
 RULE_STATES = ("pending", "active", "failed", "removing")
-WILDCARD_HOSTS = ("0.0.0.0", "::")
 # a stored rule is rebuilt whatever range_rule_max_ports says today; the limit applies at push time
 _STORED_RANGE_LIMIT = 65535
 
@@ -57,33 +56,19 @@ def _get(conn, rule_id) -> dict:
     return _rule(row)
 
 
-def hosts_overlap(a: str, b: str) -> bool:
-    """Two listen hosts collide when equal or when either is a wildcard."""
-    return a == b or a in WILDCARD_HOSTS or b in WILDCARD_HOSTS
+# the rules whose state decides a port's mode (SPEC §2.8); pending and removing ones do not
+_MODE_STATES = ("active", "failed")
 
 
-def _conflict(rule: Rule, existing) -> PortunusError | None:
-    """Why ``rule`` cannot join ``existing`` (same client, protocol, overlapping ports), or None."""
-    if not hosts_overlap(rule.listen_host, existing["listen_host"]):
-        return None
-    port = max(rule.listen_port, existing["listen_port"])
-    rid = existing["rule_id"]
-    theirs = json.loads(existing["spec_json"]).get("sni_pattern")
-    if rule.sni_pattern and theirs:
-        # SNI rules share one listener (same host, same single port) as long as their patterns differ
-        if rule.sni_pattern != theirs and rule.listen_host == existing["listen_host"]:
-            return None
-        what = f"SNI pattern {theirs!r}" if rule.sni_pattern == theirs else f"listen host {existing['listen_host']}"
-        return PortunusError("port_in_use", f"port {port} already used by rule {rid} on this client ({what})",
-                             rule_id=rid, port=port)
-    if rule.sni_pattern or theirs:
-        mode = "SNI" if theirs else "plain"
-        return PortunusError("conflict.legacy_to_sni_unsupported",
-                             f"port {port} on this client is in {mode} mode (rule {rid}); a "
-                             f"{'plain' if theirs else 'SNI'} rule cannot share it",
-                             rule_id=rid, port=port)
-    return PortunusError("port_in_use", f"port {port} already used by rule {rid} on this client",
-                         rule_id=rid, port=port)
+def _port_holders(conn, rule: Rule, client_id: str) -> list[tuple[Rule, bool]]:
+    """The client's rules that may listen where ``rule`` would, oldest first, with 'counts for the mode'."""
+    rows = conn.execute(
+        "SELECT spec_json, state FROM rules "
+        "WHERE client_id = ? AND protocol = ? AND listen_port <= ? AND listen_port_end >= ? "
+        "ORDER BY created_at, rule_id",
+        (client_id, rule.protocol, rule.listen_port_end, rule.listen_port)).fetchall()
+    return [(Rule.from_dict(json.loads(r["spec_json"]), max_range_ports=_STORED_RANGE_LIMIT),
+             r["state"] in _MODE_STATES) for r in rows]
 
 
 def _write_targets(conn, rule: Rule) -> None:
@@ -99,7 +84,9 @@ def insert_rule(store: Store, rule: Rule, client_id: str, owner: str | None = No
     """Persist a rule as ``pending`` after the conflict check, both in one write transaction.
 
     Any rule of the client in any state (failed included: SPEC §2.1) with the same
-    protocol, an overlapping listen range and an overlapping listen host blocks it.
+    protocol, an overlapping listen range and an overlapping listen host blocks it,
+    except on an SNI port (SPEC §2.8, ``model.port_conflict``): there distinct
+    patterns and one plain fallback share the listener.
     """
     if owner is not None and owner != rule.owner:
         rule = replace(rule, owner=owner)
@@ -113,15 +100,9 @@ def insert_rule(store: Store, rule: Rule, client_id: str, owner: str | None = No
             raise PortunusError("conflict.client_revoked", f"client {client_id} is revoked", client_id=client_id)
         if conn.execute("SELECT 1 FROM rules WHERE rule_id = ?", (rule.rule_id,)).fetchone():
             raise PortunusError("conflict.rule_exists", f"rule {rule.rule_id} already exists", rule_id=rule.rule_id)
-        candidates = conn.execute(
-            "SELECT rule_id, listen_host, listen_port, spec_json FROM rules "
-            "WHERE client_id = ? AND protocol = ? AND listen_port <= ? AND listen_port_end >= ? "
-            "ORDER BY created_at, rule_id",
-            (client_id, rule.protocol, rule.listen_port_end, rule.listen_port)).fetchall()
-        for existing in candidates:
-            error = _conflict(rule, existing)
-            if error is not None:
-                raise error
+        error = port_conflict(rule, _port_holders(conn, rule, client_id))
+        if error is not None:
+            raise error
         conn.execute(
             "INSERT INTO rules (rule_id, client_id, owner, protocol, listen_host, listen_port, listen_port_end, "
             "spec_json, state, reason, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending', NULL, ?, ?)",

@@ -471,7 +471,7 @@ def test_sni_pattern_accepted_and_lowercased(pattern, want):
                                  "exa mple.com", "example.com.", "bücher.example", "x" * 254,
                                  "a" * 64 + ".com", "-a.example", 5])
 def test_sni_pattern_invalid_names_value(bad):
-    e = refused("validation.sni_pattern_invalid", sni_pattern=bad)
+    e = refused("validation.sni_pattern_malformed", sni_pattern=bad)
     if isinstance(bad, str) and bad and len(bad) < 100:
         assert bad.lower() in e.message or repr(bad) in e.message
 

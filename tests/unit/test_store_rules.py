@@ -207,29 +207,70 @@ def test_unknown_and_revoked_clients(store, client):
     assert refused(store, client, 8080).code == "conflict.client_revoked"
 
 
+def active(store, client, listen, target=None, **fields) -> dict:
+    """A rule the client acknowledged: it counts for the port's mode (SPEC §2.8)."""
+    return rules.set_rule_state(store, add(store, client, listen, target, **fields)["rule_id"], "active")
+
+
 def test_sni_rules_share_a_port_with_distinct_patterns(store, client):
-    a = add(store, client, 443, sni_pattern="a.example.com")
-    add(store, client, 443, sni_pattern="*.example.com")
+    a = active(store, client, 443, sni_pattern="a.example.com")
+    active(store, client, 443, sni_pattern="*.example.com")
+    active(store, client, 443, sni_pattern="example.com")
     e = refused(store, client, 443, sni_pattern="a.example.com")
-    assert e.code == "port_in_use" and e.fields["rule_id"] == a["rule_id"]
-    assert "a.example.com" in e.message
+    assert e.code == "conflict.sni_route_duplicate" and e.fields["rule_id"] == a["rule_id"]
+    assert "a.example.com" in e.message and e.fields["port"] == 443
+    assert len(rules.list_rules(store, client)) == 3  # nothing stored
 
 
 def test_sni_rules_on_different_specific_hosts_of_one_wildcard_do_not_share(store, client):
     add(store, client, 443, sni_pattern="a.example.com", listen_host="0.0.0.0")
     e = refused(store, client, 443, sni_pattern="b.example.com", listen_host="10.0.0.1")
-    assert e.code == "port_in_use"
+    assert e.code == "port_in_use" and "listen host 0.0.0.0" in e.message
 
 
-def test_plain_and_sni_rules_cannot_mix_on_a_port(store, client):
-    add(store, client, 443, sni_pattern="a.example.com")
-    e = refused(store, client, 443)
-    assert e.code == "conflict.legacy_to_sni_unsupported"
-    assert "SNI mode" in e.message and e.fields["port"] == 443
-    add(store, client, 8443)
+def test_a_plain_rule_on_an_sni_port_is_its_one_fallback(store, client):
+    active(store, client, 443, sni_pattern="a.example.com")
+    fallback = add(store, client, 443, "10.0.0.7:443")
+    e = refused(store, client, 443, "10.0.0.8:443")
+    assert e.code == "conflict.sni_fallback_duplicate" and e.fields["rule_id"] == fallback["rule_id"]
+    assert "fallback" in e.message and "443" in e.message
+    # SNI rules may still be added after the fallback
+    active(store, client, 443, sni_pattern="b.example.com")
+    assert len(rules.list_rules(store, client)) == 3
+
+
+def test_an_sni_rule_on_a_plain_port_is_refused(store, client):
+    plain = active(store, client, 8443)
     e = refused(store, client, 8443, sni_pattern="b.example.com")
-    assert e.code == "conflict.legacy_to_sni_unsupported"
-    assert "plain mode" in e.message
+    assert e.code == "conflict.legacy_to_sni_unsupported" and e.fields["rule_id"] == plain["rule_id"]
+    assert "plain mode" in e.message and "b.example.com" in e.message and e.fields["port"] == 8443
+
+
+def test_failed_rules_decide_the_mode_pending_ones_do_not(store, client):
+    sni = add(store, client, 443, sni_pattern="a.example.com")  # oldest, still pending
+    plain = active(store, client, 443)  # joined as the fallback
+    # the pending SNI rule does not count: the active plain rule holds the port in plain mode
+    e = refused(store, client, 443, sni_pattern="b.example.com")
+    assert e.code == "conflict.legacy_to_sni_unsupported" and e.fields["rule_id"] == plain["rule_id"]
+    rules.set_rule_state(store, sni["rule_id"], "failed", "port_in_use")
+    # a failed rule counts: the oldest counting rule is SNI again
+    active(store, client, 443, sni_pattern="b.example.com")
+    assert refused(store, client, 443, "10.0.0.8:1").code == "conflict.sni_fallback_duplicate"
+
+
+def test_when_the_last_sni_rule_goes_the_fallback_holds_the_port_in_plain_mode(store, client):
+    sni = active(store, client, 443, sni_pattern="a.example.com")
+    active(store, client, 443)
+    rules.delete_rule(store, sni["rule_id"])
+    assert refused(store, client, 443, sni_pattern="a.example.com").code == "conflict.legacy_to_sni_unsupported"
+    assert refused(store, client, 443).code == "port_in_use"
+
+
+def test_ranges_and_other_hosts_never_join_an_sni_port(store, client):
+    active(store, client, 443, sni_pattern="a.example.com")
+    assert refused(store, client, "440-450").code == "port_in_use"
+    assert refused(store, client, 443, listen_host="10.0.0.1").code == "port_in_use"
+    add(store, client, 443, protocol="udp")  # another protocol: another port
 
 
 def test_concurrent_conflicting_inserts_let_exactly_one_win(store, client):
