@@ -186,12 +186,19 @@ Try, in another terminal:
 Logs: {self.log_path}
 """
 
-    def watch(self) -> None:
-        """Until SIGINT/SIGTERM; raises DemoFailed when a child exits on its own."""
+    def catch_stop_signals(self) -> threading.Event:
+        """Ctrl-C and SIGTERM set the returned event from now on.
+
+        Installed before the banner is printed: whoever reads it may press Ctrl-C at once.
+        A handler, not KeyboardInterrupt, which can land inside Event.wait's lock juggling.
+        """
         stop = threading.Event()
-        # a handler, not KeyboardInterrupt: that can land inside Event.wait's lock juggling
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: stop.set())
+        return stop
+
+    def watch(self, stop: threading.Event) -> None:
+        """Until ``stop`` is set; raises DemoFailed when a child exits on its own."""
         while not stop.is_set():
             for what, p in self.children.items():
                 if p.poll() is not None:
@@ -220,8 +227,9 @@ def run_demo(keep: bool = False) -> int:
     try:
         try:
             shown = demo.start()
+            stop = demo.catch_stop_signals()
             print(demo.banner(shown), flush=True)
-            demo.watch()
+            demo.watch(stop)
         except (DemoFailed, PortunusError) as exc:
             demo.keep = True
             demo.stop()
