@@ -1,0 +1,441 @@
+"""Rate limits and QoS on the data plane (SPEC §2.9), sans-IO: no sockets, no timers, no loop.
+
+Every method takes ``now`` (monotonic seconds, the loop's clock), so tests move time by hand.
+
+    book = LimiterBook("edge-01")
+    book.set_rule("web", owner="alice", cap=rule.rate_limit, now=loop.time())
+    book.set_owner_cap("alice", owner_cap, now)
+    ticket = book.admit("web", "tcp", now)          # at accept / flow creation
+    if isinstance(ticket, str):                     # one of REJECT_REASONS: RST (TCP) or drop (UDP)
+        ...
+    n = ticket.grant("in", len(buf), now)           # TCP: how many bytes this read may move now
+    if n == 0:
+        bucket, arm_at = ticket.park("in", pump, now)   # park the read half; arm_at: arm ONE timer
+    ticket.datagram("out", 1200, now)               # UDP: all or nothing
+    ticket.release()                                # connection / flow closed
+
+One refill timer per bucket: the first pump parked on a bucket gets the instant to arm a timer at;
+the next ones just join its waiter list. When the timer fires, ``bucket.due(now)`` hands back every
+waiter to resume; a pump that still gets nothing parks again (and gets a new instant to arm).
+
+Tokens are integers scaled by 10^9 and time is integer nanoseconds, so a refill is one exact
+multiplication: 1 B/s and 10 Gbit/s are as precise as each other, and nothing drifts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..model import RateLimit, Rule
+
+NS = 1_000_000_000          # nanoseconds per second; also the token scale
+DIRECTIONS = ("in", "out")  # in: from the connecting peer towards the target (bytes_in); out: back
+
+REJECT_REASONS = ("conn_concurrent", "conn_rate", "udp_flow_rate",
+                  "owner_concurrent", "owner_conn_rate", "owner_udp_flow_rate")
+
+
+def _ns(now: float) -> int:
+    return int(round(now * NS))
+
+
+def burst_bounds(rate: int) -> tuple[int, int]:
+    """The valid integer burst range for a rate: ``[max(1, ceil(rate/100)), rate*60]``."""
+    return max(1, -(-rate // 100)), rate * 60
+
+
+def splice_allowed(rule: Rule, owner_cap: RateLimit | None, *, linux: bool, disabled: bool) -> bool:
+    """The splice predicate (SPEC §2.9), the one place it is decided: Linux ∧ TCP ∧ not disabled ∧
+    no bandwidth cap on the rule ∧ none on its owner. Connection-rate and concurrency caps keep splice."""
+    rule_bw = rule.rate_limit is not None and rule.rate_limit.has_bandwidth_cap
+    owner_bw = owner_cap is not None and owner_cap.has_bandwidth_cap
+    return linux and rule.protocol == "tcp" and not disabled and not rule_bw and not owner_bw
+
+
+# ---------------------------------------------------------------- token bucket
+
+class TokenBucket:
+    """``rate`` tokens per second up to ``burst`` (default one second of rate), starting full.
+
+    Refilled lazily from the elapsed time on every call: no timer per connection. Waiters are the
+    parked readers of this bucket; ``timer_due`` is the instant of its one armed refill timer.
+    """
+
+    __slots__ = ("rate", "burst", "_level", "_at", "waiters", "timer_due", "_throttled_ns", "_throttle_since")
+
+    def __init__(self, rate: int, burst: int | None = None, *, now: float):
+        self.rate, self.burst = self._checked(rate, burst)
+        self._level = self.burst * NS       # tokens * NS
+        self._at = _ns(now)
+        self.waiters: dict = {}             # insertion-ordered set: FIFO wake order
+        self.timer_due: float | None = None
+        self._throttled_ns = 0
+        self._throttle_since: int | None = None
+
+    @staticmethod
+    def _checked(rate: int, burst: int | None) -> tuple[int, int]:
+        if isinstance(rate, bool) or not isinstance(rate, int) or rate <= 0:
+            raise ValueError(f"rate must be a positive integer, got {rate!r}")
+        burst = rate if burst is None else burst
+        if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
+            raise ValueError(f"burst must be a positive integer, got {burst!r}")
+        return rate, burst
+
+    def _refill(self, now: float) -> None:
+        t = _ns(now)
+        if t <= self._at:
+            return  # a clock that stands still (or steps back) refills nothing
+        self._level = min(self.burst * NS, self._level + (t - self._at) * self.rate)
+        self._at = t
+
+    def available(self, now: float) -> int:
+        """Whole tokens available now."""
+        self._refill(now)
+        return self._level // NS
+
+    def take(self, n: int, now: float) -> int:
+        """Take up to ``n`` whole tokens; returns how many were granted (0..n)."""
+        granted = min(n, self.available(now))
+        if granted > 0:
+            self._level -= granted * NS
+        return granted
+
+    def take_exactly(self, n: int, now: float) -> bool:
+        """All or nothing: take ``n`` tokens if they are there (a UDP datagram, a new connection)."""
+        if n > self.available(now):
+            return False
+        self._level -= n * NS
+        return True
+
+    def wait_for(self, n: int, now: float) -> float:
+        """Seconds until ``n`` tokens are available (``n`` is capped at the burst: more never fits)."""
+        self._refill(now)
+        deficit = min(n, self.burst) * NS - self._level
+        if deficit <= 0:
+            return 0.0
+        return -(-deficit // self.rate) / NS  # ceil: waking a nanosecond early would find too little
+
+    def wake_quantum(self) -> int:
+        """Tokens a parked reader waits for: ~10 ms of rate (at least 1, at most the burst), so a
+        fast bucket does not wake per byte and a slow one wakes for the first byte."""
+        return max(1, min(self.burst, -(-self.rate // 100)))
+
+    def update(self, rate: int, burst: int | None, now: float) -> None:
+        """Hot update: settle the old rate up to now, then switch. Raising a cap mints no tokens;
+        lowering the burst trims the level to it."""
+        rate, burst = self._checked(rate, burst)
+        self._refill(now)
+        self.rate, self.burst = rate, burst
+        self._level = min(self._level, burst * NS)
+
+    # ---- parking ---------------------------------------------------------
+
+    def park(self, waiter, now: float) -> float | None:
+        """Add a parked reader. Returns the instant to arm this bucket's refill timer at, or None
+        when one is already armed (the waiter then rides on it)."""
+        self.waiters[waiter] = None
+        if self._throttle_since is None:
+            self._throttle_since = _ns(now)
+        if self.timer_due is not None:
+            return None
+        self.timer_due = now + self.wait_for(self.wake_quantum(), now)
+        return self.timer_due
+
+    def unpark(self, waiter, now: float) -> None:
+        """A parked reader went away (its connection closed)."""
+        self.waiters.pop(waiter, None)
+        if not self.waiters:
+            self._stop_throttle(now)
+
+    def due(self, now: float) -> list:
+        """The refill timer fired: the waiters to resume, in park order (the list is emptied)."""
+        self.timer_due = None
+        woken = list(self.waiters)
+        self.waiters.clear()
+        self._stop_throttle(now)
+        return woken
+
+    def _stop_throttle(self, now: float) -> None:
+        if self._throttle_since is not None:
+            self._throttled_ns += max(0, _ns(now) - self._throttle_since)
+            self._throttle_since = None
+
+    def throttle_seconds(self, now: float) -> float:
+        """Seconds this bucket has had at least one parked reader (``…_throttle_seconds_total``)."""
+        running = max(0, _ns(now) - self._throttle_since) if self._throttle_since is not None else 0
+        return (self._throttled_ns + running) / NS
+
+
+# ---------------------------------------------------------------- one scope
+
+@dataclass
+class LimiterCounters:
+    """Cumulative per-scope counters for metrics and stats; they survive hot updates."""
+
+    rejects: dict = field(default_factory=lambda: dict.fromkeys(REJECT_REASONS, 0))
+    bandwidth_dropped_in: int = 0
+    bandwidth_dropped_out: int = 0
+    throttle_seconds_retired: dict = field(default_factory=lambda: dict.fromkeys(DIRECTIONS, 0.0))
+
+    def count_drop(self, direction: str) -> None:
+        if direction == "in":
+            self.bandwidth_dropped_in += 1
+        else:
+            self.bandwidth_dropped_out += 1
+
+
+class Limiter:
+    """The caps of one scope: a rule (``owner`` is its owner), or an owner envelope (``rule_id`` None).
+
+    Holds the bandwidth in/out buckets and the new-connections bucket; a rule's Limiter also counts
+    its live connections (an owner's live count is the LimiterBook's, because it must be right
+    even for connections admitted before the owner had a cap). An uncapped rule still gets a
+    Limiter: its connections are counted and its owner-cap rejects recorded against it.
+    """
+
+    def __init__(self, client_id: str, rule_id: str | None, owner: str | None, cap: RateLimit | None, now: float):
+        self.client_id, self.rule_id, self.owner = client_id, rule_id, owner
+        self.cap: RateLimit | None = None
+        self.bandwidth: dict[str, TokenBucket | None] = dict.fromkeys(DIRECTIONS)
+        self.new_connections: TokenBucket | None = None
+        self.concurrent = 0                 # live connections / flows (rule scopes)
+        self.counters = LimiterCounters()
+        self.update(cap, now)
+
+    @property
+    def is_owner_envelope(self) -> bool:
+        return self.rule_id is None
+
+    @property
+    def has_bandwidth_cap(self) -> bool:
+        return self.cap is not None and self.cap.has_bandwidth_cap
+
+    def labels(self) -> dict:
+        """Metric labels (SPEC §8.1): owner aggregate rows use ``rule=""``."""
+        return {"client": self.client_id, "rule": self.rule_id or "", "owner": self.owner or ""}
+
+    def update(self, cap: RateLimit | None, now: float) -> list:
+        """Apply new caps keeping bucket state; returns the waiters of any bucket that went away
+        (their cap was removed), which the relay must resume."""
+        self.cap = cap
+        c = cap or RateLimit()
+        woken = []
+        for direction, rate, burst in (("in", c.bandwidth_in_bps, c.bandwidth_in_burst),
+                                       ("out", c.bandwidth_out_bps, c.bandwidth_out_burst)):
+            old = self.bandwidth[direction]
+            self.bandwidth[direction] = self._rebucket(old, rate, burst, now)
+            if old is not None and self.bandwidth[direction] is None:
+                woken += old.due(now)
+                self.counters.throttle_seconds_retired[direction] += old.throttle_seconds(now)
+        self.new_connections = self._rebucket(self.new_connections, c.new_connections_per_sec,
+                                              c.new_connections_burst, now)
+        return woken
+
+    @staticmethod
+    def _rebucket(bucket: TokenBucket | None, rate: int | None, burst: int | None, now: float):
+        if rate is None:
+            return None
+        if bucket is None:
+            return TokenBucket(rate, burst, now=now)  # a cap where there was none starts full
+        bucket.update(rate, burst, now)
+        return bucket
+
+    def refusal(self, protocol: str, live: int, now: float) -> str | None:
+        """The reject reason this scope would give a new connection now (``live`` connections in
+        the scope), consuming nothing."""
+        owner = self.is_owner_envelope
+        limit = self.cap.concurrent_connections if self.cap else None
+        if limit is not None and live >= limit:
+            return "owner_concurrent" if owner else "conn_concurrent"
+        if self.new_connections is not None and self.new_connections.available(now) < 1:
+            reason = "udp_flow_rate" if protocol == "udp" else "conn_rate"
+            return "owner_" + reason if owner else reason
+
+    def admit(self, now: float) -> None:
+        """Spend a new-connection token: the whole chain admitted."""
+        if self.new_connections is not None:
+            self.new_connections.take(1, now)
+
+    def throttle_seconds(self, direction: str, now: float) -> float:
+        bucket = self.bandwidth[direction]
+        live = bucket.throttle_seconds(now) if bucket is not None else 0.0
+        return self.counters.throttle_seconds_retired[direction] + live
+
+    def retire(self, now: float) -> list:
+        """The scope is going away: its waiters to resume (they run uncapped by it from now on)."""
+        woken = []
+        for direction, bucket in self.bandwidth.items():
+            if bucket is not None:
+                woken += bucket.due(now)
+        return woken
+
+
+# ---------------------------------------------------------------- one connection / flow
+
+class Ticket:
+    """An admitted connection or flow: the chain of scopes it is accounted to (owner envelope first,
+    then the rule). ``release`` gives back its concurrency slots, exactly once."""
+
+    __slots__ = ("chain", "rule", "_owner_live", "_owner", "released")
+
+    def __init__(self, chain: tuple[Limiter, ...], rule: Limiter, owner_live: dict[str, int]):
+        self.chain = chain
+        self.rule = rule
+        self._owner_live = owner_live
+        self._owner = rule.owner
+        self.released = False
+
+    def _buckets(self, direction: str) -> list[TokenBucket]:
+        return [b for b in (lim.bandwidth[direction] for lim in self.chain) if b is not None]
+
+    @property
+    def bandwidth_capped(self) -> bool:
+        return any(lim.has_bandwidth_cap for lim in self.chain)
+
+    def grant(self, direction: str, want: int, now: float) -> int:
+        """TCP: how many of ``want`` bytes this read may move now (taken from every bucket)."""
+        buckets = self._buckets(direction)
+        if not buckets:
+            return want
+        n = min(want, *(b.available(now) for b in buckets))
+        for b in buckets:
+            b.take(n, now)
+        return n
+
+    def park(self, direction: str, waiter, now: float) -> tuple[TokenBucket | None, float | None]:
+        """Park a reader that was granted nothing on the bucket that refills last. Returns that
+        bucket and the instant to arm its timer at (None: a timer is already armed, or no bucket)."""
+        buckets = self._buckets(direction)
+        if not buckets:
+            return None, None
+        slowest = max(buckets, key=lambda b: b.wait_for(b.wake_quantum(), now))
+        return slowest, slowest.park(waiter, now)
+
+    def datagram(self, direction: str, size: int, now: float) -> bool:
+        """UDP: pass the whole datagram or drop it. A drop counts on the rule (its stats) and, when
+        the owner envelope refused it, on the envelope too."""
+        buckets = self._buckets(direction)
+        refuser = next((lim for lim in self.chain
+                        if lim.bandwidth[direction] is not None and lim.bandwidth[direction].available(now) < size),
+                       None)
+        if refuser is None:
+            for b in buckets:
+                b.take_exactly(size, now)
+            return True
+        for lim in {id(self.rule): self.rule, id(refuser): refuser}.values():
+            lim.counters.count_drop(direction)
+        return False
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        self.rule.concurrent -= 1
+        if self._owner:
+            left = self._owner_live[self._owner] - 1
+            if left:
+                self._owner_live[self._owner] = left
+            else:
+                del self._owner_live[self._owner]
+
+
+# ---------------------------------------------------------------- the registry of one client
+
+class LimiterBook:
+    """Every limiter of one client (or one standalone process): a Limiter per live rule and per
+    owner envelope with a cap. Rules come and go with the runtime; owner caps with
+    ``owner_rate_limit_update``; an owner cap goes when its owner's last rule here goes."""
+
+    def __init__(self, client_id: str = ""):
+        self.client_id = client_id
+        self.rules: dict[str, Limiter] = {}
+        self.owners: dict[tuple[str, str], Limiter] = {}
+        self._owner_live: dict[str, int] = {}   # owner -> live connections over all its rules here
+
+    def _owner_key(self, owner: str | None) -> tuple[str, str] | None:
+        return (self.client_id, owner) if owner else None
+
+    def owner_limiter(self, owner: str | None) -> Limiter | None:
+        key = self._owner_key(owner)
+        return self.owners.get(key) if key else None
+
+    def owner_cap(self, owner: str | None) -> RateLimit | None:
+        lim = self.owner_limiter(owner)
+        return lim.cap if lim else None
+
+    def set_rule(self, rule_id: str, *, owner: str | None, cap: RateLimit | None, now: float) -> list:
+        """Add a rule's limiter or hot-update its caps (bucket state kept). Returns waiters to resume."""
+        lim = self.rules.get(rule_id)
+        if lim is None:
+            self.rules[rule_id] = Limiter(self.client_id, rule_id, owner, cap, now)
+            return []
+        return lim.update(cap, now)
+
+    def remove_rule(self, rule_id: str, now: float) -> list:
+        """Release a removed rule's limiter, and its owner's cap when that was the owner's last rule."""
+        lim = self.rules.pop(rule_id, None)
+        if lim is None:
+            return []
+        woken = lim.retire(now)
+        if lim.owner and not any(r.owner == lim.owner for r in self.rules.values()):
+            woken += self.remove_owner_cap(lim.owner, now)
+        return woken
+
+    def set_owner_cap(self, owner: str, cap: RateLimit, now: float) -> list:
+        """Install or hot-update the owner envelope (the live connection count of the owner's rules
+        carries over, so a lowered concurrency cap refuses new connections and closes none)."""
+        key = self._owner_key(owner)
+        lim = self.owners.get(key)
+        if lim is None:
+            self.owners[key] = Limiter(self.client_id, None, owner, cap, now)
+            return []
+        return lim.update(cap, now)
+
+    def remove_owner_cap(self, owner: str, now: float) -> list:
+        lim = self.owners.pop(self._owner_key(owner), None)
+        return lim.retire(now) if lim else []
+
+    def admit(self, rule_id: str, protocol: str, now: float) -> Ticket | str:
+        """Admission at accept / flow creation: the owner envelope binds before the rule cap. Nothing
+        is consumed unless every scope admits. Returns a Ticket or the reject reason (counted on the
+        rule's limiter, which the connection was for)."""
+        rule = self.rules[rule_id]
+        owner = self.owner_limiter(rule.owner)
+        chain = (owner, rule) if owner is not None else (rule,)
+        for lim in chain:
+            live = self.owner_active(rule.owner) if lim.is_owner_envelope else rule.concurrent
+            reason = lim.refusal(protocol, live, now)
+            if reason is not None:
+                rule.counters.rejects[reason] += 1
+                return reason
+        for lim in chain:
+            lim.admit(now)
+        rule.concurrent += 1
+        if rule.owner:
+            self._owner_live[rule.owner] = self._owner_live.get(rule.owner, 0) + 1
+        return Ticket(chain, rule, self._owner_live)
+
+    def owner_active(self, owner: str | None) -> int:
+        """Live connections and flows over all of ``owner``'s rules here (``…_active_connections``,
+        ``rule=""``)."""
+        return self._owner_live.get(owner, 0) if owner else 0
+
+    def splice_allowed(self, rule: Rule, *, linux: bool, disabled: bool) -> bool:
+        """The splice decision for a new connection of ``rule`` with its owner's current cap."""
+        return splice_allowed(rule, self.owner_cap(rule.owner), linux=linux, disabled=disabled)
+
+    def metric_samples(self, now: float) -> dict[str, list[tuple[dict, float]]]:
+        """SPEC §8.1 rate-limit families as name -> [(labels, value)]. Rejects are per rule (with
+        the reason, ``owner_*`` included); throttle seconds per scope and direction; active
+        connections per rule and, for owners with a cap, one aggregate row with ``rule=""``."""
+        rejects, throttle, active = [], [], []
+        for lim in self.rules.values():
+            rejects += [({**lim.labels(), "reason": r}, n) for r, n in lim.counters.rejects.items() if n]
+            active.append((lim.labels(), lim.concurrent))
+        for lim in [*self.rules.values(), *self.owners.values()]:
+            throttle += [({**lim.labels(), "direction": d}, lim.throttle_seconds(d, now))
+                         for d in DIRECTIONS if lim.bandwidth[d] is not None or lim.throttle_seconds(d, now)]
+        active += [(lim.labels(), self.owner_active(lim.owner)) for lim in self.owners.values()]
+        return {"portunus_rate_limit_reject_total": rejects,
+                "portunus_rate_limit_throttle_seconds_total": throttle,
+                "portunus_rate_limit_active_connections": active}

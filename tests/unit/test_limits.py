@@ -1,0 +1,379 @@
+"""relay/limits.py with a hand-moved clock: buckets, admission order, parking, UDP drops, hot
+updates, the registry and the splice predicate (SPEC §2.9)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from portunus.model import RateLimit, Rule
+from portunus.relay.limits import (NS, REJECT_REASONS, LimiterBook, TokenBucket, Ticket, burst_bounds,
+                                   splice_allowed)
+
+T0 = 1000.0
+GBIT10 = 10_000_000_000 // 8  # 10 Gbit/s in bytes per second
+
+
+def cap(**kw) -> RateLimit:
+    return RateLimit(**kw)
+
+
+# ---------------------------------------------------------------- token bucket
+
+def test_a_bucket_starts_full_and_refills_at_its_rate_up_to_the_burst():
+    b = TokenBucket(100, 300, now=T0)
+    assert b.take(1000, T0) == 300          # the whole burst, not more
+    assert b.take(1, T0) == 0
+    assert b.available(T0 + 0.5) == 50
+    assert b.available(T0 + 10) == 300      # capped at the burst however long it idles
+
+
+def test_the_default_burst_is_one_second_of_rate():
+    b = TokenBucket(2048, now=T0)
+    assert b.burst == 2048 and b.take(10_000, T0) == 2048
+
+
+def test_partial_grants_and_exact_takes():
+    b = TokenBucket(10, 10, now=T0)
+    assert b.take(4, T0) == 4
+    assert not b.take_exactly(7, T0)        # all or nothing leaves the level alone
+    assert b.take_exactly(6, T0)
+    assert b.available(T0) == 0
+
+
+def test_one_byte_per_second_is_exact_over_a_day_of_small_steps():
+    b = TokenBucket(1, 1, now=T0)
+    assert b.take(1, T0) == 1
+    got, t = 0, T0
+    for _ in range(86_400 * 4):             # a quarter-second step: no rounding may leak or mint a byte
+        t += 0.25
+        got += b.take(1, t)
+    assert got == 86_400
+
+
+def test_wait_for_rounds_up_so_a_waker_never_finds_too_little():
+    b = TokenBucket(3, 3, now=T0)
+    b.take(3, T0)
+    wait = b.wait_for(1, T0)
+    assert wait == pytest.approx(1 / 3, abs=1e-9) and wait * 3 >= 1 - 1e-12
+    assert b.wait_for(100, T0) == pytest.approx(1.0)   # capped at the burst: more never fits
+    assert b.wait_for(0, T0) == 0.0
+    assert b.available(T0 + wait) == 1
+
+
+def test_ten_gigabit_is_exact_per_microsecond_and_per_hour():
+    b = TokenBucket(GBIT10, now=T0)
+    b.take(GBIT10, T0)
+    assert b.available(T0 + 1e-6) == GBIT10 // 1_000_000        # 1250 bytes in a microsecond
+    b.take(GBIT10, T0 + 1e-6)
+    total, t = 0, T0 + 1e-6
+    for _ in range(3600):
+        t += 1.0
+        total += b.take(GBIT10 * 2, t)
+    assert total == GBIT10 * 3600
+    assert b.wait_for(1, t) == pytest.approx(1 / GBIT10, abs=1e-9)
+
+
+def test_a_clock_that_steps_back_refills_nothing_and_mints_nothing():
+    b = TokenBucket(100, 100, now=T0)
+    b.take(100, T0)
+    assert b.available(T0 - 5) == 0
+    assert b.available(T0 + 0.1) == 10
+
+
+def test_buckets_refuse_nonsense_rates():
+    for rate, burst in ((0, None), (-1, None), (True, None), (1.5, None), (10, 0)):
+        with pytest.raises(ValueError):
+            TokenBucket(rate, burst, now=T0)
+
+
+def test_burst_bounds_follow_the_validation_range():
+    assert burst_bounds(1) == (1, 60)
+    assert burst_bounds(150) == (2, 9000)   # rate/100 = 1.5: the smallest whole burst is 2
+    assert burst_bounds(10_000) == (100, 600_000)
+
+
+# ---------------------------------------------------------------- hot update of one bucket
+
+def test_raising_a_cap_mints_no_free_burst():
+    b = TokenBucket(100, 100, now=T0)
+    b.take(100, T0)
+    b.update(10_000, 10_000, T0 + 0.5)      # 50 tokens accrued at the old rate, none from the new burst
+    assert b.available(T0 + 0.5) == 50
+    assert b.available(T0 + 0.51) == 150    # the new rate from the update on
+
+
+def test_lowering_a_burst_trims_the_level():
+    b = TokenBucket(100, 1000, now=T0)
+    b.update(100, 10, T0)
+    assert b.available(T0) == 10
+
+
+# ---------------------------------------------------------------- parking: one timer per bucket
+
+def test_many_parked_readers_share_one_timer_and_wake_in_order():
+    b = TokenBucket(1000, 1000, now=T0)
+    b.take(1000, T0)
+    arm = [b.park(f"pump{i}", T0) for i in range(100)]
+    assert arm[0] == pytest.approx(T0 + 0.01)   # 10 ms of rate: the wake quantum
+    assert arm[1:] == [None] * 99               # everyone else rides on that one timer
+    assert b.due(T0 + 0.01) == [f"pump{i}" for i in range(100)]
+    assert b.waiters == {} and b.timer_due is None
+    assert b.park("pump0", T0 + 0.01) is not None   # after it fired, the next park arms again
+
+
+def test_the_wake_quantum_is_one_token_at_tiny_rates_and_ten_ms_at_huge_ones():
+    assert TokenBucket(1, 1, now=T0).wake_quantum() == 1
+    assert TokenBucket(GBIT10, now=T0).wake_quantum() == GBIT10 // 100
+    assert TokenBucket(10_000, 50, now=T0).wake_quantum() == 50   # never more than the burst
+
+
+def test_throttle_seconds_count_while_someone_is_parked():
+    b = TokenBucket(10, 10, now=T0)
+    b.take(10, T0)
+    b.park("a", T0)
+    b.park("b", T0 + 0.05)
+    assert b.throttle_seconds(T0 + 0.1) == pytest.approx(0.1)
+    b.due(T0 + 0.1)
+    assert b.throttle_seconds(T0 + 5) == pytest.approx(0.1)     # nobody parked: no time accrues
+    b.park("a", T0 + 5)
+    b.unpark("a", T0 + 5.25)                                     # its connection closed
+    assert b.throttle_seconds(T0 + 9) == pytest.approx(0.35)
+
+
+# ---------------------------------------------------------------- the book: admission
+
+def book_with(rule_cap=None, owner_cap=None, *, rules=("web",), owner="alice") -> LimiterBook:
+    book = LimiterBook("edge-01")
+    for rid in rules:
+        book.set_rule(rid, owner=owner, cap=rule_cap, now=T0)
+    if owner_cap is not None:
+        book.set_owner_cap(owner, owner_cap, T0)
+    return book
+
+
+def test_a_connection_rate_of_two_with_burst_two_admits_exactly_two_then_two_per_second():
+    book = book_with(cap(new_connections_per_sec=2, new_connections_burst=2))
+    results = [book.admit("web", "tcp", T0) for _ in range(10)]
+    assert sum(isinstance(r, Ticket) for r in results) == 2
+    assert results[2:] == ["conn_rate"] * 8
+    assert book.rules["web"].counters.rejects["conn_rate"] == 8
+    later = [book.admit("web", "tcp", T0 + 1) for _ in range(5)]
+    assert sum(isinstance(r, Ticket) for r in later) == 2
+
+
+def test_udp_flows_are_refused_with_the_flow_reason():
+    book = book_with(cap(new_connections_per_sec=1), cap(new_connections_per_sec=2), rules=("dns",))
+    assert isinstance(book.admit("dns", "udp", T0), Ticket)
+    assert book.admit("dns", "udp", T0) == "udp_flow_rate"     # the rule's one token is spent
+    book.set_rule("dns", owner="alice", cap=None, now=T0)
+    assert isinstance(book.admit("dns", "udp", T0), Ticket)    # the owner's second token
+    assert book.admit("dns", "udp", T0) == "owner_udp_flow_rate"
+
+
+def test_concurrency_is_released_by_the_ticket_exactly_once():
+    book = book_with(cap(concurrent_connections=2))
+    a, b = book.admit("web", "tcp", T0), book.admit("web", "tcp", T0)
+    assert book.admit("web", "tcp", T0) == "conn_concurrent"
+    a.release()
+    a.release()                              # a second close gives back nothing more
+    assert book.rules["web"].concurrent == 1
+    c = book.admit("web", "tcp", T0)
+    assert isinstance(c, Ticket)
+    assert book.admit("web", "tcp", T0) == "conn_concurrent"
+    b.release(), c.release()
+    assert book.rules["web"].concurrent == 0 and book.owner_active("alice") == 0
+
+
+def test_the_owner_envelope_binds_before_the_rule_cap_and_spends_nothing_when_it_refuses():
+    book = book_with(cap(concurrent_connections=1, new_connections_per_sec=1),
+                     cap(concurrent_connections=1, new_connections_per_sec=1))
+    assert isinstance(book.admit("web", "tcp", T0), Ticket)
+    assert book.admit("web", "tcp", T0) == "owner_concurrent"   # both would refuse: the owner speaks
+
+
+def test_the_owner_envelope_is_shared_by_the_owners_rules():
+    book = book_with(None, cap(concurrent_connections=3), rules=("web", "ssh"))
+    book.set_rule("bob-web", owner="bob", cap=None, now=T0)
+    tickets = [book.admit(r, "tcp", T0) for r in ("web", "ssh", "web")]
+    assert all(isinstance(t, Ticket) for t in tickets)
+    assert book.admit("ssh", "tcp", T0) == "owner_concurrent"
+    assert book.rules["ssh"].counters.rejects["owner_concurrent"] == 1
+    assert isinstance(book.admit("bob-web", "tcp", T0), Ticket)  # another owner's rule is not in it
+    tickets[0].release()
+    assert isinstance(book.admit("ssh", "tcp", T0), Ticket)
+
+
+def test_a_rule_refusal_spends_no_owner_token():
+    book = book_with(cap(concurrent_connections=1), cap(new_connections_per_sec=2, new_connections_burst=2))
+    assert isinstance(book.admit("web", "tcp", T0), Ticket)
+    for _ in range(5):
+        assert book.admit("web", "tcp", T0) == "conn_concurrent"
+    assert book.owners[("edge-01", "alice")].new_connections.available(T0) == 1
+
+
+def test_every_reason_is_reachable():
+    seen = set()
+    for proto, owner_side, c in itertools.product(("tcp", "udp"), (False, True),
+                                                  (cap(concurrent_connections=1), cap(new_connections_per_sec=1))):
+        book = book_with(None, c) if owner_side else book_with(c)
+        assert isinstance(book.admit("web", proto, T0), Ticket)
+        seen.add(book.admit("web", proto, T0))
+    assert seen == set(REJECT_REASONS)
+
+
+def test_an_owner_cap_installed_later_counts_connections_already_live():
+    book = book_with()
+    live = [book.admit("web", "tcp", T0) for _ in range(3)]
+    book.set_owner_cap("alice", cap(concurrent_connections=2), T0)
+    assert book.admit("web", "tcp", T0) == "owner_concurrent"    # 3 live >= 2: refuse new, close none
+    for t in live:
+        t.release()
+    assert isinstance(book.admit("web", "tcp", T0), Ticket)
+
+
+# ---------------------------------------------------------------- hot update through the book
+
+def test_lowering_concurrency_below_the_live_count_refuses_new_and_closes_none():
+    book = book_with(cap(concurrent_connections=5))
+    live = [book.admit("web", "tcp", T0) for _ in range(5)]
+    book.set_rule("web", owner="alice", cap=cap(concurrent_connections=2), now=T0)
+    assert book.admit("web", "tcp", T0) == "conn_concurrent"
+    assert all(not t.released for t in live) and book.rules["web"].concurrent == 5
+    for t in live[:3]:
+        t.release()
+    assert book.admit("web", "tcp", T0) == "conn_concurrent"     # 2 live, cap 2
+    live[3].release()
+    assert isinstance(book.admit("web", "tcp", T0), Ticket)
+
+
+def test_a_hot_update_keeps_the_bucket_and_raising_mints_nothing():
+    book = book_with(cap(bandwidth_in_bps=1000))
+    t = book.admit("web", "tcp", T0)
+    assert t.grant("in", 5000, T0) == 1000
+    bucket = book.rules["web"].bandwidth["in"]
+    book.set_rule("web", owner="alice", cap=cap(bandwidth_in_bps=1_000_000), now=T0)
+    assert book.rules["web"].bandwidth["in"] is bucket
+    assert t.grant("in", 5000, T0) == 0                          # raising the cap minted no burst
+    assert t.grant("in", 5000, T0 + 0.001) == 1000
+
+
+def test_removing_a_bandwidth_cap_resumes_its_parked_readers():
+    book = book_with(cap(bandwidth_out_bps=100))
+    t = book.admit("web", "tcp", T0)
+    t.grant("out", 100, T0)
+    bucket, arm_at = t.park("out", "pump", T0)
+    assert arm_at is not None
+    woken = book.set_rule("web", owner="alice", cap=cap(concurrent_connections=10), now=T0 + 0.2)
+    assert woken == ["pump"]
+    assert t.grant("out", 1 << 20, T0 + 0.2) == 1 << 20          # uncapped now
+    assert book.rules["web"].throttle_seconds("out", T0 + 9) == pytest.approx(0.2)
+
+
+# ---------------------------------------------------------------- bandwidth: TCP and UDP
+
+def test_tcp_grants_take_the_tightest_of_rule_and_owner_buckets():
+    book = book_with(cap(bandwidth_in_bps=1000), cap(bandwidth_in_bps=300))
+    t = book.admit("web", "tcp", T0)
+    assert t.bandwidth_capped
+    assert t.grant("in", 10_000, T0) == 300
+    assert book.rules["web"].bandwidth["in"].available(T0) == 700   # both buckets debited
+    assert t.grant("out", 10_000, T0) == 10_000                      # no out cap anywhere
+    bucket, arm_at = t.park("in", "pump", T0)
+    assert bucket is book.owners[("edge-01", "alice")].bandwidth["in"]   # the one that refills last
+    assert arm_at == pytest.approx(T0 + 0.01)
+
+
+def test_an_owner_rate_is_shared_by_two_rules_over_time():
+    book = book_with(None, cap(bandwidth_in_bps=1000, bandwidth_in_burst=1000), rules=("web", "ssh"))
+    a, b = book.admit("web", "tcp", T0), book.admit("ssh", "tcp", T0)
+    moved = a.grant("in", 64 * 1024, T0) + b.grant("in", 64 * 1024, T0)
+    for step in range(1, 1001):
+        t = T0 + step * 0.01
+        moved += a.grant("in", 64 * 1024, t) + b.grant("in", 64 * 1024, t)
+    assert moved == 1000 + 1000 * 10     # the burst plus rate x 10 s, exactly
+
+
+def test_udp_datagrams_pass_whole_or_drop_and_are_counted_per_direction():
+    book = book_with(cap(bandwidth_in_bps=1500, bandwidth_in_burst=1500), rules=("dns",))
+    flow = book.admit("dns", "udp", T0)
+    assert flow.datagram("in", 1000, T0)
+    assert not flow.datagram("in", 1000, T0)                    # 500 left: no partial datagram
+    assert flow.datagram("in", 500, T0)
+    assert flow.datagram("out", 65_000, T0)                     # out is uncapped
+    counters = book.rules["dns"].counters
+    assert (counters.bandwidth_dropped_in, counters.bandwidth_dropped_out) == (1, 0)
+
+
+def test_an_owner_udp_drop_counts_on_the_rule_and_the_envelope():
+    book = book_with(None, cap(bandwidth_out_bps=100, bandwidth_out_burst=100), rules=("dns",))
+    flow = book.admit("dns", "udp", T0)
+    assert not flow.datagram("out", 101, T0)
+    assert book.rules["dns"].counters.bandwidth_dropped_out == 1
+    assert book.owners[("edge-01", "alice")].counters.bandwidth_dropped_out == 1
+
+
+# ---------------------------------------------------------------- registry lifecycle
+
+def test_a_removed_rule_is_released_and_the_owner_cap_goes_with_the_last_rule():
+    book = book_with(cap(bandwidth_in_bps=100), cap(concurrent_connections=5), rules=("web", "ssh"))
+    assert book.remove_rule("web", T0) == []
+    assert "web" not in book.rules and book.owner_cap("alice") is not None
+    book.remove_rule("ssh", T0)
+    assert book.owners == {} and book.owner_cap("alice") is None
+    assert book.remove_rule("ssh", T0) == []                    # twice is harmless
+
+
+def test_removing_a_rule_resumes_readers_parked_on_it():
+    book = book_with(cap(bandwidth_in_bps=10))
+    t = book.admit("web", "tcp", T0)
+    t.grant("in", 10, T0)
+    t.park("in", "pump", T0)
+    assert book.remove_rule("web", T0) == ["pump"]
+    t.release()                                                  # a late close of a drained connection
+
+
+def test_metric_samples_carry_the_spec_labels():
+    book = book_with(cap(concurrent_connections=1, bandwidth_in_bps=10), cap(bandwidth_out_bps=10))
+    t = book.admit("web", "tcp", T0)
+    book.admit("web", "tcp", T0)
+    t.grant("in", 10, T0)
+    t.park("in", "pump", T0)
+    m = book.metric_samples(T0 + 2)
+    assert m["portunus_rate_limit_reject_total"] == [
+        ({"client": "edge-01", "rule": "web", "owner": "alice", "reason": "conn_concurrent"}, 1)]
+    assert ({"client": "edge-01", "rule": "", "owner": "alice"}, 1) in m["portunus_rate_limit_active_connections"]
+    assert ({"client": "edge-01", "rule": "web", "owner": "alice"}, 1) in m["portunus_rate_limit_active_connections"]
+    throttle = {(lab["rule"], lab["direction"]): v for lab, v in m["portunus_rate_limit_throttle_seconds_total"]}
+    assert throttle == {("web", "in"): pytest.approx(2.0), ("", "out"): 0.0}
+
+
+# ---------------------------------------------------------------- the splice predicate
+
+def rule(protocol="tcp", rate_limit=None, owner="alice") -> Rule:
+    return Rule.from_dict({"rule_id": "r", "protocol": protocol, "listen_port": 8080, "target": "127.0.0.1:80",
+                           "rate_limit": rate_limit, "owner": owner})
+
+
+BW_RULE = {"bandwidth_in_bps": 1000}
+CONN_RULE = {"new_connections_per_sec": 5, "concurrent_connections": 10}
+
+
+@pytest.mark.parametrize("linux,protocol,disabled,rule_caps,owner_caps", itertools.product(
+    (True, False), ("tcp", "udp"), (False, True), (None, BW_RULE, CONN_RULE),
+    (None, cap(bandwidth_out_bps=1), cap(concurrent_connections=1))))
+def test_the_splice_predicate_truth_table(linux, protocol, disabled, rule_caps, owner_caps):
+    expected = (linux and protocol == "tcp" and not disabled and rule_caps is not BW_RULE
+                and not (owner_caps and owner_caps.bandwidth_out_bps))
+    assert splice_allowed(rule(protocol, rule_caps), owner_caps, linux=linux, disabled=disabled) is expected
+
+
+def test_the_book_decides_splice_with_the_owners_current_cap():
+    book = book_with()
+    r = rule()
+    assert book.splice_allowed(r, linux=True, disabled=False)
+    book.set_owner_cap("alice", cap(bandwidth_in_bps=NS), T0)
+    assert not book.splice_allowed(r, linux=True, disabled=False)
+    book.set_owner_cap("alice", cap(new_connections_per_sec=3), T0)   # hot update to a connection cap
+    assert book.splice_allowed(r, linux=True, disabled=False)
