@@ -51,8 +51,12 @@ class RelayContext:
         self.copy_view = memoryview(bytearray(COPY_CHUNK))
         self.udp_view = memoryview(bytearray(UDP_MAX_DATAGRAM))
         self.splice_selected_rules: set[str] = set()
+        # (listen host, port) -> the SniListener its SNI rules and fallback share (relay/sni_listener.py)
+        self.shared_listeners: dict[tuple[str, int], object] = {}
 
     def close(self) -> None:
+        for listener in list(self.shared_listeners.values()):
+            listener.close()
         self.pipes.close()
         self.resolver.close()
 

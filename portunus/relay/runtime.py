@@ -70,7 +70,9 @@ class RuleRuntime:
             if live.rule == rule:
                 log.debug("rule.unchanged", rule=rule.rule_id, **rid)
                 return live.status
-            if same_listeners(live.rule, rule) and self._has_bandwidth_cap(live.rule) == self._has_bandwidth_cap(rule):
+            # a new SNI pattern is a new route on the shared listener: re-attach (the listener stays)
+            if same_listeners(live.rule, rule) and live.rule.sni_pattern == rule.sni_pattern \
+                    and self._has_bandwidth_cap(live.rule) == self._has_bandwidth_cap(rule):
                 live.rule = rule
                 live.relay.update(rule, self.settings)
                 log.info("rule.updated", rule=rule.rule_id, **rid)
@@ -178,6 +180,13 @@ class RuleRuntime:
         snap = {"rule_id": rule_id, "protocol": live.rule.protocol, "state": live.status.state,
                 "reason": live.status.reason}
         snap.update(live.counters.snapshot(per_port=per_port))
+        shared = getattr(live.relay, "shared", None)
+        if live.rule.sni_pattern is not None or shared is not None:
+            # routes by result per rule; the listener's own counters ride along on each rule of the port
+            snap["sni_pattern"] = live.rule.sni_pattern
+            snap["sni_routes"] = dict(live.counters.sni_routes)
+            if shared is not None:
+                snap["sni_listener"] = shared.snapshot()
         if per_target:
             snap["per_target"] = live.relay.snapshot() if live.relay is not None else []
         return snap

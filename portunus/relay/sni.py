@@ -1,12 +1,12 @@
 """TLS ClientHello server_name reader for SNI routing (SPEC §2.8), sans-IO.
 
-The listener peeks (MSG_PEEK) at a new connection and hands every byte seen so
-far to ``parse_client_hello``; nothing is consumed, so the connection is later
-forwarded untouched. The parser re-reads the whole buffer on each call and
-answers with one ``SniResult``:
+The SNI listener (``relay/sni_listener.py``) hands every byte of a new
+connection seen so far to ``parse_client_hello``; those bytes are replayed to the
+upstream, so the connection is forwarded untouched. The parser re-reads the
+whole buffer on each call and answers with one ``SniResult``:
 
 - ``need_more``  the bytes are a valid prefix of a ClientHello that still fits
-  in ``MAX_CLIENT_HELLO``; peek again once more bytes arrive.
+  in ``MAX_CLIENT_HELLO``; read again once more bytes arrive.
 - ``ok``         a complete ClientHello naming a host (``server_name``).
 - ``no_sni``     a complete ClientHello without a host_name entry.
 - ``not_tls``    not a TLS handshake record (an HTTP request, an SSLv2 hello).
@@ -23,17 +23,15 @@ cipher_suites<2..2^16-2> compression_methods<1..2^8-1>
 ``ServerNameList<1..2^16-1>`` of ``name_type(1) opaque<...>`` entries, where
 type 0 is ``host_name``.
 
-``match_sni`` picks a target for a name: exact beats a single-label wildcard
-(``*.example.com``), which beats the fallback.
+Which rule a name goes to is ``relay/sni_router.py``'s business.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TypeVar
 
-MAX_CLIENT_HELLO = 16 * 1024  # total bytes the caller may buffer while peeking
+MAX_CLIENT_HELLO = 64 * 1024  # cumulative bytes buffered per hello (post-quantum key shares make them big)
 
 NEED_MORE = "need_more"
 OK = "ok"
@@ -54,9 +52,6 @@ _MAX_HOST_NAME = 253
 # One DNS label: letters, digits, '-' and '_' (seen in the wild), no edge hyphen.
 # Same rule as the rule model's host labels; fullmatch so a trailing "\n" fails.
 _LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
-
-T = TypeVar("T")
-
 
 @dataclass(frozen=True, slots=True)
 class SniResult:
@@ -239,30 +234,3 @@ def _host_name(raw: bytes) -> str:
     if not all(_LABEL.fullmatch(label) for label in name.split(".")):
         raise _Malformed
     return name
-
-
-def match_sni(server_name: str | None, patterns: dict[str, T], fallback: T | None) -> tuple[T | None, str]:
-    """Pick the target for ``server_name``: exact > single-label wildcard > fallback.
-
-    Returns ``(target, kind)`` with kind "exact", "wildcard", "fallback" or
-    "none" (no match and no fallback). Names and patterns compare
-    case-insensitively; a trailing dot on the name is ignored.
-    """
-    name = (server_name or "").lower()
-    if name.endswith("."):
-        name = name[:-1]
-    if name:
-        parent = "*." + name.split(".", 1)[1] if "." in name else None
-        wildcard_hit = False
-        wildcard_target: T | None = None
-        for pattern, target in patterns.items():
-            key = pattern.lower()
-            if key == name:
-                return target, "exact"
-            if key == parent and not wildcard_hit:
-                wildcard_hit, wildcard_target = True, target
-        if wildcard_hit:
-            return wildcard_target, "wildcard"
-    if fallback is not None:
-        return fallback, "fallback"
-    return None, "none"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+from .sni_router import RESULTS as SNI_RESULTS
+
 
 class PortCounters:
     """Counters of one listen port of a rule. Bytes count *delivered* bytes."""
@@ -45,6 +47,7 @@ class RuleCounters:
         self.target_failovers_total = 0
         self.bandwidth_dropped_in = 0
         self.bandwidth_dropped_out = 0
+        self.sni_routes = dict.fromkeys(SNI_RESULTS, 0)  # connections an SNI listener routed here, by result
         self.updated_at = time.time()
 
     def total(self, attr: str) -> int:

@@ -1,7 +1,9 @@
 """TCP forwarding: listeners, per-connection sessions, splice and userspace pumps.
 
 A ``TcpRuleRelay`` owns the listeners of one rule (one per listen port) and the
-sessions they accept. A ``TcpSession`` dials the target (non-blocking, 3 s
+sessions they accept; on an SNI port (``relay/sni_listener.py``) it holds a route
+of the shared listener instead, which hands it connections with the ClientHello
+bytes already read (``adopt``), replayed to the upstream first. A ``TcpSession`` dials the target (non-blocking, 3 s
 timeout, walking down targets and addresses) and then runs two ``Pump``s, one per
 direction. A pump moves bytes with ``os.splice`` through a pooled pipe (the Linux
 fast path) or with ``recv_into``/``send`` through the loop's shared buffer; it
@@ -21,6 +23,7 @@ from ..netio import Acceptor, Connect, errno_name
 from .context import REPEAT_LOG_EVERY, BindError, RelayContext, bind_socket, tune_stream_socket
 from . import proxy_protocol
 from .rule_relay import RuntimeSettings
+from .sni_listener import SniListener, attach_shared
 from .splice import SPLICE_FLAGS, UNSUPPORTED_ERRNOS, use_splice
 from .targets import TargetSet
 from .stats import PortCounters, RuleCounters
@@ -240,9 +243,9 @@ class TcpSession:
 
     __slots__ = ("relay", "ctx", "csock", "caddr", "listen_port", "counters", "up", "candidates",
                  "addrs", "target_port", "dial", "pumps", "closed", "target_state", "header_left",
-                 "header_timer")
+                 "header_timer", "replay")
 
-    def __init__(self, relay: "TcpRuleRelay", csock: socket.socket, caddr, listen_port: int):
+    def __init__(self, relay: "TcpRuleRelay", csock: socket.socket, caddr, listen_port: int, replay: bytes = b""):
         self.relay = relay
         self.ctx = relay.ctx
         self.csock = csock
@@ -259,6 +262,7 @@ class TcpSession:
         self.header_left = 0
         self.pumps: tuple = ()
         self.closed = False
+        self.replay = replay  # bytes the SNI listener read from the client: the upstream gets them first
 
     def start(self) -> None:
         self.counters.active_connections += 1
@@ -334,9 +338,12 @@ class TcpSession:
             header = self._proxy_header(version)
             if header is None:
                 return
-            inbound.pending = header
+            inbound.pending = header + self.replay
             self.header_left = len(header)
             self.header_timer = self.ctx.loop.call_later(PROXY_HEADER_TIMEOUT, self._header_timeout)
+        else:
+            inbound.pending = self.replay
+        self.replay = b""
         for p in self.pumps:
             p.start()
 
@@ -409,6 +416,7 @@ class TcpRuleRelay:
         self.counters = counters
         self.listeners: dict[int, socket.socket] = {}
         self.acceptors: list[Acceptor] = []
+        self.shared: SniListener | None = None  # the SNI port's listener this rule routes from
         self.sessions: set[TcpSession] = set()
         self.accepting = False
         self.on_idle = None  # called when draining and the last session ends
@@ -417,7 +425,14 @@ class TcpRuleRelay:
                                  owner_has_bandwidth_cap)
 
     def bind(self) -> None:
-        """Bind every port or none (BindError names the first port that failed)."""
+        """Bind every port or none (BindError names the first port that failed).
+
+        An SNI rule, or a plain rule onto an SNI port (its fallback), takes a route of
+        the port's shared listener instead.
+        """
+        self.shared = attach_shared(self.ctx, self)
+        if self.shared is not None:
+            return
         bound: dict[int, socket.socket] = {}
         try:
             for port in self.rule.listen_ports:
@@ -448,6 +463,14 @@ class TcpRuleRelay:
             session.start()
         return on_accept
 
+    def adopt(self, csock: socket.socket, caddr, port: int, replay: bytes, sni_result: str | None) -> None:
+        """A connection the shared SNI listener routed here (``sni_result`` None: the port is plain now)."""
+        if sni_result is not None:
+            self.counters.sni_routes[sni_result] += 1
+        session = TcpSession(self, csock, caddr, port, replay)
+        self.sessions.add(session)
+        session.start()
+
     def _on_accept_error_for(self, port: int):
         def on_error(exc: OSError, backoff: float | None) -> None:
             # while descriptors are exhausted this repeats every back-off: one line, then a count
@@ -466,6 +489,9 @@ class TcpRuleRelay:
     def close_listeners(self) -> None:
         self.targets.stop_probes()
         self.accepting = False
+        if self.shared is not None:
+            self.shared.detach(self)
+            self.shared = None
         for acceptor in self.acceptors:
             acceptor.stop()
         self.acceptors = []

@@ -8,7 +8,7 @@ import ssl
 
 import pytest
 
-from portunus.relay.sni import MAX_CLIENT_HELLO, SniResult, match_sni, parse_client_hello
+from portunus.relay.sni import MAX_CLIENT_HELLO, SniResult, parse_client_hello
 
 STATUSES = {"need_more", "ok", "no_sni", "not_tls", "malformed", "too_large"}
 NAME_253 = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61])
@@ -110,8 +110,8 @@ VERSIONS = [pytest.param(None, id="tls13"), pytest.param(ssl.TLSVersion.TLSv1_2,
 # ---------------------------------------------------------------- real ClientHellos
 
 
-def test_the_cap_is_sixteen_kibibytes():
-    assert MAX_CLIENT_HELLO == 16384
+def test_the_cap_is_sixty_four_kibibytes():
+    assert MAX_CLIENT_HELLO == 65536  # SPEC §2.8: post-quantum key shares make real hellos large
 
 
 @pytest.mark.parametrize("maximum", VERSIONS)
@@ -252,36 +252,34 @@ def padded_handshake(total: int) -> bytes:
 
 
 def test_hello_declaring_more_than_the_cap_is_too_large():
-    hs = padded_handshake(17000)
-    data = frame(hs)
-    assert len(data) > MAX_CLIENT_HELLO
+    data = frame(handshake(body(host(b"big.example")), length=MAX_CLIENT_HELLO))
     assert status(data) == "too_large"
     assert status(data[:5 + 4]) == "too_large"  # the handshake header alone tells
     assert status(data[:5 + 3]) == "need_more"  # its length is not known yet
-    assert status(data[:MAX_CLIENT_HELLO]) == "too_large"
-    assert status(data + bytes(100)) == "too_large"  # even when a caller passes all of it
+
+
+# four full-size records: 65516 handshake bytes + 4 record headers = exactly the 64 KiB cap
+FITS = MAX_CLIENT_HELLO - 4 * 5
 
 
 def test_hello_that_fits_the_cap_exactly_parses_and_one_byte_more_does_not():
-    fits = frame(padded_handshake(MAX_CLIENT_HELLO - 5))
-    assert len(fits) == MAX_CLIENT_HELLO
+    fits = frame(padded_handshake(FITS))
+    assert len(fits) == MAX_CLIENT_HELLO and fits.count(b"\x16\x03\x01") >= 4
     assert status(fits[:100]) == "need_more"
     assert status(fits[:-1]) == "need_more"
     assert parse_client_hello(fits) == SniResult("ok", "big.example")
 
-    over = frame(padded_handshake(MAX_CLIENT_HELLO - 4))
-    assert status(over[:100]) == "too_large"
+    over = frame(padded_handshake(FITS + 1))  # one byte more
+    assert len(over) == MAX_CLIENT_HELLO + 1
+    assert status(over) == "too_large"
 
 
 def test_record_headers_count_against_the_cap():
-    hs = padded_handshake(MAX_CLIENT_HELLO - 5)
-    one_record = frame(hs)
-    assert status(one_record[:20]) == "need_more"
-    assert parse_client_hello(one_record).status == "ok"
-    split = frame(hs, fragment=8192)  # two record headers: 5 bytes over the cap
-    assert len(split) == MAX_CLIENT_HELLO + 5
-    assert status(split[:5]) == "need_more"
-    assert status(split[:20]) == "too_large"  # the first record holds half: another header must follow
+    hs = padded_handshake(FITS)
+    assert parse_client_hello(frame(hs)).status == "ok"
+    split = frame(hs, fragment=8192)  # eight record headers: 20 bytes over the cap
+    assert len(split) == MAX_CLIENT_HELLO + 20
+    assert status(split[:20]) == "need_more"
     assert status(split) == "too_large"
 
 
@@ -449,60 +447,71 @@ def test_fuzz_bit_flips_and_splices_never_raise():
     assert {"ok", "malformed"} <= seen  # the flips reach both sides of the parser
 
 
-# ---------------------------------------------------------------- match_sni
+# ---------------------------------------------------------------- more real and large hellos
 
-PATTERNS = {
-    "example.com": "apex",
-    "a.example.com": "exact-a",
-    "*.example.com": "wild",
-    "*.deep.example.org": "deep-wild",
-    "Mixed.Example.NET": "mixed",
-}
-
-
-@pytest.mark.parametrize(
-    "name,fallback,expected",
-    [
-        ("a.example.com", "fb", ("exact-a", "exact")),
-        ("A.EXAMPLE.COM", "fb", ("exact-a", "exact")),
-        ("a.example.com.", "fb", ("exact-a", "exact")),
-        ("example.com", "fb", ("apex", "exact")),
-        ("b.example.com", "fb", ("wild", "wildcard")),
-        ("B.Example.Com", None, ("wild", "wildcard")),
-        ("x.deep.example.org", None, ("deep-wild", "wildcard")),
-        ("a.b.example.com", "fb", ("fb", "fallback")),
-        ("a.b.example.com", None, (None, "none")),
-        ("deep.example.org", "fb", ("fb", "fallback")),
-        ("mixed.example.net", None, ("mixed", "exact")),
-        ("other.test", "fb", ("fb", "fallback")),
-        ("other.test", None, (None, "none")),
-        ("com", "fb", ("fb", "fallback")),
-        (None, "fb", ("fb", "fallback")),
-        (None, None, (None, "none")),
-        ("", "fb", ("fb", "fallback")),
-    ],
-)
-def test_match_sni(name, fallback, expected):
-    assert match_sni(name, PATTERNS, fallback) == expected
+def openssl_hello(server_name: str, version_flag: str) -> bytes:
+    """The first flight of ``openssl s_client`` (a real, non-Python TLS stack), captured on a local port."""
+    import shutil
+    import socket
+    import subprocess
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    proc = subprocess.Popen(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", server_name,
+                             version_flag], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        srv.settimeout(10)
+        conn, _ = srv.accept()
+        conn.settimeout(10)
+        data = b""
+        while parse_client_hello(data).status == "need_more":
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        conn.close()
+        return data
+    finally:
+        proc.kill()
+        proc.wait()
+        srv.close()
 
 
-def test_exact_beats_wildcard_whatever_the_order():
-    for patterns in ({"*.example.com": 1, "a.example.com": 2}, {"a.example.com": 2, "*.example.com": 1}):
-        assert match_sni("a.example.com", patterns, 0) == (2, "exact")
-        assert match_sni("z.example.com", patterns, 0) == (1, "wildcard")
+@pytest.mark.parametrize("version_flag", ["-tls1_2", "-tls1_3"])
+def test_openssl_s_client_hellos(version_flag):
+    assert parse_client_hello(openssl_hello("Site.Example.org", version_flag)) == SniResult("ok", "site.example.org")
 
 
-def test_wildcard_never_matches_its_own_apex():
-    assert match_sni("example.com", {"*.example.com": 1}, None) == (None, "none")
+GREASE = b"\x0a\x0a"
 
 
-def test_no_patterns_uses_the_fallback():
-    assert match_sni("a.example.com", {}, "fb") == ("fb", "fallback")
-    assert match_sni("a.example.com", {}, None) == (None, "none")
+def pq_hello(name: bytes, key_share_bytes: int, padding: int = 0) -> bytes:
+    """A Chrome-shaped hello: GREASE suites/extensions, an X25519MLKEM768-sized key share, padding."""
+    share = GREASE + vec(b"\x00", 2) + b"\x11\xec" + vec(b"\x42" * key_share_bytes, 2) + b"\x00\x1d" + vec(b"\x07" * 32, 2)
+    exts = (ext(0x0a0a, b"") + host(name) + ext(0x002b, vec(GREASE + b"\x03\x04\x03\x03", 1))
+            + ext(0x000a, vec(GREASE + b"\x11\xec\x00\x1d", 2)) + ext(0x0033, vec(share, 2))
+            + (ext(0x0015, b"\x00" * padding) if padding else b"") + ext(0x1a1a, b"\x00"))
+    return frame(handshake(body(exts, suites=GREASE + b"\x13\x01\x13\x02\xc0\x2b")))
 
 
-def test_parse_then_match_routes_a_real_hello():
-    result = parse_client_hello(real_hello("API.Example.com"))
-    assert match_sni(result.server_name, PATTERNS, "fb") == ("wild", "wildcard")
-    none = parse_client_hello(real_hello(None))
-    assert match_sni(none.server_name, PATTERNS, "fb") == ("fb", "fallback")
+@pytest.mark.parametrize("key_share,padding", [(1216, 300), (1216, 4000), (1216, 8500)])
+def test_post_quantum_sized_hellos_with_grease(key_share, padding):
+    data = pq_hello(b"pq.example.com", key_share, padding)
+    assert 1500 < len(data) < 11000
+    assert parse_client_hello(data) == SniResult("ok", "pq.example.com")
+
+
+def test_a_hello_split_into_two_records_at_every_offset():
+    hs = handshake_of(pq_hello(b"cut.example.com", 1216))
+    for cut in range(1, len(hs)):
+        data = frame(hs[:cut]) + frame(hs[cut:])
+        assert parse_client_hello(data) == SniResult("ok", "cut.example.com"), cut
+
+
+def test_a_large_hello_cut_into_segments_at_every_offset_needs_more_until_complete():
+    data = pq_hello(b"seg.example.com", 1216, 2000)
+    for end in range(len(data)):
+        assert parse_client_hello(data[:end]).status == "need_more", end
+    assert parse_client_hello(data).status == "ok"
