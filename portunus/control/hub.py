@@ -47,7 +47,7 @@ class ClientSession:
     """
 
     __slots__ = ("serial", "client_id", "client_name", "channel", "capabilities", "client_version",
-                 "connected_at", "remote_addr", "waiters", "rules", "sent_requests", "removing")
+                 "connected_at", "remote_addr", "waiters", "rules", "sent_requests", "removing", "last_status")
 
     _serials = itertools.count(1)
 
@@ -64,6 +64,7 @@ class ClientSession:
         self.rules: dict[str, stats_report.RuleShape] | None = None
         self.sent_requests: dict[str, str | None] = {}
         self.removing: dict[str, str | None] = {}  # removed rule id -> request id of the remove
+        self.last_status: dict[str, tuple] = {}  # rule id -> (state, reason) last applied
 
     def owns(self, rule_id: str) -> bool:
         return self.rules is not None and rule_id in self.rules
@@ -300,10 +301,15 @@ class Hub:
             self._reject(session, problem, f"rule_status {state!r} for rule {rule_id[:64]!r} "
                                            f"(request_id {str(msg.get('request_id'))[:64]!r})")
             return
+        waiters = session.waiters.pop(rule_id, [])
+        if not waiters and session.last_status.get(rule_id) == (state, msg.get("reason")):
+            return  # a repeat nobody waits for: nothing to log, store or resolve
+        session.last_status[rule_id] = (state, msg.get("reason"))
         log.info("rule.status", client_id=session.client_id, rule=rule_id, state=state,
                  reason=msg.get("reason"), request_id=msg.get("request_id"))
         if state == "removed":
             session.removing.pop(rule_id, None)
+            session.last_status.pop(rule_id, None)
         elif state in ("active", "failed"):
             def persist() -> None:
                 try:
@@ -311,7 +317,7 @@ class Hub:
                 except PortunusError:
                     pass  # removed meanwhile
             self.offload.run(persist)
-        for fut in session.waiters.pop(rule_id, []):
+        for fut in waiters:
             if not fut.done():
                 fut.set_result(msg)
 
@@ -443,6 +449,7 @@ class Hub:
         if session.rules is not None:
             session.rules.pop(rule_id, None)
         session.sent_requests.pop(rule_id, None)
+        session.last_status.pop(rule_id, None)
         session.removing[rule_id] = request_id
         while len(session.removing) > MAX_REMOVING:
             session.removing.pop(next(iter(session.removing)))

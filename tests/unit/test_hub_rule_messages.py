@@ -130,3 +130,15 @@ def test_removals_remembered_per_session_are_bounded(hub, session, monkeypatch):
     for i in range(10):
         hub.remove_rule("C2", f"r{i}", None)
     assert list(session.removing) == ["r7", "r8", "r9"]
+
+
+def test_a_repeated_status_nobody_waits_for_is_not_stored_again(hub, session, logbuf):
+    for _ in range(50):
+        hub._on_rule_status(session, status("own", "active"))
+    assert len(hub.persisted) == 1 and len(events(logbuf, "rule.status")) == 1
+    waiter = concurrent.futures.Future()
+    session.waiters["own"] = [waiter]  # a new push waits: the same status resolves it
+    hub._on_rule_status(session, status("own", "active"))
+    assert waiter.done() and len(hub.persisted) == 2
+    hub._on_rule_status(session, status("own", "failed"))
+    assert len(hub.persisted) == 3
