@@ -240,3 +240,25 @@ def test_a_003_store_upgrades_in_place_and_takes_owner_caps(data_dir, monkeypatc
         caps.put(world.edge, "alice", {"rate_limit": CAP})
     with Store.open(data_dir) as again:  # a restart keeps the cap for the reconnect replay
         assert OwnerCapService(again).replay_messages(world.edge)[0]["rate_limit"] == CAP
+
+
+# ---------------------------------------------------------------- the codes issue 13 names
+
+_MODEL_PENDING = pytest.mark.xfail(reason="model.RateLimit still answers validation.rate_limit_invalid here; "
+                                          "docs/rate-limits.md lists the change", strict=False)
+
+
+@pytest.mark.parametrize("rate_limit,code", [
+    pytest.param({"bandwidth_in_bps": 0}, "validation.rate_limit_cap_zero", marks=_MODEL_PENDING),
+    pytest.param({"concurrent_connections": 0}, "validation.rate_limit_cap_zero", marks=_MODEL_PENDING),
+    pytest.param({"bandwidth_in_burst": 100}, "validation.rate_limit_burst_without_rate", marks=_MODEL_PENDING),
+    pytest.param({"bandwidth_out_bps": 1000, "bandwidth_out_burst": 9}, "validation.rate_limit_burst_range",
+                 marks=_MODEL_PENDING),
+    pytest.param({"new_connections_per_sec": 10, "new_connections_burst": 601}, "validation.rate_limit_burst_range",
+                 marks=_MODEL_PENDING),
+    ({"bandwidth_in_bps": None}, "validation.rate_limit_no_caps_provided"),
+])
+def test_the_validation_codes_of_issue_13(w, rate_limit, code):
+    e = refused(code, w.caps.put, "edge-tokyo", "alice", {"rate_limit": rate_limit})
+    assert e.http_status == 400 and e.exit_code == (3 if code.endswith("no_caps_provided") else 2)
+    assert code.endswith("no_caps_provided") or any(name in e.message for name in rate_limit)
