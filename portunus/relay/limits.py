@@ -8,15 +8,19 @@ Every method takes ``now`` (monotonic seconds, the loop's clock), so tests move 
     ticket = book.admit("web", "tcp", now)          # at accept / flow creation
     if isinstance(ticket, str):                     # one of REJECT_REASONS: RST (TCP) or drop (UDP)
         ...
-    n = ticket.grant("in", len(buf), now)           # TCP: how many bytes this read may move now
+    n = ticket.allowance("in", len(buf), now)       # TCP: how many bytes this read may move now
     if n == 0:
         bucket, arm_at = ticket.park("in", pump, now)   # park the read half; arm_at: arm ONE timer
+    else:
+        ticket.spend("in", sock.recv_into(buf, n), now)
     ticket.datagram("out", 1200, now)               # UDP: all or nothing
-    ticket.release()                                # connection / flow closed
+    ticket.release(now)                             # connection / flow closed
 
 One refill timer per bucket: the first pump parked on a bucket gets the instant to arm a timer at;
-the next ones just join its waiter list. When the timer fires, ``bucket.due(now)`` hands back every
-waiter to resume; a pump that still gets nothing parks again (and gets a new instant to arm).
+the next ones just join its waiter list. When the timer fires, ``bucket.due(now, armed_for=when)``
+hands back every waiter to resume (a stale timer resumes nobody); a pump that still gets nothing
+parks again (and gets a new instant to arm). Hot updates and removals return the waiters the relay
+must resume at once.
 
 Tokens are integers scaled by 10^9 and time is integer nanoseconds, so a refill is one exact
 multiplication: 1 B/s and 10 Gbit/s are as precise as each other, and nothing drifts.
@@ -147,8 +151,12 @@ class TokenBucket:
         if not self.waiters:
             self._stop_throttle(now)
 
-    def due(self, now: float) -> list:
-        """The refill timer fired: the waiters to resume, in park order (the list is emptied)."""
+    def due(self, now: float, armed_for: float | None = None) -> list:
+        """The refill timer fired: the waiters to resume, in park order (the list is emptied).
+        ``armed_for`` is the instant the timer was armed at: a stale timer (the bucket re-armed
+        since, after a hot update or removal) resumes nobody, so one bucket never runs two timers."""
+        if armed_for is not None and armed_for != self.timer_due:
+            return []
         self.timer_due = None
         woken = list(self.waiters)
         self.waiters.clear()
@@ -215,18 +223,23 @@ class Limiter:
         return {"client": self.client_id, "rule": self.rule_id or "", "owner": self.owner or ""}
 
     def update(self, cap: RateLimit | None, now: float) -> list:
-        """Apply new caps keeping bucket state; returns the waiters of any bucket that went away
-        (their cap was removed), which the relay must resume."""
+        """Apply new caps keeping bucket state. Returns the parked readers the relay must resume
+        now: those of a bucket that went away (its cap was removed; the counted throttle time is
+        kept) and of a kept bucket whose rate or burst changed (their timer was armed for the old
+        rate; it goes stale and they park again, arming a new one)."""
         self.cap = cap
         c = cap or RateLimit()
         woken = []
         for direction, rate, burst in (("in", c.bandwidth_in_bps, c.bandwidth_in_burst),
                                        ("out", c.bandwidth_out_bps, c.bandwidth_out_burst)):
             old = self.bandwidth[direction]
-            self.bandwidth[direction] = self._rebucket(old, rate, burst, now)
-            if old is not None and self.bandwidth[direction] is None:
+            before = (old.rate, old.burst) if old is not None else None
+            new = self.bandwidth[direction] = self._rebucket(old, rate, burst, now)
+            if old is not None and new is None:
                 woken += old.due(now)
                 self.counters.throttle_seconds_retired[direction] += old.throttle_seconds(now)
+            elif new is not None and before is not None and (new.rate, new.burst) != before:
+                woken += new.due(now)
         self.new_connections = self._rebucket(self.new_connections, c.new_connections_per_sec,
                                               c.new_connections_burst, now)
         return woken
@@ -276,13 +289,14 @@ class Ticket:
     """An admitted connection or flow: the chain of scopes it is accounted to (owner envelope first,
     then the rule). ``release`` gives back its concurrency slots, exactly once."""
 
-    __slots__ = ("chain", "rule", "_owner_live", "_owner", "released")
+    __slots__ = ("chain", "rule", "_owner_live", "_owner", "_parked", "released")
 
     def __init__(self, chain: tuple[Limiter, ...], rule: Limiter, owner_live: dict[str, int]):
         self.chain = chain
         self.rule = rule
         self._owner_live = owner_live
         self._owner = rule.owner
+        self._parked: dict[str, tuple[TokenBucket, object]] = {}
         self.released = False
 
     def _buckets(self, direction: str) -> list[TokenBucket]:
@@ -292,23 +306,30 @@ class Ticket:
     def bandwidth_capped(self) -> bool:
         return any(lim.has_bandwidth_cap for lim in self.chain)
 
-    def grant(self, direction: str, want: int, now: float) -> int:
-        """TCP: how many of ``want`` bytes this read may move now (taken from every bucket)."""
+    def allowance(self, direction: str, want: int, now: float) -> int:
+        """TCP: how many of ``want`` bytes the next read may move now (nothing is taken yet)."""
         buckets = self._buckets(direction)
-        if not buckets:
-            return want
-        n = min(want, *(b.available(now) for b in buckets))
-        for b in buckets:
+        return min(want, *(b.available(now) for b in buckets)) if buckets else want
+
+    def spend(self, direction: str, n: int, now: float) -> None:
+        """The read moved ``n`` bytes (at most the allowance): debit every bucket of the chain."""
+        for b in self._buckets(direction):
             b.take(n, now)
+
+    def grant(self, direction: str, want: int, now: float) -> int:
+        """``allowance`` and ``spend`` at once, for a caller that moves exactly what it is granted."""
+        n = self.allowance(direction, want, now)
+        self.spend(direction, n, now)
         return n
 
     def park(self, direction: str, waiter, now: float) -> tuple[TokenBucket | None, float | None]:
-        """Park a reader that was granted nothing on the bucket that refills last. Returns that
+        """Park a reader that was allowed nothing on the bucket that refills last. Returns that
         bucket and the instant to arm its timer at (None: a timer is already armed, or no bucket)."""
         buckets = self._buckets(direction)
         if not buckets:
             return None, None
         slowest = max(buckets, key=lambda b: b.wait_for(b.wake_quantum(), now))
+        self._parked[direction] = (slowest, waiter)
         return slowest, slowest.park(waiter, now)
 
     def datagram(self, direction: str, size: int, now: float) -> bool:
@@ -326,10 +347,15 @@ class Ticket:
             lim.counters.count_drop(direction)
         return False
 
-    def release(self) -> None:
+    def release(self, now: float) -> None:
+        """The connection or flow closed: give back its concurrency slots (once) and leave any
+        bucket it was parked on."""
         if self.released:
             return
         self.released = True
+        for bucket, waiter in self._parked.values():
+            bucket.unpark(waiter, now)
+        self._parked.clear()
         self.rule.concurrent -= 1
         if self._owner:
             left = self._owner_live[self._owner] - 1

@@ -176,13 +176,13 @@ def test_concurrency_is_released_by_the_ticket_exactly_once():
     book = book_with(cap(concurrent_connections=2))
     a, b = book.admit("web", "tcp", T0), book.admit("web", "tcp", T0)
     assert book.admit("web", "tcp", T0) == "conn_concurrent"
-    a.release()
-    a.release()                              # a second close gives back nothing more
+    a.release(T0)
+    a.release(T0)                              # a second close gives back nothing more
     assert book.rules["web"].concurrent == 1
     c = book.admit("web", "tcp", T0)
     assert isinstance(c, Ticket)
     assert book.admit("web", "tcp", T0) == "conn_concurrent"
-    b.release(), c.release()
+    b.release(T0), c.release(T0)
     assert book.rules["web"].concurrent == 0 and book.owner_active("alice") == 0
 
 
@@ -201,7 +201,7 @@ def test_the_owner_envelope_is_shared_by_the_owners_rules():
     assert book.admit("ssh", "tcp", T0) == "owner_concurrent"
     assert book.rules["ssh"].counters.rejects["owner_concurrent"] == 1
     assert isinstance(book.admit("bob-web", "tcp", T0), Ticket)  # another owner's rule is not in it
-    tickets[0].release()
+    tickets[0].release(T0)
     assert isinstance(book.admit("ssh", "tcp", T0), Ticket)
 
 
@@ -229,7 +229,7 @@ def test_an_owner_cap_installed_later_counts_connections_already_live():
     book.set_owner_cap("alice", cap(concurrent_connections=2), T0)
     assert book.admit("web", "tcp", T0) == "owner_concurrent"    # 3 live >= 2: refuse new, close none
     for t in live:
-        t.release()
+        t.release(T0)
     assert isinstance(book.admit("web", "tcp", T0), Ticket)
 
 
@@ -242,9 +242,9 @@ def test_lowering_concurrency_below_the_live_count_refuses_new_and_closes_none()
     assert book.admit("web", "tcp", T0) == "conn_concurrent"
     assert all(not t.released for t in live) and book.rules["web"].concurrent == 5
     for t in live[:3]:
-        t.release()
+        t.release(T0)
     assert book.admit("web", "tcp", T0) == "conn_concurrent"     # 2 live, cap 2
-    live[3].release()
+    live[3].release(T0)
     assert isinstance(book.admit("web", "tcp", T0), Ticket)
 
 
@@ -331,7 +331,7 @@ def test_removing_a_rule_resumes_readers_parked_on_it():
     t.grant("in", 10, T0)
     t.park("in", "pump", T0)
     assert book.remove_rule("web", T0) == ["pump"]
-    t.release()                                                  # a late close of a drained connection
+    t.release(T0)                                                  # a late close of a drained connection
 
 
 def test_metric_samples_carry_the_spec_labels():
@@ -377,3 +377,48 @@ def test_the_book_decides_splice_with_the_owners_current_cap():
     assert not book.splice_allowed(r, linux=True, disabled=False)
     book.set_owner_cap("alice", cap(new_connections_per_sec=3), T0)   # hot update to a connection cap
     assert book.splice_allowed(r, linux=True, disabled=False)
+
+
+# ---------------------------------------------------------------- timers and parked readers across changes
+
+def test_allowance_takes_nothing_until_the_read_says_what_it_moved():
+    book = book_with(cap(bandwidth_in_bps=1000))
+    t = book.admit("web", "tcp", T0)
+    assert t.allowance("in", 4096, T0) == 1000
+    assert t.allowance("in", 4096, T0) == 1000     # a peek, not a take
+    t.spend("in", 300, T0)                         # the socket had only 300 bytes
+    assert t.allowance("in", 4096, T0) == 700
+
+
+def test_a_stale_timer_resumes_nobody_so_a_bucket_never_runs_two_timers():
+    book = book_with(cap(bandwidth_in_bps=100))
+    t = book.admit("web", "tcp", T0)
+    t.grant("in", 100, T0)
+    bucket, first = t.park("in", "pump", T0)
+    woken = book.set_rule("web", owner="alice", cap=cap(bandwidth_in_bps=10_000), now=T0 + 0.001)
+    assert woken == ["pump"]                       # the faster rate must not wait for the old timer
+    assert t.allowance("in", 10_000, T0 + 0.001) == 0
+    _, second = t.park("in", "pump", T0 + 0.001)
+    assert second is not None and second != first
+    assert bucket.due(first, armed_for=first) == []            # the old timer fires: stale
+    assert bucket.due(second, armed_for=second) == ["pump"]
+    assert t.allowance("in", 10_000, second) >= 1
+
+
+def test_an_unchanged_hot_update_leaves_parked_readers_alone():
+    book = book_with(cap(bandwidth_in_bps=100, concurrent_connections=5))
+    t = book.admit("web", "tcp", T0)
+    t.grant("in", 100, T0)
+    t.park("in", "pump", T0)
+    assert book.set_rule("web", owner="alice", cap=cap(bandwidth_in_bps=100, concurrent_connections=9),
+                         now=T0) == []
+
+
+def test_closing_a_parked_connection_leaves_the_waiter_list():
+    book = book_with(cap(bandwidth_out_bps=100))
+    t = book.admit("web", "tcp", T0)
+    t.grant("out", 100, T0)
+    bucket, _ = t.park("out", "pump", T0)
+    t.release(T0 + 0.5)
+    assert bucket.waiters == {} and bucket.due(T0 + 1) == []
+    assert bucket.throttle_seconds(T0 + 3) == pytest.approx(0.5)
