@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import PortunusError
-from ..model import Rule, UDP_FLOW_IDLE_BOUNDS, UDP_MAX_FLOWS_BOUNDS
+from ..model import Rule, UDP_FLOW_IDLE_BOUNDS, UDP_MAX_FLOWS_BOUNDS, port_conflict
 from ..server.config import parse_toml, shown
 
 LOG_FORMATS = ("json", "compact")        # the one vocabulary of every role (SPEC §4.1)
@@ -21,7 +21,7 @@ _GLOBAL = {"label", "log_level", "log_format", "shutdown_drain_secs", "dns_serve
 _DEFAULTS = {"protocol", "udp_max_flows", "udp_flow_idle_secs", "prefer_ipv6"}
 _STATS = {"socket_path", "refresh_ms"}
 _RULE = {"name", "protocol", "listen_port", "listen_ports", "listen_host", "target", "targets",
-         "prefer_ipv6", "udp_max_flows", "udp_flow_idle_secs"}
+         "prefer_ipv6", "udp_max_flows", "udp_flow_idle_secs", "sni_pattern"}
 _TARGET = {"host", "port", "priority", "proxy_protocol"}
 
 
@@ -184,6 +184,7 @@ def parse(doc: dict, path: str = "<config>") -> StandaloneConfig:
             "prefer_ipv6": r.get("prefer_ipv6", default_v6),
             "udp_max_flows": r.get("udp_max_flows"),
             "udp_flow_idle_secs": r.get("udp_flow_idle_secs"),
+            "sni_pattern": r.get("sni_pattern"),
         }
         try:
             rule = Rule.from_dict({k: v for k, v in spec.items() if v is not None},
@@ -196,13 +197,12 @@ def parse(doc: dict, path: str = "<config>") -> StandaloneConfig:
 
 
 def _check_overlaps(path: str, rules: list[Rule]) -> None:
-    """Two rules may not listen on one (protocol, port) unless their listen hosts differ."""
-    seen: dict[tuple, list[tuple[str, str]]] = {}
-    wildcard = ("0.0.0.0", "::")
-    for rule in rules:
-        for port in rule.listen_ports:
-            for host, other in seen.get((rule.protocol, port), []):
-                if host == rule.listen_host or host in wildcard or rule.listen_host in wildcard:
-                    raise _err(path, f"[[rule]] {rule.rule_id!r}",
-                               f"{rule.protocol} port {port} is also used by rule {other!r}")
-            seen.setdefault((rule.protocol, port), []).append((rule.listen_host, rule.rule_id))
+    """The server's port rules (SPEC §2.8), in file order: the first rule on a TCP port sets its mode.
+
+    Two rules may not listen on one (protocol, port) unless their listen hosts differ,
+    except on an SNI port: distinct patterns and one plain fallback share it.
+    """
+    for i, rule in enumerate(rules):
+        error = port_conflict(rule, ((other, True) for other in rules[:i]))
+        if error is not None:
+            raise _err(path, f"[[rule]] {rule.rule_id!r}", f"{error.code}: {error.message.replace(' on this client', '')}")

@@ -155,8 +155,30 @@ def listen_text(rule: dict) -> str:
     host = _str(rule, "listen_host", "0.0.0.0")
     ports = _str(rule, "listen", "?")
     if host in ("0.0.0.0", ""):
-        return f"*:{ports}"
-    return f"[{host}]:{ports}" if ":" in host else f"{host}:{ports}"
+        text = f"*:{ports}"
+    else:
+        text = f"[{host}]:{ports}" if ":" in host else f"{host}:{ports}"
+    return text + sni_text(rule)
+
+
+def sni_text(rule: dict) -> str:
+    """' sni <pattern>' for an SNI rule, ' sni fallback' for the plain rule of an SNI port, else ''."""
+    pattern = _str(rule, "sni_pattern")
+    if pattern:
+        return f" sni {pattern}"
+    listener = rule.get("sni_listener")
+    return " sni fallback" if isinstance(listener, dict) and listener.get("mode") == "sni" else ""
+
+
+def _sni_facts(rule: dict) -> str:
+    routes = rule.get("sni_routes") if isinstance(rule.get("sni_routes"), dict) else {}
+    listener = rule.get("sni_listener") if isinstance(rule.get("sni_listener"), dict) else {}
+    if not routes and not listener:
+        return ""
+    return (f"sni routed exact {_int(routes, 'exact')} wildcard {_int(routes, 'wildcard')} fallback "
+            f"{_int(routes, 'fallback')}  port: routes {_int(listener, 'routes_active')} misses "
+            f"{_int(listener, 'misses')} parse failures {_int(listener, 'parse_failures')} hello timeouts "
+            f"{_int(listener, 'hello_timeouts')} reset {_int(listener, 'reads_reset')}")
 
 
 def targets_text(rule: dict) -> str:
@@ -252,8 +274,11 @@ def _detail_lines(dash: Dashboard, rule: dict, width: int) -> list[tuple[str, st
              f"{_int(rule, 'connect_failures')}  dns failures {_int(rule, 'dns_failures')}  flows dropped "
              f"{_int(rule, 'flows_dropped_overflow')}  send dropped {_int(rule, 'send_dropped')}  failovers "
              f"{_int(rule, 'target_failovers_total')}")
-    out = [(_fit(head, width), TITLE), (_fit(facts, width), NORMAL),
-           (_fit(_table_line([t for t, _, _ in PORT_COLUMNS], PORT_COLUMNS), width), HEADER)]
+    out = [(_fit(head, width), TITLE), (_fit(facts, width), NORMAL)]
+    sni = _sni_facts(rule)
+    if sni:
+        out.append((_fit(sni, width), NORMAL))
+    out.append((_fit(_table_line([t for t, _, _ in PORT_COLUMNS], PORT_COLUMNS), width), HEADER))
     ports = _rows(rule.get("per_port"))
     shown = _busiest_ports(dash, rid, ports)
     for p in shown:
