@@ -65,6 +65,8 @@ class Handler(DeadlineRequestHandler):
             request_id = secrets.token_hex(8)
         path = _v1_path(self.path)
         if path is None:
+            if self._body_pending():
+                self.close_connection = True  # static answers never read a body
             if static.serve(self):
                 return
             shown = self.path.split("?", 1)[0][:200]

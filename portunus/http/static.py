@@ -46,7 +46,7 @@ def resolve(target: str) -> tuple[str, bytes] | None:
         node = node.joinpath(p)
     try:
         data = node.read_bytes()
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, OSError):
+    except (OSError, ValueError):  # no such file, a directory, a name too long, or a NUL in the name
         return None
     ext = posixpath.splitext(parts[-1])[1].lower()
     return TYPES.get(ext) or mimetypes.guess_type(parts[-1])[0] or "application/octet-stream", data

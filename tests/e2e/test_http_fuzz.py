@@ -31,7 +31,8 @@ METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE", 
 PATHS = ["/v1/auth/status", "/v1/client-enrollments", "/v1/clients", "/v1/clients/{id}", "/v1/clients/{id}/name",
          "/v1/clients/{id}/enrollment", "/v1/clients/{id}/revoke", "/v1/rules", "/v1/rules/{id}",
          "/v1/rules/{id}/stats", "/v1/rules/{id}/stats/stream", "/v1/settings/advertised-endpoint", "/v1/audit",
-         "/v1/metrics", "/v1/openapi.json", "/v1", "/v1/", "/", "*", "/v1/nothing", "/v1//clients", "/metrics"]
+         "/v1/metrics", "/v1/openapi.json", "/v1", "/v1/", "/", "*", "/v1/nothing", "/v1//clients", "/metrics",
+         "/index.html", "/js/app.js", "/a%00.js", "/%2e%2e/%2e%2e/etc/passwd", "/.hidden", "/x/" + "y" * 300 + ".css"]
 IDS = [ULID, "edge-fuzz", "{client}", "%00", "%ff%fe", "..", "%2e%2e%2f", "\x80\xff", "a" * 3000, "", "é", "%F0%9F%98%80",
        "-1", "0", "9" * 30, "%ud800", "null"]
 QUERY_KEYS = ["limit", "cursor", "since", "until", "outcome", "per_port", "per_target", "client", "owner", "x"]

@@ -292,6 +292,12 @@ def test_garbled_request_lines_are_json_400(server, line):
     assert json.loads(body)["error"]["code"] == "bad_request"
 
 
+@pytest.mark.parametrize("path", ["/a%00.js", "/%2e%2e/%2e%2e/etc/passwd.js", "/" + "n" * 5000 + ".js", "/.env"])
+def test_hostile_static_paths_are_404_json(server, path):
+    res = server.raw(request("GET", path, headers=""))
+    assert res is not None and res[0] == 404 and res[1]["content-type"] == "application/json", res
+
+
 def test_too_many_headers_on_v1_is_json_400_and_audited(server):
     many = "".join(f"X-{i}: y\r\n" for i in range(150))
     assert_json_4xx(server, request("GET", "/v1/clients", headers=AUTH + many), 400, "bad_request")
