@@ -20,6 +20,9 @@ from . import identity as identity_cli
 from .api_client import ApiClient, quote, running_server_url
 from .output import human_bytes, listen_text, print_json, rule_caps, table, target_text
 
+# the names cli/identity.py reaches through this module; they live in output.py, api_client.py and store/backup.py
+_print_json, _table, _q, _open_offline = print_json, table, quote, store_backup.open_offline
+
 
 def _api_url(args) -> str | None:
     if args.server:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 
 from .. import __version__
@@ -19,6 +20,7 @@ from ..store.db import Store
 from ..sysinfo import raise_nofile_limit
 from . import config as server_config
 from .core import ServerCore, validate_seed_endpoint
+from .identity import IdentityService
 
 RUNTIME_FILE = "serve.json"
 
@@ -58,6 +60,7 @@ def serve(data_dir: str, *, advertised_endpoint: str | None = None, ready_event:
         log.warn("startup.no_superadmin",
                  hint="stop the server and run `portunus-server bootstrap-superadmin --name NAME`, or set "
                       "operator_token in server.toml; until then /v1 answers 503 bootstrap_required")
+    setup_token = IdentityService(store).start_onboarding()
 
     loop = Loop()
     hub = Hub(loop, server_context(cert), store, cfg)
@@ -108,6 +111,9 @@ def serve(data_dir: str, *, advertised_endpoint: str | None = None, ready_event:
     if endpoint["effective"] is None:
         log.error("startup.advertised_endpoint_invalid", source=endpoint["source"], code=endpoint["error"].code,
                   reason=endpoint["diagnostic"], effect="enrollment creation is refused until this is fixed")
+    if setup_token:
+        # the one place the setup token is shown (never in a log line): stderr, for the operator at the console
+        print(f"Portunus onboarding setup token: {setup_token}", file=sys.stderr, flush=True)
     log.info("server.ready", **info, advertised_endpoint=endpoint["effective"],
              advertised_endpoint_source=endpoint["source"])
     if ready_event is not None:
