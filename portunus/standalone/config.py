@@ -204,5 +204,10 @@ def _check_overlaps(path: str, rules: list[Rule]) -> None:
     """
     for i, rule in enumerate(rules):
         error = port_conflict(rule, ((other, True) for other in rules[:i]))
-        if error is not None:
-            raise _err(path, f"[[rule]] {rule.rule_id!r}", f"{error.code}: {error.message.replace(' on this client', '')}")
+        if error is None:
+            continue
+        where = f"[[rule]] {rule.rule_id!r}"
+        if error.code == "port_in_use":
+            raise _err(path, where, f"{rule.protocol} port {error.fields['port']} is also used by rule "
+                                    f"{error.fields['rule_id']!r}")
+        raise _err(path, where, f"{error.code}: {error.message.replace(' on this client', '')}")

@@ -155,19 +155,17 @@ def listen_text(rule: dict) -> str:
     host = _str(rule, "listen_host", "0.0.0.0")
     ports = _str(rule, "listen", "?")
     if host in ("0.0.0.0", ""):
-        text = f"*:{ports}"
-    else:
-        text = f"[{host}]:{ports}" if ":" in host else f"{host}:{ports}"
-    return text + sni_text(rule)
+        return f"*:{ports}"
+    return f"[{host}]:{ports}" if ":" in host else f"{host}:{ports}"
 
 
 def sni_text(rule: dict) -> str:
-    """' sni <pattern>' for an SNI rule, ' sni fallback' for the plain rule of an SNI port, else ''."""
+    """'sni <pattern> ' for an SNI rule, 'sni fallback ' for the plain rule of an SNI port, else ''."""
     pattern = _str(rule, "sni_pattern")
     if pattern:
-        return f" sni {pattern}"
+        return f"sni {pattern} -> "
     listener = rule.get("sni_listener")
-    return " sni fallback" if isinstance(listener, dict) and listener.get("mode") == "sni" else ""
+    return "sni fallback -> " if isinstance(listener, dict) and listener.get("mode") == "sni" else ""
 
 
 def _sni_facts(rule: dict) -> str:
@@ -184,8 +182,8 @@ def _sni_facts(rule: dict) -> str:
 def targets_text(rule: dict) -> str:
     labels = _labels(rule)
     if not labels:
-        return "?"
-    return labels[0] if len(labels) == 1 else f"{labels[0]} +{len(labels) - 1}"
+        return sni_text(rule) + "?"
+    return sni_text(rule) + (labels[0] if len(labels) == 1 else f"{labels[0]} +{len(labels) - 1}")
 
 
 def _live(rule: dict) -> int:
@@ -266,7 +264,8 @@ MAX_DETAIL_PORTS = 16
 
 def _detail_lines(dash: Dashboard, rule: dict, width: int) -> list[tuple[str, str]]:
     rid = _str(rule, "rule_id")
-    head = (f"rule {rid!r}: {_str(rule, 'protocol')} {listen_text(rule)} -> {', '.join(_labels(rule)) or '?'}"
+    head = (f"rule {rid!r}: {_str(rule, 'protocol')} {listen_text(rule)} {sni_text(rule) or '-> '}"
+            f"{', '.join(_labels(rule)) or '?'}"
             f"  state {_str(rule, 'state', '?')}")
     if _str(rule, "reason"):
         head += f" ({_str(rule, 'reason')})"

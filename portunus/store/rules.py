@@ -116,10 +116,11 @@ def update_rule_spec(store: Store, rule: Rule) -> dict:
     """Replace a stored rule's spec (e.g. a new rate_limit); its listen side may not change."""
     with store.write() as conn:
         old = _get(conn, rule.rule_id)
-        if (old["protocol"], old["listen_host"], old["listen_port"], old["listen_port_end"]) != \
-                (rule.protocol, rule.listen_host, rule.listen_port, rule.listen_port_end):
+        # the port mode checks (SPEC §2.8) ran at insert: what they looked at may not change here
+        if (old["protocol"], old["listen_host"], old["listen_port"], old["listen_port_end"], old["sni_pattern"]) != \
+                (rule.protocol, rule.listen_host, rule.listen_port, rule.listen_port_end, rule.sni_pattern):
             raise PortunusError("validation.listen_immutable",
-                                f"rule {rule.rule_id}: protocol and listen address cannot change; "
+                                f"rule {rule.rule_id}: protocol, listen address and sni_pattern cannot change; "
                                 f"delete the rule and push a new one")
         if rule.owner != old["owner"]:
             rule = replace(rule, owner=old["owner"])

@@ -730,3 +730,44 @@ def test_active_health_checks_are_tcp_only():
                         "health_check_interval_secs": 5})
     assert e.value.code == "validation.health_check_on_unsupported_rule"
     assert "TCP rules only" in e.value.message
+
+
+# ---------------------------------------------------------------- port modes (SPEC §2.8)
+
+def _on(port, rule_id, **kw):
+    from portunus.model import Rule
+    return Rule.from_dict({"rule_id": rule_id, "listen_port": port, "target": "10.0.0.9:443", **kw})
+
+
+def _conflict(new, *others):
+    from portunus.model import port_conflict
+    err = port_conflict(new, [(o, True) for o in others])
+    return None if err is None else (err.code, err.fields.get("rule_id"))
+
+
+def test_port_modes_the_first_rule_decides():
+    sni_a = _on(443, "a", sni_pattern="a.example.com")
+    plain = _on(443, "p")
+    assert _conflict(plain, sni_a) is None  # the fallback
+    assert _conflict(_on(443, "p2"), sni_a, plain) == ("conflict.sni_fallback_duplicate", "p")
+    assert _conflict(_on(443, "b", sni_pattern="*.example.com"), sni_a, plain) is None
+    assert _conflict(_on(443, "a2", sni_pattern="A.Example.com"), sni_a) == ("conflict.sni_route_duplicate", "a")
+    assert _conflict(_on(443, "s", sni_pattern="a.example.com"), plain) == ("conflict.legacy_to_sni_unsupported", "p")
+    assert _conflict(_on(443, "p2"), plain) == ("port_in_use", "p")
+
+
+def test_port_modes_only_same_host_single_port_tcp_rules_share():
+    sni_a = _on(443, "a", sni_pattern="a.example.com")
+    assert _conflict(_on(443, "h", sni_pattern="b.example.com", listen_host="10.0.0.1"), sni_a) == ("port_in_use", "a")
+    rng = _on("440-450", "r", target="10.0.0.9:440-450")
+    assert _conflict(rng, sni_a) == ("port_in_use", "a")
+    assert _conflict(_on(443, "u", protocol="udp"), sni_a) is None  # another protocol, another port
+    assert _conflict(_on(8443, "o", sni_pattern="a.example.com"), sni_a) is None
+
+
+def test_port_modes_pending_rules_do_not_decide_when_a_counting_one_exists():
+    from portunus.model import port_conflict
+    sni_pending, plain_active = _on(443, "s", sni_pattern="a.example.com"), _on(443, "p")
+    err = port_conflict(_on(443, "n", sni_pattern="b.example.com"), [(sni_pending, False), (plain_active, True)])
+    assert err.code == "conflict.legacy_to_sni_unsupported"
+    assert port_conflict(_on(443, "n", sni_pattern="b.example.com"), [(sni_pending, True), (plain_active, True)]) is None

@@ -200,3 +200,22 @@ def test_a_malformed_snapshot_renders_instead_of_crashing(dash):
 def test_units_and_ascii_fallback():
     assert [human_bytes(n) for n in (0, 1023, 1024, 5 * 1024**3)] == ["0 B", "1023 B", "1.0 KiB", "5.0 GiB"]
     assert to_ascii("reconnecting… a → b") == "reconnecting... a -> b"
+
+
+def test_sni_rules_show_their_pattern_the_fallback_and_the_routing_counters(dash):
+    listener = {"mode": "sni", "routes_active": 2, "misses": 4, "parse_failures": 3, "hello_timeouts": 1,
+                "reads_reset": 0}
+    dash.update(snap(rule("site-a", listen="443", sni_pattern="a.example.com", listener=None,
+                          sni_routes={"exact": 7, "wildcard": 0, "fallback": 0}, sni_listener=listener),
+                     rule("catch-all", listen="443", sni_pattern=None,
+                          sni_routes={"exact": 0, "wildcard": 0, "fallback": 2}, sni_listener=listener),
+                     rule("plain", listen="8080")), now=0)
+    lines = render(dash, 200, 40)
+    assert "*:443" in row_of(lines, "site-a") and "sni a.example.com -> 10.0.0.5:80" in row_of(lines, "site-a")
+    assert "sni fallback -> 10.0.0.5:80" in row_of(lines, "catch-all")
+    assert "sni" not in row_of(lines, "plain")
+    dash.press("enter")
+    detail = text(render(dash, 200, 40))
+    assert "rule 'site-a': tcp *:443 sni a.example.com -> 10.0.0.5:80  state active" in detail
+    assert "sni routed exact 7 wildcard 0 fallback 0" in detail
+    assert "misses 4 parse failures 3 hello timeouts 1" in detail

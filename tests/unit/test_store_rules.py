@@ -349,3 +349,13 @@ def test_update_rule_spec_changes_the_rate_limit_not_the_listen_side(store, clie
     with pytest.raises(PortunusError) as ei:
         rules.update_rule_spec(store, replace(r, listen_port=9090, listen_port_end=9090))
     assert ei.value.code == "validation.listen_immutable"
+
+
+def test_update_rule_spec_cannot_change_the_sni_pattern(store, client):
+    from dataclasses import replace
+    r = make(443, sni_pattern="a.example.com")
+    rules.insert_rule(store, r, client, None)
+    rules.insert_rule(store, make(443, sni_pattern="b.example.com"), client, None)
+    with pytest.raises(PortunusError) as ei:
+        rules.update_rule_spec(store, replace(r, sni_pattern="b.example.com"))  # would dodge the duplicate check
+    assert ei.value.code == "validation.listen_immutable" and "sni_pattern" in ei.value.message
