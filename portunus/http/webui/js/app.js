@@ -1,7 +1,7 @@
 // Boot, session, client-side routing and the page frame. Pages live in pages/*.js and
 // register themselves; this file only decides which one shows and who may see it.
 import { get, post, setAuthProblemHandler } from "./api.js";
-import { h, clear } from "./dom.js";
+import { add, h, clear } from "./dom.js";
 import { setLanguage, storedLanguage, t } from "./i18n.js";
 import { matchPage, pages } from "./registry.js";
 import { applyTheme, storedTheme } from "./theme.js";
@@ -41,7 +41,7 @@ export function flash(message, kind = "info") {
   const box = document.getElementById("flash");
   const note = h(`p.flash.${kind}`, message, h("button.link", { type: "button", "aria-label": t("common.dismiss"),
     onclick: () => note.remove() }, "×"));
-  box.append(note);
+  add(box, note);
   setTimeout(() => note.remove(), kind === "error" ? 10000 : 5000);
 }
 
@@ -75,11 +75,11 @@ function renderNav(current) {
   for (const page of pages) {
     if (!page.nav || (page.role === "superadmin" && !isSuperadmin())) continue;
     const active = current && (current.page === page || current.page.navParent === page.path);
-    list.append(h("li", h("a", { href: page.path, "aria-current": active ? "page" : null }, t(page.title))));
+    add(list, h("li", h("a", { href: page.path, "aria-current": active ? "page" : null }, t(page.title))));
   }
-  nav.append(list);
+  add(nav, list);
   const who = clear(document.getElementById("who"));
-  who.append(h("span.user", session.user.display_name || session.user.user_id),
+  add(who, h("span.user", session.user.display_name || session.user.user_id),
     h("span.role", t(`role.${session.user.role}`)),
     h("button.link", { type: "button", onclick: logout, id: "logout" }, t("nav.logout")));
 }
@@ -101,7 +101,7 @@ export async function render() {
   const main = document.getElementById("main");
   if (!session.known) {
     try { await refreshSession(); } catch (e) {
-      clear(main).append(h("p.form-error", t("error.server_unreachable"), " ", e.message));
+      add(clear(main), h("p.form-error", t("error.server_unreachable"), " ", e.message));
       return;
     }
   }
@@ -113,23 +113,25 @@ export async function render() {
   closeMenu();
   clear(main);
   if (!match) {
-    main.append(h("h1", t("error.not_found_title")), h("p", t("error.not_found_page")), h("a", { href: "/" }, t("nav.dashboard")));
+    add(main, h("h1", t("error.not_found_title")), h("p", t("error.not_found_page")), h("a", { href: "/" }, t("nav.dashboard")));
     document.title = "Portunus";
     return;
   }
   if (match.page.role === "superadmin" && !isSuperadmin()) {
-    main.append(h("h1", t("error.forbidden_title")), h("p", t("error.role_required")));
+    add(main, h("h1", t("error.forbidden_title")), h("p", t("error.role_required")));
     return;
   }
   document.title = `${t(match.page.title)} · Portunus`;
   const ctx = { session, navigate, flash, refreshSession, isSuperadmin, rerender: render };
   try {
     const result = await match.page.render(main, match.params, ctx);
+    // bench/webui.py and the browser tests read this mark: the page is drawn with its data
+    performance.mark("portunus:rendered", { detail: location.pathname });
     if (seq === renderSeq) cleanup = typeof result === "function" ? result : null;
     else if (typeof result === "function") result();
   } catch (e) {
     if (seq === renderSeq && !["unauthenticated", "password_change_required", "bootstrap_required"].includes(e.code)) {
-      main.append(h("p.form-error", { role: "alert" }, e.message || String(e)));
+      add(main, h("p.form-error", { role: "alert" }, e.message || String(e)));
     }
   }
 }

@@ -1,5 +1,5 @@
 // A small hand-written SVG line chart: a few series over the same x axis, scaled to the max.
-import { h } from "./dom.js";
+import { add, h } from "./dom.js";
 
 const NS = "http://www.w3.org/2000/svg";
 function svg(tag, attrs = {}) {
@@ -9,26 +9,26 @@ function svg(tag, attrs = {}) {
 }
 
 // series: [{label, values: [number], className}]; formatY(number) -> axis text
-export function lineChart(series, { width = 600, height = 160, formatY = String, title = "" } = {}) {
-  const pad = { left: 64, right: 8, top: 8, bottom: 18 };
+export function lineChart(series, { width = 900, height = 220, formatY = String, title = "", minMax = 1 } = {}) {
+  const pad = { left: 84, right: 8, top: 10, bottom: 10 };
   const n = Math.max(2, ...series.map((s) => s.values.length));
-  const max = Math.max(1, ...series.flatMap((s) => s.values));
+  const max = Math.max(minMax, ...series.flatMap((s) => s.values));
   const x = (i) => pad.left + (i * (width - pad.left - pad.right)) / (n - 1);
   const y = (v) => pad.top + (1 - v / max) * (height - pad.top - pad.bottom);
   const root = svg("svg", { viewBox: `0 0 ${width} ${height}`, class: "chart", role: "img",
-    preserveAspectRatio: "none", "aria-label": title });
+    "aria-label": title });
   for (const frac of [0, 0.5, 1]) {
     const yy = y(max * frac);
-    root.append(svg("line", { x1: pad.left, x2: width - pad.right, y1: yy, y2: yy, class: "grid" }));
+    add(root, svg("line", { x1: pad.left, x2: width - pad.right, y1: yy, y2: yy, class: "grid" }));
     const label = svg("text", { x: pad.left - 6, y: yy + 4, "text-anchor": "end", class: "axis" });
     label.textContent = formatY(max * frac);
-    root.append(label);
+    add(root, label);
   }
   for (const s of series) {
     if (!s.values.length) continue;
     const offset = n - s.values.length;
     const points = s.values.map((v, i) => `${x(i + offset).toFixed(1)},${y(v).toFixed(1)}`).join(" ");
-    root.append(svg("polyline", { points, class: `line ${s.className || ""}`, fill: "none" }));
+    add(root, svg("polyline", { points, class: `line ${s.className || ""}`, fill: "none" }));
   }
   const legend = h("ul.legend", series.map((s) => h("li", h(`span.swatch.${s.className || ""}`), s.label)));
   return h("figure.chart-box", root, legend);

@@ -1,5 +1,5 @@
 // DOM helpers: elements are built from data, never from HTML strings, so server text can
-// never become markup (no innerHTML anywhere in the UI).
+// never become markup (no HTML-string APIs anywhere in the UI).
 import { t } from "./i18n.js";
 
 let uid = 0;
@@ -34,6 +34,9 @@ export function append(el, children) {
   }
   return el;
 }
+
+// el.append that skips null/undefined/false (the DOM's own append would print "null")
+export function add(el, ...children) { return append(el, children); }
 
 export function clear(el) { while (el.firstChild) el.removeChild(el.firstChild); return el; }
 

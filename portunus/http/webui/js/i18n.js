@@ -29,7 +29,7 @@ export async function setLanguage(code, { remember = true } = {}) {
   if (remember) localStorage.setItem(STORAGE_KEY, code);
 }
 
-// t("rules.count", {n: 3}) -> the bundle's text with {n} filled in
+// t("rule.count", {shown: 3, total: 9}) -> the bundle's text with {n} filled in
 export function t(key, vars) {
   let text = bundle[key] ?? fallback[key] ?? key;
   if (vars) text = text.replace(/\{(\w+)\}/g, (m, name) => (name in vars ? String(vars[name]) : m));

@@ -1,7 +1,7 @@
 // Audit (superadmin): newest first, live auto-refresh of the newest rows, "load earlier" with the
 // cursor, outcome filter, NDJSON download of what is loaded.
 import { get } from "../api.js";
-import { h, clear, select, field, button, badge, table, fmtTime, downloadText } from "../dom.js";
+import { add, h, clear, select, field, button, badge, table, fmtTime, downloadText } from "../dom.js";
 import { errorText } from "../forms.js";
 import { t } from "../i18n.js";
 import { registerPage } from "../registry.js";
@@ -20,7 +20,7 @@ registerPage({
     const count = h("p.count#audit-count", { "aria-live": "polite" });
     let entries = [];
     let cursor = null;
-    root.append(h("div.title-row", h("h1", t("nav.audit")),
+    add(root, h("div.title-row", h("h1", t("nav.audit")),
       button(t("audit.download"), () => downloadText(`portunus-audit-${new Date().toISOString().slice(0, 19)}.ndjson`,
         entries.map((e) => JSON.stringify(e)).join("\n") + (entries.length ? "\n" : "")), { class: "secondary", id: "audit-download" })),
     h("div.toolbar", field(t("audit.outcome"), outcome), h("label.check", live, " ", t("audit.live"))),
@@ -30,7 +30,7 @@ registerPage({
 
     function draw() {
       const cols = [t("audit.time"), t("audit.actor"), t("audit.method"), t("audit.path"), t("audit.outcome"), t("audit.reason")];
-      clear(listBox).append(table(cols, entries.map((e) => [fmtTime(e.timestamp), e.actor, e.method, h("span.mono.wrap", e.path),
+      add(clear(listBox), table(cols, entries.map((e) => [fmtTime(e.timestamp), e.actor, e.method, h("span.mono.wrap", e.path),
         badge(e.outcome, e.outcome === "allow" ? "ok" : "bad"), e.reason || "–"]), { caption: t("nav.audit"), empty: t("audit.none") }));
       count.textContent = t("audit.count", { n: entries.length });
       more.hidden = cursor === null;

@@ -1,6 +1,6 @@
 // Onboarding (setup token -> first superadmin), login, change password.
 import { post } from "../api.js";
-import { h, field, input, setFieldError } from "../dom.js";
+import { add, h, field, input, setFieldError } from "../dom.js";
 import { showApiError, byCode, onSubmit } from "../forms.js";
 import { t } from "../i18n.js";
 import { registerPage } from "../registry.js";
@@ -48,7 +48,7 @@ registerPage({
           "conflict.user_exists": userId }));
       }
     });
-    root.append(card(t("auth.onboarding_title"), h("p", t("auth.onboarding_intro")), form));
+    add(root, card(t("auth.onboarding_title"), h("p", t("auth.onboarding_intro")), form));
   },
 });
 
@@ -72,7 +72,7 @@ registerPage({
         showApiError(form, err);
       }
     });
-    root.append(card(t("auth.login_title"), notice, form));
+    add(root, card(t("auth.login_title"), notice, form));
     userId.focus();
   },
 });
@@ -102,7 +102,7 @@ registerPage({
       if (ctx.session.user) ctx.session.user.password_change_required = false;
       ctx.navigate(ctx.session.user ? "/" : "/login", { replace: true });
     });
-    root.append(card(t("auth.password_title"),
+    add(root, card(t("auth.password_title"),
       forced ? h("p.notice", { role: "status", id: "password-forced" }, t("auth.password_forced")) : null, form));
   },
 });

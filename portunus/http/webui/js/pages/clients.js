@@ -1,7 +1,7 @@
 // Clients: list with connected state, version, capabilities, address; enroll with a one-time
 // command reveal (copy + expiry countdown), rename, address, re-enroll, revoke, delete, show revoked.
 import { get, post, put, patch, del, enc } from "../api.js";
-import { h, clear, field, input, button, badge, table, fmtTime, confirmDialog, formDialog, copyButton,
+import { add, h, clear, field, input, button, badge, table, fmtTime, confirmDialog, formDialog, copyButton,
   setFieldError } from "../dom.js";
 import { showApiError, byCode, onSubmit, errorText } from "../forms.js";
 import { t } from "../i18n.js";
@@ -74,11 +74,11 @@ registerPage({
     function reveal(result) {
       if (revealed) revealed.stop();
       revealed = revealBox(result, () => { revealed = null; });
-      clear(revealHolder).append(revealed);
+      add(clear(revealHolder), revealed);
       revealed.querySelector("button.copy").focus();
       refresh();
     }
-    root.append(h("h1", t("nav.clients")),
+    add(root, h("h1", t("nav.clients")),
       admin ? h("section.panel", h("h2", t("client.enroll_title")), enrollForm(reveal)) : null,
       revealHolder,
       h("div.toolbar", h("label.check", showRevoked, " ", t("client.show_revoked"))),
@@ -95,16 +95,16 @@ registerPage({
     function actions(c) {
       if (!admin) return "";
       const cell = h("div.row-actions");
-      cell.append(button(t("client.rename"), () => formDialog(t("client.rename_title", { name: c.client_name }), (form) => {
-        form.append(field(t("client.name"), input({ value: c.client_name, required: true }), { name: "name" }));
+      add(cell, button(t("client.rename"), () => formDialog(t("client.rename_title", { name: c.client_name }), (form) => {
+        add(form, field(t("client.name"), input({ value: c.client_name, required: true }), { name: "name" }));
       }, async (form) => {
         const el = form.querySelector("input");
         try { await patch(`clients/${enc(c.client_id)}/name`, { name: el.value.trim() }); await refresh(); } catch (err) {
           showApiError(form, err, () => el); throw err;
         }
       })));
-      cell.append(button(t("client.address"), () => formDialog(t("client.address_title", { name: c.client_name }), (form) => {
-        form.append(field(t("client.address"), input({ value: c.address || "", placeholder: "203.0.113.7" }),
+      add(cell, button(t("client.address"), () => formDialog(t("client.address_title", { name: c.client_name }), (form) => {
+        add(form, field(t("client.address"), input({ value: c.address || "", placeholder: "203.0.113.7" }),
           { name: "address", hint: t("client.address_hint") }));
       }, async (form) => {
         const el = form.querySelector("input");
@@ -112,19 +112,19 @@ registerPage({
           showApiError(form, err, () => el); throw err;
         }
       })));
-      cell.append(button(t("client.reenroll"), async () => {
+      add(cell, button(t("client.reenroll"), async () => {
         const result = await action(() => post(`clients/${enc(c.client_id)}/enrollment`, {}));
         if (result) reveal(result);
       }));
       if (!c.revoked) {
-        cell.append(button(t("client.revoke"), async () => {
+        add(cell, button(t("client.revoke"), async () => {
           if (await confirmDialog(t("client.revoke_title", { name: c.client_name }), t("client.revoke_body"),
             { confirmLabel: t("client.revoke") })) {
             await action(() => post(`clients/${enc(c.client_id)}/revoke`), t("client.revoked_done", { name: c.client_name }));
           }
         }, { class: "danger" }));
       } else {
-        cell.append(button(t("common.delete"), async () => {
+        add(cell, button(t("common.delete"), async () => {
           if (await confirmDialog(t("client.delete_title", { name: c.client_name }), t("client.delete_body"),
             { confirmLabel: t("common.delete") })) {
             await action(() => del(`clients/${enc(c.client_id)}`), t("client.deleted_done", { name: c.client_name }));
@@ -149,7 +149,7 @@ registerPage({
         h("span", c.remote_addr || "–", c.address ? h("small", " · ", t("client.address_set"), " ", c.address) : null,
           c.connected_at ? h("small", h("br"), t("client.since", { time: fmtTime(c.connected_at) })) : null),
         actions(c)]);
-      clear(listBox).append(table(cols, rows, { caption: t("nav.clients"),
+      add(clear(listBox), table(cols, rows, { caption: t("nav.clients"),
         empty: all.length ? t("client.none_shown") : t("client.none") }));
       for (const [i, tr] of [...listBox.querySelectorAll("tbody tr")].entries()) tr.dataset.clientName = shown[i].client_name;
     }

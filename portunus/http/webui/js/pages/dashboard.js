@@ -1,7 +1,7 @@
 // Dashboard: clients connected / total, rules by state, live throughput and connections, alerts.
 // For a tenant the same calls return only their own clients and rules (the server filters).
 import { get, enc } from "../api.js";
-import { h, clear, fmtRate, fmtBytes } from "../dom.js";
+import { add, h, clear, fmtRate, fmtBytes } from "../dom.js";
 import { lineChart } from "../chart.js";
 import { t } from "../i18n.js";
 import { registerPage, renderSlots } from "../registry.js";
@@ -35,7 +35,7 @@ registerPage({
       h("p.tile-value", "…"));
     const chartBox = h("div.chart-holder");
     const alerts = h("ul.alerts", { id: "alerts" });
-    root.append(h("h1", t("nav.dashboard")),
+    add(root, h("h1", t("nav.dashboard")),
       h("div.tiles",
         tile(t("dash.clients_connected"), `${connected} / ${live.length}`, null, "tile-clients"),
         tile(t("dash.rules"), String(rules.length),
@@ -91,14 +91,14 @@ registerPage({
         `↓ ${fmtRate(rateIn ?? 0)} · ↑ ${fmtRate(rateOut ?? 0)}`;
       throughput.title = t("dash.totals", { in: fmtBytes(bytesIn), out: fmtBytes(bytesOut) });
       conns.querySelector(".tile-value").textContent = String(active);
-      clear(chartBox).append(lineChart([
+      add(clear(chartBox), lineChart([
         { label: t("dash.in"), values: history.in, className: "s-in" },
         { label: t("dash.out"), values: history.out, className: "s-out" }],
-      { formatY: fmtRate, title: t("dash.throughput_chart") }),
+      { formatY: fmtRate, minMax: 1024, title: t("dash.throughput_chart") }),
       sampled.length < rules.filter((r) => r.state === "active").length
         ? h("p.hint", t("dash.sampled", { n: sampled.length })) : null);
-      clear(alerts).append(...baseAlerts, ...unhealthy);
-      if (!alerts.children.length) alerts.append(h("li.alert.ok", t("dash.no_alerts")));
+      add(clear(alerts), ...baseAlerts, ...unhealthy);
+      if (!alerts.children.length) add(alerts, h("li.alert.ok", t("dash.no_alerts")));
     }
 
     async function loop() {

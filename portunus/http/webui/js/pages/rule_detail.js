@@ -2,7 +2,7 @@
 // when the stream breaks; rates from counter deltas; per-port and per-target tables.
 // EventSource sends the session cookie but cannot set headers: GETs need no CSRF header.
 import { get, enc } from "../api.js";
-import { h, clear, button, badge, table, fmtBytes, fmtRate, fmtTime, fmtPorts } from "../dom.js";
+import { add, h, clear, button, badge, table, fmtBytes, fmtRate, fmtTime, fmtPorts } from "../dom.js";
 import { lineChart } from "../chart.js";
 import { t } from "../i18n.js";
 import { registerPage, renderSlots } from "../registry.js";
@@ -19,17 +19,17 @@ function statTile(label, id) {
 
 function ruleSummary(rule) {
   const dl = h("dl.facts");
-  const add = (k, v) => dl.append(h("dt", k), h("dd", v));
-  add(t("common.state"), h("span", stateBadge(rule), rule.reason ? h("span.reason", " ", rule.reason) : null));
-  add(t("rule.protocol"), rule.protocol.toUpperCase());
-  add(t("rule.listen"), `${rule.listen_host || "0.0.0.0"}:${fmtPorts(rule.listen_port, rule.listen_port_end)}`);
-  add(t("rule.client"), rule.client_name || rule.client_id);
-  add(t("rule.owner"), rule.owner || "–");
-  add(t("rule.created"), fmtTime(rule.created_at));
-  add(t("rule.targets"), h("ul.plain", [...rule.targets].map((tg) =>
+  const fact = (k, v) => add(dl, h("dt", k), h("dd", v));
+  fact(t("common.state"), h("span", stateBadge(rule), rule.reason ? h("span.reason", " ", rule.reason) : null));
+  fact(t("rule.protocol"), rule.protocol.toUpperCase());
+  fact(t("rule.listen"), `${rule.listen_host || "0.0.0.0"}:${fmtPorts(rule.listen_port, rule.listen_port_end)}`);
+  fact(t("rule.client"), rule.client_name || rule.client_id);
+  fact(t("rule.owner"), rule.owner || "–");
+  fact(t("rule.created"), fmtTime(rule.created_at));
+  fact(t("rule.targets"), h("ul.plain", [...rule.targets].map((tg) =>
     h("li.mono", targetText(tg), h("small", ` · ${t("rule.priority")} ${tg.priority ?? "–"}`)))));
-  add(t("rule.badges"), h("span.badges", ruleBadges(rule)));
-  add(t("rule.rule_id"), h("span.mono", rule.rule_id));
+  fact(t("rule.badges"), h("span.badges", ruleBadges(rule)));
+  fact(t("rule.rule_id"), h("span.mono", rule.rule_id));
   return dl;
 }
 
@@ -50,7 +50,7 @@ registerPage({
     const perPort = h("div#per-port");
     const gone = h("p.notice#rule-gone", { hidden: true }, t("live.rule_gone"));
     const isRange = rule.listen_port_end && rule.listen_port_end !== rule.listen_port;
-    root.append(
+    add(root, 
       h("p.crumbs", h("a", { href: "/rules" }, t("nav.rules")), " / ", fmtPorts(rule.listen_port, rule.listen_port_end)),
       h("div.title-row", h("h1", t("rule.detail_heading", { port: fmtPorts(rule.listen_port, rule.listen_port_end) })),
         button(t("rule.remove"), async () => { if (await removeRule(rule, ctx)) ctx.navigate("/rules"); }, { class: "danger" })),
@@ -82,13 +82,13 @@ registerPage({
       set("stat-datagrams", `${s.datagrams_in} / ${s.datagrams_out}`);
       set("stat-failovers", String(s.target_failovers_total));
       set("stat-dns", String(s.dns_failures));
-      set("stat-updated", s.updated_at ? fmtTime(s.updated_at) : t("live.no_report"));
-      clear(chartBox).append(lineChart([
+      set("stat-updated", s.updated_at ? new Date(s.updated_at).toLocaleTimeString() : t("live.no_report"));
+      add(clear(chartBox), lineChart([
         { label: t("dash.in"), values: rates.in, className: "s-in" },
-        { label: t("dash.out"), values: rates.out, className: "s-out" }], { formatY: fmtRate, title: t("live.title") }));
+        { label: t("dash.out"), values: rates.out, className: "s-out" }], { formatY: fmtRate, minMax: 1024, title: t("live.title") }));
       const tcols = [t("live.target"), t("rule.priority"), t("live.health"), t("live.fails"), t("live.bytes_in"),
         t("live.bytes_out"), t("live.connections"), t("live.last_failure")];
-      clear(perTarget).append(table(tcols, (s.per_target || []).map((tg) => [
+      add(clear(perTarget), table(tcols, (s.per_target || []).map((tg) => [
         h("span.mono", targetText(tg)), String(tg.priority ?? "–"),
         badge(t(`health.${tg.health}`), tg.health === "healthy" ? "ok" : "bad"),
         String(tg.consecutive_failures ?? 0), fmtBytes(tg.bytes_in), fmtBytes(tg.bytes_out), String(tg.connections ?? 0),
@@ -96,7 +96,7 @@ registerPage({
       if (isRange) {
         const ports = (s.per_port || []).slice(0, MAX_PORT_ROWS);
         const pcols = [t("rule.listen"), t("live.bytes_in"), t("live.bytes_out"), udp ? t("live.datagrams") : t("live.active_connections")];
-        clear(perPort).append(table(pcols, ports.map((p) => [String(p.listen_port), fmtBytes(p.bytes_in), fmtBytes(p.bytes_out),
+        add(clear(perPort), table(pcols, ports.map((p) => [String(p.listen_port), fmtBytes(p.bytes_in), fmtBytes(p.bytes_out),
           udp ? `${p.datagrams_in} / ${p.datagrams_out}` : String(p.active_connections)]), { caption: t("live.per_port") }),
         (s.per_port || []).length > MAX_PORT_ROWS ? h("p.hint", t("live.ports_truncated", { n: MAX_PORT_ROWS })) : null);
       }

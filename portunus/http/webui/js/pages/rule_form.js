@@ -1,7 +1,7 @@
 // The push form: single / multi-target with priorities / range / UDP / PROXY v1/v2 / prefer IPv6 /
 // health checks. The server validates (one place, §2); its errors land on the field they concern.
 import { post } from "../api.js";
-import { h, field, input, select, button, setFieldError, formError } from "../dom.js";
+import { add, h, field, input, select, button, setFieldError, formError } from "../dom.js";
 import { showApiError, onSubmit } from "../forms.js";
 import { t } from "../i18n.js";
 import { renderSlots } from "../registry.js";
@@ -46,7 +46,7 @@ export function ruleForm(clients, onPushed) {
   function addRow() {
     const row = targetRow(rows.length, () => { rows.splice(rows.indexOf(row), 1); row.remove(); renumber(); });
     rows.push(row);
-    targetsBox.append(row);
+    add(targetsBox, row);
     renumber();
     if (rows.length > 1) row.inputs.host.focus();
   }

@@ -1,7 +1,7 @@
 // Rules: list with state/reason/protocol/listen/targets/badges, filters by client/owner/state,
 // paged so 5 000 rules stay responsive (only one page is ever in the DOM); push form; remove.
 import { get, del, enc } from "../api.js";
-import { h, clear, input, select, button, badge, table, fmtPorts, confirmDialog, field } from "../dom.js";
+import { add, h, clear, input, select, button, badge, table, fmtPorts, confirmDialog, field } from "../dom.js";
 import { errorText } from "../forms.js";
 import { t } from "../i18n.js";
 import { registerPage, renderSlots } from "../registry.js";
@@ -82,7 +82,7 @@ registerPage({
     });
     const pushPanel = h("details.panel#push-panel", h("summary", h("h2", t("rule.push_title"))), form);
     if (new URLSearchParams(location.search).has("new")) pushPanel.open = true;
-    root.append(h("div.title-row", h("h1", t("nav.rules")), button(t("common.refresh"), () => refresh(), { class: "secondary" })),
+    add(root, h("div.title-row", h("h1", t("nav.rules")), button(t("common.refresh"), () => refresh(), { class: "secondary" })),
       pushPanel,
       h("div.toolbar.filters",
         field(t("filter.client"), f.client), admin ? field(t("filter.owner"), f.owner) : null,
@@ -100,6 +100,7 @@ registerPage({
     }
 
     function draw() {
+      const started = performance.now();
       const shown = visible();
       const pages = Math.max(1, Math.ceil(shown.length / PAGE_SIZE));
       page = Math.min(page, pages - 1);
@@ -108,19 +109,20 @@ registerPage({
       const cols = [t("rule.listen"), t("common.state"), t("rule.protocol"), t("rule.targets"), t("rule.client"),
         t("rule.owner"), t("rule.badges"), t("common.actions")];
       const rows = slice.map((r) => [
-        h("a.mono", { href: `/rules/${enc(r.rule_id)}` }, (r.listen_host ? r.listen_host + ":" : "") + fmtPorts(r.listen_port, r.listen_port_end)),
+        h("a.mono", { href: `/rules/${enc(r.rule_id)}` }, (r.listen_host && r.listen_host !== "0.0.0.0" ? r.listen_host + ":" : "") + fmtPorts(r.listen_port, r.listen_port_end)),
         h("span", stateBadge(r), r.reason ? h("small.reason", " ", r.reason) : null),
         r.protocol.toUpperCase(), targetsCell(r), r.client_name || r.client_id, r.owner || "–",
         h("span.badges", ruleBadges(r)),
         button(t("rule.remove"), async () => { if (await removeRule(r, ctx)) await refresh(); },
           { class: "danger small", "aria-label": t("rule.remove_aria", { port: r.listen_port }) })]);
-      clear(listBox).append(table(cols, rows, { caption: t("nav.rules"), empty: t("rule.none") }));
+      add(clear(listBox), table(cols, rows, { caption: t("nav.rules"), empty: t("rule.none") }));
       clear(pager);
       if (pages > 1) {
-        pager.append(button(t("common.prev"), () => { page -= 1; draw(); }, { disabled: page === 0 }),
+        add(pager, button(t("common.prev"), () => { page -= 1; draw(); }, { disabled: page === 0 }),
           h("span", t("common.page_of", { page: page + 1, pages })),
           button(t("common.next"), () => { page += 1; draw(); }, { disabled: page >= pages - 1 }));
       }
+      performance.measure("portunus:rules-draw", { start: started, detail: shown.length });
     }
 
     async function refresh() {

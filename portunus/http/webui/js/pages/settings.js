@@ -1,7 +1,7 @@
 // Settings: advertised endpoint (superadmin; effective value, source, diagnostic, save/clear with
 // the 422 messages inline), theme, language, and a link to change one's own password.
 import { get, put } from "../api.js";
-import { h, clear, field, input, select, button } from "../dom.js";
+import { add, h, clear, field, input, select, button } from "../dom.js";
 import { showApiError, byCode, onSubmit } from "../forms.js";
 import { t, LANGUAGES, currentLanguage, setLanguage } from "../i18n.js";
 import { registerPage, renderSlots } from "../registry.js";
@@ -18,7 +18,7 @@ function endpointPanel(ctx) {
   async function load() {
     const info = await get("settings/advertised-endpoint");
     value.value = info.override || "";
-    clear(facts).append(h("dt", t("settings.effective")), h("dd.mono#endpoint-effective", info.effective || "–"),
+    add(clear(facts), h("dt", t("settings.effective")), h("dd.mono#endpoint-effective", info.effective || "–"),
       h("dt", t("settings.source")), h("dd#endpoint-source", info.source || "–"),
       h("dt", t("settings.diagnostic")), h("dd", info.diagnostic || "–"));
   }
@@ -32,7 +32,7 @@ function endpointPanel(ctx) {
     }
   }
   onSubmit(form, () => save(value.value.trim() || null));
-  box.append(facts, form);
+  add(box, facts, form);
   return { box, load };
 }
 
@@ -45,7 +45,7 @@ registerPage({
     const lang = select(LANGUAGES, { id: "language-select" });
     lang.value = currentLanguage();
     lang.addEventListener("change", async () => { await setLanguage(lang.value); ctx.rerender(); });
-    root.append(h("h1", t("nav.settings")),
+    add(root, h("h1", t("nav.settings")),
       h("section.panel", h("h2", t("settings.appearance")),
         h("div.grid2", field(t("settings.theme"), theme), field(t("settings.language"), lang))),
       h("section.panel", h("h2", t("settings.account")),
@@ -53,7 +53,7 @@ registerPage({
         h("a.button", { href: "/password" }, t("auth.change_password"))));
     if (ctx.isSuperadmin()) {
       const ep = endpointPanel(ctx);
-      root.append(ep.box);
+      add(root, ep.box);
       await ep.load();
     }
     return renderSlots("settings", root, {});

@@ -1,7 +1,7 @@
 // Users (superadmin): create, disable/enable, reset password with a one-time reveal, delete with a
 // preview of the rules it removes; per user, their grants (add / revoke with a preview).
 import { get, post, patch, del, enc } from "../api.js";
-import { h, clear, field, input, select, button, badge, table, fmtTime, fmtPorts, confirmDialog, copyButton,
+import { add, h, clear, field, input, select, button, badge, table, fmtTime, fmtPorts, confirmDialog, copyButton,
   setFieldError } from "../dom.js";
 import { showApiError, byCode, onSubmit, errorText } from "../forms.js";
 import { t } from "../i18n.js";
@@ -68,7 +68,7 @@ function grantsPanel(user, clients, ctx) {
     const res = await get("grants");
     const grants = (res.grants || []).filter((g) => g.user_id === user.user_id);
     const cols = [t("grant.client"), t("grant.ports"), t("grant.protocols"), t("grant.note"), t("common.created"), t("common.actions")];
-    clear(box).append(h("h3", t("grant.title", { user: user.user_id })),
+    add(clear(box), h("h3", t("grant.title", { user: user.user_id })),
       table(cols, grants.map((g) => [nameOf(g.client), fmtPorts(g.listen_port_start, g.listen_port_end),
         (g.protocols || []).join(", ").toUpperCase(), g.note || "–", fmtTime(g.created_at),
         button(t("grant.revoke"), () => revoke(g), { class: "danger small" })]), { caption: t("grant.title", { user: user.user_id }),
@@ -99,7 +99,7 @@ registerPage({
     const listBox = h("div#users-list");
     const revealHolder = h("div");
     const grantsHolder = h("div");
-    root.append(h("h1", t("nav.users")),
+    add(root, h("h1", t("nav.users")),
       h("section.panel", h("h2", t("user.create_title")), createUserForm(() => { ctx.flash(t("user.created")); refresh(); })),
       revealHolder, listBox, grantsHolder);
     const slotCleanup = renderSlots("users", root, {});
@@ -120,7 +120,7 @@ registerPage({
         h("p.hint", t("user.temp_password_hint", { n: res.sessions_revoked ?? 0 })),
         h("div.command-row", h("code.command", secret), copyButton(() => secret)),
         button(t("common.hide"), () => box.remove()));
-      clear(revealHolder).append(box);
+      add(clear(revealHolder), box);
     }
 
     async function removeUser(u) {
@@ -136,7 +136,7 @@ registerPage({
 
     function showGrants(u) {
       const panel = grantsPanel(u, clients, ctx);
-      clear(grantsHolder).append(h("section.panel", panel));
+      add(clear(grantsHolder), h("section.panel", panel));
       panel.refresh().then(() => panel.querySelector("h3").scrollIntoView({ block: "nearest" }));
     }
 
@@ -144,7 +144,7 @@ registerPage({
       const users = (await get("users")).users || [];
       const me = ctx.session.user && ctx.session.user.user_id;
       const cols = [t("auth.user_id"), t("auth.display_name"), t("user.role"), t("common.state"), t("common.created"), t("common.actions")];
-      clear(listBox).append(table(cols, users.map((u) => [
+      add(clear(listBox), table(cols, users.map((u) => [
         h("strong.mono", u.user_id), u.display_name || "–", t(`role.${u.role}`),
         h("span", u.disabled ? badge(t("user.disabled"), "bad") : badge(t("user.enabled"), "ok"),
           u.password_change_required ? badge(t("user.must_change"), "warn") : null),
