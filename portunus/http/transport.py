@@ -9,7 +9,9 @@ Why each limit exists (docs/server.md "Operator listener limits"):
   headers for longer than ``EVICT_AFTER_SECS`` is cut to make room — drippers and idle
   keep-alive connections, never a request being served. If there is none, the new
   connection gets ``503`` at once and is closed, without a thread.
-- Accept failing with EMFILE/ENFILE backs off instead of spinning.
+- A connection whose descriptor number is within ``FD_RESERVE`` of the process limit is
+  refused the same way, so the API can never take the last descriptors from the control
+  listener; accept failing with EMFILE/ENFILE backs off instead of spinning.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import errno
 import io
 import json
 import os
+import resource
 import socket
 import threading
 import time
@@ -31,6 +34,7 @@ from ..log import log
 EVICT_AFTER_SECS = 1.0
 WRITE_TIMEOUT_SECS = 15.0
 ACCEPT_BACKOFF_SECS = 0.05
+FD_RESERVE = 128  # descriptors the API never takes, for the control listener and client sessions
 # tests shrink the limits with this variable (e.g. "header_secs=1,body_secs=1,max_connections=8");
 # it is not a product setting and server.toml has no equivalent
 LIMITS_ENV = "PORTUNUS_TEST_HTTP_LIMITS"
@@ -92,6 +96,16 @@ class SocketWriter(io.BufferedIOBase):
         return len(data)
 
 
+def fd_ceiling() -> int:
+    """The lowest fd number an accepted API connection may have: FD_RESERVE below the soft limit.
+
+    The kernel hands out the lowest free number, so a high one means the process is nearly out
+    of descriptors; the API then refuses, and the control listener and client sessions keep theirs.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(soft - FD_RESERVE, 0) if soft != resource.RLIM_INFINITY else 1 << 30
+
+
 @dataclass
 class _Connection:
     since: float
@@ -123,6 +137,9 @@ class APIServer(ThreadingHTTPServer):
 
     # ---- the connection cap -------------------------------------------------------
     def process_request(self, request, client_address):
+        if request.fileno() >= fd_ceiling():
+            self._refuse_busy(request, client_address, reason="file descriptors near the process limit")
+            return
         with self._conn_lock:
             admitted = len(self._open) < self.limits.max_connections or self._evict_one_locked()
             if admitted:
@@ -175,7 +192,7 @@ class APIServer(ThreadingHTTPServer):
                     reason="connection cap reached; cut the oldest connection still waiting for headers")
         return True
 
-    def _refuse_busy(self, request, client_address) -> None:
+    def _refuse_busy(self, request, client_address, reason: str = "too many concurrent connections") -> None:
         try:
             request.setblocking(False)
             try:
@@ -187,8 +204,7 @@ class APIServer(ThreadingHTTPServer):
             pass
         self.shutdown_request(request)
         log.limited("warn", "http.connection_refused", key=self.name, every=10.0, listener=self.name,
-                    peer=str(client_address[0]), limit=self.limits.max_connections,
-                    reason="too many concurrent connections")
+                    peer=str(client_address[0]), limit=self.limits.max_connections, reason=reason)
 
     @property
     def name(self) -> str:

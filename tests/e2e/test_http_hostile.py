@@ -30,13 +30,14 @@ AUTH = f"Authorization: Bearer {OPERATOR_TOKEN}\r\n"
 # ------------------------------------------------------------------ helpers shared with test_http_fuzz.py
 
 class RunningServer:
-    def __init__(self, data_dir: Path, limits: str | None = FAST_LIMITS, **toml):
+    def __init__(self, data_dir: Path, limits: str | None = FAST_LIMITS, preexec_fn=None, **toml):
         write_server_toml(data_dir, **toml)
         env = {"PORTUNUS_OPERATOR_TOKEN": OPERATOR_TOKEN, "PORTUNUS_ALLOW_ANY_FS": "1"}
         if limits:
             env["PORTUNUS_TEST_HTTP_LIMITS"] = limits
         self.data_dir = data_dir
-        self.proc = Proc(portunus_cmd("server") + ["--data-dir", str(data_dir), "serve"], env=env)
+        self.proc = Proc(portunus_cmd("server") + ["--data-dir", str(data_dir), "serve"], env=env,
+                         preexec_fn=preexec_fn)
         try:
             ready = self.proc.wait_event("server.ready", timeout=30)
         except BaseException:
@@ -381,15 +382,43 @@ def test_a_thousand_drippers_leave_the_api_and_the_control_plane_answering(tmp_p
             status, body = srv.get_json("/v1/auth/status", token=False)
             return status == 200 and time.monotonic() - t0 < 1.0
         wait_until(api_answers, timeout=10, interval=0.1, what="API answering under 1000 drippers")
-        raw = socket.create_connection(("127.0.0.1", srv.control_port), timeout=5)
-        ctx = ssl.create_default_context()
-        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:  # the control listener still accepts
-            assert tls.version() is not None
+        _control_plane_accepts(srv)
         assert srv.thread_count() < 256 + 40
         assert urllib.request.urlopen(srv.metrics_url, timeout=5).status == 200
     finally:
         for s in drippers:
+            s.close()
+        srv.stop()
+
+
+def _control_plane_accepts(srv) -> None:
+    raw = socket.create_connection(("127.0.0.1", srv.control_port), timeout=5)
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+        assert tls.version() is not None
+
+
+def test_the_api_never_takes_the_last_file_descriptors(tmp_path):
+    import resource
+
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300))  # serve cannot raise it past the hard limit
+    srv = RunningServer(tmp_path / "data", limits=None, preexec_fn=low_limit)
+    held = []
+    try:
+        for _ in range(250):  # below the 256 connection cap, above what 300 - 128 reserved descriptors allow
+            s = srv.connect(timeout=5)
+            s.setblocking(False)
+            held.append(s)
+        wait_until(lambda: srv.fd_count() >= 300 - 128 - 10, timeout=10, what="the API near its fd ceiling")
+        res = srv.raw(request("GET", "/v1/auth/status", headers=""), timeout=5)
+        assert res is not None and res[0] == 503, res
+        assert srv.fd_count() <= 300 - 128 + 4
+        _control_plane_accepts(srv)
+        assert not srv.proc.events("http.accept_error")
+    finally:
+        for s in held:
             s.close()
         srv.stop()
 

@@ -109,3 +109,18 @@ def test_each_listener_keeps_its_own_address_family():
         assert APIServer.address_family == socket.AF_INET  # the class attribute is never written
     finally:
         v4.server_close()
+
+
+def test_near_the_fd_limit_the_api_refuses_and_keeps_the_reserve(server, pair, monkeypatch):
+    a, b = pair
+    monkeypatch.setattr(transport, "fd_ceiling", lambda: a.fileno())
+    server.process_request(a, ("127.0.0.1", 1))
+    b.settimeout(5)
+    assert b.recv(65536).startswith(b"HTTP/1.1 503 ")
+    assert server.open_connections == 0
+
+
+def test_the_fd_ceiling_sits_below_the_soft_limit():
+    import resource
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert transport.fd_ceiling() == max(soft - transport.FD_RESERVE, 0)
