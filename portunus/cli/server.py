@@ -384,7 +384,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "server of --data-dir)")
     sub = p.add_subparsers(dest="command", metavar="<command>")
     sub.required = True
+    _add_server_commands(sub)
+    _add_client_commands(sub)
+    _add_rule_commands(sub)
+    _add_storage_commands(sub)
+    from ..doctor.cli import add_server_parser
+    add_server_parser(sub)
+    identity_cli.add_parsers(sub)
+    return p
 
+
+def _add_server_commands(sub) -> None:
     s = sub.add_parser("serve", help="run the server")
     s.add_argument("--advertised-endpoint", metavar="HOST:PORT",
                    help="host:port written into enrollment commands (or PORTUNUS_ADVERTISED_ENDPOINT)")
@@ -405,13 +415,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", required=True, help="display name")
     s.set_defaults(fn=cmd_bootstrap_superadmin)
 
+
+def _add_client_commands(sub) -> None:
     s = sub.add_parser("enroll-client", help="create a client and print its one-time enroll command")
     s.add_argument("name")
     s.add_argument("--address", help="the edge host's address (informational)")
     s.add_argument("--ttl-secs", type=int, help="code lifetime (default 600, max 86400)")
     s.add_argument("--format", choices=("text", "json"), default="text")
     s.set_defaults(fn=cmd_enroll_client)
-    s = sub.add_parser("reenroll-client", help="new one-time code for an existing client (keeps id and rules)")
+    s = sub.add_parser("reenroll-client", help="new one-time code for an existing client (keeps id and rules; lifts a revocation)")
     s.add_argument("client", help="client id or unique name")
     s.add_argument("--ttl-secs", type=int)
     s.add_argument("--format", choices=("text", "json"), default="text")
@@ -430,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", required=True)
     s.set_defaults(fn=cmd_rename_client)
 
+
+def _add_rule_commands(sub) -> None:
     s = sub.add_parser("push-rule", help="push a forwarding rule to a client; prints the rule id",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Push a forwarding rule to a client and wait for its ack; prints the rule id.\n"
@@ -471,6 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=("text", "json"), default="text")
     s.set_defaults(fn=cmd_rule_stats)
 
+
+def _add_storage_commands(sub) -> None:
     s = sub.add_parser("backup", help="online backup of the state database")
     s.add_argument("--out", required=True, metavar="PATH", help="file (not overwritten) or directory")
     s.set_defaults(fn=cmd_backup)
@@ -483,15 +499,12 @@ def build_parser() -> argparse.ArgumentParser:
     audit_sub.required = True
     a = audit_sub.add_parser("prune", help="delete audit rows older than a time (server stopped)")
     a.add_argument("--before", required=True, metavar="RFC3339", help="e.g. 2026-01-01T00:00:00Z")
-    a.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
+    a.add_argument("--dry-run", action="store_true",
+                   help="only count what would be deleted (works while the server runs)")
     a.set_defaults(fn=cmd_audit_prune)
-    from ..doctor.cli import add_server_parser
-    add_server_parser(sub)
     s = sub.add_parser("reset", help="delete the state database (dry run without --confirm)")
     s.add_argument("--confirm", action="store_true")
     s.set_defaults(fn=cmd_reset)
-    identity_cli.add_parsers(sub)
-    return p
 
 
 PUSH_RULE_CAPABILITIES = """\
