@@ -423,7 +423,8 @@ def _add_client_commands(sub) -> None:
     s.add_argument("--ttl-secs", type=int, help="code lifetime (default 600, max 86400)")
     s.add_argument("--format", choices=("text", "json"), default="text")
     s.set_defaults(fn=cmd_enroll_client)
-    s = sub.add_parser("reenroll-client", help="new one-time code for an existing client (keeps id and rules; lifts a revocation)")
+    s = sub.add_parser("reenroll-client",
+                       help="new one-time code for an existing client (keeps id and rules; lifts a revocation)")
     s.add_argument("client", help="client id or unique name")
     s.add_argument("--ttl-secs", type=int)
     s.add_argument("--format", choices=("text", "json"), default="text")
