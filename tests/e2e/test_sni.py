@@ -9,6 +9,7 @@ server-pushed client agent; real processes and sockets on 127.0.0.1.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import signal
 import socket
@@ -271,3 +272,30 @@ def test_three_sites_behind_one_port_through_a_pushed_client_agent(server, procs
     assert tls_ask(listen, "q.example.com", sites["wild"].cert) == b"wild:ping"
     assert ask(live, b"2") == b"exact:2"
     live.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_half_sent_hellos_cost_no_busy_loop(standalone, sites, tmp_path):
+    listen, stats_path = free_port(), tmp_path / "stats.sock"
+    p = standalone(sni_toml(listen, sites, stats_path))
+    ctx = ssl.create_default_context(cafile=sites["exact"].cert)
+    outgoing = ssl.MemoryBIO()
+    with pytest.raises(ssl.SSLWantReadError):
+        ctx.wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname="a.example.com").do_handshake()
+    half = outgoing.read()[:100]
+    conns = [socket.create_connection(("127.0.0.1", listen), timeout=10) for _ in range(50)]
+    try:
+        for c in conns:
+            c.sendall(half)
+        wait_until(lambda: rule_stats(str(stats_path), "exact")["sni_listener"]["hellos_in_flight"] == 50,
+                   what="50 reads in flight")
+        before = cpu_seconds(p.p.pid)
+        time.sleep(1.5)
+        assert cpu_seconds(p.p.pid) - before < 0.3  # waiting for the rest of 50 hellos is not a spin
+    finally:
+        for c in conns:
+            c.close()

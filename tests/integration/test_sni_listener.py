@@ -149,3 +149,45 @@ def test_a_hello_sent_one_byte_at_a_time_is_routed(lt, sites):
     # the site answers the replayed hello with its ServerHello: the bytes reached it intact
     assert c.recv(1) == b"\x16"
     c.close()
+
+
+def first_flight(server_name: str | None) -> bytes:
+    import ssl
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    outgoing = ssl.MemoryBIO()
+    obj = ctx.wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname=server_name)
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return outgoing.read()
+
+
+def test_the_routed_rule_keeps_failover_and_proxy_protocol_and_the_bytes_arrive_identical(lt):
+    from portunus.model import Rule
+    listen, dead, echo_port = free_port(), free_port(), free_port()
+    echo = TcpEchoServer([echo_port])
+    try:
+        rule = Rule.from_dict({"rule_id": "pp", "listen_port": listen, "sni_pattern": "pp.example.com",
+                               "targets": [{"host": "127.0.0.1", "port": dead, "priority": 1},
+                                           {"host": "127.0.0.1", "port": echo_port, "priority": 2,
+                                            "proxy_protocol": "v1"}]})
+        assert lt.call(lt.runtime.activate, rule).state == "active"
+        hello = first_flight("pp.example.com")
+        c = socket.create_connection(("127.0.0.1", listen), timeout=10)
+        # the hello split in three segments, then application bytes: all must arrive, in order, once
+        for piece in (hello[:3], hello[3:200], hello[200:], b"after the hello"):
+            c.sendall(piece)
+        want_tail = hello + b"after the hello"
+        got = b""
+        while not got.endswith(want_tail):
+            chunk = c.recv(65536)
+            assert chunk, f"closed after {len(got)} bytes"
+            got += chunk
+        header, _, rest = got.partition(b"\r\n")
+        assert header.startswith(b"PROXY TCP4 127.0.0.1 127.0.0.1 ") and rest == want_tail
+        c.close()
+        snap = lt.call(lt.runtime.snapshot, "pp", False, True)
+        assert snap["sni_routes"]["exact"] == 1 and snap["bytes_in"] == len(want_tail)  # the header is not payload
+        assert snap["connect_failures"] >= 1
+    finally:
+        echo.close()
