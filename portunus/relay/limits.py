@@ -18,9 +18,10 @@ Every method takes ``now`` (monotonic seconds, the loop's clock), so tests move 
 
 One refill timer per bucket: the first pump parked on a bucket gets the instant to arm a timer at;
 the next ones just join its waiter list. When the timer fires, ``bucket.due(now, armed_for=when)``
-hands back every waiter to resume (a stale timer resumes nobody); a pump that still gets nothing
-parks again (and gets a new instant to arm). Hot updates and removals return the waiters the relay
-must resume at once.
+hands back the few waiters the refilled tokens can serve, from the front of the queue, and the
+instant to re-arm the timer at for the rest (a stale timer resumes nobody); a pump that still
+gets nothing parks again at the back. Hot updates and removals return the waiters the relay must
+resume at once.
 
 Tokens are integers scaled by 10^9 and time is integer nanoseconds, so a refill is one exact
 multiplication: 1 B/s and 10 Gbit/s are as precise as each other, and nothing drifts.
@@ -28,6 +29,7 @@ multiplication: 1 B/s and 10 Gbit/s are as precise as each other, and nothing dr
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 from ..model import RateLimit, Rule
@@ -65,13 +67,15 @@ class TokenBucket:
     parked readers of this bucket; ``timer_due`` is the instant of its one armed refill timer.
     """
 
-    __slots__ = ("rate", "burst", "_level", "_at", "waiters", "timer_due", "_throttled_ns", "_throttle_since")
+    __slots__ = ("rate", "burst", "_level", "_at", "waiters", "turn", "timer_due", "_throttled_ns",
+                 "_throttle_since")
 
     def __init__(self, rate: int, burst: int | None = None, *, now: float):
         self.rate, self.burst = self._checked(rate, burst)
         self._level = self.burst * NS       # tokens * NS
         self._at = _ns(now)
         self.waiters: dict = {}             # insertion-ordered set: FIFO wake order
+        self.turn: set = set()              # the waiters the last timer tick woke
         self.timer_due: float | None = None
         self._throttled_ns = 0
         self._throttle_since: int | None = None
@@ -135,8 +139,9 @@ class TokenBucket:
     # ---- parking ---------------------------------------------------------
 
     def park(self, waiter, now: float) -> float | None:
-        """Add a parked reader. Returns the instant to arm this bucket's refill timer at, or None
-        when one is already armed (the waiter then rides on it)."""
+        """Add a parked reader (at the back of the queue). Returns the instant to arm this bucket's
+        refill timer at, or None when one is already armed (the waiter then rides on it)."""
+        self.turn.discard(waiter)
         self.waiters[waiter] = None
         if self._throttle_since is None:
             self._throttle_since = _ns(now)
@@ -146,20 +151,45 @@ class TokenBucket:
         return self.timer_due
 
     def unpark(self, waiter, now: float) -> None:
-        """A parked reader went away (its connection closed)."""
+        """A parked or woken reader went away (its connection closed)."""
         self.waiters.pop(waiter, None)
+        self.turn.discard(waiter)
         if not self.waiters:
             self._stop_throttle(now)
 
-    def due(self, now: float, armed_for: float | None = None) -> list:
-        """The refill timer fired: the waiters to resume, in park order (the list is emptied).
-        ``armed_for`` is the instant the timer was armed at: a stale timer (the bucket re-armed
-        since, after a hot update or removal) resumes nobody, so one bucket never runs two timers."""
+    def may_move(self, waiter) -> bool:
+        """Whether a reader may take tokens now: nobody is queued, or it was woken for this round
+        (a reader that happens to poll often must queue behind the parked ones, not starve them)."""
+        return not self.waiters or waiter in self.turn
+
+    def due(self, now: float, armed_for: float | None = None) -> tuple[list, float | None]:
+        """The refill timer fired. Returns the waiters to resume — as many, from the front of the
+        queue, as the tokens there can serve a wake quantum each (at least one) — and the instant
+        to re-arm the timer at for the rest (None: nobody is left). ``armed_for`` is the instant the
+        timer was armed at: a stale timer (the bucket re-armed since, after a hot update) resumes
+        nobody, so a bucket never runs two timers. Resuming a few per tick keeps the cost of a
+        thousand throttled connections at a few wake-ups per tick, not a thousand."""
         if armed_for is not None and armed_for != self.timer_due:
-            return []
+            return [], None
+        quantum = self.wake_quantum()
+        count = max(1, self.available(now) // quantum)
+        woken = list(itertools.islice(self.waiters, count))
+        for waiter in woken:
+            del self.waiters[waiter]
+        self.turn = set(woken)
+        if self.waiters:
+            self.timer_due = now + max(self.wait_for(quantum * (count + 1), now), -(-quantum * NS // self.rate) / NS)
+        else:
+            self.timer_due = None
+            self._stop_throttle(now)
+        return woken, self.timer_due
+
+    def resume_all(self, now: float) -> list:
+        """Every waiter, to resume at once (the cap changed or went away); the armed timer goes stale."""
         self.timer_due = None
         woken = list(self.waiters)
         self.waiters.clear()
+        self.turn = set()
         self._stop_throttle(now)
         return woken
 
@@ -236,10 +266,10 @@ class Limiter:
             before = (old.rate, old.burst) if old is not None else None
             new = self.bandwidth[direction] = self._rebucket(old, rate, burst, now)
             if old is not None and new is None:
-                woken += old.due(now)
+                woken += old.resume_all(now)
                 self.counters.throttle_seconds_retired[direction] += old.throttle_seconds(now)
             elif new is not None and before is not None and (new.rate, new.burst) != before:
-                woken += new.due(now)
+                woken += new.resume_all(now)
         self.new_connections = self._rebucket(self.new_connections, c.new_connections_per_sec,
                                               c.new_connections_burst, now)
         return woken
@@ -279,7 +309,7 @@ class Limiter:
         woken = []
         for direction, bucket in self.bandwidth.items():
             if bucket is not None:
-                woken += bucket.due(now)
+                woken += bucket.resume_all(now)
         return woken
 
 
@@ -307,9 +337,23 @@ class Ticket:
         return any(lim.has_bandwidth_cap for lim in self.chain)
 
     def allowance(self, direction: str, want: int, now: float) -> int:
-        """TCP: how many of ``want`` bytes the next read may move now (nothing is taken yet)."""
+        """TCP: how many of ``want`` bytes the next read may move now (nothing is taken yet).
+
+        0 — park — while a bucket of the chain has a queue this reader was not woken from (see
+        ``TokenBucket.may_move``) or holds less than ``min(want, wake quantum)``: reads move at
+        least ~10 ms of rate, never a trickle of tiny chunks. A woken reader keeps its turn until
+        it is allowed nothing and parks again."""
         buckets = self._buckets(direction)
-        return min(want, *(b.available(now) for b in buckets)) if buckets else want
+        if not buckets:
+            return want
+        waiter = self._parked[direction][1] if direction in self._parked else None
+        n = want
+        for b in buckets:
+            have = b.available(now)
+            if not b.may_move(waiter) or have < min(want, b.wake_quantum()):
+                return 0
+            n = min(n, have)
+        return n
 
     def spend(self, direction: str, n: int, now: float) -> None:
         """The read moved ``n`` bytes (at most the allowance): debit every bucket of the chain."""
@@ -317,7 +361,7 @@ class Ticket:
             b.take(n, now)
 
     def grant(self, direction: str, want: int, now: float) -> int:
-        """``allowance`` and ``spend`` at once, for a caller that moves exactly what it is granted."""
+        """``allowance`` and ``spend`` at once, for a caller that moves exactly what it is allowed."""
         n = self.allowance(direction, want, now)
         self.spend(direction, n, now)
         return n
@@ -328,7 +372,10 @@ class Ticket:
         buckets = self._buckets(direction)
         if not buckets:
             return None, None
-        slowest = max(buckets, key=lambda b: b.wait_for(b.wake_quantum(), now))
+        # the bucket that refills last; at a tie, one that already has a queue (and a timer)
+        slowest = max(buckets, key=lambda b: (b.wait_for(b.wake_quantum(), now), bool(b.waiters)))
+        for b in buckets:
+            b.turn.discard(waiter)
         self._parked[direction] = (slowest, waiter)
         return slowest, slowest.park(waiter, now)
 

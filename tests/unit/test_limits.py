@@ -118,9 +118,24 @@ def test_many_parked_readers_share_one_timer_and_wake_in_order():
     arm = [b.park(f"pump{i}", T0) for i in range(100)]
     assert arm[0] == pytest.approx(T0 + 0.01)   # 10 ms of rate: the wake quantum
     assert arm[1:] == [None] * 99               # everyone else rides on that one timer
-    assert b.due(T0 + 0.01) == [f"pump{i}" for i in range(100)]
+    woken, rearm = b.due(arm[0], armed_for=arm[0])
+    assert woken == ["pump0"]                    # 10 tokens serve one quantum: one reader per tick
+    assert rearm == pytest.approx(arm[0] + 0.01) and b.timer_due == rearm
+    assert b.take(100, arm[0]) == 10                # pump0 moves its quantum
+    woken, rearm = b.due(T0 + 0.05, armed_for=rearm)    # a late tick: 40 tokens, four quanta
+    assert woken == ["pump1", "pump2", "pump3", "pump4"]
+    assert b.may_move("pump1") and not b.may_move("pump5")
+    assert b.resume_all(T0 + 0.05) == [f"pump{i}" for i in range(5, 100)]
     assert b.waiters == {} and b.timer_due is None
-    assert b.park("pump0", T0 + 0.01) is not None   # after it fired, the next park arms again
+    assert b.park("pump0", T0 + 0.05) is not None   # with no timer left, the next park arms one
+
+
+def test_the_last_waiter_woken_leaves_no_timer():
+    b = TokenBucket(100, 100, now=T0)
+    b.take(100, T0)
+    arm = b.park("only", T0)
+    assert b.due(arm, armed_for=arm) == (["only"], None)
+    assert b.timer_due is None and b.may_move("anyone")
 
 
 def test_the_wake_quantum_is_one_token_at_tiny_rates_and_ten_ms_at_huge_ones():
@@ -135,7 +150,7 @@ def test_throttle_seconds_count_while_someone_is_parked():
     b.park("a", T0)
     b.park("b", T0 + 0.05)
     assert b.throttle_seconds(T0 + 0.1) == pytest.approx(0.1)
-    b.due(T0 + 0.1)
+    b.resume_all(T0 + 0.1)
     assert b.throttle_seconds(T0 + 5) == pytest.approx(0.1)     # nobody parked: no time accrues
     b.park("a", T0 + 5)
     b.unpark("a", T0 + 5.25)                                     # its connection closed
@@ -256,7 +271,8 @@ def test_a_hot_update_keeps_the_bucket_and_raising_mints_nothing():
     book.set_rule("web", owner="alice", cap=cap(bandwidth_in_bps=1_000_000), now=T0)
     assert book.rules["web"].bandwidth["in"] is bucket
     assert t.grant("in", 5000, T0) == 0                          # raising the cap minted no burst
-    assert t.grant("in", 5000, T0 + 0.001) == 1000
+    assert bucket.available(T0 + 0.001) == 1000                  # the new rate from the update on
+    assert t.grant("in", 50_000, T0 + 0.01) == 10_000            # one wake quantum (10 ms) of it
 
 
 def test_removing_a_bandwidth_cap_resumes_its_parked_readers():
@@ -381,6 +397,20 @@ def test_the_book_decides_splice_with_the_owners_current_cap():
 
 # ---------------------------------------------------------------- timers and parked readers across changes
 
+def test_a_reader_queues_behind_parked_readers_and_never_moves_a_trickle():
+    book = book_with(cap(bandwidth_in_bps=10_000))
+    a, b = book.admit("web", "tcp", T0), book.admit("web", "tcp", T0)
+    assert a.grant("in", 10_000, T0) == 10_000
+    bucket, arm_at = b.park("in", "pump-b", T0)
+    assert arm_at == pytest.approx(T0 + 0.01)
+    assert a.allowance("in", 10_000, T0 + 0.02) == 0             # 200 bytes are there, but b waits first
+    assert bucket.due(arm_at + 0.01, armed_for=arm_at) == (["pump-b"], None)
+    assert b.allowance("in", 10_000, T0 + 0.02) == 200
+    b.spend("in", 200, T0 + 0.02)
+    assert a.allowance("in", 10_000, T0 + 0.025) == 0            # 50 bytes < 10 ms of rate: park instead
+    assert a.allowance("in", 30, T0 + 0.025) == 30               # unless that is all the reader wants
+
+
 def test_allowance_takes_nothing_until_the_read_says_what_it_moved():
     book = book_with(cap(bandwidth_in_bps=1000))
     t = book.admit("web", "tcp", T0)
@@ -400,8 +430,8 @@ def test_a_stale_timer_resumes_nobody_so_a_bucket_never_runs_two_timers():
     assert t.allowance("in", 10_000, T0 + 0.001) == 0
     _, second = t.park("in", "pump", T0 + 0.001)
     assert second is not None and second != first
-    assert bucket.due(first, armed_for=first) == []            # the old timer fires: stale
-    assert bucket.due(second, armed_for=second) == ["pump"]
+    assert bucket.due(first, armed_for=first) == ([], None)    # the old timer fires: stale
+    assert bucket.due(second, armed_for=second) == (["pump"], None)
     assert t.allowance("in", 10_000, second) >= 1
 
 
@@ -420,5 +450,104 @@ def test_closing_a_parked_connection_leaves_the_waiter_list():
     t.grant("out", 100, T0)
     bucket, _ = t.park("out", "pump", T0)
     t.release(T0 + 0.5)
-    assert bucket.waiters == {} and bucket.due(T0 + 1) == []
+    assert bucket.waiters == {} and bucket.due(T0 + 1) == ([], None)
     assert bucket.throttle_seconds(T0 + 3) == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------- a simulated relay on a fake loop
+
+class FakeLoop:
+    """Timers on a heap and a clock that jumps to the next timer: the relay's side of the contract."""
+
+    def __init__(self, now: float = T0):
+        self.now, self.timers, self.armed = now, [], 0
+
+    def call_at(self, when: float, fn, *args) -> None:
+        import heapq
+        self.armed += 1
+        heapq.heappush(self.timers, (when, self.armed, fn, args))
+
+    def run_until(self, end: float) -> None:
+        import heapq
+        while self.timers and self.timers[0][0] <= end:
+            when, _, fn, args = heapq.heappop(self.timers)
+            self.now = max(self.now, when)
+            fn(*args)
+        self.now = end
+
+
+class Pump:
+    """A read half that always has data: moves up to a 64 KiB chunk when allowed, else parks."""
+
+    CHUNK = 64 * 1024
+
+    def __init__(self, loop: FakeLoop, ticket: Ticket, direction: str = "in"):
+        self.loop, self.ticket, self.direction, self.moved, self.reads = loop, ticket, direction, 0, 0
+
+    def on_readable(self) -> None:
+        self.reads += 1
+        n = self.ticket.allowance(self.direction, self.CHUNK, self.loop.now)
+        if n:
+            self.ticket.spend(self.direction, n, self.loop.now)
+            self.moved += n
+            self.loop.call_at(self.loop.now, self.on_readable)   # the next chunk is already there
+            return
+        bucket, arm_at = self.ticket.park(self.direction, self, self.loop.now)
+        if arm_at is not None:
+            self.loop.call_at(arm_at, wake, self.loop, bucket, arm_at)
+
+
+def wake(loop: FakeLoop, bucket: TokenBucket, armed_for: float) -> None:
+    woken, rearm = bucket.due(loop.now, armed_for=armed_for)
+    if rearm is not None:
+        loop.call_at(rearm, wake, loop, bucket, rearm)
+    for pump in woken:
+        pump.on_readable()
+
+
+@pytest.mark.parametrize("rate", [1 << 20, 100_000_000 // 8, 1_000_000_000 // 8])
+def test_a_capped_pump_moves_rate_times_time_plus_burst(rate):
+    loop = FakeLoop()
+    book = book_with(cap(bandwidth_in_bps=rate))
+    pump = Pump(loop, book.admit("web", "tcp", T0))
+    pump.on_readable()
+    loop.run_until(T0 + 10)
+    expected = rate * 10 + rate
+    assert expected - book.rules["web"].bandwidth["in"].wake_quantum() - Pump.CHUNK <= pump.moved <= expected
+
+
+def test_a_thousand_parked_pumps_share_one_timer_per_bucket():
+    loop = FakeLoop()
+    book = book_with(cap(bandwidth_in_bps=1 << 20), rules=("web",))
+    pumps = [Pump(loop, book.admit("web", "tcp", T0)) for _ in range(1000)]
+    for p in pumps:
+        p.on_readable()
+    bucket = book.rules["web"].bandwidth["in"]
+    assert len(bucket.waiters) >= 900
+    pending_wakes = [t for t in loop.timers if t[2] is wake]
+    assert len(pending_wakes) == 1
+    loop.run_until(T0 + 5)
+    assert (1 << 20) * 6 - Pump.CHUNK <= sum(p.moved for p in pumps) <= (1 << 20) * 6
+    assert len([t for t in loop.timers if t[2] is wake]) <= 1
+    # a tick resumes the few readers its tokens serve, not all thousand: ~100 ticks/s x 5 s
+    assert sum(p.reads for p in pumps) - 1000 < 5 * 100 * 4
+    assert sum(1 for p in pumps if p.moved) > 400          # and the queue turns round-robin
+
+
+def test_idle_capped_connections_arm_no_timer():
+    loop = FakeLoop()
+    book = book_with(cap(bandwidth_in_bps=1000, bandwidth_out_bps=1000), cap(bandwidth_in_bps=500))
+    tickets = [book.admit("web", "tcp", T0) for _ in range(1000)]
+    loop.run_until(T0 + 10)
+    assert loop.timers == [] and all(isinstance(t, Ticket) for t in tickets)
+    assert book.rules["web"].bandwidth["in"].timer_due is None
+
+
+def test_an_owner_envelope_splits_its_rate_between_two_rules():
+    loop = FakeLoop()
+    book = book_with(None, cap(bandwidth_in_bps=1 << 20), rules=("web", "ssh"))
+    a, b = Pump(loop, book.admit("web", "tcp", T0)), Pump(loop, book.admit("ssh", "tcp", T0))
+    a.on_readable(), b.on_readable()
+    loop.run_until(T0 + 10)
+    assert (1 << 20) * 11 - 2 * Pump.CHUNK <= a.moved + b.moved <= (1 << 20) * 11
+    assert min(a.moved, b.moved) > (1 << 20) * 3     # neither starves
