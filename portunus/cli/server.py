@@ -322,23 +322,6 @@ def cmd_restore(args) -> int:
     return 0
 
 
-class _ReadOnlyStore:
-    """Just enough of a Store for read-only queries beside a running serve (WAL lets a reader in)."""
-
-    def __init__(self, data_dir: str):
-        db_path = os.path.join(data_dir, "state.db")
-        if not os.path.exists(db_path):
-            raise PortunusError("not_found", f"no database at {db_path}")
-        self.conn = sqlite3.connect(store_backup.read_only_uri(db_path), uri=True, timeout=10)
-        self.conn.row_factory = sqlite3.Row
-
-    def read(self) -> sqlite3.Connection:
-        return self.conn
-
-    def close(self) -> None:
-        self.conn.close()
-
-
 def cmd_audit_prune(args) -> int:
     from ..store import audit as store_audit
     try:
@@ -346,7 +329,7 @@ def cmd_audit_prune(args) -> int:
     except PortunusError as exc:
         if exc.code != "store_in_use" or not args.dry_run:
             raise
-        store = _ReadOnlyStore(args.data_dir)  # a dry run only counts
+        store = store_backup.ReadOnlyStore(args.data_dir)  # a dry run only counts
     try:
         n = store_audit.prune(store, args.before, dry_run=args.dry_run)
     except sqlite3.Error as exc:

@@ -74,6 +74,23 @@ def read_only_uri(path: str) -> str:
     return f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro"
 
 
+class ReadOnlyStore:
+    """Just enough of a Store for read-only queries beside a running serve (WAL lets a reader in)."""
+
+    def __init__(self, data_dir: str):
+        db_path = os.path.join(data_dir, DB_NAME)
+        if not os.path.exists(db_path):
+            raise PortunusError("not_found", f"no database at {db_path}")
+        self.conn = sqlite3.connect(read_only_uri(db_path), uri=True, timeout=10)
+        self.conn.row_factory = sqlite3.Row
+
+    def read(self) -> sqlite3.Connection:
+        return self.conn
+
+    def close(self) -> None:
+        self.conn.close()
+
+
 # ------------------------------------------------------------------ backup
 
 def backup(data_dir: str, out: str, now=time.time) -> str:

@@ -140,3 +140,14 @@ def test_reset_lists_then_removes_only_the_database(tmp_path):
     assert backup.reset(str(tmp_path / "d")) == files
     assert backup.database_files(str(tmp_path / "d")) == []
     assert (tmp_path / "d" / "server.toml").exists()
+
+
+def test_a_read_only_store_reads_beside_the_holder(live):
+    ro = backup.ReadOnlyStore(live.data_dir)
+    try:
+        assert names(ro) == ["edge-1"]
+        with pytest.raises(sqlite3.OperationalError):
+            ro.read().execute("DELETE FROM clients")
+    finally:
+        ro.close()
+    assert names(live) == ["edge-1"]
