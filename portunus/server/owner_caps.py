@@ -26,6 +26,7 @@ from ..log import log
 from ..model import RateLimit
 from ..store import clients as store_clients
 from ..store import owner_caps as store_caps
+from ..store import users as store_users
 from ..store.db import Store, rfc3339
 
 RATE_LIMIT_CAPABILITY = "rate_limit"
@@ -82,9 +83,10 @@ class OwnerCapService:
         return store_clients.resolve_client_ref(self.store, client_ref)
 
     def _owner_on(self, client: dict, owner_id) -> str:
-        """An owner with at least one rule on the client (caps exist only for such owners)."""
+        """A user with at least one rule on the client (caps exist only for such owners)."""
         if not isinstance(owner_id, str) or not owner_id \
-                or store_caps.rule_count(self.store, client["client_id"], owner_id) == 0:
+                or store_caps.rule_count(self.store, client["client_id"], owner_id) == 0 \
+                or store_users.find_user_row(self.store, owner_id) is None:  # a removed user's rules drain
             raise PortunusError("not_found", f"owner {_shown(owner_id)} has no rules on client "
                                              f"{client['client_name']!r} ({client['client_id']})",
                                 owner_id=owner_id, client_id=client["client_id"])

@@ -202,6 +202,12 @@ def test_replay_sets_every_cap_and_clears_every_other_owner(w):
 
 # ---------------------------------------------------------------- the store and its table
 
+def test_the_draining_rules_of_a_removed_user_take_no_cap(w):
+    w.add_rule("r-carol", "carol", 30005)
+    store_users.delete_user(w.store, "carol")      # its rules are drained after the user row is gone
+    refused("not_found", w.caps.put, "edge-tokyo", "carol", {"rate_limit": CAP})
+
+
 def test_a_removed_user_or_client_takes_its_caps_along(w):
     w.caps.put("edge-tokyo", "alice", {"rate_limit": CAP})
     w.caps.put("edge-tokyo", "bob", {"rate_limit": CAP})
