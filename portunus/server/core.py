@@ -190,8 +190,10 @@ class ServerCore:
             "capabilities": (info or {}).get("capabilities") or client.get("capabilities") or [],
         }
 
-    def list_clients(self) -> list[dict]:
-        return [self.client_view(c) for c in store_clients.list_clients(self.store)]
+    def list_clients(self, only: set[str] | None = None) -> list[dict]:
+        """Every client, or (``only``) those of the given ids: what a tenant's grants cover."""
+        return [self.client_view(c) for c in store_clients.list_clients(self.store)
+                if only is None or c["client_id"] in only]
 
     def get_client(self, ref: str) -> dict:
         return self.client_view(store_clients.resolve_client_ref(self.store, ref))
@@ -223,7 +225,9 @@ class ServerCore:
 
     # ---- rules ----------------------------------------------------------------
     def push_rule(self, body: dict, *, owner: str | None, ack_timeout: float = 2.0,
-                  request_id: str | None = None) -> tuple[int, dict]:
+                  request_id: str | None = None, authorize=None) -> tuple[int, dict]:
+        """Validate, authorize (``authorize(rule, client_id)`` raises a grant refusal; None for
+        superadmins), gate on capabilities, store, send and wait for the ack (SPEC §4.3)."""
         if not isinstance(body, dict):
             raise PortunusError("bad_request", "the body must be a JSON object")
         started = time.monotonic()
@@ -237,6 +241,8 @@ class ServerCore:
         body["owner"] = owner
         rule = Rule.from_dict(body, max_range_ports=self.cfg.range_rule_max_ports)
         client = store_clients.resolve_client_ref(self.store, client_ref)
+        if authorize is not None:
+            authorize(rule, client["client_id"])  # RBAC before anything about the client's state (SPEC §4.3)
         if client.get("revoked_at"):
             raise PortunusError("conflict.client_revoked", f"client {client['client_name']!r} is revoked")
         info = self.hub.session_info(client["client_id"])
