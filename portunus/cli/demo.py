@@ -111,8 +111,10 @@ class Demo:
         self.logs = open(self.log_path, "w")
         self.children: dict[str, subprocess.Popen] = {}
         self.backend: ThreadingHTTPServer | None = None
-        # the demo's state is meant to vanish, so a tmpfs /tmp is fine for it
-        self.env = {**os.environ, "PORTUNUS_ALLOW_ANY_FS": "1"}
+        # the demo's state is meant to vanish, so a tmpfs /tmp is fine for it; and it is loopback only,
+        # so an advertised endpoint meant for a real server must not reach its server
+        self.env = {k: v for k, v in os.environ.items() if k != "PORTUNUS_ADVERTISED_ENDPOINT"}
+        self.env["PORTUNUS_ALLOW_ANY_FS"] = "1"
 
     def spawn(self, what: str, args: list[str]) -> subprocess.Popen:
         # own process group: a terminal's Ctrl-C reaches only the demo, which stops its children in order
@@ -187,13 +189,13 @@ Logs: {self.log_path}
 """
 
     def catch_stop_signals(self) -> threading.Event:
-        """Ctrl-C and SIGTERM set the returned event from now on.
+        """Ctrl-C, SIGTERM and SIGHUP (the terminal closed) set the returned event from now on.
 
         Installed before the banner is printed: whoever reads it may press Ctrl-C at once.
         A handler, not KeyboardInterrupt, which can land inside Event.wait's lock juggling.
         """
         stop = threading.Event()
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, lambda *_: stop.set())
         return stop
 

@@ -41,7 +41,7 @@ def repo_workdir(tmp_path: Path) -> Path:
     return work
 
 
-def run_demo_to_ctrl_c(args, *, cwd=None, env=None, on_running=None) -> str:
+def run_demo_to_ctrl_c(args, *, cwd=None, env=None, on_running=None, stop_signal=signal.SIGINT) -> str:
     """Start a demo, fetch the sample URL it prints, Ctrl-C it; asserts exit 0 and a removed temp dir."""
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
                          cwd=cwd, env=env, process_group=0)
@@ -67,7 +67,7 @@ def run_demo_to_ctrl_c(args, *, cwd=None, env=None, on_running=None) -> str:
         assert b"Hello through Portunus" in body
         if on_running is not None:
             on_running(text)
-        os.killpg(p.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+        os.killpg(p.pid, stop_signal)  # what a terminal's Ctrl-C (or hang-up) does: the whole foreground group
         _, err = p.communicate(timeout=30)
         assert p.returncode == 0, err
         assert "stopping the demo" in err and "error:" not in err, err

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import urllib.request
 
@@ -27,6 +28,12 @@ def test_demo_serves_the_sample_rule_and_cleans_up_on_ctrl_c():
         seen["rules"] = urllib.request.urlopen(req, timeout=10).read()
     run_demo_to_ctrl_c(portunus_cmd("server") + ["demo"], on_running=check)
     assert b'"state":"active"' in seen["rules"]
+
+
+def test_demo_ignores_a_real_servers_endpoint_and_stops_on_hang_up():
+    # a shell set up for a real deployment: the loopback demo must not advertise that host
+    env = {**os.environ, "PORTUNUS_ADVERTISED_ENDPOINT": "portunus.example.net:7443"}
+    run_demo_to_ctrl_c(portunus_cmd("server") + ["demo"], env=env, stop_signal=signal.SIGHUP)
 
 
 def test_demo_through_a_role_symlink_found_on_path(tmp_path):
