@@ -74,6 +74,7 @@ ERRORS: dict[str, ErrorKind] = {
     "password_change_required": ErrorKind(403, EXIT_RBAC, "password change required"),
     "rate_limited": ErrorKind(429, EXIT_GENERIC, "too many attempts"),
     "bootstrap_required": ErrorKind(503, EXIT_GENERIC, "no superadmin exists yet"),
+    "server_busy": ErrorKind(503, EXIT_GENERIC, "too many concurrent operator connections"),
     # identity (SPEC §5, §6): credentials, onboarding, roles, CSRF for cookie sessions
     "invalid_login": ErrorKind(401, EXIT_UNAUTHENTICATED, "unknown user or wrong password"),
     "setup_token_required": ErrorKind(401, EXIT_UNAUTHENTICATED, "the onboarding setup token is required"),
