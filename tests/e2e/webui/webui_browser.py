@@ -20,7 +20,7 @@ CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-
 
 
 class Browser:
-    def __init__(self, width: int = 1280, height: int = 900):
+    def __init__(self, width: int = 1280, height: int = 900, download_dir: Path | None = None):
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
 
@@ -32,10 +32,15 @@ class Browser:
         opts.add_argument(f"--user-data-dir={self.profile}")
         opts.add_argument(f"--window-size={width},{height}")
         opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+        self.download_dir = Path(download_dir or self.profile / "downloads")
+        opts.add_experimental_option("prefs", {"download.default_directory": str(self.download_dir),
+                                               "download.prompt_for_download": False})
         service = Service(executable_path=shutil.which("chromedriver") or CHROMEDRIVER)
         self.driver = webdriver.Chrome(service=service, options=opts)
         self.driver.set_page_load_timeout(20)
         self.driver.set_script_timeout(20)
+        self.driver.execute_cdp_cmd("Page.setDownloadBehavior", {"behavior": "allow",
+                                                                 "downloadPath": str(self.download_dir)})
         self.console: list[dict] = []
 
     # ---- console -------------------------------------------------------------------------
