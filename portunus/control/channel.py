@@ -210,37 +210,3 @@ def _short(exc: Exception) -> str:
         return errno.errorcode.get(exc.errno, str(exc))
     return str(exc) or type(exc).__name__
 
-
-def connect_tcp(loop, host_ip: str, port: int, timeout: float, on_done: Callable) -> Callable:
-    """Non-blocking connect; calls ``on_done(sock, None)`` or ``on_done(None, reason)``.
-
-    Returns a cancel function.
-    """
-    fam = socket.AF_INET6 if ":" in host_ip else socket.AF_INET
-    sock = socket.socket(fam, socket.SOCK_STREAM)
-    sock.setblocking(False)
-    state = {"done": False}
-
-    def finish(ok: bool, reason: str | None) -> None:
-        if state["done"]:
-            return
-        state["done"] = True
-        timer.cancel()
-        loop.forget(sock.fileno())
-        if ok:
-            on_done(sock, None)
-        else:
-            sock.close()
-            on_done(None, reason)
-
-    def ready() -> None:
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        finish(err == 0, None if err == 0 else errno.errorcode.get(err, str(err)))
-
-    rc = sock.connect_ex((host_ip, port))
-    timer = loop.call_later(timeout, lambda: finish(False, "connect timeout"))
-    if rc in (0, errno.EINPROGRESS):
-        loop.add_writer(sock.fileno(), ready)
-    else:
-        loop.call_soon(finish, False, errno.errorcode.get(rc, str(rc)))
-    return lambda: finish(False, "cancelled")
