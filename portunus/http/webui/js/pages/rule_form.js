@@ -92,23 +92,26 @@ export function ruleForm(clients, onPushed) {
     return b;
   }
 
+  // the server's codes are shared by several fields; its message names the field ("targets[1] port …")
   function fieldFor(code, err) {
     for (const fn of errorFields) { const el = fn(code, err); if (el) return el; }
-    const first = rows[0].inputs;
-    const proxyRow = rows.find((r) => r.inputs.proxy.value) || rows[0];
-    if (/^validation\.(invalid_listen|invalid_port_range|port_range_too_large)$/.test(code)) return listen;
-    if (["port_in_use", "activation_failed", "port_outside_grant"].includes(code)) return listen;
-    if (code === "validation.invalid_listen_host") return listenHost;
-    if (code.startsWith("validation.proxy_protocol") || code === "proxy_protocol_unsupported_by_client") return proxyRow.inputs.proxy;
-    if (code.startsWith("validation.health_check")) return health;
-    if (code === "validation.invalid_bool") return preferV6;
+    const msg = err.message || "";
+    const part = { host: "host", port: "port", port_end: "port", priority: "priority", proxy_protocol: "proxy" };
+    let m = /^targets\[(\d+)\](?: (host|port_end|port|priority|proxy_protocol))?/.exec(msg);
+    if (m) return (rows[Number(m[1])] || rows[0]).inputs[part[m[2] || "host"]];
+    m = /^target (host|port)/.exec(msg);
+    if (m) return rows[0].inputs[m[1]];
+    if (/^listen[_ ]host/.test(msg) || code === "validation.invalid_listen_host") return listenHost;
+    if (code === "validation.port_range_width_mismatch" || code === "port_range_unsupported_by_client") return rows[0].inputs.port;
+    if (/^listen/.test(msg) || ["port_in_use", "activation_failed", "port_outside_grant"].includes(code)) return listen;
+    if (msg.includes("health_check") || code.startsWith("validation.health_check")) return health;
+    if (msg.includes("proxy_protocol") || code === "proxy_protocol_unsupported_by_client") {
+      return (rows.find((r) => r.inputs.proxy.value) || rows[0]).inputs.proxy;
+    }
+    if (msg.includes("prefer_ipv6")) return preferV6;
     if (["validation.invalid_protocol", "protocol_not_granted", "unsupported_protocol"].includes(code)) return protocol;
-    if (code === "validation.port_range_width_mismatch" || code === "port_range_unsupported_by_client") return first.port;
-    if (code === "validation.invalid_target" || code === "validation.too_many_targets" ||
-        code === "multi_target_unsupported_by_client") {
-      const bad = rows.find((r) => err.message && (err.message.includes(r.inputs.host.value.trim() || "\u0000") &&
-        r.inputs.host.value.trim())) || rows[0];
-      return /port/i.test(err.message || "") && bad.inputs.host.value.trim() ? bad.inputs.port : bad.inputs.host;
+    if (["validation.invalid_target", "validation.too_many_targets", "multi_target_unsupported_by_client"].includes(code)) {
+      return rows[0].inputs.host;
     }
     if (["client_not_connected", "client_not_granted", "not_found", "validation.missing_client", "not_owner",
       "conflict.client_revoked"].includes(code) || code.endsWith("_unsupported_by_client")) return client;
