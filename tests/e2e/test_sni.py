@@ -299,3 +299,25 @@ def test_half_sent_hellos_cost_no_busy_loop(standalone, sites, tmp_path):
     finally:
         for c in conns:
             c.close()
+
+
+@pytest.mark.parametrize("version_flag", ["-tls1_2", "-tls1_3"])
+def test_openssl_s_client_reaches_its_site_by_name(standalone, sites, tmp_path, version_flag):
+    import shutil
+    import subprocess
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    listen, stats_path = free_port(), tmp_path / "stats.sock"
+    standalone(sni_toml(listen, sites, stats_path))
+    for name, site in (("a.example.com", "exact"), ("b.example.com", "wild")):
+        proc = subprocess.Popen(["openssl", "s_client", "-connect", f"127.0.0.1:{listen}", "-servername", name,
+                                 "-verify_hostname", name, "-CAfile", sites[site].cert, "-verify_return_error",
+                                 version_flag, "-quiet"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        try:
+            proc.stdin.write(b"ping\n")
+            proc.stdin.flush()
+            assert proc.stdout.readline() == f"{site}:ping\n".encode()  # verified: else s_client exits first
+        finally:
+            proc.kill()
+            proc.wait()
