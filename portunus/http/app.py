@@ -19,8 +19,9 @@ from .. import __version__
 from ..errors import PortunusError
 from ..log import log
 from ..server.access import OperatorAccess
+from ..server.identity import SESSION_ABSOLUTE_SECS, retry_after_header
 from . import routes, static
-from .auth import AUTHENTICATED, AuthSeam
+from .auth import AUTHENTICATED, SESSION_COOKIE, AuthSeam, Request, session_cookie
 from .parse import MAX_BODY, content_length, json_body
 from .routes import StatsStream
 from .sse import write_stats_stream
@@ -32,12 +33,23 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 class OperatorAPI:
-    """What the handlers see: the domain services (``core``), the access layer and the auth seam."""
+    """What the handlers see: the domain services (``core``), the access layer and the auth seam.
 
-    def __init__(self, core, store):
+    ``public_origin`` is ``operator_http_public_origin`` as configured (None when unset): CSRF
+    compares ``Origin`` with it, and an https one makes the session cookie ``Secure``.
+    """
+
+    def __init__(self, core, store, *, public_origin: str | None = None, identity=None):
         self.core = core
-        self.access = OperatorAccess(store, core)
-        self.auth = AuthSeam(self.access, core)
+        self.access = OperatorAccess(store, core, identity)
+        self.auth = AuthSeam(self.access, core, public_origin)
+        self.cookie_secure = bool(public_origin and public_origin.lower().startswith("https://"))
+
+    def session_cookie(self, token: str) -> str:
+        """The Set-Cookie value for a session token; an empty token deletes the cookie."""
+        max_age = SESSION_ABSOLUTE_SECS if token else 0
+        value = f"{SESSION_COOKIE}={token}; HttpOnly; SameSite=Lax; Path=/; Max-Age={max_age}"
+        return value + "; Secure" if self.cookie_secure else value
 
 
 def _v1_path(target: str | None) -> str | None:
@@ -74,9 +86,11 @@ class Handler(DeadlineRequestHandler):
             return
         route, params, allowed = routes.match(method, path)
         auth = self.api.auth
-        principal = None
+        request = Request(method, self.headers, self.client_address[0] if self.client_address else "",
+                          has_body=self._body_announced())
         try:
-            principal = auth.admit(route.access if route else AUTHENTICATED, self.headers, params)
+            auth.admit(route.access if route else AUTHENTICATED, request, params,
+                       password_change_ok=bool(route and route.password_change_ok))
             if route is None:
                 if not allowed:
                     raise PortunusError("not_found", f"no route {method} {path}")
@@ -84,27 +98,31 @@ class Handler(DeadlineRequestHandler):
                                                           f"(allowed: {', '.join(allowed)})", allowed=allowed)
             body = self._read_body(method)
             query = parse_qs(urlsplit(self.path).query)
-            status, payload = route.handler(self.api, principal, params, query, body,
-                                            {"request_id": request_id, "host": self.headers.get("Host")})
+            ctx = {"request_id": request_id, "host": self.headers.get("Host"), "headers": self.headers,
+                   "remote_ip": request.remote_ip, "cookie": session_cookie(self.headers)}
+            status, payload, *extra = route.handler(self.api, request.principal, params, query, body, ctx)
         except PortunusError as exc:
             status = exc.http_status
-            auth.audit(principal, method, path, "deny" if status in (401, 403) else "allow", exc.code, status,
-                       request_id)
-            allow = {"Allow": ", ".join(allowed)} if exc.code == "method_not_allowed" else {}
-            self._send(status, exc.to_json(), request_id, allow)
+            outcome = "deny" if status in (401, 403, 429) else "allow"
+            auth.audit(request.principal, method, path, outcome, exc.code, status, request_id)
+            headers = {"Allow": ", ".join(allowed)} if exc.code == "method_not_allowed" else {}
+            retry_after = retry_after_header(exc)
+            if retry_after is not None:
+                headers["Retry-After"] = retry_after
+            self._send(status, exc.to_json(), request_id, headers)
             return
         except Exception as exc:  # a bug must not kill the server or leak a traceback
             log.error("http.handler_error", method=method, path=path, error=f"{type(exc).__name__}: {exc}",
                       request_id=request_id)
-            auth.audit(principal, method, path, "allow", "internal", 500, request_id)
+            auth.audit(request.principal, method, path, "allow", "internal", 500, request_id)
             self._send(500, {"error": {"code": "internal", "message": "internal error; see the server log",
                                        "request_id": request_id}}, request_id)
             return
-        auth.audit(principal, method, path, "allow", None, status, request_id)
+        auth.audit(request.principal, method, path, "allow", None, status, request_id)
         if isinstance(payload, StatsStream):
             self._stream(payload, request_id)
         else:
-            self._send(status, payload, request_id)
+            self._send(status, payload, request_id, extra[0] if extra else None)
 
     def protocol_error(self, message: str) -> None:
         path = _v1_path(getattr(self, "path", None))
@@ -138,6 +156,15 @@ class Handler(DeadlineRequestHandler):
             raise PortunusError("bad_request", f"Content-Type must be application/json, got {ctype!r}")
         return json_body(data)
 
+    def _body_announced(self) -> bool:
+        """Whether the request says it has a body (CSRF's content-type rule runs before it is read)."""
+        if self.headers.get("Transfer-Encoding") is not None:
+            return True
+        try:
+            return bool(content_length(self.headers.get_all("Content-Length") or []))
+        except PortunusError:
+            return True
+
     def _body_pending(self) -> bool:
         if getattr(self, "body_consumed", False):
             return False
@@ -150,7 +177,9 @@ class Handler(DeadlineRequestHandler):
 
     # ---- responses ----------------------------------------------------------------
     def _send(self, status: int, payload, request_id: str, headers: dict | None = None) -> None:
-        if isinstance(payload, tuple):
+        if status == 204:
+            ctype, data = None, b""
+        elif isinstance(payload, tuple):
             ctype, text = payload
             data = text.encode()
         else:
@@ -160,13 +189,14 @@ class Handler(DeadlineRequestHandler):
             self.close_connection = True  # an unread body would be parsed as the next request
         try:
             self.send_response(status)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(data)))
+            if ctype is not None:
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(data)))
             self.send_header("X-Request-Id", request_id)
             self.send_header("Cache-Control", "no-store")
             for name, value in (headers or {}).items():
                 self.send_header(name, value)
-            if status == 429:
+            if status == 429 and "Retry-After" not in (headers or {}):
                 self.send_header("Retry-After", "60")
             if self.close_connection:
                 self.send_header("Connection", "close")

@@ -135,6 +135,14 @@ class IdentityService:
     def _now(self) -> int:
         return int(self.clock())
 
+    def _release_store(self) -> None:
+        """Hold no store connection while a hash waits for its slot and runs (tens of ms each, a few
+        at once): a login flood would otherwise hold the HTTP threads' whole connection pool, and
+        every other request, a rule push too, would wait for it. A no-op inside a transaction."""
+        release = getattr(self.store, "release_thread_connection", None)
+        if release is not None:
+            release()
+
     @staticmethod
     def _ts(secs: int) -> str:
         return rfc3339(datetime.fromtimestamp(secs, timezone.utc))
@@ -255,6 +263,7 @@ class IdentityService:
         self._clear_throttle("onboarding", ONBOARDING_SUBJECT, remote_ip)  # the token was right
         user_id = validate_user_id(user_id)
         display_name = clean_label(display_name, "display name", MAX_DISPLAY_NAME, "validation.invalid_display_name")
+        self._release_store()
         password_hash = passwords.hash_password(password)
         now = self._ts(self._now())
         with self.store.write() as conn:
@@ -274,6 +283,7 @@ class IdentityService:
         role = validate_role(role)
         if store_users.find_user_row(self.store, user_id) is not None:  # before paying for the hash
             raise PortunusError("conflict.user_exists", f"user {user_id!r} already exists", user_id=user_id)
+        self._release_store()
         password_hash = passwords.hash_password(password)
         return store_users.insert_user(self.store, user_id, display_name, role, password_hash,
                                        self._ts(self._now()), password_change_required=password_change_required)
@@ -309,6 +319,7 @@ class IdentityService:
         row = store_users.find_user_row(self.store, user_id)
         subject = row["user_id"] if row is not None else store_throttle.UNKNOWN_SUBJECT
         lock = self._begin_attempt("login", subject, remote_ip)
+        self._release_store()
         ok = False
         if row is not None and row["password_hash"]:
             ok = self._verify(row, password)
@@ -373,6 +384,7 @@ class IdentityService:
         if row is None:
             raise store_users.not_found(user_id)
         lock = self._begin_attempt("password_change", user_id, remote_ip)
+        self._release_store()
         if not row["password_hash"] or not self._verify(row, current_password):
             if not row["password_hash"]:
                 passwords.verify_unknown_user(current_password)
@@ -383,6 +395,7 @@ class IdentityService:
         if hmac.compare_digest(new_password.encode("utf-8", "surrogatepass"),
                                current_password.encode("utf-8", "surrogatepass")):
             raise PortunusError("validation.password_unchanged", "the new password must differ from the current one")
+        self._release_store()
         store_users.set_password_hash(self.store, user_id, passwords.hash_password(new_password),
                                       change_required=False)
         store_sessions.delete_user_sessions(self.store, user_id, keep_hash=keep_session_hash)
@@ -394,6 +407,7 @@ class IdentityService:
         temporary = new_password is None
         if temporary:
             new_password = passwords.new_temporary_password()
+        self._release_store()
         password_hash = passwords.hash_password(new_password)
         with self.store.write():
             store_users.set_password_hash(self.store, user_id, password_hash, change_required=True)

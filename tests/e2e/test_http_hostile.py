@@ -310,7 +310,7 @@ def test_put_rule_stub_is_gone_and_the_stream_is_a_table_route(server):
     assert "put" not in spec["paths"]["/v1/rules/{id}"]
     assert "get" in spec["paths"]["/v1/rules/{id}/stats/stream"]
     assert "security" not in spec["paths"]["/v1/auth/status"]["get"]
-    assert spec["paths"]["/v1/audit"]["get"]["security"] == [{"bearer": []}]
+    assert spec["paths"]["/v1/audit"]["get"]["security"] == [{"bearer": []}, {"session": []}]
     headers, _ = assert_json_4xx(server, request("PUT", "/v1/rules/01ARZ3NDEKTSV4RRFFQ69G5FAV", body=b"{}"), 405,
                                  "method_not_allowed")
     assert headers["allow"] == "GET, DELETE"

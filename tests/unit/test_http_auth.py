@@ -9,7 +9,7 @@ import pytest
 
 from portunus.errors import PortunusError
 from portunus.http import auth, routes
-from portunus.http.auth import AUTHENTICATED, LEVEL_CHECKS, PUBLIC, SUPERADMIN, AuthSeam, bearer_token
+from portunus.http.auth import AUTHENTICATED, LEVEL_CHECKS, OWNER, PUBLIC, SUPERADMIN, AuthSeam, bearer_token
 from portunus.server.access import Principal
 
 
@@ -81,21 +81,21 @@ def test_onboarding_answers_bootstrap_required():
 def test_levels():
     assert seam().admit(AUTHENTICATED, bearer("user-token"), {}) == USER
     assert seam().admit(SUPERADMIN, bearer("admin-token"), {}) == ADMIN
-    refused("forbidden", seam().admit, SUPERADMIN, bearer("user-token"), {})
+    refused("role_required", seam().admit, SUPERADMIN, bearer("user-token"), {})
 
 
 def test_an_unknown_level_is_a_table_bug_not_a_pass():
     with pytest.raises(KeyError):
-        seam().admit("owner", bearer("admin-token"), {})
+        seam().admit("tenant", bearer("admin-token"), {})
 
 
 def test_a_new_level_is_one_entry(monkeypatch):
     def owner_check(principal, params, access):
         if not principal.is_superadmin and params.get("id") != principal.user_id:
             raise PortunusError("not_owner", "not yours")
-    monkeypatch.setitem(LEVEL_CHECKS, "owner", owner_check)
-    assert seam().admit("owner", bearer("user-token"), {"id": "u-alice"}) == USER
-    refused("not_owner", seam().admit, "owner", bearer("user-token"), {"id": "u-bob"})
+    monkeypatch.setitem(LEVEL_CHECKS, "self", owner_check)
+    assert seam().admit("self", bearer("user-token"), {"id": "u-alice"}) == USER
+    refused("not_owner", seam().admit, "self", bearer("user-token"), {"id": "u-bob"})
 
 
 @pytest.mark.parametrize("value,token", [("Bearer abc", "abc"), ("bearer  abc ", "abc"), ("Bearer ", None),
@@ -122,12 +122,13 @@ def test_a_failing_audit_write_does_not_fail_the_request():
 # ------------------------------------------------------------------ the table is the only place
 
 def test_every_route_declares_a_known_level():
-    assert {r.access for r in routes.ROUTES} <= {PUBLIC, AUTHENTICATED, SUPERADMIN}
+    assert {r.access for r in routes.ROUTES} <= {PUBLIC, AUTHENTICATED, OWNER, SUPERADMIN}
     public = {(r.method, r.pattern) for r in routes.ROUTES if r.access == PUBLIC}
-    assert public == {("GET", "/v1/auth/status"), ("GET", "/v1/openapi.json")}
+    assert public == {("GET", "/v1/auth/status"), ("POST", "/v1/auth/onboarding"), ("POST", "/v1/auth/login"),
+                      ("POST", "/v1/auth/logout"), ("GET", "/v1/openapi.json")}
     admin = {(r.method, r.pattern) for r in routes.ROUTES if r.access == SUPERADMIN}
-    assert admin == {("GET", "/v1/settings/advertised-endpoint"), ("PUT", "/v1/settings/advertised-endpoint"),
-                     ("GET", "/v1/audit"), ("GET", "/v1/metrics")}
+    assert {("GET", "/v1/settings/advertised-endpoint"), ("PUT", "/v1/settings/advertised-endpoint"),
+            ("GET", "/v1/audit"), ("GET", "/v1/metrics"), ("POST", "/v1/users"), ("POST", "/v1/grants")} <= admin
 
 
 def test_no_handler_checks_roles_itself():

@@ -49,5 +49,6 @@ def test_openapi_comes_from_the_table():
     assert len(ops) == len(routes.ROUTES)
     assert "put" not in spec["paths"]["/v1/rules/{id}"]
     stream = spec["paths"]["/v1/rules/{id}/stats/stream"]["get"]
-    assert stream["parameters"][0]["name"] == "id" and stream["security"] == [{"bearer": []}]
+    assert stream["parameters"][0]["name"] == "id" and stream["security"] == [{"bearer": []}, {"session": []}]
+    assert stream["x-portunus-access"] == "owner"
     assert "security" not in spec["paths"]["/v1/openapi.json"]["get"]
