@@ -85,9 +85,14 @@ def client_context(cafile: str, check_hostname: bool = True) -> ssl.SSLContext:
     return ctx
 
 
-def tls_connect(port: int, server_name: str | None, cafile: str, timeout: float = 10) -> ssl.SSLSocket:
-    """A verified TLS connection through ``port``: SNI ``server_name`` (None: no SNI), the site's cert."""
-    ctx = client_context(cafile, check_hostname=server_name is not None)
+def tls_connect(port: int, server_name: str | None, cafile: str, timeout: float = 10,
+                check_hostname: bool = True) -> ssl.SSLSocket:
+    """A verified TLS connection through ``port``: SNI ``server_name`` (None: no SNI), the site's cert.
+
+    The chain is always verified against ``cafile`` (the site's own certificate);
+    ``check_hostname=False`` only skips matching the name against its SANs.
+    """
+    ctx = client_context(cafile, check_hostname=check_hostname and server_name is not None)
     raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     return ctx.wrap_socket(raw, server_hostname=server_name)
 
@@ -103,8 +108,9 @@ def ask(tls: ssl.SSLSocket, line: bytes = b"ping") -> bytes:
     return got.rstrip(b"\n")
 
 
-def tls_ask(port: int, server_name: str | None, cafile: str, line: bytes = b"ping") -> bytes:
-    with tls_connect(port, server_name, cafile) as tls:
+def tls_ask(port: int, server_name: str | None, cafile: str, line: bytes = b"ping",
+            check_hostname: bool = True) -> bytes:
+    with tls_connect(port, server_name, cafile, check_hostname=check_hostname) as tls:
         return ask(tls, line)
 
 

@@ -103,6 +103,9 @@ class HelloRead:
 
     def _on_readable(self) -> None:
         view = self.listener.ctx.copy_view[:MAX_HELLO_BYTES - len(self.buf)]
+        if not view:  # the parser never asks for more than the cap; this guards the recv size
+            self.listener.hello_read(self, sni.SniResult(sni.TOO_LARGE))
+            return
         try:
             n = self.sock.recv_into(view)
         except BlockingIOError:

@@ -191,3 +191,14 @@ def test_the_routed_rule_keeps_failover_and_proxy_protocol_and_the_bytes_arrive_
         assert snap["connect_failures"] >= 1
     finally:
         echo.close()
+
+
+def test_a_rule_whose_pattern_changes_moves_its_route_and_the_listener_stays(lt, sites):
+    listen = free_port()
+    lt.call(lt.runtime.apply, sni_rules(listen, sites))
+    fd = shared_fd(lt, listen)
+    moved = tcp_rule("r-exact", listen, sites["exact"].port, sni_pattern="other.test")
+    assert lt.call(lt.runtime.activate, moved).state == "active"
+    assert shared_fd(lt, listen) == fd
+    assert tls_ask(listen, "a.example.com", sites["wild"].cert) == b"wild:ping"  # the wildcard takes it now
+    assert tls_ask(listen, "other.test", sites["exact"].cert, check_hostname=False) == b"exact:ping"
