@@ -79,3 +79,10 @@ def test_every_module_imported_exists():
             assert (p.parent / spec).resolve().is_file(), f"{p.name} imports missing {spec}"
         for spec in re.findall(r'^import "([^"]+)";', p.read_text(encoding="utf-8"), re.M):
             assert (p.parent / spec).resolve().is_file(), f"{p.name} imports missing {spec}"
+
+
+def test_index_preloads_every_module_so_the_first_page_loads_in_one_wave():
+    html = (WEBUI / "index.html").read_text(encoding="utf-8")
+    preloaded = set(re.findall(r'<link rel="modulepreload" href="/([^"]+)">', html))
+    modules = {p.relative_to(WEBUI).as_posix() for p in WEBUI.rglob("*.js")} - {"js/app.js"}
+    assert preloaded == modules

@@ -165,7 +165,10 @@ function wireFrame() {
 
 async function boot() {
   applyTheme(storedTheme());
+  // who is logged in and the language bundle load in parallel: the first page needs both
+  const status = refreshSession().catch(() => { session.known = false; });
   try { await setLanguage(storedLanguage(), { remember: false }); } catch (_) { /* keys show as-is */ }
+  await status;
   document.querySelector(".skip").textContent = t("nav.skip");
   wireFrame();
   await render();

@@ -15,7 +15,7 @@ export function storedLanguage() {
 }
 
 async function load(code) {
-  const res = await fetch(`/i18n/${code}.json`, { cache: "no-cache" });
+  const res = await fetch(`/i18n/${code}.json`);  // same request as the preload in index.html
   if (!res.ok) throw new Error(`language bundle ${code}: HTTP ${res.status}`);
   return res.json();
 }
