@@ -17,6 +17,8 @@ from __future__ import annotations
 import sys
 
 from ..errors import PortunusError
+from .api_client import quote
+from .output import print_json, table
 
 FORMATS = ("text", "json")
 
@@ -87,7 +89,8 @@ class _Offline:
         from ..log import log
         from ..server.identity import IdentityService
         log.configure(level="warn")  # the command prints what happened; info events are for serve's log
-        self.store = _server_cli()._open_offline(args.data_dir)
+        from ..store.backup import open_offline
+        self.store = open_offline(args.data_dir)
         self.identity = IdentityService(self.store)
 
     def __enter__(self) -> "_Offline":
@@ -118,25 +121,21 @@ def read_password_stdin() -> str:
     return text
 
 
-def _print_json(obj) -> None:
-    _server_cli()._print_json(obj)
-
-
 def _user_rows(users: list[dict]) -> None:
     rows = [[u["user_id"], u["display_name"], u["role"], "yes" if u["disabled"] else "no",
              "yes" if u["password_change_required"] else "no", u["created_at"]] for u in users]
-    _server_cli()._table(rows, ["USER_ID", "DISPLAY_NAME", "ROLE", "DISABLED", "CHANGE_REQUIRED", "CREATED_AT"])
+    table(rows, ["USER_ID", "DISPLAY_NAME", "ROLE", "DISABLED", "CHANGE_REQUIRED", "CREATED_AT"])
 
 
 def _grant_rows(grants: list[dict]) -> None:
     rows = [[g["grant_id"], g["user_id"], g["client"], f"{g['listen_port_start']}-{g['listen_port_end']}",
              ",".join(g["protocols"]), g.get("note") or "-"] for g in grants]
-    _server_cli()._table(rows, ["GRANT_ID", "USER", "CLIENT", "PORTS", "PROTOCOLS", "NOTE"])
+    table(rows, ["GRANT_ID", "USER", "CLIENT", "PORTS", "PROTOCOLS", "NOTE"])
 
 
 def _print_removed(args, what: str, rule_ids: list[str]) -> int:
     if args.format == "json":
-        _print_json({"removed_rule_ids": rule_ids})
+        print_json({"removed_rule_ids": rule_ids})
         return 0
     print(what)
     print(f"removed rules: {', '.join(rule_ids)}" if rule_ids else "removed rules: none")
@@ -147,10 +146,6 @@ def _delete_rules(store, rule_ids: list[str]) -> None:
     from ..store import rules as store_rules
     for rule_id in rule_ids:
         store_rules.delete_rule(store, rule_id)
-
-
-def _q(text: str) -> str:
-    return _server_cli()._q(text)
 
 
 # ---------------------------------------------------------------- offline-only commands
@@ -170,7 +165,7 @@ def cmd_reset_password(args) -> int:
     with _Offline(args) as off:
         out = off.identity.reset_password(args.user_id, new_password, revoke_api_tokens=not args.keep_api_tokens)
     if args.format == "json":
-        _print_json(out)
+        print_json(out)
         return 0
     if "temporary_password" in out:
         print(f"temporary_password={out['temporary_password']}")
@@ -192,7 +187,7 @@ def cmd_user_add(args) -> int:
         with _Offline(args) as off:
             user = off.identity.create_user(args.user_id, args.display_name, args.role, password)
     if args.format == "json":
-        _print_json(user)
+        print_json(user)
     else:
         print(f"created {user['role']} {user['user_id']} ({user['display_name']})")
     return 0
@@ -206,7 +201,7 @@ def cmd_user_list(args) -> int:
         with _Offline(args) as off:
             users = off.identity.list_users()
     if args.format == "json":
-        _print_json(users)
+        print_json(users)
     else:
         _user_rows(users)
     return 0
@@ -215,12 +210,12 @@ def cmd_user_list(args) -> int:
 def cmd_user_get(args) -> int:
     api = _online(args)
     if api is not None:
-        user = api.call("GET", f"/v1/users/{_q(args.user_id)}")[1]
+        user = api.call("GET", f"/v1/users/{quote(args.user_id)}")[1]
     else:
         with _Offline(args) as off:
             user = off.identity.get_user(args.user_id)
     if args.format == "json":
-        _print_json(user)
+        print_json(user)
     else:
         for key in ("user_id", "display_name", "role", "disabled", "password_change_required", "created_at"):
             print(f"{key}: {user[key]}")
@@ -230,7 +225,7 @@ def cmd_user_get(args) -> int:
 def cmd_user_remove(args) -> int:
     api = _online(args)
     if api is not None:
-        rule_ids = api.call("DELETE", f"/v1/users/{_q(args.user_id)}")[1]["removed_rule_ids"]
+        rule_ids = api.call("DELETE", f"/v1/users/{quote(args.user_id)}")[1]["removed_rule_ids"]
     else:
         with _Offline(args) as off:
             rule_ids = off.identity.remove_user(args.user_id)  # committed before the rules go
@@ -260,7 +255,7 @@ def cmd_grant_add(args) -> int:
                 body["client"] = store_clients.resolve_client_ref(off.store, args.client)["client_id"]
             grant = off.identity.add_grant(**body)
     if args.format == "json":
-        _print_json(grant)
+        print_json(grant)
     else:
         print(grant["grant_id"])
     return 0
@@ -269,13 +264,13 @@ def cmd_grant_add(args) -> int:
 def cmd_grant_list(args) -> int:
     api = _online(args)
     if api is not None:
-        path = "/v1/grants" + (f"?user_id={_q(args.user_id)}" if args.user_id else "")
+        path = "/v1/grants" + (f"?user_id={quote(args.user_id)}" if args.user_id else "")
         grants = api.call("GET", path)[1]["grants"]
     else:
         with _Offline(args) as off:
             grants = off.identity.list_grants(args.user_id)
     if args.format == "json":
-        _print_json(grants)
+        print_json(grants)
     else:
         _grant_rows(grants)
     return 0
@@ -284,7 +279,7 @@ def cmd_grant_list(args) -> int:
 def cmd_grant_revoke(args) -> int:
     api = _online(args)
     if api is not None:
-        rule_ids = api.call("DELETE", f"/v1/grants/{_q(args.grant_id)}")[1]["removed_rule_ids"]
+        rule_ids = api.call("DELETE", f"/v1/grants/{quote(args.grant_id)}")[1]["removed_rule_ids"]
     else:
         with _Offline(args) as off:
             rule_ids = off.identity.revoke_grant(args.grant_id)  # committed before the rules go

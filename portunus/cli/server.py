@@ -17,6 +17,7 @@ import sys
 from ..errors import PortunusError
 from ..store import backup as store_backup
 from . import identity as identity_cli
+from . import quota as quota_cli
 from .api_client import ApiClient, quote, running_server_url
 from .output import human_bytes, listen_text, print_json, rule_caps, table, target_text
 
@@ -374,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ..doctor.cli import add_server_parser
     add_server_parser(sub)
     identity_cli.add_parsers(sub)
+    quota_cli.add_parsers(sub)
     return p
 
 
@@ -497,9 +499,9 @@ CAPABILITIES). A client without it is never sent the rule: the push fails with e
 (e.g. rate_limit_unsupported_by_client; for udp, unsupported_protocol) and nothing is stored."""
 
 # these create the data dir when it is missing (or never use it); the others need it to exist
-CREATES_DATA_DIR = {"serve", "bootstrap-superadmin", "restore", "demo", "gen-token"}
+CREATES_DATA_DIR = {"serve", "bootstrap-superadmin", "restore", "demo", "gen-token", "onboarding-token"}
 # these open the store itself, so --server does not stand in for the data dir
-OFFLINE_COMMANDS = {"backup", "audit", "reset", "rotate-cert"}
+OFFLINE_COMMANDS = {"backup", "audit", "reset", "rotate-cert", "onboarding-token", "reset-password"}
 
 
 def resolve_data_dir(args) -> None:

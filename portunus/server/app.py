@@ -21,6 +21,7 @@ from ..sysinfo import raise_nofile_limit
 from . import config as server_config
 from .core import ServerCore, validate_seed_endpoint
 from .identity import IdentityService
+from .traffic import start_traffic_services
 
 RUNTIME_FILE = "serve.json"
 
@@ -56,11 +57,8 @@ def serve(data_dir: str, *, advertised_endpoint: str | None = None, ready_event:
     if not store_operators.ensure_legacy_operator(store, cfg.operator_token) and cfg.operator_token:
         log.warn("startup.operator_token_ignored",
                  reason="another superadmin exists; operator_token only bootstraps a store without one")
-    if not store_operators.has_superadmin(store):
-        log.warn("startup.no_superadmin",
-                 hint="stop the server and run `portunus-server bootstrap-superadmin --name NAME`, or set "
-                      "operator_token in server.toml; until then /v1 answers 503 bootstrap_required")
-    setup_token = IdentityService(store).start_onboarding()
+    identity = IdentityService(store)
+    setup_token = _start_onboarding(identity)
 
     loop = Loop()
     hub = Hub(loop, server_context(cert), store, cfg)
@@ -69,9 +67,10 @@ def serve(data_dir: str, *, advertised_endpoint: str | None = None, ready_event:
     core = ServerCore(cfg, store, hub, cert, advertised_seed=seed)
     core.seed_error = seed_error
     hub.stats_sink = core.stats.update
+    traffic = start_traffic_services(store, hub, core)  # quotas, accounting, housekeeping (SPEC §4.4)
 
     from ..http.app import OperatorAPI, make_metrics_server, make_server, serve_in_thread
-    api = OperatorAPI(core, store)
+    api = OperatorAPI(core, store, public_origin=cfg.values.get("operator_http_public_origin"), identity=identity)
     http_srv = make_server(*cfg.http_addr, api)
     metrics_srv = make_metrics_server(*cfg.metrics_addr, core)
     http_host, http_port = http_srv.server_address[:2]
@@ -127,10 +126,32 @@ def serve(data_dir: str, *, advertised_endpoint: str | None = None, ready_event:
             pass
         http_srv.server_close()
         metrics_srv.server_close()
+        traffic.stop()  # applies the reports still queued before the store closes
         loop.close()
         store.close()
     log.info("process.exit", code=0)
     return 0
+
+
+def _start_onboarding(identity: IdentityService) -> str | None:
+    """While no active superadmin exists: this start's setup token for stderr (SPEC §5), else None."""
+    if not identity.bootstrap_required():
+        return None
+    token = identity.start_onboarding()
+    if token is not None:
+        how = "the setup token printed on stderr ('Portunus onboarding setup token: …', valid 30 min)"
+    elif identity.onboarding_open():  # a token from `onboarding-token` is still valid: the operator has it
+        how = f"the token `portunus-server onboarding-token` printed (valid until " \
+              f"{identity.cli_setup_token_expires_at()})"
+    else:  # onboarding completed once and closed for good; a superadmin must be recovered, not created
+        log.warn("startup.no_superadmin", hint="no active superadmin, and onboarding closed for good: stop the "
+                                               "server and run `portunus-server reset-password USER --temporary`")
+        return None
+    log.warn("startup.no_superadmin",
+             hint=f"onboarding: use {how} in the Web UI or POST /v1/auth/onboarding; or stop the server and run "
+                  f"`portunus-server bootstrap-superadmin --name NAME`, or set operator_token in server.toml; "
+                  f"until then /v1 answers 503 bootstrap_required")
+    return token
 
 
 def _url_host(host: str) -> str:
