@@ -55,7 +55,7 @@ registerPage({
 
     async function pollNewest() {
       // newer rows than the newest shown go on top; the older pages already loaded stay
-      const res = await get(query(""), { quiet: true });
+      const res = await get(query(""));
       const newestId = entries.length ? entries[0].id : 0;
       const fresh = (res.entries || []).filter((e) => e.id > newestId);
       if (fresh.length) { entries = fresh.concat(entries); draw(); }

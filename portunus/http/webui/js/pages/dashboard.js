@@ -63,7 +63,7 @@ registerPage({
     async function sample() {
       const snapshots = await Promise.all(sampled.map((r) => {
         const multi = (r.targets || []).length > 1;
-        return get(`rules/${enc(r.rule_id)}/stats${multi ? "?per_target=true" : ""}`, { quiet: true }).catch(() => null);
+        return get(`rules/${enc(r.rule_id)}/stats${multi ? "?per_target=true" : ""}`).catch(() => null);
       }));
       if (stopped) return;
       const now = performance.now() / 1000;

@@ -121,7 +121,7 @@ registerPage({
 
     async function pollOnce() {
       try {
-        update(await get(`rules/${enc(rule.rule_id)}/stats?per_port=${isRange}&per_target=true`, { quiet: true }));
+        update(await get(`rules/${enc(rule.rule_id)}/stats?per_port=${isRange}&per_target=true`));
       } catch (err) {
         if (err.status === 404) { gone.hidden = false; stop(); setMode("stopped"); }
       }
