@@ -33,7 +33,10 @@ MAX_REMOVING = 4096  # removals a session remembers so their late "removed" stat
 # why a message about a rule was dropped (label of portunus_control_rejected_messages_total)
 RULE_NOT_OWNED = "rule_not_owned"
 REQUEST_ID_UNKNOWN = "request_id_unknown"
-REJECT_REASONS = (RULE_NOT_OWNED, REQUEST_ID_UNKNOWN) + stats_report.REASONS
+QUOTA_NOT_OWNED = "quota_not_owned"  # a traffic_quota_exhausted about another client
+REJECT_REASONS = (RULE_NOT_OWNED, REQUEST_ID_UNKNOWN, QUOTA_NOT_OWNED) + stats_report.REASONS
+# the capability a client needs before it is sent a non-rule update of that type (SPEC §3.4)
+UPDATE_CAPABILITIES = {"owner_rate_limit_update": "rate_limit", "traffic_quota_update": "traffic_quota"}
 # closes before authentication that are not the server rejecting a peer
 _QUIET_CLOSES = ("peer closed", "read failed", "server shutting down", "enrolled")
 
@@ -44,10 +47,13 @@ class ClientSession:
     ``rules`` holds the shapes of the rules this client owns (None until the replay
     has loaded them): every message about a rule is checked against it.
     ``sent_requests`` is the request id of the last push or remove sent per rule.
+    ``held_updates`` keeps owner-cap / quota updates published while the replay still loads:
+    they are newer than what the replay read, so they go out right after its updates.
     """
 
     __slots__ = ("serial", "client_id", "client_name", "channel", "capabilities", "client_version",
-                 "connected_at", "remote_addr", "waiters", "rules", "sent_requests", "removing", "last_status")
+                 "connected_at", "remote_addr", "waiters", "rules", "sent_requests", "removing", "last_status",
+                 "replayed", "held_updates")
 
     _serials = itertools.count(1)
 
@@ -65,6 +71,8 @@ class ClientSession:
         self.sent_requests: dict[str, str | None] = {}
         self.removing: dict[str, str | None] = {}  # removed rule id -> request id of the remove
         self.last_status: dict[str, tuple] = {}  # rule id -> (state, reason) last applied
+        self.replayed = False
+        self.held_updates: list[dict] = []
 
     def owns(self, rule_id: str) -> bool:
         return self.rules is not None and rule_id in self.rules
@@ -82,6 +90,10 @@ class Hub:
         self.sessions: dict[str, ClientSession] = {}
         self.listener: socket.socket | None = None
         self.stats_sink = stats_sink  # called on the loop with (client_id, report)
+        # optional services, set by serve: replayed before the rules (caps, then quotas), fed by reports
+        self.owner_caps = None      # server.owner_caps.OwnerCapService
+        self.quotas = None          # server.quotas.QuotaService
+        self.report_writer = None   # server.traffic.ReportWriter
         self._nonce = itertools.count(1)
         self._lock = threading.Lock()  # guards the read-only views HTTP threads take
         self.auth_failures: dict[str, int] = {}
@@ -156,6 +168,8 @@ class Hub:
             self._on_rule_status(session, msg)
         elif mtype == "stats_report":
             self._on_stats_report(session, msg)
+        elif mtype == "traffic_quota_exhausted":
+            self._on_quota_exhausted(session, msg)
         elif mtype == "pong":
             pass
         else:
@@ -253,24 +267,42 @@ class Hub:
         def replay(fut) -> None:
             if ch.closed:
                 return
-            owned, rules = fut.result()
+            updates, owned, rules = fut.result()
             # pushes sent while the replay loaded are already in session.rules; removals are not in owned
             owned = {rule_id: shape for rule_id, shape in owned.items() if rule_id not in session.removing}
             session.rules = {**owned, **(session.rules or {})}
+            # owner caps and quotas before the rules: the envelope and the budget are in place when a
+            # rule binds (seed 004); updates published meanwhile are newer than what was read
+            for update in updates + session.held_updates:
+                ch.send(update)
+            session.replayed, session.held_updates = True, []
             for rule in rules:
                 session.sent_requests[rule.rule_id] = None
                 ch.send(m.rule_push(rule.to_dict(), None))
             ch.send(m.replay_done([r.rule_id for r in rules]))
-            log.info("client.replayed", client_id=session.client_id, rules=len(rules))
+            log.info("client.replayed", client_id=session.client_id, rules=len(rules), updates=len(updates))
 
-        def replayable() -> tuple[dict, list]:
+        def replayable() -> tuple[list, dict, list]:
             # a failed rule stays failed until removed: replaying it would be an automatic retry
             failed = {r["rule_id"] for r in store_rules.list_rules(self.store, client_id=session.client_id)
                       if r["state"] == "failed"}
             every = store_rules.rules_for_client(self.store, session.client_id)
             owned = {r.rule_id: stats_report.RuleShape.of(r) for r in every}
-            return owned, [r for r in every if r.rule_id not in failed]
+            return self._replay_updates(session), owned, [r for r in every if r.rule_id not in failed]
         self.offload.run(replayable, then=replay)
+
+    def _replay_updates(self, session: ClientSession) -> list[dict]:
+        """Owner caps, then quotas, for a (re)connecting client (off the loop: reads the store)."""
+        updates = []
+        for service in (self.owner_caps, self.quotas):
+            if service is not None:
+                updates += [u for u in service.replay_messages(session.client_id) if self._may_send(session, u)]
+        return updates
+
+    @staticmethod
+    def _may_send(session: ClientSession, update: dict) -> bool:
+        need = UPDATE_CAPABILITIES.get(update["type"])
+        return need is None or need in session.capabilities
 
     # ---- messages about rules: only the sender's own rules count -----------
     def _reject(self, session: ClientSession, reason: str, detail: str, count: int = 1) -> None:
@@ -338,6 +370,20 @@ class Hub:
         if clean and self.stats_sink is not None:
             at = stats_report.report_time(msg["at"], time.time())
             self.stats_sink(session.client_id, {"rules": clean, "at": at})
+        if clean and self.report_writer is not None:
+            from ..server.traffic import report_from_stats
+            # the server's clock buckets the bytes; owners are read on the writer thread, not here
+            self.report_writer.enqueue(report_from_stats(session.client_id, time.time(), clean))
+
+    def _on_quota_exhausted(self, session: ClientSession, msg: dict) -> None:
+        """The client's handle for (user, this client) ran dry: mark it now, off the loop."""
+        if msg["client_id"] != session.client_id:
+            self._reject(session, QUOTA_NOT_OWNED, f"traffic_quota_exhausted for client {msg['client_id'][:64]!r}")
+            return
+        if self.quotas is None:
+            return
+        log.info("traffic_quota.client_exhausted", client_id=session.client_id, user_id=msg["user_id"][:64])
+        self.offload.run(self.quotas.client_exhausted, msg["user_id"], session.client_id)
 
     def _on_close(self, ch: Channel, reason: str) -> None:
         self.pending_channels.discard(ch)
@@ -424,6 +470,20 @@ class Hub:
     def connected_ids(self) -> set[str]:
         with self._lock:
             return set(self.sessions)
+
+    def post_update(self, client_id: str, update: dict) -> None:
+        """From any thread: send an owner-cap or quota update to the client if it is connected.
+        An offline client gets nothing now; its reconnect replay reads the stored state."""
+        self.loop.call_soon_threadsafe(self._send_update, client_id, update)
+
+    def _send_update(self, client_id: str, update: dict) -> None:
+        session = self.sessions.get(client_id)
+        if session is None or not self._may_send(session, update):
+            return
+        if not session.replayed:
+            session.held_updates.append(update)
+            return
+        session.channel.send(update)
 
     # the following run on the loop (via call)
     def push_rule(self, client_id: str, rule_dict: dict, request_id: str | None) -> concurrent.futures.Future:

@@ -90,6 +90,8 @@ CLIENT_MESSAGES: dict[str, tuple[_Field, ...]] = {
                     _opt("code", _STR), _opt("port", _INT), _opt("request_id", _STR)),
     "stats_report": (_req("rules", _OBJECT_LIST), _req("at", _NUMBER)),
     "pong": (_req("nonce", _INT_OR_STR),),
+    # the pair's quota handle just ran dry (SPEC §2.10): the server marks exhausted_at at once
+    "traffic_quota_exhausted": (_req("user_id", _STR), _req("client_id", _STR), _req("at", _NUMBER)),
 }
 
 SERVER_MESSAGES: dict[str, tuple[_Field, ...]] = {
@@ -206,6 +208,12 @@ def stats_report(rules: list[dict], at: float) -> dict:
 
 def pong(nonce: int | str) -> dict:
     return _built({"type": "pong", "nonce": nonce}, "client")
+
+
+def traffic_quota_exhausted(user_id: str, client_id: str, at: float) -> dict:
+    """The client's budget for ``user_id`` ran dry at ``at`` (its clock; the server uses its own)."""
+    return _built({"type": "traffic_quota_exhausted", "user_id": user_id, "client_id": client_id, "at": at},
+                  "client")
 
 
 # ---------------------------------------------------------------- server -> client

@@ -16,6 +16,7 @@ from .. import __version__
 from ..errors import PortunusError
 from .auth import AUTHENTICATED, LEVELS, OWNER, PUBLIC, SUPERADMIN
 from .parse import query_flag, query_int, query_value
+from .routes_quota import QUOTA_ROUTES
 
 AUDIT_LIMIT_MAX = 1000
 
@@ -327,6 +328,7 @@ ROUTES = [
     Route("GET", r"/v1/audit", get_audit, SUPERADMIN,
           "Audit rows, newest first (?limit=&outcome=, or ?since=&until=&cursor=&limit= "
           "for {entries, next_cursor, count}; superadmin)."),
+    *(Route(*row) for row in QUOTA_ROUTES),  # quotas and traffic history (SPEC §4.4)
     Route("GET", r"/v1/metrics", metrics, SUPERADMIN, "Prometheus text (superadmin)."),
     Route("GET", r"/v1/openapi.json", openapi, PUBLIC, "This API, described."),
 ]

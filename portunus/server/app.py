@@ -21,6 +21,7 @@ from ..sysinfo import raise_nofile_limit
 from . import config as server_config
 from .core import ServerCore, validate_seed_endpoint
 from .identity import IdentityService
+from .traffic import start_traffic_services
 
 RUNTIME_FILE = "serve.json"
 
@@ -66,6 +67,7 @@ def serve(data_dir: str, *, advertised_endpoint: str | None = None, ready_event:
     core = ServerCore(cfg, store, hub, cert, advertised_seed=seed)
     core.seed_error = seed_error
     hub.stats_sink = core.stats.update
+    traffic = start_traffic_services(store, hub, core)  # quotas, accounting, housekeeping (SPEC §4.4)
 
     from ..http.app import OperatorAPI, make_metrics_server, make_server, serve_in_thread
     api = OperatorAPI(core, store, public_origin=cfg.values.get("operator_http_public_origin"), identity=identity)
@@ -124,6 +126,7 @@ def serve(data_dir: str, *, advertised_endpoint: str | None = None, ready_event:
             pass
         http_srv.server_close()
         metrics_srv.server_close()
+        traffic.stop()  # applies the reports still queued before the store closes
         loop.close()
         store.close()
     log.info("process.exit", code=0)

@@ -332,7 +332,8 @@ class ServerCore:
             rules=rules, snapshot_of=self.stats.get, auth_failures=self.hub.auth_failure_counts(),
             rejected_messages=self.hub.rejected_message_counts(), rejected_reasons=REJECT_REASONS,
             operator_requests=reqs, audit_drops=getattr(self, "audit_drops", 0),
-            store_busy=getattr(self.store, "busy_count", 0)))
+            store_busy=getattr(self.store, "busy_count", 0))
+            + (self.quotas.metric_families() if getattr(self, "quotas", None) else []))  # set by serve
 
 
 def _rfc3339(ts: float | None) -> str | None:

@@ -31,12 +31,19 @@ from ..store import quotas as store_quotas
 from ..store import users as store_users
 from ..store.db import Store, rfc3339
 from .billing import MAX_ANCHOR, billing_period
-from .metrics import client_labels
+from .metrics import Family, client_labels
 
 COUNTER_LIMIT = 1 << 63
 QUOTA_CAPABILITY = "traffic_quota"
 PUT_FIELDS = ("monthly_bytes", "billing_anchor")
 PATCH_FIELDS = ("monthly_bytes", "clear_period_usage")
+METRIC_HELP = {
+    "portunus_traffic_quota_bytes_used": ("gauge", "Bytes the pair delivered in its current billing period."),
+    "portunus_traffic_quota_bytes_limit": ("gauge", "The pair's monthly_bytes."),
+    "portunus_traffic_quota_exhausted": ("gauge", "1 while the pair's quota is exhausted (forwarding cut), else 0."),
+    "portunus_traffic_quota_period_resets_total": ("counter", "Billing periods rolled since the server started."),
+    "portunus_traffic_quota_exhausted_total": ("counter", "Times the pair's quota ran out since the server started."),
+}
 
 
 @dataclass(frozen=True)
@@ -170,6 +177,8 @@ class QuotaService:
         return store_quotas.quota_view(self._existing(user_id, client_ref))
 
     def list_for_user(self, user_id) -> list[dict]:
+        if not isinstance(user_id, str) or store_users.find_user_row(self.store, user_id) is None:
+            raise store_users.not_found(user_id)
         return [store_quotas.quota_view(r) for r in store_quotas.list_quotas(self.store, user_id=user_id)]
 
     def list_for_client(self, client_ref) -> list[dict]:
@@ -356,6 +365,17 @@ class QuotaService:
         return out
 
     # ---------------------------------------------------------------- metrics
+
+    def metric_families(self) -> list[Family]:
+        """The quota families for ``/metrics``, with HELP and TYPE (one row per quota)."""
+        out = []
+        for name, samples in self.metric_samples().items():
+            kind, help_text = METRIC_HELP[name]
+            family = Family(name, kind, help_text)
+            for labels, value in samples:
+                family.add(labels, value)
+            out.append(family)
+        return out
 
     def metric_samples(self) -> dict[str, list[tuple[dict, int]]]:
         """SPEC §8.1 quota families as name -> [(labels {user, client}, value)]; ``client`` is the

@@ -337,3 +337,38 @@ class TrafficHousekeeper:
             self.run_once()
             if self._stop.wait(self.interval_secs):
                 return
+
+
+class TrafficServices:
+    """What ``serve`` runs for quotas and traffic history, wired to the control hub and the core.
+
+    Quota pushes go to ``hub.post_update`` (any thread -> the loop); the hub replays quotas on
+    reconnect and queues validated stats reports here; HTTP handlers reach ``core.quotas`` and
+    ``core.traffic``; ``/metrics`` renders ``core.quotas.metric_families()``.
+    """
+
+    def __init__(self, store: Store, hub, core=None, *, clock: Callable[[], float] = time.time,
+                 housekeeping_secs: float = 60.0):
+        self.quotas = QuotaService(store, clock=clock,
+                                   publish=lambda push: hub.post_update(push.client_id, push.message()))
+        self.accounting = TrafficAccounting(store, self.quotas, clock=clock)
+        self.writer = ReportWriter(self.accounting)
+        self.housekeeper = TrafficHousekeeper(self.quotas, self.accounting, interval_secs=housekeeping_secs)
+        hub.quotas, hub.report_writer = self.quotas, self.writer
+        if core is not None:
+            core.quotas, core.traffic = self.quotas, self.accounting
+
+    def start(self) -> "TrafficServices":
+        self.writer.start()
+        self.housekeeper.start()
+        return self
+
+    def stop(self) -> None:
+        """After the loop stopped: the last reports are applied before the store closes."""
+        self.housekeeper.stop()
+        self.writer.stop()
+
+
+def start_traffic_services(store: Store, hub, core) -> TrafficServices:
+    """The one call ``serve`` makes; ``stop()`` the result before closing the store."""
+    return TrafficServices(store, hub, core).start()

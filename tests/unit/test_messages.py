@@ -33,6 +33,8 @@ VALID: dict[str, tuple[str, dict]] = {
     "stats_report": ("client", {"type": "stats_report", "rules": [{"rule_id": "r1", "bytes_in": 5}],
                                 "at": 1700000000.5}),
     "pong": ("client", {"type": "pong", "nonce": 3}),
+    "traffic_quota_exhausted": ("client", {"type": "traffic_quota_exhausted", "user_id": "u1",
+                                           "client_id": "01HZX", "at": 1700000000.5}),
     "welcome": ("server", {"type": "welcome", "client_id": "01HZX", "client_name": "edge-1",
                            "server_version": "0.1.0", "server_time": 1700000000.0, "protocol_version": 1,
                            "stats_interval_secs": 10, "udp_max_flows_per_rule": 1024,
@@ -98,7 +100,8 @@ def test_constants():
 def test_every_type_is_covered_here():
     assert set(VALID) == set(CLIENT_MESSAGES) | set(SERVER_MESSAGES)
     assert not set(CLIENT_MESSAGES) & set(SERVER_MESSAGES)
-    assert set(CLIENT_MESSAGES) == {"hello", "enroll", "rule_status", "stats_report", "pong"}
+    assert set(CLIENT_MESSAGES) == {"hello", "enroll", "rule_status", "stats_report", "pong",
+                                    "traffic_quota_exhausted"}
     assert set(SERVER_MESSAGES) == {"welcome", "enrolled", "rule_update", "replay_done",
                                     "owner_rate_limit_update", "traffic_quota_update", "ping", "error"}
 
@@ -425,6 +428,7 @@ def built_messages() -> list[tuple[str, str, dict]]:
         ("client", "stats_report", m.stats_report([], 0)),
         ("client", "pong", m.pong(7)),
         ("client", "pong", m.pong("n-7")),
+        ("client", "traffic_quota_exhausted", m.traffic_quota_exhausted("u1", "01HZX", 1700000000.5)),
         ("server", "welcome", m.welcome(client_id="01HZX", client_name="edge-1", server_version="0.1.0",
                                         server_time=1700000000.25, stats_interval_secs=10,
                                         udp_max_flows_per_rule=1024, udp_flow_idle_secs=60)),
