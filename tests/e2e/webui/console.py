@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 from conftest import Proc, portunus_cmd, wait_until
 
-SETUP_TOKEN_LINE = re.compile(r"Portunus onboarding setup token: (\S+)")
+SETUP_TOKEN_LINE = re.compile(r"^Portunus onboarding setup token: ([A-Za-z0-9_-]{16,})\s*$")
 
 
 class ApiSession:
@@ -87,7 +87,7 @@ class Console:
             for line in list(self.server.lines):
                 m = SETUP_TOKEN_LINE.search(line)
                 if m:
-                    return m.group(1).strip("\"',}")
+                    return m.group(1)
             return None
         self.setup_token = wait_until(find, timeout=timeout, what="the onboarding setup token on stderr")
         self.secrets.add(self.setup_token)

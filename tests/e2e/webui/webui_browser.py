@@ -94,7 +94,8 @@ class Browser:
             if value:
                 return value
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}; url={self.driver.current_url}")
+                raise AssertionError(f"timed out waiting for {what}; url={self.driver.current_url}\n"
+                                     f"page: {self.page_text()[:1500]}\nconsole: {self.script_errors()[-5:]}")
             time.sleep(0.05)
 
     def wait_text(self, css: str, text: str, timeout: float = 10.0):
@@ -123,7 +124,12 @@ class Browser:
         return el.text if el.is_displayed() else ""
 
     def click(self, css: str) -> None:
-        self.find(css).click()
+        self.press(self.find(css))
+
+    def press(self, el) -> None:
+        """Click like a person: scrolled to the middle of the screen, clear of the corner notices."""
+        self.js("arguments[0].scrollIntoView({block: 'center', inline: 'nearest'})", el)
+        el.click()
 
     def click_text(self, text: str, css: str = "button", scope=None, timeout: float = 10.0):
         def pick():
@@ -134,8 +140,14 @@ class Browser:
                     return el
             return None
         el = self.wait(pick, timeout, f"{css} with text {text!r}")
-        el.click()
+        self.press(el)
         return el
+
+    def page_text(self) -> str:
+        try:
+            return self.js("return document.body.innerText")
+        except Exception:  # noqa: BLE001 - only for a failure message
+            return "?"
 
     def js(self, script: str, *args):
         return self.driver.execute_script(script, *args)

@@ -25,6 +25,7 @@ export async function refreshSession() {
   session.known = true;
   session.bootstrapRequired = !!status.bootstrap_required;
   session.user = status.authenticated ? status.user || null : null;
+  if (session.user && status.password_change_required) session.user.password_change_required = true;
   return session;
 }
 
