@@ -7,6 +7,8 @@ At most ``MAX_CONCURRENT_HASHES`` Argon2 computations run at once: each costs
 ~19 MiB and tens of milliseconds of CPU, so a login flood must queue here instead
 of starving the API threads and the control plane. ``verify_unknown_user`` spends
 the same work on a dummy hash, so an unknown user id answers as slowly as a known one.
+``serve`` calls ``start_hash_workers``: the derivations then run in child processes
+(``hashworkers.py``), because in-process Argon2 holds the GIL for each whole hash.
 """
 
 from __future__ import annotations
@@ -133,9 +135,32 @@ def check_password_policy(password) -> None:
                                                  f"this one has {size}")
 
 
+_workers = None  # hashworkers.HashWorkers while serve runs (see start_hash_workers)
+
+
+def start_hash_workers() -> None:
+    """Hash in child processes from now on (serve): Argon2 in-process holds the GIL for each hash."""
+    global _workers
+    from .hashworkers import HashWorkers
+    if _workers is None:
+        _workers = HashWorkers(MAX_CONCURRENT_HASHES)
+
+
+def stop_hash_workers() -> None:
+    global _workers
+    workers, _workers = _workers, None
+    if workers is not None:
+        workers.stop()
+
+
 def _derive(password: str, memory_kib: int, iterations: int, lanes: int, salt: bytes, length: int) -> bytes:
     secret = password.encode("utf-8", "surrogatepass")
     with _hash_slots:
+        workers = _workers
+        if workers is not None:
+            digest = workers.derive(secret, memory_kib, iterations, lanes, salt, length)
+            if digest is not None:
+                return digest
         return Argon2id(salt=salt, length=length, iterations=iterations, lanes=lanes,
                         memory_cost=memory_kib).derive(secret)
 
