@@ -19,6 +19,7 @@ from ..store import operators as store_operators
 from ..store.db import Store
 from ..sysinfo import raise_nofile_limit
 from . import config as server_config
+from . import passwords
 from .core import ServerCore, validate_seed_endpoint
 from .identity import IdentityService
 from .traffic import start_traffic_services
@@ -59,6 +60,7 @@ def serve(data_dir: str, *, advertised_endpoint: str | None = None, ready_event:
                  reason="another superadmin exists; operator_token only bootstraps a store without one")
     identity = IdentityService(store)
     setup_token = _start_onboarding(identity)
+    passwords.start_hash_workers()  # Argon2 off this process's GIL: a login flood must not stall the loop
 
     loop = Loop()
     hub = Hub(loop, server_context(cert), store, cfg)
@@ -128,6 +130,7 @@ def serve(data_dir: str, *, advertised_endpoint: str | None = None, ready_event:
         metrics_srv.server_close()
         traffic.stop()  # applies the reports still queued before the store closes
         loop.close()
+        passwords.stop_hash_workers()
         store.close()
     log.info("process.exit", code=0)
     return 0
