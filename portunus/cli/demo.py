@@ -23,6 +23,7 @@ from ..errors import PortunusError
 from .api_client import ApiClient
 
 LOG_TAIL_LINES = 20
+DEMO_USER = "admin"  # the superadmin the demo creates for the Web UI
 
 
 def self_command() -> list[str]:
@@ -103,6 +104,7 @@ class Demo:
         self.data = os.path.join(self.tmp, "server")
         os.makedirs(self.data, mode=0o700)
         self.token = secrets.token_urlsafe(32)
+        self.password = secrets.token_urlsafe(12)  # the Web login of the demo's superadmin (16 characters)
         with open(os.path.join(self.data, "server.toml"), "w") as f:
             f.write('control_listen = "127.0.0.1:0"\noperator_http_listen = "127.0.0.1:0"\n'
                     'metrics_listen = "127.0.0.1:0"\nstats_report_interval_secs = 1\n'
@@ -163,6 +165,8 @@ class Demo:
         listen = 18080 if _port_free(18080) else _free_port()
         _, rule = client_api.call("POST", "/v1/rules", {"client": "demo-edge", "listen_port": listen,
                                                         "target": f"127.0.0.1:{backend_port}"})
+        client_api.call("POST", "/v1/users", {"user_id": DEMO_USER, "display_name": "Demo admin",
+                                              "role": "superadmin", "password": self.password})
         return {"api": api, "metrics": info["metrics_url"], "listen": listen, "backend_port": backend_port,
                 "rule_id": rule["rule_id"]}
 
@@ -175,8 +179,8 @@ Portunus demo is running (Ctrl-C to stop). State lives in {self.tmp}.
                 (rule {s['rule_id']} on client demo-edge)
   Operator API  {s['api']}
   Metrics       {s['metrics']}
+  Web UI        {s['api']}/   user {DEMO_USER}, password {self.password}
   Login         bearer token {self.token}
-  Web UI        not part of this build yet; use the CLI below.
 
 Try, in another terminal:
   export PORTUNUS_SERVER={s['api']}
