@@ -1,7 +1,8 @@
 """Small truths of the server and client CLI, as an operator meets them: a missing data dir is said
 so, endpoint errors name what is wrong, restore leaves the input alone, a dry-run prune reads beside a
 running server, push-rule names the capabilities its flags need and binds --listen-host, rule-stats
-names the client, and absurdly nested JSON is a clear error, not a RecursionError."""
+names the client, absurdly nested JSON is a clear error, not a RecursionError, and a DNS failure
+names the DNS server with its port."""
 
 from __future__ import annotations
 
@@ -148,3 +149,30 @@ def test_deeply_nested_bundle_is_bundle_invalid(tmp_path):
     res = subprocess.run(portunus_cmd("client") + ["--bundle", str(bundle)], capture_output=True, text=True,
                          timeout=30)
     assert_cli_error(res, 1, "bundle_invalid", "nested too deeply", str(bundle))
+
+
+def test_a_dns_failure_names_the_server_with_its_port(standalone, tmp_path):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    dns_port = s.getsockname()[1]
+    s.close()  # nothing answers there: ICMP port unreachable
+    listen = free_port()
+    p = standalone(f"""
+[global]
+dns_servers = ["127.0.0.1:{dns_port}"]
+[stats]
+socket_path = "{tmp_path / 'stats.sock'}"
+[[rule]]
+name = "named"
+listen_port = {listen}
+target = "backend.test:{free_port()}"
+""")
+    c = socket.create_connection(("127.0.0.1", listen), timeout=10)
+    try:
+        c.recv(1)  # the connection is dropped when the name cannot be resolved
+    except OSError:
+        pass
+    finally:
+        c.close()
+    ev = p.wait_event("rule.dns_failed", timeout=15)
+    assert f"DNS server 127.0.0.1:{dns_port} unreachable" in ev["reason"], ev
