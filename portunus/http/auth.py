@@ -15,8 +15,8 @@ checks roles itself, and there is no other list of public routes. In order:
 5. A session whose password must change may only call routes marked
    ``password_change_ok`` (``GET users/me``, the password change, logout).
 6. The level's check: ``authenticated`` (anyone), ``owner`` (superadmin, or the
-   principal owns the rule the path names: ``not_owner``), ``superadmin``
-   (``role_required``).
+   principal owns the rule the path names: ``not_owner``), ``self`` (superadmin, or the
+   path's ``{u}`` is the principal: ``not_owner``), ``superadmin`` (``role_required``).
 
 It also writes exactly one audit row and one ``operator.allow`` / ``operator.deny``
 log line per request, with the actor. Never a token in either.
@@ -33,6 +33,7 @@ from ..server.access import OperatorAccess, Principal
 PUBLIC = "public"                # no principal needed
 AUTHENTICATED = "authenticated"  # any live bearer or session; the handler scopes what it shows
 OWNER = "owner"                  # superadmin, or the owner of the rule named by the path's id
+SELF = "self"                    # superadmin, or the user named by the path's {u} (their own quotas, traffic)
 SUPERADMIN = "superadmin"        # role superadmin
 
 SESSION_COOKIE = "portunus_session"
@@ -54,6 +55,12 @@ def _rule_owner(principal: Principal, params: dict, access: OperatorAccess) -> N
         raise PortunusError("not_owner", f"rule {params['id']} belongs to another user", rule_id=params["id"])
 
 
+def _path_user(principal: Principal, params: dict, access: OperatorAccess) -> None:
+    if not principal.is_superadmin and params.get("u") != principal.user_id:
+        raise PortunusError("not_owner", f"user {principal.user_id!r} may reach only their own "
+                                         f"/v1/users/{principal.user_id}/…, not {str(params.get('u'))[:64]!r}")
+
+
 def _superadmin_only(principal: Principal, params: dict, access: OperatorAccess) -> None:
     if not principal.is_superadmin:
         raise PortunusError("role_required", f"this route is for superadmins; {principal.user_id!r} has role "
@@ -64,6 +71,7 @@ def _superadmin_only(principal: Principal, params: dict, access: OperatorAccess)
 LEVEL_CHECKS = {
     AUTHENTICATED: _any_principal,
     OWNER: _rule_owner,
+    SELF: _path_user,
     SUPERADMIN: _superadmin_only,
 }
 LEVELS = (PUBLIC, *LEVEL_CHECKS)

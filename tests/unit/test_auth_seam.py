@@ -8,7 +8,7 @@ import pytest
 
 from portunus.errors import PortunusError
 from portunus.http import routes
-from portunus.http.auth import AUTHENTICATED, OWNER, PUBLIC, SUPERADMIN, AuthSeam, Request, session_cookie
+from portunus.http.auth import AUTHENTICATED, OWNER, PUBLIC, SELF, SUPERADMIN, AuthSeam, Request, session_cookie
 from portunus.server.access import OperatorAccess, Principal
 from portunus.server.identity import SESSION_IDLE_SECS, IdentityService
 from portunus.store import Store
@@ -168,6 +168,12 @@ def test_owner_level():
     assert s.admit(OWNER, req(token="admin-token"), {"id": "R-NONE"}) == ADMIN  # the handler's 404
 
 
+def test_self_level_is_the_path_user():
+    assert seam().admit(SELF, req(token="bob-token"), {"u": "bob"}) == BOB
+    refused("not_owner", seam().admit, SELF, req(token="bob-token"), {"u": "alice"})
+    assert seam().admit(SELF, req(token="admin-token"), {"u": "alice"}) == ADMIN
+
+
 def test_superadmin_level_is_role_required():
     refused("role_required", seam().admit, SUPERADMIN, req(token="bob-token"), {})
     assert seam().admit(SUPERADMIN, req(token="admin-token"), {}) == ADMIN
@@ -176,10 +182,12 @@ def test_superadmin_level_is_role_required():
 def test_every_admin_route_is_superadmin_and_rule_routes_by_id_are_owner():
     table = {(r.method, r.pattern): r.access for r in routes.ROUTES}
     for (method, pattern), level in table.items():
+        own_data = pattern.startswith("/v1/users/me") or "/quotas" in pattern or "/traffic" in pattern
         if pattern.startswith(("/v1/users", "/v1/grants", "/v1/settings", "/v1/audit", "/v1/metrics",
-                               "/v1/client-enrollments")) and not pattern.startswith("/v1/users/me"):
+                               "/v1/client-enrollments")) and not own_data:
             assert level == SUPERADMIN, (method, pattern)
-        if pattern.startswith("/v1/clients/") and method != "GET":
+        if pattern.startswith("/v1/clients/") and (method != "GET" or "/quotas" in pattern
+                                                   or "/traffic" in pattern or "/owners" in pattern):
             assert level == SUPERADMIN, (method, pattern)
         if pattern.startswith("/v1/rules/"):
             assert level == OWNER, (method, pattern)

@@ -9,7 +9,7 @@ import pytest
 
 from portunus.errors import PortunusError
 from portunus.http import auth, routes
-from portunus.http.auth import AUTHENTICATED, LEVEL_CHECKS, OWNER, PUBLIC, SUPERADMIN, AuthSeam, bearer_token
+from portunus.http.auth import AUTHENTICATED, LEVEL_CHECKS, OWNER, PUBLIC, SELF, SUPERADMIN, AuthSeam, bearer_token
 from portunus.server.access import Principal
 
 
@@ -93,9 +93,9 @@ def test_a_new_level_is_one_entry(monkeypatch):
     def owner_check(principal, params, access):
         if not principal.is_superadmin and params.get("id") != principal.user_id:
             raise PortunusError("not_owner", "not yours")
-    monkeypatch.setitem(LEVEL_CHECKS, "self", owner_check)
-    assert seam().admit("self", bearer("user-token"), {"id": "u-alice"}) == USER
-    refused("not_owner", seam().admit, "self", bearer("user-token"), {"id": "u-bob"})
+    monkeypatch.setitem(LEVEL_CHECKS, "custom", owner_check)
+    assert seam().admit("custom", bearer("user-token"), {"id": "u-alice"}) == USER
+    refused("not_owner", seam().admit, "custom", bearer("user-token"), {"id": "u-bob"})
 
 
 @pytest.mark.parametrize("value,token", [("Bearer abc", "abc"), ("bearer  abc ", "abc"), ("Bearer ", None),
@@ -122,7 +122,7 @@ def test_a_failing_audit_write_does_not_fail_the_request():
 # ------------------------------------------------------------------ the table is the only place
 
 def test_every_route_declares_a_known_level():
-    assert {r.access for r in routes.ROUTES} <= {PUBLIC, AUTHENTICATED, OWNER, SUPERADMIN}
+    assert {r.access for r in routes.ROUTES} <= {PUBLIC, AUTHENTICATED, OWNER, SELF, SUPERADMIN}
     public = {(r.method, r.pattern) for r in routes.ROUTES if r.access == PUBLIC}
     assert public == {("GET", "/v1/auth/status"), ("POST", "/v1/auth/onboarding"), ("POST", "/v1/auth/login"),
                       ("POST", "/v1/auth/logout"), ("GET", "/v1/openapi.json")}
