@@ -86,7 +86,7 @@ def start(tmp: Path, bin_path: str | None, procs: list):
     data.mkdir()
     (data / "server.toml").write_text(f'control_listen = "127.0.0.1:0"\noperator_http_listen = "127.0.0.1:0"\n'
                                       f'metrics_listen = "127.0.0.1:0"\noperator_token = "{TOKEN}"\n'
-                                      f'stats_report_interval_secs = 1\n')
+                                      '')
     env = {**os.environ, "PORTUNUS_ALLOW_ANY_FS": "1"}
     log = tmp / "server.log"
     procs.append(subprocess.Popen(role_cmd(bin_path, "server") + ["--data-dir", str(data), "serve"], env=env, cwd=REPO,
@@ -136,12 +136,22 @@ def login(base: str):
     return b
 
 
-def measure_dashboard(b, base: str, repeat: int) -> list[float]:
+BREAKDOWN = """
+  const nav = performance.getEntriesByType('navigation')[0];
+  const res = performance.getEntriesByType('resource');
+  const end = (pred) => Math.round(Math.max(0, ...res.filter(pred).map(e => e.responseEnd)));
+  return {html: Math.round(nav.responseEnd), modules: end(e => e.name.endsWith('.js')),
+          session: end(e => e.name.endsWith('/v1/auth/status')), clients: end(e => e.name.endsWith('/v1/clients')),
+          rules: end(e => e.name.endsWith('/v1/rules'))};
+"""
+
+
+def measure_dashboard(b, base: str, repeat: int) -> tuple[list[float], dict]:
     out = []
     for _ in range(repeat):
         b.get(base + "/")
         out.append(rendered_at(b, "/"))
-    return out
+    return out, b.js(BREAKDOWN)
 
 
 def measure_rules(b, base: str, repeat: int, n_rules: int) -> dict:
@@ -184,10 +194,11 @@ def main() -> int:
             push_rules(base, client_id, 10)
             b = login(base)
             try:
-                raw = {"dashboard_10_rules_ms": measure_dashboard(b, base, args.repeat)}
+                raw, phases = {}, {}
+                raw["dashboard_10_rules_ms"], phases["dashboard_10_rules"] = measure_dashboard(b, base, args.repeat)
                 push_secs = push_rules(base, client_id, args.rules - 10)
                 n = len(api(base, "GET", "rules")[1]["rules"])
-                raw[f"dashboard_{n}_rules_ms"] = measure_dashboard(b, base, args.repeat)
+                raw[f"dashboard_{n}_rules_ms"], phases[f"dashboard_{n}_rules"] = measure_dashboard(b, base, args.repeat)
                 raw.update(measure_rules(b, base, args.repeat, n))
             finally:
                 b.quit()
@@ -201,9 +212,11 @@ def main() -> int:
     summary = {k: round(statistics.median(v), 1) for k, v in raw.items() if v}
     summary.update(rules=n, push_secs=round(push_secs, 1), repeat=args.repeat)
     for k, v in summary.items():
-        print(f"{k:22} {v}")
+        print(f"{k:24} {v}")
+    for k, v in phases.items():  # when each part of the last load had arrived, ms after navigation start
+        print(f"{k + ' phases':24} {v}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"summary": summary, "samples": raw}, indent=1) + "\n")
+    args.json.write_text(json.dumps({"summary": summary, "phases": phases, "samples": raw}, indent=1) + "\n")
     return 0
 
 

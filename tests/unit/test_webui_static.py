@@ -24,7 +24,7 @@ def test_index_has_no_inline_script_or_style_and_loads_modules():
     html = (WEBUI / "index.html").read_text(encoding="utf-8")
     assert re.search(r"<script[^>]*>\s*[^<\s]", html) is None, "inline script (CSP forbids it)"
     assert "<style" not in html and " style=" not in html and " on" not in re.sub(r"<noscript>.*?</noscript>", "", html)
-    assert '<script type="module" src="/js/app.js"></script>' in html
+    assert '<script type="module" src="__ASSETS__/js/app.js"></script>' in html
 
 
 def test_scripts_never_build_markup_from_strings_or_reach_other_origins():
@@ -56,20 +56,32 @@ def test_every_write_carries_the_csrf_header():
 
 
 def test_resolve_serves_files_and_falls_back_to_index_for_routes():
-    ctype, body = static.resolve("/")
-    assert ctype.startswith("text/html") and b"/js/app.js" in body
+    ctype, body, cache = static.resolve("/")
+    version = static.asset_version()
+    assert ctype.startswith("text/html") and cache == "no-cache"
+    assert f'src="/assets/{version}/js/app.js"'.encode() in body and b"__ASSETS__" not in body
     assert static.resolve("/rules/01ABC")[1] == body
     assert static.resolve("/users?x=1")[1] == body
-    ctype, js = static.resolve("/js/app.js")
-    assert ctype.startswith("text/javascript") and b"import" in js
-    assert static.resolve("/style.css")[0].startswith("text/css")
-    assert static.resolve("/i18n/zh-CN.json")[0] == "application/json"
-    assert static.resolve("/favicon.svg")[0] == "image/svg+xml"
+    ctype, js, cache = static.resolve(f"/assets/{version}/js/app.js")
+    assert ctype.startswith("text/javascript") and b"import" in js and cache == static.IMMUTABLE
+    assert static.resolve("/js/app.js")[1:] == (js, "no-cache")
+    assert static.resolve(f"/assets/{version}/style.css")[0].startswith("text/css")
+    assert static.resolve(f"/assets/{version}/i18n/zh-CN.json")[0] == "application/json"
+    assert static.resolve(f"/assets/{version}/favicon.svg")[0] == "image/svg+xml"
+    # a page from an older build asks for its version: today's file, not cached for good
+    assert static.resolve("/assets/0123456789abcdef/js/app.js")[1:] == (js, "no-cache")
+
+
+def test_the_asset_version_follows_the_files():
+    version = static.asset_version()
+    assert len(version) == 16 and int(version, 16) >= 0
+    static.asset_version.cache_clear()
+    assert static.asset_version() == version  # the same files, the same version
 
 
 def test_resolve_refuses_what_is_not_a_ui_file():
     for target in ("/nope.js", "/../static.py", "/%2e%2e/static.py", "/js/../../routes.py", "/.hidden.js",
-                   "/js/pages/../../../app.py"):
+                   "/js/pages/../../../app.py", "/assets/x/../../static.py", "/assets/v/.hidden.js", "/assets/v/nope.js"):
         assert static.resolve(target) is None, target
 
 
@@ -83,6 +95,6 @@ def test_every_module_imported_exists():
 
 def test_index_preloads_every_module_so_the_first_page_loads_in_one_wave():
     html = (WEBUI / "index.html").read_text(encoding="utf-8")
-    preloaded = set(re.findall(r'<link rel="modulepreload" href="/([^"]+)">', html))
+    preloaded = set(re.findall(r'<link rel="modulepreload" href="__ASSETS__/([^"]+)">', html))
     modules = {p.relative_to(WEBUI).as_posix() for p in WEBUI.rglob("*.js")} - {"js/app.js"}
     assert preloaded == modules

@@ -148,8 +148,14 @@ def echo_roundtrip(port: int, payload: bytes) -> bytes:
 
 def test_ui_files_carry_the_security_headers_and_are_never_cached_stale(console):
     host, port = console.base.split("//")[1].split(":")
-    for path, ctype in (("/", "text/html"), ("/js/app.js", "text/javascript"), ("/style.css", "text/css"),
-                        ("/i18n/zh-CN.json", "application/json"), ("/rules/01ABCDEF", "text/html")):
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.request("GET", "/")
+    index = conn.getresponse().read().decode()
+    conn.close()
+    assets = index.split('src="', 1)[1].split("/js/app.js", 1)[0]
+    assert assets.startswith("/assets/")
+    for path, ctype in (("/", "text/html"), (f"{assets}/js/app.js", "text/javascript"), (f"{assets}/style.css", "text/css"),
+                        (f"{assets}/i18n/zh-CN.json", "application/json"), ("/rules/01ABCDEF", "text/html")):
         for method in ("GET", "HEAD"):
             conn = http.client.HTTPConnection(host, int(port), timeout=10)
             conn.request(method, path)
@@ -162,7 +168,9 @@ def test_ui_files_carry_the_security_headers_and_are_never_cached_stale(console)
             assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp and "'unsafe-inline'" not in csp
             assert resp.getheader("X-Content-Type-Options") == "nosniff"
             assert resp.getheader("Referrer-Policy") == "no-referrer"
-            assert resp.getheader("Cache-Control") in ("no-cache", "no-store")
+            # the page itself is never stale; its versioned files may be kept for good
+            versioned = path.startswith("/assets/")
+            assert resp.getheader("Cache-Control") == ("public, max-age=31536000, immutable" if versioned else "no-cache")
             assert (body == b"") == (method == "HEAD")
     conn = http.client.HTTPConnection(host, int(port), timeout=10)
     conn.request("GET", "/v1/auth/status")

@@ -15,7 +15,8 @@ export function storedLanguage() {
 }
 
 async function load(code) {
-  const res = await fetch(`/i18n/${code}.json`);  // same request as the preload in index.html
+  // relative to this module, so under the same versioned /assets/<version>/ prefix (and the preload)
+  const res = await fetch(new URL(`../i18n/${code}.json`, import.meta.url));
   if (!res.ok) throw new Error(`language bundle ${code}: HTTP ${res.status}`);
   return res.json();
 }
