@@ -1,7 +1,8 @@
 """The operator HTTP API (SPEC §6) on ``http.server``.
 
 May import: ``portunus.server`` (domain services ``ServerCore``; ``server.access`` for
-bearer authentication, the audit trail and client references), ``portunus.errors``,
+bearer and session authentication, identity operations, what a tenant may see, the audit
+trail and client references; ``server.identity`` for its constants), ``portunus.errors``,
 ``portunus.log``, ``portunus.model``. Must never import ``store``, ``relay``, ``control``,
 ``cli`` or ``standalone`` (tests/unit/test_layers.py enforces it).
 
