@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -42,10 +44,15 @@ def repo_workdir(tmp_path: Path) -> Path:
 
 
 def run_demo_to_ctrl_c(args, *, cwd=None, env=None, on_running=None, stop_signal=signal.SIGINT) -> str:
-    """Start a demo, fetch the sample URL it prints, Ctrl-C it; asserts exit 0 and a removed temp dir."""
+    """Start a demo, fetch the sample URL it prints, Ctrl-C it; asserts exit 0 and a removed temp dir.
+
+    The demo's temp dir goes under a TMPDIR of the test's own, so a demo that fails (and keeps
+    its dir, as it should) leaves nothing behind after the test.
+    """
+    tmp_root = tempfile.mkdtemp(prefix="portunus-demo-test-")
+    env = {**(os.environ if env is None else env), "TMPDIR": tmp_root}
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
                          cwd=cwd, env=env, process_group=0)
-    state_dir = None
     try:
         lines = []
         deadline = time.monotonic() + 60
@@ -77,8 +84,8 @@ def run_demo_to_ctrl_c(args, *, cwd=None, env=None, on_running=None, stop_signal
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait(10)
-        if state_dir:
-            kill_processes_mentioning(state_dir)
+        kill_processes_mentioning(tmp_root)
+        shutil.rmtree(tmp_root, ignore_errors=True)
 
 
 def kill_processes_mentioning(text: str) -> None:
