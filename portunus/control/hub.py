@@ -371,9 +371,8 @@ class Hub:
             at = stats_report.report_time(msg["at"], time.time())
             self.stats_sink(session.client_id, {"rules": clean, "at": at})
         if clean and self.report_writer is not None:
-            from ..server.traffic import report_from_stats
-            # the server's clock buckets the bytes; owners are read on the writer thread, not here
-            self.report_writer.enqueue(report_from_stats(session.client_id, time.time(), clean))
+            # accounting: the server's clock buckets the bytes; owners are read on the writer thread
+            self.report_writer.enqueue_stats(session.client_id, time.time(), clean)
 
     def _on_quota_exhausted(self, session: ClientSession, msg: dict) -> None:
         """The client's handle for (user, this client) ran dry: mark it now, off the loop."""

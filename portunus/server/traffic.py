@@ -245,6 +245,10 @@ class ReportWriter:
             if len(self._queue) >= self.batch:
                 self._cond.notify()
 
+    def enqueue_stats(self, client_id: str, received_at: float, rules: list[dict]) -> None:
+        """From the hub, on the loop: a validated report's rule snapshots (owners looked up later)."""
+        self.enqueue(report_from_stats(client_id, received_at, rules))
+
     def pending(self) -> int:
         with self._cond:
             return len(self._queue)

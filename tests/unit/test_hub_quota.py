@@ -64,8 +64,9 @@ class Services:
     def client_exhausted(self, user_id, client_id):
         self.calls.append(("exhausted", user_id, client_id))
 
-    def enqueue(self, report):
-        self.calls.append(("report", report))
+    def enqueue_stats(self, client_id, received_at, rules):
+        from portunus.server.traffic import report_from_stats
+        self.calls.append(("report", report_from_stats(client_id, received_at, rules)))
 
 
 def done(value) -> concurrent.futures.Future:
