@@ -559,3 +559,52 @@ def test_phone_sized_screen_has_no_sideways_scroll(console):
         shot(console, "mobile-menu")
     finally:
         b.driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def test_a_populated_console_shows_every_badge_state_and_alert(console):
+    """Ranges, UDP, failover with PROXY and health checks, a failed rule: the list, the rule page, the dashboard."""
+    ensure_admin(console)
+    b = console.browser
+    ensure_logged_in(console)
+    api = admin_api(console)
+    edge = next(c for c in api.ok("GET", "clients")["clients"] if c["client_name"] == "edge-ui" and not c["revoked"])
+    rng, udp, multi, taken = free_port_block(100), free_port_block(1), free_port_block(1), free_port_block(1)
+    live, dead = free_port_block(1), free_port_block(1)
+    echo = TcpEchoServer([live])
+    blocker = socket.socket()
+    blocker.bind(("0.0.0.0", taken))
+    blocker.listen()
+    try:
+        api.ok("POST", "rules", {"client": edge["client_id"], "listen": f"{rng}-{rng + 99}",
+                                 "target": f"10.0.0.5:{40000}-{40099}"})
+        api.ok("POST", "rules", {"client": edge["client_id"], "listen_port": udp, "target": "127.0.0.1:53",
+                                 "protocol": "udp"})
+        rule = api.ok("POST", "rules", {"client": edge["client_id"], "listen_port": multi, "health_check_interval_secs": 1,
+                                        "targets": [{"host": "127.0.0.1", "port": dead, "priority": 1},
+                                                    {"host": "127.0.0.1", "port": live, "priority": 2,
+                                                     "proxy_protocol": "v2"}]})
+        status, failed = api.call("POST", "rules", {"client": edge["client_id"], "listen_port": taken,
+                                                    "target": "127.0.0.1:9"})
+        assert status == 409 and failed["error"]["code"] == "activation_failed"
+        go(console, "/rules")
+        rendered(console, "/rules")
+        text = b.find("#rules-list").text
+        for want in (f"{rng}–{rng + 99}", "range", "UDP", "multi-target", "PROXY", "failed", "port_in_use"):
+            assert want in text, want
+        shot(console, "rules-populated")
+        go(console, f"/rules/{rule['rule_id']}")
+        b.wait(lambda: "failed" in b.find("#per-target").text and "healthy" in b.find("#per-target").text, 20,
+               "one failed and one healthy target")
+        shot(console, "rule-detail-failover")
+        go(console, "/")
+        rendered(console, "/")
+        b.wait(lambda: "unhealthy" in b.find("#alerts").text and "port_in_use" in b.find("#alerts").text, 15,
+               "the failed rule and the unhealthy target alerted")
+        shot(console, "dashboard-alerts")
+        b.js("document.documentElement.dataset.theme = 'dark'")
+        shot(console, "dashboard-dark")
+        b.js("document.documentElement.dataset.theme = 'light'")
+        assert b.csp_violations() == [] and b.script_errors() == []
+    finally:
+        blocker.close()
+        echo.close()
