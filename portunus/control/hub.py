@@ -293,10 +293,16 @@ class Hub:
 
     def _replay_updates(self, session: ClientSession) -> list[dict]:
         """Owner caps, then quotas, for a (re)connecting client (off the loop: reads the store)."""
-        updates = []
+        updates, unsent = [], set()
         for service in (self.owner_caps, self.quotas):
-            if service is not None:
-                updates += [u for u in service.replay_messages(session.client_id) if self._may_send(session, u)]
+            for update in service.replay_messages(session.client_id) if service is not None else ():
+                if self._may_send(session, update):
+                    updates.append(update)
+                else:
+                    unsent.add(update["type"])
+        if unsent:  # stored state this client cannot enforce (an older client binary)
+            log.warn("control.updates_not_supported", client_id=session.client_id, types=sorted(unsent),
+                     client_version=session.client_version)
         return updates
 
     @staticmethod

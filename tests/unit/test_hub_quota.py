@@ -138,11 +138,14 @@ def test_replay_sends_owner_caps_then_quotas_then_rules(hub, monkeypatch):
     assert hub.quotas.calls == [("replay", "C1")] and session.replayed
 
 
-def test_replay_leaves_out_updates_the_client_cannot_take(hub, monkeypatch):
+def test_replay_leaves_out_updates_the_client_cannot_take(hub, monkeypatch, logbuf):
     hub.owner_caps, hub.quotas = Services([cap_set()]), Services([quota_set()])
     _, ch = connect(hub, caps=("udp",))
     finish_replay(hub, monkeypatch)
     assert types(ch.sent) == ["welcome", "replay_done"]
+    [warning] = [json.loads(line) for line in logbuf.getvalue().splitlines()
+                 if json.loads(line)["event"] == "control.updates_not_supported"]
+    assert warning["types"] == ["owner_rate_limit_update", "traffic_quota_update"] and warning["client_id"] == "C1"
 
 
 def test_update_published_while_the_replay_loads_follows_the_replayed_state(hub, monkeypatch):
