@@ -321,3 +321,14 @@ def test_openssl_s_client_reaches_its_site_by_name(standalone, sites, tmp_path, 
         finally:
             proc.kill()
             proc.wait()
+
+
+def test_a_reload_with_a_port_mode_conflict_keeps_the_running_rules(standalone, sites, tmp_path):
+    listen, stats_path = free_port(), tmp_path / "stats.sock"
+    p = standalone(sni_toml(listen, sites, stats_path))
+    p.config_path.write_text(sni_toml(listen, sites, stats_path) + f'[[rule]]\nname = "dup"\nlisten_port = {listen}\n'
+                             f'sni_pattern = "example.com"\ntarget = "127.0.0.1:1"\n')
+    p.signal(signal.SIGHUP)
+    failed = p.wait_event("config.reload_failed")
+    assert failed["code"] == "config_invalid" and "conflict.sni_route_duplicate" in failed["reason"]
+    assert tls_ask(listen, "example.com", sites["apex"].cert) == b"apex:ping"
