@@ -332,3 +332,13 @@ def test_a_reload_with_a_port_mode_conflict_keeps_the_running_rules(standalone, 
     failed = p.wait_event("config.reload_failed")
     assert failed["code"] == "config_invalid" and "conflict.sni_route_duplicate" in failed["reason"]
     assert tls_ask(listen, "example.com", sites["apex"].cert) == b"apex:ping"
+
+
+def test_a_scanner_cannot_flood_the_log(standalone, sites, tmp_path):
+    listen, stats_path = free_port(), tmp_path / "stats.sock"
+    p = standalone(sni_toml(listen, sites, stats_path, fallback=False))
+    for i in range(60):
+        assert refused_by_peer(listen, b"\x00garbage" if i % 2 else b"\x16\x03\x01\x00\x01\x02")
+    wait_until(lambda: rule_stats(str(stats_path), "exact")["sni_listener"]["parse_failures"] == 60,
+               what="60 parse failures counted")
+    assert len(p.events("tls.parse_failed")) == 1  # the first at once, the rest counted for a later line
