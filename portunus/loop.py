@@ -213,6 +213,20 @@ class Loop:
             previous = entry[2] if entry[2] is not None else signal.SIG_DFL
             signal.signal(signum, previous)
 
+    def add_shutdown_handlers(self, drain: Callable[[str], None], force: Callable[[str], None]) -> None:
+        """SIGTERM/SIGINT, the one two-signal shutdown of every role: the first signal calls
+        ``drain(signame)`` (stop accepting, let live work finish); any later one ``force(signame)``."""
+        stopping = []
+
+        def on_signal(signame: str) -> None:
+            if stopping:
+                force(signame)
+                return
+            stopping.append(signame)
+            drain(signame)
+        self.add_signal_handler(signal.SIGTERM, on_signal, "SIGTERM")
+        self.add_signal_handler(signal.SIGINT, on_signal, "SIGINT")
+
     def _on_signal(self, signum, _frame) -> None:
         entry = self._signals.get(signum)
         if entry is not None:

@@ -1,12 +1,8 @@
-"""`portunus-client`: enroll, then run the edge agent (SPEC §7.3)."""
+"""`portunus-client`: its arguments (enroll, run, doctor); the wiring is `client/app.py` (SPEC §7.3)."""
 
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-
-
 
 def _run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -69,59 +65,14 @@ def main(argv: list[str]) -> int:
         return 0
     args = _run_parser().parse_args(argv)
     log.configure(fmt="json" if args.log_format == "json" else "pretty")
+    from ..client.app import AgentSettings, capabilities_from_env, dns_servers_from_env, run_agent
     from ..control.enrollment import find_bundle, read_bundle
     path = find_bundle(args.bundle)
     bundle = read_bundle(path)
-    return run_agent(bundle, path, args)
-
-
-def run_agent(bundle: dict, path: str, args) -> int:
-    from .. import __version__
-    from ..control.agent import Agent
-    from ..log import log
-    from ..loop import Loop
-    from ..relay.runtime import RuleRuntime, RuntimeSettings
-    from ..sysinfo import raise_nofile_limit
-
-    from ..relay.context import RelayContext
-    from ..relay.resolver import Resolver, parse_servers
-
-    dns_servers = args.dns_server or [x for x in os.environ.get("PORTUNUS_DNS_SERVERS", "").split(",") if x.strip()]
-    servers = parse_servers(dns_servers) if dns_servers else None
-    nofile = raise_nofile_limit()
-    loop = Loop()
-    runtime = RuleRuntime(loop, RuntimeSettings(drain_timeout=float(args.shutdown_drain_timeout_secs)),
-                          RelayContext(loop, Resolver(loop, servers)))
-    caps = os.environ.get("PORTUNUS_CLIENT_CAPABILITIES")  # test hook: declare fewer capabilities
-    agent = Agent(loop, bundle, runtime, reconnect_initial=args.reconnect_initial_delay_ms / 1000,
-                  reconnect_max=float(args.reconnect_max_delay_secs),
-                  stats_interval=float(args.stats_report_interval_secs),
-                  capabilities=[c for c in caps.split(",") if c] if caps is not None else None)
-    log.info("process.start", role="client", version=__version__, bundle=path, client_id=bundle["client_id"],
-             client_name=bundle["client_name"], nofile_limit=nofile, pid=os.getpid())
-    state = {"stopping": False}
-
-    def on_signal(signame: str) -> None:
-        if state["stopping"]:
-            runtime.abort_all()
-            loop.stop()
-            return
-        state["stopping"] = True
-        log.info("process.shutdown", signal=signame, drain_timeout_secs=args.shutdown_drain_timeout_secs)
-        agent.send_stats_now()
-        agent.stop()
-        runtime.shutdown(loop.stop)
-
-    loop.add_signal_handler(signal.SIGTERM, on_signal, "SIGTERM")
-    loop.add_signal_handler(signal.SIGINT, on_signal, "SIGINT")
-    agent.start()
-    try:
-        loop.run()
-    finally:
-        runtime.ctx.close()
-        loop.close()
-    if agent.exit_code is not None:
-        return agent.exit_code
-    log.info("process.exit", code=0)
-    return 0
-
+    settings = AgentSettings(reconnect_initial_delay_ms=args.reconnect_initial_delay_ms,
+                             reconnect_max_delay_secs=args.reconnect_max_delay_secs,
+                             shutdown_drain_timeout_secs=args.shutdown_drain_timeout_secs,
+                             stats_report_interval_secs=args.stats_report_interval_secs,
+                             dns_servers=args.dns_server or dns_servers_from_env(),
+                             capabilities=capabilities_from_env())
+    return run_agent(bundle, path, settings)

@@ -137,20 +137,21 @@ def run(cfg: StandaloneConfig, overrides: dict | None = None) -> int:
                      active_connections=snap["active_connections"], datagrams_in=snap["datagrams_in"],
                      datagrams_out=snap["datagrams_out"], active_flows=snap["active_flows"],
                      flows_dropped_overflow=snap["flows_dropped_overflow"], dns_failures=snap["dns_failures"])
+        log.flush_limited()  # rate-limited warnings get their suppressed=N summary with the stats
         loop.call_later(STATS_LOG_INTERVAL, log_stats)
     loop.call_later(STATS_LOG_INTERVAL, log_stats)
 
     state = {"stopping": False}
 
-    def on_signal(signame: str) -> None:
-        if state["stopping"]:
-            log.warn("process.shutdown_forced", signal=signame)
-            runtime.abort_all()
-            loop.stop()
-            return
+    def drain(signame: str) -> None:
         state["stopping"] = True
         log.info("process.shutdown", signal=signame, drain_timeout_secs=cfg.shutdown_drain_secs)
         runtime.shutdown(loop.stop)
+
+    def force(signame: str) -> None:
+        log.warn("process.shutdown_forced", signal=signame)
+        runtime.abort_all()
+        loop.stop()
 
     def reload() -> None:
         """SIGHUP: re-read the config; unchanged rules keep their listeners and connections."""
@@ -176,13 +177,13 @@ def run(cfg: StandaloneConfig, overrides: dict | None = None) -> int:
                  removed=[rid for rid in before if rid not in statuses],
                  failed=[rid for rid, st in statuses.items() if st.state == "failed"])
 
-    loop.add_signal_handler(signal.SIGTERM, on_signal, "SIGTERM")
-    loop.add_signal_handler(signal.SIGINT, on_signal, "SIGINT")
+    loop.add_shutdown_handlers(drain, force)
     loop.add_signal_handler(signal.SIGHUP, reload)
     log.info("process.ready", role="standalone", rules=[s.rule_id for s in runtime.statuses()])
     try:
         loop.run()
     finally:
+        log.flush_limited()  # a forced stop skips the drain's flush
         if stats_sock is not None:
             stats_sock.close()
         runtime.ctx.close()
