@@ -32,7 +32,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-from ..model import RateLimit, Rule
+from ..model import RateLimit, Rule, burst_bounds  # noqa: F401  (burst_bounds: re-exported)
 
 NS = 1_000_000_000          # nanoseconds per second; also the token scale
 DIRECTIONS = ("in", "out")  # in: from the connecting peer towards the target (bytes_in); out: back
@@ -43,11 +43,6 @@ REJECT_REASONS = ("conn_concurrent", "conn_rate", "udp_flow_rate",
 
 def _ns(now: float) -> int:
     return int(round(now * NS))
-
-
-def burst_bounds(rate: int) -> tuple[int, int]:
-    """The valid integer burst range for a rate: ``[max(1, ceil(rate/100)), rate*60]``."""
-    return max(1, -(-rate // 100)), rate * 60
 
 
 def splice_allowed(rule: Rule, owner_cap: RateLimit | None, *, linux: bool, disabled: bool) -> bool:

@@ -510,38 +510,54 @@ def test_burst_bounds_are_rate_over_100_to_rate_times_60(rate_field, burst_field
     for ok in (10, 1000, 60000):
         rl = RateLimit.from_dict({rate_field: rate, burst_field: ok})
         assert getattr(rl, burst_field) == ok
-    for bad in (9, 60001, 0, -1, True, 1.5, "100"):
+    for bad in (9, 60001, 0, -1):
         with pytest.raises(PortunusError) as ei:
             RateLimit.from_dict({rate_field: rate, burst_field: bad})
-        assert ei.value.code == "validation.rate_limit_invalid"
+        assert ei.value.code == "validation.rate_limit_burst_range"
         assert repr(bad) in ei.value.message
         assert burst_field in ei.value.message
         assert "[10, 60000]" in ei.value.message
+    for bad in (True, 1.5, "100"):
+        with pytest.raises(PortunusError) as ei:
+            RateLimit.from_dict({rate_field: rate, burst_field: bad})
+        assert ei.value.code == "validation.rate_limit_invalid"
+        assert repr(bad) in ei.value.message and burst_field in ei.value.message
 
 
 def test_burst_lower_bound_with_fractional_rate_over_100():
-    # rate 50 -> lower bound 0.5: burst 1 is fine, 0 is not
+    # rate 50 -> lower bound ceil(0.5) = 1: burst 1 is fine; the bounds in the message are whole numbers
     assert RateLimit.from_dict({"new_connections_per_sec": 50, "new_connections_burst": 1}).new_connections_burst == 1
     assert RateLimit.from_dict({"new_connections_per_sec": 50, "new_connections_burst": 3000}).new_connections_burst == 3000
     with pytest.raises(PortunusError) as ei:
         RateLimit.from_dict({"new_connections_per_sec": 50, "new_connections_burst": 3001})
-    assert "[0.5, 3000]" in ei.value.message
+    assert ei.value.code == "validation.rate_limit_burst_range"
+    assert "[1, 3000]" in ei.value.message
+    with pytest.raises(PortunusError) as ei:
+        RateLimit.from_dict({"new_connections_per_sec": 150, "new_connections_burst": 1})
+    assert "[2, 9000]" in ei.value.message
 
 
 def test_burst_without_its_rate_is_refused():
     with pytest.raises(PortunusError) as ei:
         RateLimit.from_dict({"concurrent_connections": 4, "bandwidth_in_burst": 100})
-    assert ei.value.code == "validation.rate_limit_invalid"
+    assert ei.value.code == "validation.rate_limit_burst_without_rate"
     assert "bandwidth_in_burst" in ei.value.message and "bandwidth_in_bps" in ei.value.message
 
 
 @pytest.mark.parametrize("field", ["bandwidth_in_bps", "bandwidth_out_bps", "new_connections_per_sec",
                                    "concurrent_connections"])
-@pytest.mark.parametrize("bad", [0, -5, True, 1.5, "100"])
+@pytest.mark.parametrize("bad", [0, -5, True, 1.5, "100", 1 << 63])
 def test_zero_negative_and_non_integer_rates_are_refused(field, bad):
-    e = refused("validation.rate_limit_invalid", rate_limit={field: bad})
+    code = "validation.rate_limit_cap_zero" if bad == 0 and bad is not False else "validation.rate_limit_invalid"
+    e = refused(code, rate_limit={field: bad})
+    assert e.exit_code == 2
     assert field in e.message
     assert repr(bad) in e.message
+
+
+def test_caps_up_to_2_63_minus_1_are_valid():
+    big = (1 << 63) - 1
+    assert RateLimit.from_dict({"bandwidth_in_bps": big, "bandwidth_in_burst": big}).bandwidth_in_burst == big
 
 
 def test_rate_limit_with_no_caps():

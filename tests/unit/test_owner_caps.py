@@ -250,18 +250,12 @@ def test_a_003_store_upgrades_in_place_and_takes_owner_caps(data_dir, monkeypatc
 
 # ---------------------------------------------------------------- the codes issue 13 names
 
-_MODEL_PENDING = pytest.mark.xfail(reason="model.RateLimit still answers validation.rate_limit_invalid here; "
-                                          "docs/rate-limits.md lists the change", strict=False)
-
-
 @pytest.mark.parametrize("rate_limit,code", [
-    pytest.param({"bandwidth_in_bps": 0}, "validation.rate_limit_cap_zero", marks=_MODEL_PENDING),
-    pytest.param({"concurrent_connections": 0}, "validation.rate_limit_cap_zero", marks=_MODEL_PENDING),
-    pytest.param({"bandwidth_in_burst": 100}, "validation.rate_limit_burst_without_rate", marks=_MODEL_PENDING),
-    pytest.param({"bandwidth_out_bps": 1000, "bandwidth_out_burst": 9}, "validation.rate_limit_burst_range",
-                 marks=_MODEL_PENDING),
-    pytest.param({"new_connections_per_sec": 10, "new_connections_burst": 601}, "validation.rate_limit_burst_range",
-                 marks=_MODEL_PENDING),
+    ({"bandwidth_in_bps": 0}, "validation.rate_limit_cap_zero"),
+    ({"concurrent_connections": 0}, "validation.rate_limit_cap_zero"),
+    ({"bandwidth_in_burst": 100}, "validation.rate_limit_burst_without_rate"),
+    ({"bandwidth_out_bps": 1000, "bandwidth_out_burst": 9}, "validation.rate_limit_burst_range"),
+    ({"new_connections_per_sec": 10, "new_connections_burst": 601}, "validation.rate_limit_burst_range"),
     ({"bandwidth_in_bps": None}, "validation.rate_limit_no_caps_provided"),
 ])
 def test_the_validation_codes_of_issue_13(w, rate_limit, code):
