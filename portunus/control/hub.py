@@ -23,6 +23,7 @@ from . import messages as m
 from . import stats_report
 from .channel import Channel
 from .offload import Offload
+from .registry import ClientRegistry
 
 FIRST_MESSAGE_TIMEOUT = 10.0
 PING_INTERVAL = 15.0
@@ -81,10 +82,10 @@ class ClientSession:
 class Hub:
     """Accepts client channels, authenticates them, replays rules, routes pushes and acks."""
 
-    def __init__(self, loop, ssl_ctx, store, cfg, *, stats_sink: Callable | None = None):
+    def __init__(self, loop, ssl_ctx, registry: ClientRegistry, cfg, *, stats_sink: Callable | None = None):
         self.loop = loop
         self.ssl_ctx = ssl_ctx
-        self.store = store
+        self.registry = registry  # clients and their rules; blocking, so always through self.offload
         self.cfg = cfg
         self.offload = Offload(loop)
         self.sessions: dict[str, ClientSession] = {}
@@ -190,7 +191,6 @@ class Hub:
             self.auth_failures[reason] = self.auth_failures.get(reason, 0) + 1
 
     def _on_enroll(self, ch: Channel, msg: dict) -> None:
-        from ..store import clients as store_clients
         ch.context["authenticating"] = True
 
         def done(fut) -> None:
@@ -212,10 +212,9 @@ class Hub:
             ch.send(m.enrolled(client["client_id"], client["client_name"], token,
                                client.get("server_endpoint") or ""))
             ch.close("enrolled")
-        self.offload.run(store_clients.redeem_enrollment, self.store, msg["code"], then=done)
+        self.offload.run(self.registry.redeem_enrollment, msg["code"], then=done)
 
     def _on_hello(self, ch: Channel, msg: dict) -> None:
-        from ..store import clients as store_clients
         if msg["protocol_version"] != m.PROTOCOL_VERSION:
             self._refuse(ch, "protocol_version_unsupported",
                          f"protocol version {msg['protocol_version']} is not supported (server speaks "
@@ -239,11 +238,9 @@ class Hub:
                 ch.close(reason)
                 return
             self._admit(ch, client, msg)
-        self.offload.run(store_clients.authenticate_client, self.store, msg["token"], then=done)
+        self.offload.run(self.registry.authenticate_client, msg["token"], then=done)
 
     def _admit(self, ch: Channel, client: dict, hello: dict) -> None:
-        from ..store import clients as store_clients
-        from ..store import rules as store_rules
         old = self.sessions.get(client["client_id"])
         if old is not None:
             old.channel.send(m.error("session_replaced", "a newer connection of this client took over"))
@@ -256,7 +253,7 @@ class Hub:
         log.info("client.connected", client_id=session.client_id, client_name=session.client_name,
                  remote_addr=session.remote_addr, client_version=session.client_version,
                  capabilities=session.capabilities)
-        self.offload.run(store_clients.record_connection, self.store, session.client_id,
+        self.offload.run(self.registry.record_connection, session.client_id,
                          session.client_version, session.capabilities)
         ch.send(m.welcome(
             client_id=session.client_id, client_name=session.client_name, server_version=__version__,
@@ -284,9 +281,7 @@ class Hub:
 
         def replayable() -> tuple[list, dict, list]:
             # a failed rule stays failed until removed: replaying it would be an automatic retry
-            failed = {r["rule_id"] for r in store_rules.list_rules(self.store, client_id=session.client_id)
-                      if r["state"] == "failed"}
-            every = store_rules.rules_for_client(self.store, session.client_id)
+            every, failed = self.registry.replay_rules(session.client_id)
             owned = {r.rule_id: stats_report.RuleShape.of(r) for r in every}
             return self._replay_updates(session), owned, [r for r in every if r.rule_id not in failed]
         self.offload.run(replayable, then=replay)
@@ -332,7 +327,6 @@ class Hub:
         return None
 
     def _on_rule_status(self, session: ClientSession, msg: dict) -> None:
-        from ..store import rules as store_rules
         rule_id, state = msg["rule_id"], msg["state"]
         problem = self._rule_status_problem(session, msg)
         if problem is not None:
@@ -351,7 +345,7 @@ class Hub:
         elif state in ("active", "failed"):
             def persist() -> None:
                 try:
-                    store_rules.set_rule_state(self.store, rule_id, state, msg.get("reason"))
+                    self.registry.set_rule_state(rule_id, state, msg.get("reason"))
                 except PortunusError:
                     pass  # removed meanwhile
             self.offload.run(persist)

@@ -19,6 +19,7 @@ from ..store import operators as store_operators
 from ..store.db import Store
 from ..sysinfo import raise_nofile_limit
 from . import config as server_config
+from .client_registry import StoreClientRegistry
 from . import passwords
 from .core import ServerCore, validate_seed_endpoint
 from .identity import IdentityService
@@ -63,7 +64,7 @@ def serve(data_dir: str, *, advertised_endpoint: str | None = None, ready_event:
     passwords.start_hash_workers()  # Argon2 off this process's GIL: a login flood must not stall the loop
 
     loop = Loop()
-    hub = Hub(loop, server_context(cert), store, cfg)
+    hub = Hub(loop, server_context(cert), StoreClientRegistry(store), cfg)
     control_host, control_port = hub.listen(*cfg.control_addr)
     hub.bound_port = control_port
     core = ServerCore(cfg, store, hub, cert, advertised_seed=seed)

@@ -15,8 +15,6 @@ from portunus.control.hub import ClientSession, Hub
 from portunus.control.stats_report import RuleShape
 from portunus.log import log
 from portunus.model import Rule
-from portunus.store import clients as store_clients
-from portunus.store import rules as store_rules
 
 STATE = {"monthly_bytes": 10, "budget_remaining_bytes": 10, "period_started_at": 1, "period_ends_at": 2,
          "exhausted": False}
@@ -83,10 +81,23 @@ def logbuf(monkeypatch):
     return buf
 
 
+class FakeRegistry:
+    """The hub's ClientRegistry without a store: the rules a replay reads."""
+
+    def __init__(self):
+        self.rules: list[Rule] = []
+
+    def record_connection(self, client_id, client_version, capabilities) -> None:
+        pass
+
+    def replay_rules(self, client_id) -> tuple[list[Rule], set[str]]:
+        return list(self.rules), set()
+
+
 @pytest.fixture
 def hub(logbuf):
     cfg = SimpleNamespace(stats_report_interval_secs=5, udp_max_flows_per_rule=16, udp_flow_idle_secs=30)
-    h = Hub(FakeLoop(), None, None, cfg)
+    h = Hub(FakeLoop(), None, FakeRegistry(), cfg)
     h.deferred = []  # offloaded calls whose result the test delivers itself
 
     def run(fn, *args, then=None):
@@ -112,9 +123,8 @@ def connect(hub, caps=("traffic_quota", "rate_limit")) -> tuple[ClientSession, F
 
 
 def finish_replay(hub, monkeypatch, rules=()):
-    """Run the offloaded replay read (with the store stubbed) and deliver it on the 'loop'."""
-    monkeypatch.setattr(store_rules, "list_rules", lambda store, client_id=None: [])
-    monkeypatch.setattr(store_rules, "rules_for_client", lambda store, client_id: list(rules))
+    """Run the offloaded replay read (from the fake registry) and deliver it on the 'loop'."""
+    hub.registry.rules = list(rules)
     for fn, args, then in list(hub.deferred):
         if then is not None and fn.__name__ == "replayable":
             hub.deferred.remove((fn, args, then))
@@ -211,4 +221,4 @@ def test_validated_stats_reports_go_to_the_report_writer(hub):
 
 def test_record_connection_is_still_offloaded(hub, monkeypatch):
     connect(hub)
-    assert any(fn is store_clients.record_connection for fn, _, _ in hub.deferred)
+    assert any(fn == hub.registry.record_connection for fn, _, _ in hub.deferred)
