@@ -1,4 +1,5 @@
-"""`portunus-client doctor`: the edge host's checks (bundle, endpoint, pin, token, fds, splice, ports, DNS).
+"""`portunus-client doctor`: the edge host's checks (bundle, endpoint, pin, token, fds, splice, ports, DNS,
+the capabilities the replayed rules need).
 
 The token check is the agent's own hello, sent only after the TLS leaf matched
 the pin. When an agent on this host already holds a connection to the server,
@@ -53,6 +54,8 @@ class Session:
     rules: list[Rule] | None = None
     udp_max_flows: int | None = None
     agent: AgentProcess | None = None
+    unreadable: dict[str, str] = field(default_factory=dict)  # rule id -> why this build cannot read it
+    capabilities: list[str] = field(default_factory=list)  # what this build's hello declared
 
 
 # ------------------------------------------------------------------ bundle
@@ -151,11 +154,16 @@ def check_pin(tls: ssl.SSLSocket, bundle: dict) -> r.Check:
     return r.ok("tls.pin", "the server's leaf certificate matches the pin", details)
 
 
-def hello_exchange(tls: ssl.SSLSocket, token: str, env) -> tuple[dict | None, list[dict], str | None]:
-    """Send the agent's hello; (welcome or error message, replayed rule dicts, transport failure)."""
+def declared_capabilities(env) -> list[str]:
+    """What this build's agent declares in its hello (control/agent.py), or the agent's own override."""
     from ..control.agent import SUPPORTED_CAPABILITIES
     caps = env.get("PORTUNUS_CLIENT_CAPABILITIES")  # the agent's own test hook: declare what it declares
-    capabilities = [c for c in caps.split(",") if c] if caps is not None else SUPPORTED_CAPABILITIES
+    return [c for c in caps.split(",") if c] if caps is not None else list(SUPPORTED_CAPABILITIES)
+
+
+def hello_exchange(tls: ssl.SSLSocket, token: str, env) -> tuple[dict | None, list[dict], str | None]:
+    """Send the agent's hello; (welcome or error message, replayed rule dicts, transport failure)."""
+    capabilities = declared_capabilities(env)
     decoder, first, rules = FrameDecoder(), None, []
     deadline = time.monotonic() + STEP_TIMEOUT
     try:
@@ -193,7 +201,10 @@ def check_token(tls: ssl.SSLSocket, bundle: dict, env, session: Session) -> r.Ch
                                   "server): enroll again"}.get(
             code, "run the same Portunus version on the server and this host")
         return r.fail("auth.token", f"auth.failure reason={code}: {reply.get('message')}", fix, {"code": code})
-    session.rules = [rule for rule in map(_rule, rule_dicts) if rule is not None]
+    parsed = [(d, _rule(d)) for d in rule_dicts]
+    session.rules = [rule for _d, rule in parsed if isinstance(rule, Rule)]
+    session.unreadable = {str(d.get("rule_id") or "?")[:64]: rule for d, rule in parsed if isinstance(rule, str)}
+    session.capabilities = declared_capabilities(env)
     session.udp_max_flows = reply.get("udp_max_flows_per_rule")
     details = {"client_id": reply.get("client_id"),
                "note": "the server logged this as a short session (client.connected / client.disconnected)"}
@@ -203,11 +214,39 @@ def check_token(tls: ssl.SSLSocket, bundle: dict, env, session: Session) -> r.Ch
                               f"{reply.get('client_name')}; {len(session.rules)} rule(s) replayed", details)
 
 
-def _rule(d: dict) -> Rule | None:
+def _rule(d: dict) -> Rule | str:
+    """The rule as this build reads it, or why it cannot (``code: message``)."""
     try:
         return Rule.from_dict(d, max_range_ports=65535)
-    except PortunusError:
-        return None
+    except PortunusError as exc:
+        return f"{exc.code}: {exc.message}"
+
+
+def check_rule_capabilities(session: Session) -> r.Check:
+    """Replayed rules that need a capability this build's agent does not declare, or that it cannot read."""
+    if session.rules is None:
+        why = (f"an agent (pid {session.agent.pid}) holds the session, so no rules were replayed; "
+               "`portunus-server doctor` shows its capabilities (clients.capabilities)"
+               if session.agent is not None else "no rules known (the token check did not run)")
+        return r.skip("rules.capabilities", why)
+    from ..server.core import required_capabilities
+    declared = set(session.capabilities)
+    lacking = {}
+    for rule in session.rules:
+        missing = [cap for cap, _code in required_capabilities(rule) if cap not in declared]
+        if missing:
+            lacking[rule.rule_id] = f"{rule.protocol} {rule.listen_label}: needs {', '.join(missing)}"
+    for rule_id, why in session.unreadable.items():
+        lacking[rule_id] = f"this build cannot read it ({why})"
+    details = {"declared": sorted(declared), "client_version": __version__}
+    if lacking:
+        first = next(iter(lacking))
+        return r.fail("rules.capabilities", f"{len(lacking)} of the server's rule(s) for this client need what "
+                                            f"this build ({__version__}) lacks: they will not work here",
+                      f"upgrade the portunus binary on this host to the server's version, or remove those rules "
+                      f"(`portunus-server remove-rule {first}`)", {**details, "rules": lacking})
+    return r.ok("rules.capabilities", f"this build declares every capability the {len(session.rules)} replayed "
+                                      "rule(s) need", details)
 
 
 def find_connected_agent(addrs: list[str], port: int) -> AgentProcess | None:
@@ -378,6 +417,7 @@ def run_checks(bundle_path: str | None, cli_dns_servers: list[str], env=os.envir
     else:
         checks.append(r.skip("endpoint.resolve", "not checked: no usable bundle"))
     checks += rule_checks(session, env)
+    checks.append(check_rule_capabilities(session))
     agent = session.agent
     agent_env = agent.environ if agent is not None and agent.environ is not None else None
     if agent_env is not None and not cli_dns_servers:

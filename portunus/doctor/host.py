@@ -329,6 +329,14 @@ def process_socket_inodes(pid: int) -> tuple[set[int], int]:
     return inodes, count
 
 
+def count_fds(pid: int) -> int | None:
+    """Open fds of a process (a new fd takes the lowest free number, so also about the next fd's number)."""
+    try:
+        return len(os.listdir(os.path.join(PROC, str(pid), "fd")))
+    except OSError:
+        return None
+
+
 # ------------------------------------------------------------------ locks (/proc/locks)
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ GROUP_TITLES = {
     "bundle": "Bundle", "endpoint": "Server endpoint", "tls": "TLS pin", "auth": "Token",
     "datadir": "Data directory", "store": "State database", "cert": "Certificate",
     "limits": "File descriptors", "splice": "Splice fast path", "ports": "Listen ports", "dns": "Resolver",
-    "server": "Running server", "clients": "Clients", "rules": "Rules",
+    "http": "Web UI and operator HTTP", "server": "Running server", "clients": "Clients", "rules": "Rules",
+    "quotas": "Traffic quotas", "sni": "SNI routing",
 }
 
 

@@ -1,9 +1,9 @@
 """`portunus-server doctor`: data dir, state database, store lock, certificate, endpoint, running server.
 
 Offline checks read files only: the database through a ``mode=ro`` connection
-(safe while ``serve`` runs), the lock's holder from /proc/locks. Online checks
-ask the running server's API with PORTUNUS_OPERATOR_TOKEN. A feature that brings
-a check (superadmin onboarding, quotas) adds one function to ``ONLINE_CHECKS``.
+(safe while ``serve`` runs), the lock's holder from /proc/locks, server.toml's
+HTTP settings and the Web UI files of this build (``web``). The checks through
+the running server are in ``online``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import os
 import re
 import sqlite3
 import stat
-import time
 import urllib.parse
 from dataclasses import dataclass
 
@@ -25,8 +24,9 @@ from ..store import db as store_db
 from ..store import settings as store_settings
 from . import host
 from . import report as r
+from . import web
+from .online import API_TIMEOUT, Online, check_superadmin_offline, online_checks, superadmin_facts
 
-API_TIMEOUT = 2.0
 FREE_FAIL_BYTES = 64 << 20
 FREE_WARN_BYTES = 512 << 20
 CERT_WARN_DAYS = 30
@@ -48,17 +48,6 @@ def open_readonly(db_path: str) -> sqlite3.Connection:
                            isolation_level=None)
     conn.row_factory = sqlite3.Row
     return conn
-
-
-def human_duration(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m"
-    if seconds < 86400:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 86400}d{seconds % 86400 // 3600}h"
 
 
 # ------------------------------------------------------------------ data dir
@@ -241,7 +230,7 @@ def check_expiry(leaf: x509.Certificate, now: datetime.datetime) -> r.Check:
     return r.ok("cert.expiry", f"valid until {not_after:%Y-%m-%d} ({days:.0f} days)", details)
 
 
-def effective_endpoint(online: "Online | None", ro_store, cert_info, env) -> dict:
+def effective_endpoint(online: Online | None, ro_store, cert_info, env) -> dict:
     """{effective, source, diagnostic}: the running server's answer, else the same tiers computed offline."""
     if online is not None:
         try:
@@ -286,160 +275,54 @@ def check_endpoint(endpoint: dict, cert_info, control_port: int | None) -> r.Che
     return r.ok("cert.endpoint_san", f"advertised endpoint {effective} ({source}) is covered by the SAN", details)
 
 
-# ------------------------------------------------------------------ through the running server
-
-@dataclass
-class Online:
-    api: object  # cli.server.ApiClient
-    ro_store: ReadOnlyStore | None
-    now: float
-    _clients: list | None = None
-
-    def clients(self) -> list[dict]:
-        if self._clients is None:
-            _, res = self.api.call("GET", "/v1/clients", timeout=API_TIMEOUT)
-            self._clients = res.get("clients", [])
-        return self._clients
-
-
-def check_clients_offline(ctx: Online) -> list[r.Check]:
-    clients = ctx.clients()
-    seen = {c["client_id"]: c.get("last_seen_at") for c in store_clients.list_clients(ctx.ro_store)} \
-        if ctx.ro_store else {}
-    offline = {}
-    for c in clients:
-        if c.get("revoked") or c.get("connected"):
-            continue
-        last = seen.get(c["client_id"])
-        if last:
-            ago = ctx.now - store_db.parse_rfc3339(last).timestamp()
-            offline[c["client_name"]] = f"last connected {last} ({human_duration(ago)} ago)"
-        else:
-            offline[c["client_name"]] = "never connected"
-    connected = sum(1 for c in clients if c.get("connected"))
-    details = {"connected": connected, "offline": offline}
-    if offline:
-        return [r.warn("clients.offline", f"{len(offline)} client(s) offline, {connected} connected",
-                       "run `portunus-client doctor` on each offline edge host (bundle, endpoint, pin, token)",
-                       details)]
-    return [r.ok("clients.offline", f"all {connected} non-revoked client(s) are connected", details)]
-
-
-def check_client_capabilities(ctx: Online) -> list[r.Check]:
-    from .. import __version__
-    from ..control.agent import SUPPORTED_CAPABILITIES
-    older = {}
-    for c in ctx.clients():
-        if not c.get("connected"):
-            continue
-        missing = [cap for cap in SUPPORTED_CAPABILITIES if cap not in (c.get("capabilities") or [])]
-        if missing:
-            older[c["client_name"]] = f"version {c.get('client_version') or '?'}, lacks {', '.join(missing)}"
-    details = {"server_version": __version__, "server_capabilities": SUPPORTED_CAPABILITIES, "older": older}
-    if older:
-        return [r.warn("clients.capabilities", f"{len(older)} connected client(s) are older than this server: "
-                                               "rules needing the missing features are refused (exit 3)",
-                       "upgrade the portunus binary on those edge hosts", details)]
-    return [r.ok("clients.capabilities", "every connected client declares this server's capabilities", details)]
-
-
-def _listen_text(rule: dict) -> str:
-    start, end = rule["listen_port"], rule.get("listen_port_end") or rule["listen_port"]
-    return f"{rule.get('protocol')} {start}" + (f"-{end}" if end != start else "")
-
-
-def check_failed_rules(ctx: Online) -> list[r.Check]:
-    _, res = ctx.api.call("GET", "/v1/rules", timeout=API_TIMEOUT)
-    rules = res.get("rules", [])
-    failed = {rule["rule_id"]: f"{_listen_text(rule)}: {rule.get('reason') or 'failed'}"
-              for rule in rules if rule.get("state") == "failed"}
-    if failed:
-        first = next(iter(failed))
-        return [r.fail("rules.failed", f"{len(failed)} failed rule(s) block their ports until removed",
-                       f"free the port on the edge host, then `portunus-server remove-rule {first}` and push again "
-                       "(no auto-retry)", {"failed": failed})]
-    return [r.ok("rules.failed", f"no failed rule among {len(rules)}")]
-
-
-_DNS_SERIES = re.compile(r'^portunus_rule_dns_failures_total\{([^}]*)\}\s+([0-9.e+]+)', re.M)
-
-
-def parse_dns_failures(metrics_text: str) -> dict[str, int]:
-    """rule id -> dns failures, from the Prometheus text."""
-    out = {}
-    for labels, value in _DNS_SERIES.findall(metrics_text):
-        rule = re.search(r'rule="([^"]*)"', labels)
-        if rule and float(value) > 0:
-            out[rule.group(1)] = int(float(value))
-    return out
-
-
-def check_dns_failures(ctx: Online) -> list[r.Check]:
-    _, res = ctx.api.call("GET", "/v1/metrics", timeout=API_TIMEOUT)
-    text = res.get("raw", "") if isinstance(res, dict) else str(res)
-    failing = parse_dns_failures(text)
-    if failing:
-        return [r.warn("rules.dns_failures", f"{len(failing)} rule(s) had target name resolution failures "
-                                             "(rule.dns_failed on the client)",
-                       "check that the target names resolve from the edge host (`dig @SERVER NAME`) and that its "
-                       "resolver answers (`portunus-client doctor`)", {"failures_by_rule": failing})]
-    return [r.ok("rules.dns_failures", "no rule reports DNS failures")]
-
-
-ONLINE_CHECKS = (check_clients_offline, check_client_capabilities, check_failed_rules, check_dns_failures)
-
-
-def online_checks(args, serve_pid: int | None, ro_store, env) -> tuple[Online | None, list[r.Check]]:
-    from ..cli.server import ApiClient, _api_url
-    url = _api_url(args)
-    if url is None:
-        why = "serve is not running" if serve_pid is None else "serve runs but wrote no serve.json"
-        return None, [r.skip("server.api", f"{why}: clients and rules not checked")]
-    token = env.get("PORTUNUS_OPERATOR_TOKEN")
-    if not token:
-        return None, [r.skip("server.api", "PORTUNUS_OPERATOR_TOKEN is not set: clients and rules not checked",
-                             {"api": url})]
-    ctx = Online(ApiClient(url, token), ro_store, time.time())
-    try:
-        ctx.clients()
-    except PortunusError as exc:
-        fix = {"unauthenticated": "export the operator token of this server as PORTUNUS_OPERATOR_TOKEN",
-               "bootstrap_required": "stop the server and run `portunus-server bootstrap-superadmin --name NAME`, "
-                                     "or set operator_token in server.toml, then start it"}.get(
-            exc.code, "check that serve is healthy (its log), and --server / PORTUNUS_SERVER")
-        return None, [r.fail("server.api", f"{exc.code}: {exc.message}", fix, {"api": url})]
-    checks = [r.ok("server.api", f"the operator API at {url} answers", {"api": url})]
-    for fn in ONLINE_CHECKS:
-        try:
-            checks += fn(ctx)
-        except PortunusError as exc:
-            checks.append(r.fail(f"server.{fn.__name__.removeprefix('check_')}", f"{exc.code}: {exc.message}",
-                                 None))
-    return ctx, checks
-
-
 # ------------------------------------------------------------------ this host, for serve
 
-HTTP_FD_ALLOWANCE = 32  # operator API and metrics connections served at once, each one fd (plus sqlite's)
+def serve_fd_needs(n_clients: int) -> dict[str, int]:
+    """fds of serve beyond its baseline: one per client session, and what the HTTP listeners may hold at their
+    caps (docs/server.md "Operator listener limits"), plus the descriptors the API leaves to the control plane."""
+    from ..http.app import METRICS_MAX_CONNECTIONS
+    from ..http.transport import FD_RESERVE, Limits
+    return {"client_sessions": n_clients, "operator_api_connections": Limits().max_connections,
+            "metrics_connections": METRICS_MAX_CONNECTIONS, "api_fd_reserve": FD_RESERVE}
+
+
+def check_api_headroom(limit: int, open_fds: int, pid: int) -> r.Check:
+    """The API takes a connection only below its fd ceiling (the limit minus the reserve): else 503 server_busy."""
+    from ..http.transport import FD_RESERVE
+    ceiling = max(limit - FD_RESERVE, 0)
+    details = {"open_fds": open_fds, "limit": limit, "api_fd_ceiling": ceiling, "serve_pid": pid}
+    if open_fds >= ceiling:
+        return r.fail("limits.api_headroom", f"serve holds {open_fds} fds, at the API's ceiling of {ceiling} (its "
+                                             f"limit {limit} minus {FD_RESERVE} kept for the control plane): every "
+                                             "new API connection answers 503 server_busy", host.NOFILE_FIX.replace(
+                                                 "agent's systemd unit", "server's systemd unit"), details)
+    if open_fds >= ceiling * 0.8:
+        return r.warn("limits.api_headroom", f"serve holds {open_fds} fds of the API's ceiling of {ceiling}: close "
+                                             "to 503 server_busy", host.NOFILE_FIX.replace(
+                                                 "agent's systemd unit", "server's systemd unit"), details)
+    return r.ok("limits.api_headroom", f"serve holds {open_fds} fds, below the API's ceiling of {ceiling}", details)
 
 
 def host_checks(cfg, serve_pid: int | None, ro_store) -> list[r.Check]:
-    """fds for the client sessions, and serve's own listen ports: capability and ephemeral range."""
+    """fds for the client sessions and the HTTP listeners, and serve's own listen ports: capability, range."""
     import resource
     ports = [port for _host, port in (cfg.control_addr, cfg.http_addr, cfg.metrics_addr) if port]
     unpriv = host.read_text(f"{host.PROC}/sys/net/ipv4/ip_unprivileged_port_start")
     port_range = host.parse_port_range(host.read_text(f"{host.PROC}/sys/net/ipv4/ip_local_port_range"))
     clients = [c for c in store_clients.list_clients(ro_store) if not c["revoked"]] if ro_store else []
-    needs = {"client_sessions": len(clients), "operator_api_and_metrics": HTTP_FD_ALLOWANCE}
     who = f"/proc/{serve_pid}" if serve_pid else f"{host.PROC}/self"
     limits = host.parse_proc_limits(host.read_text(f"{who}/limits") or "")
     cap_eff = host.parse_cap_eff(host.read_text(f"{who}/status") or "")
+    checks = []
     if serve_pid and limits:
         limit, source = limits[0], f"running serve pid {serve_pid}"
+        open_fds = host.count_fds(serve_pid)
+        if open_fds is not None:
+            checks.append(check_api_headroom(limit, open_fds, serve_pid))
     else:
         limit = host.effective_nofile(*resource.getrlimit(resource.RLIMIT_NOFILE))
         source = "this shell's hard limit (serve raises its soft limit to it)"
-    return [host.check_nofile(limit, needs, source),
+    return [host.check_nofile(limit, serve_fd_needs(len(clients)), source), *checks,
             host.check_privileged_ports(ports, cap_eff, int(unpriv) if unpriv and unpriv.strip().isdigit() else None,
                                         f"serve (pid {serve_pid})" if serve_pid else "this user"),
             host.check_ephemeral_ports(ports, port_range)]
@@ -480,19 +363,38 @@ def cert_checks(cfg, online: Online | None, ro_store, env) -> list[r.Check]:
     return checks + [check_endpoint(endpoint, facts.info, cfg.control_addr[1] or None)]
 
 
+def running_server(args, serve_pid: int | None) -> tuple[str | None, r.Check | None]:
+    """(API URL, None) of the server to ask, or (None, the skip saying why there is none)."""
+    from ..cli.server import _api_url
+    url = _api_url(args)
+    if url is None:
+        why = "serve is not running" if serve_pid is None else "serve runs but wrote no serve.json"
+        return None, r.skip("server.api", f"{why}: clients, rules, quotas and SNI not checked")
+    return url, None
+
+
 def run_checks(args, env=os.environ) -> list[r.Check]:
     data_dir = os.path.abspath(args.data_dir)
     cfg, checks = datadir_checks(data_dir, env)
-    conn, db_results = database_checks(os.path.join(data_dir, store_db.DB_NAME))
+    db_path = os.path.join(data_dir, store_db.DB_NAME)
+    conn, db_results = database_checks(db_path)
     checks += db_results
     ro_store = ReadOnlyStore(conn) if conn is not None else None
     try:
         serve_pid, lock = check_lock(data_dir)
         checks.append(lock)
-        online, online_results = online_checks(args, serve_pid, ro_store, env)
+        url, no_server = running_server(args, serve_pid)
+        if url is not None:
+            online, online_results = online_checks(url, ro_store, env)
+        else:
+            online, online_results = None, [check_superadmin_offline(
+                superadmin_facts(ro_store), bool(cfg and cfg.values.get("operator_token")),
+                os.path.exists(db_path)), no_server]
         if cfg is not None:
             checks += cert_checks(cfg, online, ro_store, env)
             checks += host_checks(cfg, serve_pid, ro_store)
+            checks.append(web.check_public_origin(cfg.values.get("operator_http_public_origin"), cfg.http_addr))
+        checks.append(web.check_webui_files())
         return checks + online_results
     finally:
         if conn is not None:

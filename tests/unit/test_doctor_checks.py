@@ -19,6 +19,7 @@ from portunus.control.tls import CertInfo
 from portunus.doctor import client as dc
 from portunus.doctor import host
 from portunus.doctor import report as r
+from portunus.doctor import online as do
 from portunus.doctor import server as ds
 from portunus.model import Rule
 from portunus.store import db as store_db
@@ -249,10 +250,10 @@ def test_dns_failure_series_from_metrics_text():
             'portunus_rule_dns_failures_total{client="edge-01",owner="",rule="R1"} 3\n'
             'portunus_rule_dns_failures_total{client="edge-01",owner="",rule="R2"} 0\n'
             'portunus_rule_bytes_in_total{client="edge-01",owner="",rule="R3"} 9\n')
-    assert ds.parse_dns_failures(text) == {"R1": 3}
+    assert do.parse_dns_failures(text) == {"R1": 3}
 
 
 @pytest.mark.parametrize("seconds, text", [(5, "5s"), (125, "2m"), (3 * 3600 + 120, "3h02m"),
                                            (2 * 86400 + 7200, "2d2h")])
 def test_human_duration(seconds, text):
-    assert ds.human_duration(seconds) == text
+    assert do.human_duration(seconds) == text
