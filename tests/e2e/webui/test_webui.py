@@ -256,7 +256,7 @@ def test_onboard_login_enroll_run_push_watch_remove(console, tmp_path):
 
         # the rule page: streaming, and the counters rise with real bytes through the rule
         b.js("performance.clearMarks('portunus:rendered')")
-        row.find_element("css selector", "a").click()
+        b.press(row.find_element("css selector", "a"))
         b.wait(lambda: b.path().startswith("/rules/"), what="the rule page")
         console.visited.append(b.driver.current_url)
         b.wait(lambda: b.find("#stream-mode").get_attribute("data-mode") == "streaming", 15, "Streaming")
@@ -554,7 +554,7 @@ def test_phone_sized_screen_has_no_sideways_scroll(console):
             if path in ("/", "/rules?new"):
                 shot(console, "mobile-" + (path.strip("/").split("?")[0] or "dashboard"))
         toggle = b.find("#menu-toggle")
-        toggle.click()
+        b.press(toggle)
         assert toggle.get_attribute("aria-expanded") == "true" and b.find("#nav a").is_displayed()
         shot(console, "mobile-menu")
     finally:

@@ -126,10 +126,20 @@ class Browser:
     def click(self, css: str) -> None:
         self.press(self.find(css))
 
-    def press(self, el) -> None:
-        """Click like a person: scrolled to the middle of the screen, clear of the corner notices."""
-        self.js("arguments[0].scrollIntoView({block: 'center', inline: 'nearest'})", el)
-        el.click()
+    def press(self, el, timeout: float = 5.0) -> None:
+        """Click like a person: scrolled to the middle of the screen; a notice still on top passes, so wait."""
+        from selenium.common.exceptions import ElementClickInterceptedException
+
+        deadline = time.monotonic() + timeout
+        while True:
+            self.js("arguments[0].scrollIntoView({block: 'center', inline: 'nearest'})", el)
+            try:
+                el.click()
+                return
+            except ElementClickInterceptedException:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
 
     def click_text(self, text: str, css: str = "button", scope=None, timeout: float = 10.0):
         def pick():
