@@ -14,8 +14,9 @@ import time
 from .. import __version__
 from ..errors import PortunusError
 from ..log import log
-from ..model import Rule
+from ..model import RateLimit, Rule
 from ..netio import TIMEOUT, Connect, errno_name
+from ..relay.quota import QuotaHandle, QuotaStateError
 from ..relay.runtime import RuleRuntime
 from . import messages as m
 from .channel import Channel
@@ -25,7 +26,7 @@ from .tls import client_context, fingerprint_der, pins_match
 CONNECT_TIMEOUT = 10.0
 DEAD_AFTER = 45.0
 # What this build can actually run; the rest is refused by the server's capability gate.
-SUPPORTED_CAPABILITIES = ["udp", "port_range", "multi_target", "proxy_protocol", "sni"]
+SUPPORTED_CAPABILITIES = ["udp", "port_range", "multi_target", "proxy_protocol", "sni", "rate_limit", "traffic_quota"]
 
 STATS_FRAME_BUDGET = 256 * 1024  # estimated JSON bytes per stats_report frame (cap is 1 MiB)
 PER_PORT_LIMIT = 900 * 1024      # ~5 600 ports: wider ranges report totals only
@@ -77,6 +78,11 @@ class Agent:
         self._watchdog = None
         self._reconnect_timer = None
         self.connected = False
+        self.client_id = bundle.get("client_id", "")
+        self.enforcer = runtime.ctx.enforcer
+        self.enforcer.set_client_id(self.client_id)
+        self.enforcer.exhaustion_hooks.append(self._quota_exhausted)
+        self._exhaustion_unsent: set[str] = set()  # users whose exhaustion happened while offline
 
     # ---- connecting -------------------------------------------------------
     def start(self) -> None:
@@ -152,6 +158,8 @@ class Agent:
                      server_version=msg["server_version"])
             self._arm_watchdog()
             self._schedule_stats()
+            for user_id in sorted(self._exhaustion_unsent):
+                self._quota_exhausted(self.enforcer.quotas.handle(user_id))
         elif t == "rule_update":
             self._on_rule_update(ch, msg)
         elif t == "replay_done":
@@ -162,8 +170,10 @@ class Agent:
             ch.send(m.pong(msg["nonce"]))
         elif t == "error":
             self._on_error(ch, msg)
-        elif t in ("owner_rate_limit_update", "traffic_quota_update"):
-            log.warn("control.unsupported_update", type=t)
+        elif t == "owner_rate_limit_update":
+            self._on_owner_cap(msg)
+        elif t == "traffic_quota_update":
+            self._on_quota(msg)
         else:
             log.warn("control.unexpected_message", type=t)
 
@@ -186,6 +196,51 @@ class Agent:
         status = self.runtime.activate(rule, request_id)
         ch.send(m.rule_status(rule_id, status.state if status.state in ("active", "failed") else "failed",
                               reason=status.reason, code=status.code, port=status.port, request_id=request_id))
+
+    def _on_owner_cap(self, msg: dict) -> None:
+        """Replayed before the rules on reconnect, so no rule runs a moment outside its envelope."""
+        owner = msg["owner_id"]
+        if msg["action"] == "remove":
+            self.runtime.set_owner_cap(owner, None)
+            log.info("owner_rate_limit.applied", owner=owner, action="remove")
+            return
+        try:
+            cap = RateLimit.from_dict(msg["rate_limit"])
+        except PortunusError as exc:
+            log.warn("owner_rate_limit.invalid", owner=owner, code=exc.code, reason=exc.message)
+            return
+        self.runtime.set_owner_cap(owner, cap)
+        log.info("owner_rate_limit.applied", owner=owner, action="set", rate_limit=cap.to_dict())
+
+    def _on_quota(self, msg: dict) -> None:
+        """Install or remove a (user, client) budget; a fresh state resumes an exhausted pair."""
+        user = msg["user_id"]
+        self.enforcer.quota_for_user(user)  # watched: its exhaustion cuts and is reported
+        try:
+            handle = self.enforcer.quotas.apply_update(msg)
+        except QuotaStateError as exc:
+            log.warn("traffic_quota.invalid_state", user=user, reason=str(exc))
+            return
+        if msg["action"] == "remove":
+            log.info("traffic_quota.applied_remove", user=user)
+            return
+        if not handle.exhausted:
+            self._exhaustion_unsent.discard(user)
+        log.info("traffic_quota.applied_set", user=user, monthly_bytes=handle.state.monthly_bytes,
+                 budget_remaining_bytes=handle.remaining, exhausted=handle.exhausted)
+
+    def _quota_exhausted(self, handle: QuotaHandle) -> None:
+        """Tell the server at once, so it marks ``exhausted_at`` without waiting for a report."""
+        ch = self.channel
+        if not handle.exhausted:
+            self._exhaustion_unsent.discard(handle.user_id)
+            return
+        if ch is None or not self.connected:
+            self._exhaustion_unsent.add(handle.user_id)
+            return
+        self._exhaustion_unsent.discard(handle.user_id)
+        log.info("traffic_quota.exhausted_reported", user=handle.user_id)
+        ch.send(m.traffic_quota_exhausted(handle.user_id, self.client_id, time.time()))
 
     def _on_error(self, ch: Channel, msg: dict) -> None:
         code = msg["code"]
@@ -245,6 +300,7 @@ class Agent:
         """Send the counters, split over several frames so wide ranges never hit the frame cap."""
         for msg in stats_reports(self.runtime.snapshots(per_port=True, per_target=True), time.time()):
             ch.send(msg)
+        self.enforcer.quotas.mark_reported()  # the server's next budget includes what was debited so far
 
     # ---- stopping ---------------------------------------------------------
     def stop(self) -> None:

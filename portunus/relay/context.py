@@ -6,6 +6,7 @@ import errno
 import socket
 
 from ..netio import family_of
+from .enforce import Enforcer
 from .resolver import Resolver
 from .splice import PipePool
 
@@ -51,6 +52,7 @@ class RelayContext:
         self.copy_view = memoryview(bytearray(COPY_CHUNK))
         self.udp_view = memoryview(bytearray(UDP_MAX_DATAGRAM))
         self.splice_selected_rules: set[str] = set()
+        self.enforcer = Enforcer(loop)  # rate limits and quotas of every rule on this loop
         # (listen host, port) -> the SniListener its SNI rules and fallback share (relay/sni_listener.py)
         self.shared_listeners: dict[tuple[str, int], object] = {}
 

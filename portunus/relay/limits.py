@@ -305,6 +305,8 @@ class Limiter:
         for direction, bucket in self.bandwidth.items():
             if bucket is not None:
                 woken += bucket.resume_all(now)
+                self.counters.throttle_seconds_retired[direction] += bucket.throttle_seconds(now)
+                self.bandwidth[direction] = None  # tickets that still hold this scope stop paying it
         return woken
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..log import log
-from ..model import Rule, same_listeners
+from ..model import RateLimit, Rule, same_listeners
 from .context import BindError, RelayContext
 from .rule_relay import RuleRelay, RuntimeSettings
 from .stats import RuleCounters
@@ -70,16 +70,19 @@ class RuleRuntime:
             if live.rule == rule:
                 log.debug("rule.unchanged", rule=rule.rule_id, **rid)
                 return live.status
-            # a new SNI pattern is a new route on the shared listener: re-attach (the listener stays)
-            if same_listeners(live.rule, rule) and live.rule.sni_pattern == rule.sni_pattern \
-                    and self._has_bandwidth_cap(live.rule) == self._has_bandwidth_cap(rule):
+            # a new SNI pattern is a new route on the shared listener: re-attach (the listener stays).
+            # A cap change is a hot update: the limiter keeps its buckets, the splice decision is
+            # taken again for each new connection (limits.splice_allowed).
+            if same_listeners(live.rule, rule) and live.rule.sni_pattern == rule.sni_pattern:
                 live.rule = rule
+                self.ctx.enforcer.set_rule(rule)
                 live.relay.update(rule, self.settings)
                 log.info("rule.updated", rule=rule.rule_id, **rid)
                 return live.status
         if live is not None:
-            self.remove(rule.rule_id)
+            self.remove(rule.rule_id, release_limits=False)  # replaced: its limiter carries over
 
+        self.ctx.enforcer.set_rule(rule)
         live = LiveRule(rule)
         relay: RuleRelay = RELAYS[rule.protocol](self.ctx, rule, live.counters, self.settings)
         self.rules[rule.rule_id] = live
@@ -98,10 +101,6 @@ class RuleRuntime:
         self._emit(live.status)
         return live.status
 
-    @staticmethod
-    def _has_bandwidth_cap(rule: Rule) -> bool:
-        return bool(rule.rate_limit and rule.rate_limit.has_bandwidth_cap)
-
     def apply(self, rules: list[Rule]) -> dict[str, RuleStatus]:
         """Make the running set equal ``rules``: drop the missing, keep the unchanged, add the new."""
         wanted = {r.rule_id for r in rules}
@@ -110,14 +109,19 @@ class RuleRuntime:
         return {r.rule_id: self.activate(r) for r in rules}
 
     # ---- removal ----------------------------------------------------------
-    def remove(self, rule_id: str, on_drained: Callable[[], None] | None = None) -> bool:
+    def remove(self, rule_id: str, on_drained: Callable[[], None] | None = None, *,
+               release_limits: bool = True) -> bool:
         """Close the rule's listeners now; let its connections drain up to the drain timeout.
 
-        UDP flows end with their listen sockets, so a UDP rule is removed at once.
+        UDP flows end with their listen sockets, so a UDP rule is removed at once. The rule's
+        limiter is released (and its owner's envelope with the owner's last rule here) unless the
+        rule is being replaced.
         """
         live = self.rules.pop(rule_id, None)
         if live is None:
             return False
+        if release_limits:
+            self.ctx.enforcer.remove_rule(rule_id)
         relay = live.relay
         live.status = RuleStatus(rule_id, "removing")
         if relay is None:  # a failed rule: nothing bound
@@ -165,6 +169,14 @@ class RuleRuntime:
         for live in list(self.draining):
             live.relay.abort_sessions()
 
+    # ---- owner caps (owner_rate_limit_update) ----------------------------------
+    def set_owner_cap(self, owner: str, cap: RateLimit | None) -> None:
+        """Install, hot-update (buckets kept) or (``cap`` None) remove an owner's envelope."""
+        if cap is None:
+            self.ctx.enforcer.remove_owner_cap(owner)
+        else:
+            self.ctx.enforcer.set_owner_cap(owner, cap)
+
     # ---- observation ------------------------------------------------------
     def status(self, rule_id: str) -> RuleStatus | None:
         live = self.rules.get(rule_id)
@@ -180,6 +192,9 @@ class RuleRuntime:
         snap = {"rule_id": rule_id, "protocol": live.rule.protocol, "state": live.status.state,
                 "reason": live.status.reason}
         snap.update(live.counters.snapshot(per_port=per_port))
+        limits = self.ctx.enforcer.rule_snapshot(rule_id)
+        if limits is not None:
+            snap["rate_limit"] = limits
         shared = getattr(live.relay, "shared", None)
         if live.rule.sni_pattern is not None or shared is not None:
             # routes by result per rule; the listener's own counters ride along on each rule of the port

@@ -1,4 +1,7 @@
-"""The Linux splice fast path: the predicate, the pipe pool and its one-time warnings."""
+"""The Linux splice fast path: availability, the pipe pool and its one-time warnings.
+
+The splice predicate itself is ``limits.splice_allowed`` (one place).
+"""
 
 from __future__ import annotations
 
@@ -23,12 +26,6 @@ def splice_available() -> bool:
 
 def splice_disabled_by_env() -> bool:
     return os.environ.get("PORTUNUS_DISABLE_SPLICE") == "1"
-
-
-def use_splice(protocol: str, rule_has_bandwidth_cap: bool, owner_has_bandwidth_cap: bool) -> bool:
-    """The splice predicate (SPEC §2.9), in exactly one place."""
-    return (splice_available() and protocol == "tcp" and not splice_disabled_by_env()
-            and not rule_has_bandwidth_cap and not owner_has_bandwidth_cap)
 
 
 class Pipe:

@@ -45,8 +45,8 @@ class RuleCounters:
         self.flows_evicted_icmp = 0
         self.connect_failures = 0
         self.target_failovers_total = 0
-        self.bandwidth_dropped_in = 0
-        self.bandwidth_dropped_out = 0
+        self.quota_refused = 0      # connections / new flows refused while the owner's quota is exhausted
+        self.quota_dropped = 0      # datagrams of live flows dropped for the quota
         self.sni_routes = dict.fromkeys(SNI_RESULTS, 0)  # connections an SNI listener routed here, by result
         self.updated_at = time.time()
 
@@ -67,6 +67,8 @@ class RuleCounters:
             "send_dropped": self.send_dropped,
             "connect_failures": self.connect_failures,
             "target_failovers_total": self.target_failovers_total,
+            "quota_refused": self.quota_refused,
+            "quota_dropped": self.quota_dropped,
             "updated_at": time.time(),
         }
         if per_port:

@@ -3,17 +3,15 @@
 A ``TcpRuleRelay`` owns the listeners of one rule (one per listen port) and the
 sessions they accept; on an SNI port (``relay/sni_listener.py``) it holds a route
 of the shared listener instead, which hands it connections with the ClientHello
-bytes already read (``adopt``), replayed to the upstream first. A ``TcpSession`` dials the target (non-blocking, 3 s
-timeout, walking down targets and addresses) and then runs two ``Pump``s, one per
-direction. A pump moves bytes with ``os.splice`` through a pooled pipe (the Linux
-fast path) or with ``recv_into``/``send`` through the loop's shared buffer; it
-parks its read half while the far side cannot take more (back-pressure), and
-half-closes the far side on EOF.
+bytes already read (``adopt``), replayed to the upstream first. A connection is admitted at accept by the
+enforcer (quota, owner envelope, rule caps; a refusal is accept-then-RST with ``SO_LINGER 0``).
+A ``TcpSession`` dials the target (non-blocking, 3 s timeout, walking down targets and
+addresses) and then runs two ``Pump``s (``relay/pump.py``), one per direction, on the splice
+fast path when ``limits.splice_allowed`` says so for this new connection, else in userspace.
 """
 
 from __future__ import annotations
 
-import os
 import socket
 import struct
 
@@ -21,221 +19,25 @@ from ..log import log
 from ..model import Rule
 from ..netio import Acceptor, Connect, errno_name
 from .context import REPEAT_LOG_EVERY, BindError, RelayContext, bind_socket, tune_stream_socket
+from .enforce import QUOTA_REFUSED
 from . import proxy_protocol
 from .rule_relay import RuntimeSettings
 from .sni_listener import SniListener, attach_shared
-from .splice import SPLICE_FLAGS, UNSUPPORTED_ERRNOS, use_splice
+from .pump import Pump
 from .targets import TargetSet
 from .stats import PortCounters, RuleCounters
 
-SPLICE_CHUNK = 1 << 20
-SPLICE_ROUNDS = 8
-SHORT_READ = 64 * 1024  # a read shorter than this usually emptied the socket
 PROXY_HEADER_TIMEOUT = 3.0
 _LINGER_RST = struct.pack("ii", 1, 0)
 
 
-class Pump:
-    """One direction of a session: src -> dst."""
-
-    __slots__ = ("session", "src", "dst", "sfd", "dfd", "counters", "tcounters", "inbound", "splice",
-                 "pipe", "in_pipe", "pending", "eof", "done", "loop")
-
-    def __init__(self, session: "TcpSession", src: socket.socket, dst: socket.socket,
-                 counters: PortCounters, inbound: bool, splice: bool):
-        self.session = session
-        self.loop = session.ctx.loop
-        self.src, self.dst = src, dst
-        self.sfd, self.dfd = src.fileno(), dst.fileno()
-        self.counters = counters
-        self.tcounters = session.target_state  # per-target bytes (SPEC §2.6)
-        self.inbound = inbound
-        self.splice = splice
-        self.pipe = None
-        self.in_pipe = 0
-        self.pending = b""
-        self.eof = False
-        self.done = False
-
-    def start(self) -> None:
-        if self.pending:
-            self.on_writable()
-        else:
-            self.loop.add_reader(self.sfd, self.on_readable)
-
-    def _count(self, n: int) -> None:
-        if self.inbound:
-            self.counters.bytes_in += n
-            self.tcounters.bytes_in += n
-        else:
-            self.counters.bytes_out += n
-            self.tcounters.bytes_out += n
-
-    # ---- reading ----------------------------------------------------------
-    def on_readable(self) -> None:
-        if self.splice:
-            self._splice_read()
-        else:
-            self._copy_read()
-
-    def _splice_read(self) -> None:
-        pool = self.session.ctx.pipes
-        pipe = self.pipe
-        if pipe is None:
-            try:
-                pipe = self.pipe = pool.acquire()
-            except OSError:
-                self._copy_read()  # out of fds for a pipe: move this chunk in userspace
-                return
-        sfd, dfd = self.sfd, self.dfd
-        splice = os.splice
-        # Several read/write rounds per wakeup save epoll round trips on bulk flows.
-        for _ in range(SPLICE_ROUNDS):
-            try:
-                n = splice(sfd, pipe.w, SPLICE_CHUNK, flags=SPLICE_FLAGS)
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                if exc.errno in UNSUPPORTED_ERRNOS and self.in_pipe == 0:
-                    self._fallback(exc)
-                    return
-                self.session.abort(f"read: {exc.strerror}")
-                return
-            if n == 0:
-                self._on_eof()
-                return
-            got = n
-            self.in_pipe += n
-            while self.in_pipe:
-                try:
-                    n = splice(pipe.r, dfd, self.in_pipe, flags=SPLICE_FLAGS)
-                except BlockingIOError:
-                    self._park()
-                    return
-                except OSError as exc:
-                    self.session.abort(f"write: {exc.strerror}")
-                    return
-                self.in_pipe -= n
-                self._count(n)
-            if got < SHORT_READ:
-                break  # the socket is most likely drained: skip the splice that would fail with EAGAIN
-        if self.in_pipe == 0:
-            pool.release(pipe, clean=True)
-            self.pipe = None
-
-    def _splice_flush(self) -> bool:
-        """Move what sits in the pipe to dst. True when the pipe is empty again."""
-        pipe = self.pipe
-        while self.in_pipe:
-            try:
-                n = os.splice(pipe.r, self.dfd, self.in_pipe, flags=SPLICE_FLAGS)
-            except BlockingIOError:
-                self._park()
-                return False
-            except OSError as exc:
-                self.session.abort(f"write: {exc.strerror}")
-                return False
-            self.in_pipe -= n
-            self._count(n)
-        self.session.ctx.pipes.release(pipe, clean=True)
-        self.pipe = None
-        return True
-
-    def _fallback(self, exc: OSError) -> None:
-        rule_id = self.session.relay.rule.rule_id
-        log.limited("warn", "proxy.splice_unsupported_fallback", key=rule_id, every=REPEAT_LOG_EVERY,
-                    rule=rule_id, errno_name=errno_name(exc))
-        if self.pipe is not None:
-            self.session.ctx.pipes.release(self.pipe, clean=False)
-            self.pipe = None
-        self.splice = False
-        self._copy_read()
-
-    def _copy_read(self) -> None:
-        view = self.session.ctx.copy_view
-        try:
-            n = self.src.recv_into(view)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self.session.abort(f"read: {exc.strerror}")
-            return
-        if n == 0:
-            self._on_eof()
-            return
-        try:
-            sent = self.dst.send(view[:n])
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            self.session.abort(f"write: {exc.strerror}")
-            return
-        if sent:
-            self._count(sent)
-        if sent < n:
-            self.pending = bytes(view[sent:n])
-            self._park()
-
-    # ---- back-pressure ----------------------------------------------------
-    def _park(self) -> None:
-        """dst is full: stop reading src until dst drains."""
-        self.loop.remove_reader(self.sfd)
-        self.loop.add_writer(self.dfd, self.on_writable)
-
-    def on_writable(self) -> None:
-        if self.pending:
-            try:
-                sent = self.dst.send(self.pending)
-            except BlockingIOError:
-                sent = 0
-            except OSError as exc:
-                self.session.abort(f"write: {exc.strerror}")
-                return
-            if sent:
-                self.pending = self.pending[sent:]
-                header = self.session.header_left
-                if header:  # PROXY protocol bytes are not payload: not counted
-                    h = min(sent, header)
-                    self.session.header_written(h)
-                    sent -= h
-                if sent:
-                    self._count(sent)
-            if self.pending:
-                self.loop.add_writer(self.dfd, self.on_writable)
-                return
-        elif self.in_pipe:
-            if not self._splice_flush():
-                return
-        if self.session.closed:
-            return
-        self.loop.remove_writer(self.dfd)
-        if self.eof:
-            self._finish()
-        else:
-            self.loop.add_reader(self.sfd, self.on_readable)
-
-    # ---- end of stream ----------------------------------------------------
-    def _on_eof(self) -> None:
-        self.eof = True
-        self.loop.remove_reader(self.sfd)
-        if self.pipe is not None and self.in_pipe == 0:
-            self.session.ctx.pipes.release(self.pipe, clean=True)
-            self.pipe = None
-        if not self.pending and not self.in_pipe:
-            self._finish()
-
-    def _finish(self) -> None:
-        try:
-            self.dst.shutdown(socket.SHUT_WR)  # preserve the half-close
-        except OSError:
-            pass
-        self.done = True
-        self.session.pump_done()
-
-    def release(self, clean: bool) -> None:
-        if self.pipe is not None:
-            self.session.ctx.pipes.release(self.pipe, clean=clean and self.in_pipe == 0)
-            self.pipe = None
+def reset_and_close(sock: socket.socket) -> None:
+    """Close with RST (``SO_LINGER 0``): the peer sees a refusal at once, nothing lingers here."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+    except OSError:
+        pass
+    sock.close()
 
 
 class TcpSession:
@@ -243,9 +45,10 @@ class TcpSession:
 
     __slots__ = ("relay", "ctx", "csock", "caddr", "listen_port", "counters", "up", "candidates",
                  "addrs", "target_port", "dial", "pumps", "closed", "target_state", "header_left",
-                 "header_timer", "replay")
+                 "header_timer", "replay", "ticket", "quota")
 
-    def __init__(self, relay: "TcpRuleRelay", csock: socket.socket, caddr, listen_port: int, replay: bytes = b""):
+    def __init__(self, relay: "TcpRuleRelay", csock: socket.socket, caddr, listen_port: int, replay: bytes = b"",
+                 ticket=None, quota=None):
         self.relay = relay
         self.ctx = relay.ctx
         self.csock = csock
@@ -263,6 +66,8 @@ class TcpSession:
         self.pumps: tuple = ()
         self.closed = False
         self.replay = replay  # bytes the SNI listener read from the client: the upstream gets them first
+        self.ticket = ticket  # limits.Ticket of the admission (None: not admitted through the enforcer)
+        self.quota = quota    # the owner's quota.QuotaHandle (None: no owner)
 
     def start(self) -> None:
         self.counters.active_connections += 1
@@ -326,7 +131,7 @@ class TcpSession:
         state = self.target_state
         self.relay.targets.record_success(state)
         state.connections += 1
-        splice = self.relay.splice
+        splice = self.ctx.enforcer.splice_allowed(self.relay.rule)  # per new connection: hot updates count
         if splice and self.relay.rule.rule_id not in self.ctx.splice_selected_rules:
             self.ctx.splice_selected_rules.add(self.relay.rule.rule_id)
             log.info("proxy.splice_selected", rule=self.relay.rule.rule_id)
@@ -373,6 +178,10 @@ class TcpSession:
         if all(p.done for p in self.pumps):
             self.close()
 
+    def cut(self, why: str) -> None:
+        """The owner's traffic quota ran dry: reset both sides."""
+        self.abort(why)
+
     def abort(self, why: str = "") -> None:
         """Tear down both sides with RST so a reset on one side reaches the other."""
         if self.closed:
@@ -403,6 +212,9 @@ class TcpSession:
                 loop.forget(s.fileno())
                 s.close()
         self.counters.active_connections -= 1
+        if self.ticket is not None:
+            self.ticket.release(loop.time())
+            self.ctx.enforcer.leave(self.quota, self)
         self.relay.session_closed(self)
 
 
@@ -410,7 +222,7 @@ class TcpRuleRelay:
     """The listeners and live sessions of one TCP rule (a ``RuleRelay``)."""
 
     def __init__(self, ctx: RelayContext, rule: Rule, counters: RuleCounters,
-                 settings: RuntimeSettings | None = None, *, owner_has_bandwidth_cap: bool = False):
+                 settings: RuntimeSettings | None = None):
         self.ctx = ctx
         self.rule = rule
         self.counters = counters
@@ -421,8 +233,6 @@ class TcpRuleRelay:
         self.accepting = False
         self.on_idle = None  # called when draining and the last session ends
         self.targets = TargetSet(rule, counters, ctx.loop, ctx.resolver)
-        self.splice = use_splice("tcp", bool(rule.rate_limit and rule.rate_limit.has_bandwidth_cap),
-                                 owner_has_bandwidth_cap)
 
     def bind(self) -> None:
         """Bind every port or none (BindError names the first port that failed).
@@ -458,16 +268,26 @@ class TcpRuleRelay:
 
     def _on_accept_for(self, port: int):
         def on_accept(csock: socket.socket, caddr) -> None:
-            session = TcpSession(self, csock, caddr, port)
-            self.sessions.add(session)
-            session.start()
+            self._admit(csock, caddr, port, b"")
         return on_accept
 
     def adopt(self, csock: socket.socket, caddr, port: int, replay: bytes, sni_result: str | None) -> None:
         """A connection the shared SNI listener routed here (``sni_result`` None: the port is plain now)."""
         if sni_result is not None:
             self.counters.sni_routes[sni_result] += 1
-        session = TcpSession(self, csock, caddr, port, replay)
+        self._admit(csock, caddr, port, replay)
+
+    def _admit(self, csock: socket.socket, caddr, port: int, replay: bytes) -> None:
+        """Quota, owner envelope, then the rule's caps; a refusal is accept-then-RST."""
+        verdict = self.ctx.enforcer.admit(self.rule, "tcp")
+        if isinstance(verdict, str):
+            if verdict == QUOTA_REFUSED:
+                self.counters.quota_refused += 1
+            reset_and_close(csock)
+            return
+        ticket, quota = verdict
+        session = TcpSession(self, csock, caddr, port, replay, ticket, quota)
+        self.ctx.enforcer.join(quota, session)
         self.sessions.add(session)
         session.start()
 

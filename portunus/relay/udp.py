@@ -5,6 +5,10 @@ A flow is keyed ``(listen_port, source address)``. Its upstream socket is
 back on it and ICMP errors surface on it (and evict the flow). Sends never
 block: a datagram that cannot be sent now is dropped and counted. All receives
 go through the loop's one shared buffer, so memory does not grow with flows.
+
+Caps and quotas (``relay/enforce.py``): a new flow is admitted like a TCP connection (a refusal
+drops the datagram that would have created it); a bandwidth cap passes or drops each datagram
+whole (``bandwidth_dropped_in/out``); the owner's quota is debited per datagram, all or nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from ..log import log
 from ..model import Rule
 from ..netio import errno_name
 from .context import REPEAT_LOG_EVERY, BindError, RelayContext, bind_socket
+from .enforce import QUOTA_REFUSED
 from .rule_relay import RuntimeSettings
 from .stats import RuleCounters
 from .targets import TargetSet
@@ -27,9 +32,9 @@ _ICMP_ERRNOS = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH)
 
 class Flow:
     __slots__ = ("relay", "listen_port", "src", "lsock", "up", "last_seen", "pending", "closed", "target_state",
-                 "answered")
+                 "answered", "ticket", "quota")
 
-    def __init__(self, relay: "UdpRuleRelay", listen_port: int, src, lsock: socket.socket):
+    def __init__(self, relay: "UdpRuleRelay", listen_port: int, src, lsock: socket.socket, ticket=None, quota=None):
         self.relay = relay
         self.listen_port = listen_port
         self.src = src
@@ -40,6 +45,26 @@ class Flow:
         self.closed = False
         self.target_state = None
         self.answered = False
+        self.ticket = ticket  # limits.Ticket of the flow's admission
+        self.quota = quota    # the owner's quota.QuotaHandle (None: no owner)
+
+    def passes(self, direction: str, size: int) -> bool:
+        """Whether one datagram may go: the bandwidth cap, then the quota (each all or nothing)."""
+        ticket, quota = self.ticket, self.quota
+        if quota is not None and quota.exhausted:
+            self.relay.counters.quota_dropped += 1
+            return False
+        if ticket is not None and ticket.bandwidth_capped \
+                and not ticket.datagram(direction, size, self.relay.ctx.loop.time()):
+            return False
+        if quota is not None and not quota.admit_datagram(size):
+            self.relay.counters.quota_dropped += 1
+            return False
+        return True
+
+    def cut(self, why: str) -> None:
+        """The owner's traffic quota ran dry: the flow ends (its next datagram is refused at admission)."""
+        self.relay.remove_flow(self)
 
     def connect(self, fam: int, ip: str, port: int) -> None:
         up = socket.socket(fam, socket.SOCK_DGRAM)
@@ -90,6 +115,8 @@ class Flow:
                     relay.evict_icmp(self, exc)
                 return
             self.last_seen = relay.ctx.loop.time()
+            if not self.passes("out", n):
+                continue
             try:
                 self.lsock.sendto(view[:n], self.src)
             except OSError:
@@ -106,6 +133,9 @@ class Flow:
         if self.closed:
             return
         self.closed = True
+        if self.ticket is not None:
+            self.ticket.release(self.relay.ctx.loop.time())
+            self.relay.ctx.enforcer.leave(self.quota, self)
         if self.up is not None:
             self.relay.ctx.loop.forget(self.up.fileno())
             self.up.close()
@@ -172,14 +202,22 @@ class UdpRuleRelay:
                     if flow is None:
                         continue
                 flow.last_seen = now
-                flow.send_upstream(view[:n])
+                if flow.passes("in", n):
+                    flow.send_upstream(view[:n])
         return on_datagram
 
     def _new_flow(self, port: int, src, lsock) -> Flow | None:
         if len(self.flows) >= self.max_flows:
             self.counters.flows_dropped_overflow += 1  # live flows are never evicted for room
             return None
-        flow = Flow(self, port, src, lsock)
+        verdict = self.ctx.enforcer.admit(self.rule, "udp")
+        if isinstance(verdict, str):
+            if verdict == QUOTA_REFUSED:
+                self.counters.quota_refused += 1
+            return None  # the datagram that would have created the flow is dropped
+        ticket, quota = verdict
+        flow = Flow(self, port, src, lsock, ticket, quota)
+        self.ctx.enforcer.join(quota, flow)
         self.flows[(port, src)] = flow
         self.counters.ports[port].active_flows += 1
         offset = port - self.rule.listen_port

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from portunus.control import agent as agent_mod
 from portunus.control.frames import encode
+from portunus.relay.enforce import Enforcer
 from portunus.relay.stats import RuleCounters
 
 
@@ -22,6 +25,7 @@ class Snapshots:
     """What the runtime reports for `rules` rules of `width` ports each, with huge counters."""
 
     def __init__(self, rules: int, width: int):
+        self.ctx = SimpleNamespace(enforcer=Enforcer(None))  # the agent wires quotas and owner caps there
         self.snaps = []
         for i in range(rules):
             c = RuleCounters(range(30000, 30000 + width))

@@ -1,0 +1,286 @@
+"""One direction of a TCP session: splice or userspace copy, back-pressure, rate caps, quota.
+
+A pump moves bytes src -> dst with ``os.splice`` through a pooled pipe (the Linux fast path) or
+with ``recv_into``/``send`` through the loop's shared buffer. It parks its read half while the far
+side cannot take more (back-pressure, ``_park``) or while its rate-limit bucket is empty
+(``_throttle``: the enforcer's one timer per bucket resumes it), and half-closes the far side on EOF.
+
+Quota: every read asks ``quota.allow`` first and debits what left the source socket, on both
+paths; a splice moves at most the remaining budget, so a quota-bound rule keeps the fast path and
+the cut lands within the chunk in flight. A bandwidth cap is only ever seen on the userspace path
+(the splice predicate keeps capped rules off splice), where each read moves at most the allowance.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from ..log import log
+from ..netio import errno_name
+from .context import REPEAT_LOG_EVERY
+from .splice import SPLICE_FLAGS, UNSUPPORTED_ERRNOS
+
+SPLICE_CHUNK = 1 << 20
+SPLICE_ROUNDS = 8
+SHORT_READ = 64 * 1024  # a read shorter than this usually emptied the socket
+
+
+class Pump:
+    """One direction of a session: src -> dst."""
+
+    __slots__ = ("session", "src", "dst", "sfd", "dfd", "counters", "tcounters", "inbound", "splice",
+                 "pipe", "in_pipe", "pending", "eof", "done", "loop", "direction", "ticket", "quota", "throttled")
+
+    def __init__(self, session: "TcpSession", src: socket.socket, dst: socket.socket,
+                 counters: PortCounters, inbound: bool, splice: bool):
+        self.session = session
+        self.loop = session.ctx.loop
+        self.src, self.dst = src, dst
+        self.sfd, self.dfd = src.fileno(), dst.fileno()
+        self.counters = counters
+        self.tcounters = session.target_state  # per-target bytes (SPEC §2.6)
+        self.inbound = inbound
+        self.splice = splice
+        self.pipe = None
+        self.in_pipe = 0
+        self.pending = b""
+        self.eof = False
+        self.done = False
+        self.direction = "in" if inbound else "out"
+        self.ticket = session.ticket  # rate-limit scopes (None: unlimited, e.g. in unit tests)
+        self.quota = session.quota    # the owner's traffic quota handle (None: no owner)
+        self.throttled = False
+
+    def start(self) -> None:
+        if self.pending:
+            self.on_writable()
+        else:
+            self.loop.add_reader(self.sfd, self.on_readable)
+
+    def _count(self, n: int) -> None:
+        if self.inbound:
+            self.counters.bytes_in += n
+            self.tcounters.bytes_in += n
+        else:
+            self.counters.bytes_out += n
+            self.tcounters.bytes_out += n
+
+    # ---- reading ----------------------------------------------------------
+    def on_readable(self) -> None:
+        if self.splice:
+            self._splice_read()
+        else:
+            self._copy_read()
+
+    def _splice_read(self) -> None:
+        pool = self.session.ctx.pipes
+        pipe = self.pipe
+        if pipe is None:
+            try:
+                pipe = self.pipe = pool.acquire()
+            except OSError:
+                self._copy_read()  # out of fds for a pipe: move this chunk in userspace
+                return
+        sfd, dfd = self.sfd, self.dfd
+        splice = os.splice
+        # Several read/write rounds per wakeup save epoll round trips on bulk flows.
+        quota = self.quota
+        for _ in range(SPLICE_ROUNDS):
+            want = SPLICE_CHUNK if quota is None else quota.allow(SPLICE_CHUNK)
+            if want == 0:
+                self._quota_dry()
+                break
+            try:
+                n = splice(sfd, pipe.w, want, flags=SPLICE_FLAGS)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno in UNSUPPORTED_ERRNOS and self.in_pipe == 0:
+                    self._fallback(exc)
+                    return
+                self.session.abort(f"read: {exc.strerror}")
+                return
+            if n == 0:
+                self._on_eof()
+                return
+            if quota is not None:
+                quota.debit(n)
+            got = n
+            self.in_pipe += n
+            while self.in_pipe:
+                try:
+                    n = splice(pipe.r, dfd, self.in_pipe, flags=SPLICE_FLAGS)
+                except BlockingIOError:
+                    self._park()
+                    return
+                except OSError as exc:
+                    self.session.abort(f"write: {exc.strerror}")
+                    return
+                self.in_pipe -= n
+                self._count(n)
+            if got < SHORT_READ:
+                break  # the socket is most likely drained: skip the splice that would fail with EAGAIN
+        if self.in_pipe == 0:
+            pool.release(pipe, clean=True)
+            self.pipe = None
+
+    def _splice_flush(self) -> bool:
+        """Move what sits in the pipe to dst. True when the pipe is empty again."""
+        pipe = self.pipe
+        while self.in_pipe:
+            try:
+                n = os.splice(pipe.r, self.dfd, self.in_pipe, flags=SPLICE_FLAGS)
+            except BlockingIOError:
+                self._park()
+                return False
+            except OSError as exc:
+                self.session.abort(f"write: {exc.strerror}")
+                return False
+            self.in_pipe -= n
+            self._count(n)
+        self.session.ctx.pipes.release(pipe, clean=True)
+        self.pipe = None
+        return True
+
+    def _fallback(self, exc: OSError) -> None:
+        rule_id = self.session.relay.rule.rule_id
+        log.limited("warn", "proxy.splice_unsupported_fallback", key=rule_id, every=REPEAT_LOG_EVERY,
+                    rule=rule_id, errno_name=errno_name(exc))
+        if self.pipe is not None:
+            self.session.ctx.pipes.release(self.pipe, clean=False)
+            self.pipe = None
+        self.splice = False
+        self._copy_read()
+
+    def _copy_read(self) -> None:
+        view = self.session.ctx.copy_view
+        want = len(view)
+        quota, ticket = self.quota, self.ticket
+        if quota is not None:
+            want = quota.allow(want)
+            if want == 0:
+                self._quota_dry()
+                return
+        if ticket is not None and ticket.bandwidth_capped:
+            want = ticket.allowance(self.direction, want, self.loop.time())
+            if want == 0:
+                self._throttle()
+                return
+        try:
+            n = self.src.recv_into(view, want)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.session.abort(f"read: {exc.strerror}")
+            return
+        if n == 0:
+            self._on_eof()
+            return
+        if ticket is not None and ticket.bandwidth_capped:
+            ticket.spend(self.direction, n, self.loop.time())
+        if quota is not None:
+            quota.debit(n)  # may exhaust: the enforcer cuts the pair's connections from the loop
+        try:
+            sent = self.dst.send(view[:n])
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self.session.abort(f"write: {exc.strerror}")
+            return
+        if sent:
+            self._count(sent)
+        if sent < n:
+            self.pending = bytes(view[sent:n])
+            self._park()
+
+    # ---- rate caps and quota -----------------------------------------------
+    def _throttle(self) -> None:
+        """The bucket is empty: stop reading until the enforcer's refill timer resumes us."""
+        self.loop.remove_reader(self.sfd)
+        self.throttled = True
+        self.session.ctx.enforcer.park(self.ticket, self.direction, self)
+
+    def resume(self) -> None:
+        """Woken by the refill timer (or a hot update that lifted the cap)."""
+        if not self.throttled:
+            return
+        self.throttled = False
+        if self.session.closed or self.eof or self.done or self.pending or self.in_pipe:
+            return
+        self.loop.add_reader(self.sfd, self.on_readable)
+
+    def _quota_dry(self) -> None:
+        """Nothing left to move for this pair: the enforcer cuts the session (scheduled by the
+        exhaustion); stop reading so the loop does not spin on a readable socket meanwhile."""
+        self.loop.remove_reader(self.sfd)
+        self.loop.call_soon(self._quota_recheck)
+
+    def _quota_recheck(self) -> None:
+        if self.session.closed:
+            return
+        if self.quota is not None and self.quota.exhausted:
+            self.session.cut("traffic quota exhausted")
+        elif not (self.eof or self.done or self.pending or self.in_pipe or self.throttled):
+            self.loop.add_reader(self.sfd, self.on_readable)  # a fresh state came first
+
+    # ---- back-pressure ----------------------------------------------------
+    def _park(self) -> None:
+        """dst is full: stop reading src until dst drains."""
+        self.loop.remove_reader(self.sfd)
+        self.loop.add_writer(self.dfd, self.on_writable)
+
+    def on_writable(self) -> None:
+        if self.pending:
+            try:
+                sent = self.dst.send(self.pending)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self.session.abort(f"write: {exc.strerror}")
+                return
+            if sent:
+                self.pending = self.pending[sent:]
+                header = self.session.header_left
+                if header:  # PROXY protocol bytes are not payload: not counted
+                    h = min(sent, header)
+                    self.session.header_written(h)
+                    sent -= h
+                if sent:
+                    self._count(sent)
+            if self.pending:
+                self.loop.add_writer(self.dfd, self.on_writable)
+                return
+        elif self.in_pipe:
+            if not self._splice_flush():
+                return
+        if self.session.closed:
+            return
+        self.loop.remove_writer(self.dfd)
+        if self.eof:
+            self._finish()
+        elif not self.throttled:
+            self.loop.add_reader(self.sfd, self.on_readable)
+
+    # ---- end of stream ----------------------------------------------------
+    def _on_eof(self) -> None:
+        self.eof = True
+        self.loop.remove_reader(self.sfd)
+        if self.pipe is not None and self.in_pipe == 0:
+            self.session.ctx.pipes.release(self.pipe, clean=True)
+            self.pipe = None
+        if not self.pending and not self.in_pipe:
+            self._finish()
+
+    def _finish(self) -> None:
+        try:
+            self.dst.shutdown(socket.SHUT_WR)  # preserve the half-close
+        except OSError:
+            pass
+        self.done = True
+        self.session.pump_done()
+
+    def release(self, clean: bool) -> None:
+        if self.pipe is not None:
+            self.session.ctx.pipes.release(self.pipe, clean=clean and self.in_pipe == 0)
+            self.pipe = None
