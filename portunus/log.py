@@ -188,6 +188,3 @@ class Logger:
 # The process-wide logger; roles configure it at start.
 log = Logger()
 
-
-def now_rfc3339() -> str:
-    return datetime.fromtimestamp(time.time(), timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")

@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from urllib.parse import urlencode
 
 from ..errors import PortunusError
+from ..store.db import rfc3339
 from .api_client import quote
 from .output import human_bytes, print_json, table
 from .units import parse_bytes
@@ -112,7 +113,7 @@ def parse_time(text: str, what: str, *, code: str, now: float | None = None) -> 
 def _when(ts) -> str:
     if ts is None:
         return "-"
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+    return rfc3339(ts)
 
 
 # ---------------------------------------------------------------- output

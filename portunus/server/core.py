@@ -18,6 +18,7 @@ from ..model import Rule
 from ..store import clients as store_clients
 from ..store import rules as store_rules
 from ..store import settings as store_settings
+from ..store.db import rfc3339
 from ..store.ids import new_ulid
 from ..control.hub import REJECT_REASONS
 from ..control.stats_report import PORT_COUNTERS
@@ -147,12 +148,10 @@ class ServerCore:
     # ---- clients ------------------------------------------------------------
     def enroll_client(self, name: str, *, address: str | None = None, ttl_secs: int | None = None,
                       request_host: str | None = None) -> dict:
-        if not isinstance(name, str) or not name.strip() or len(name) > 128:
-            raise PortunusError("validation.invalid_client_name",
-                                f"client name must be 1-128 characters, got {name!r}")
+        name = store_clients.check_client_name(name)
         ttl = self._ttl(ttl_secs)
         self.advertised_endpoint(request_host)  # fail closed before anything is stored
-        client = store_clients.create_client(self.store, name.strip(), address)
+        client = store_clients.create_client(self.store, name, address)
         return self._enrollment(client, ttl, request_host)
 
     def reenroll_client(self, client_id: str, *, ttl_secs: int | None = None,
@@ -161,10 +160,7 @@ class ServerCore:
         return self._enrollment(client, self._ttl(ttl_secs), request_host)
 
     def _ttl(self, ttl_secs) -> int:
-        ttl = self.cfg.enrollment_ttl_secs if ttl_secs is None else ttl_secs
-        if isinstance(ttl, bool) or not isinstance(ttl, int) or not 1 <= ttl <= 86400:
-            raise PortunusError("validation.invalid_ttl", f"ttl_secs must be 1..86400 (24 h), got {ttl!r}")
-        return ttl
+        return store_clients.check_enrollment_ttl(self.cfg.enrollment_ttl_secs if ttl_secs is None else ttl_secs)
 
     def _enrollment(self, client: dict, ttl: int, request_host: str | None) -> dict:
         endpoint = self.advertised_endpoint(request_host)
@@ -199,10 +195,7 @@ class ServerCore:
         return self.client_view(store_clients.resolve_client_ref(self.store, ref))
 
     def rename_client(self, client_id: str, name: str) -> dict:
-        if not isinstance(name, str) or not name.strip() or len(name) > 128:
-            raise PortunusError("validation.invalid_client_name",
-                                f"client name must be 1-128 characters, got {name!r}")
-        store_clients.rename_client(self.store, client_id, name.strip())
+        store_clients.rename_client(self.store, client_id, name)  # the store applies the one name rule
         return self.client_view(store_clients.get_client(self.store, client_id))
 
     def set_address(self, client_id: str, address) -> dict:
@@ -337,9 +330,7 @@ class ServerCore:
 
 
 def _rfc3339(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+    return None if ts is None else rfc3339(ts)
 
 
 def validate_seed_endpoint(value: str, cert_info) -> str:

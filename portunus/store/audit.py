@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import PortunusError
-from .db import Store, now_rfc3339
+from .db import Store, now_rfc3339, rfc3339
 
 OUTCOMES = ("allow", "deny")
 
@@ -32,7 +32,7 @@ def list_entries(store: Store, limit: int = 100, outcome: str | None = None) -> 
 
 def _timestamp(value, what: str) -> str:
     """An RFC 3339 UTC timestamp, normalised to the stored form (lexically ordered)."""
-    from datetime import datetime, timezone
+    from datetime import datetime
     if not isinstance(value, str):
         raise PortunusError("validation.invalid_timestamp", f"{what} must be an RFC 3339 time, got {value!r}")
     try:
@@ -42,7 +42,7 @@ def _timestamp(value, what: str) -> str:
                             f"{what} must be an RFC 3339 time like 2026-01-31T00:00:00Z, got {value!r}") from None
     if dt.tzinfo is None:
         raise PortunusError("validation.invalid_timestamp", f"{what} needs a time zone (Z or +hh:mm), got {value!r}")
-    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return rfc3339(dt)
 
 
 def page(store: Store, *, since: str | None = None, until: str | None = None, cursor: int | None = None,

@@ -29,6 +29,19 @@ def clean_label(value, what: str, max_len: int, code: str) -> str:
     return value
 
 
+def check_client_name(name) -> str:
+    """The one client-name rule (API, CLI, store): one line, 1..128 characters, trimmed."""
+    return clean_label(name, "client name", MAX_NAME_LEN, "validation.invalid_client_name")
+
+
+def check_enrollment_ttl(ttl_secs) -> int:
+    """The one enrollment-TTL rule (API, CLI, store): whole seconds 1..86400 (24 h)."""
+    if isinstance(ttl_secs, bool) or not isinstance(ttl_secs, int) or not 1 <= ttl_secs <= MAX_ENROLLMENT_TTL_SECS:
+        raise PortunusError("validation.invalid_ttl", f"ttl_secs must be 1..{MAX_ENROLLMENT_TTL_SECS} (24 h), "
+                                                      f"got {ttl_secs!r}")
+    return ttl_secs
+
+
 def _client(row) -> dict:
     return {
         "client_id": row["client_id"],
@@ -59,7 +72,7 @@ def _row(conn, client_id):
 # ------------------------------------------------------------------ clients
 
 def create_client(store: Store, name: str, address: str | None = None) -> dict:
-    name = clean_label(name, "client name", MAX_NAME_LEN, "validation.invalid_client_name")
+    name = check_client_name(name)
     if address is not None:
         address = clean_label(address, "client address", MAX_ADDRESS_LEN, "validation.invalid_client_address")
     client_id = new_ulid()
@@ -99,7 +112,7 @@ def resolve_client_ref(store: Store, ref: str) -> dict:
 
 
 def rename_client(store: Store, client_id: str, name: str) -> dict:
-    name = clean_label(name, "client name", MAX_NAME_LEN, "validation.invalid_client_name")
+    name = check_client_name(name)
     with store.write() as conn:
         row = _row(conn, client_id)
         conn.execute("UPDATE clients SET client_name = ? WHERE client_id = ?", (name, row["client_id"]))
@@ -187,9 +200,7 @@ def create_enrollment(store: Store, client_id: str, ttl_secs: int, endpoint: str
     a code: redeeming it lifts the revocation (seed 004: "generate a re-enrollment
     command and run it on the edge host").
     """
-    if isinstance(ttl_secs, bool) or not isinstance(ttl_secs, int) or not 1 <= ttl_secs <= MAX_ENROLLMENT_TTL_SECS:
-        raise PortunusError("validation.out_of_range",
-                            f"enrollment TTL must be an integer 1..{MAX_ENROLLMENT_TTL_SECS} seconds, got {ttl_secs!r}")
+    check_enrollment_ttl(ttl_secs)
     code = new_code()
     now = utc_now()
     with store.write() as conn:

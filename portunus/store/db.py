@@ -53,9 +53,15 @@ def utc_now() -> datetime:
     return datetime.now(timezone.utc).replace(microsecond=0)
 
 
-def rfc3339(dt: datetime) -> str:
-    """``2026-11-22T07:00:00Z``: fixed width, so the strings also sort in time order."""
-    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+RFC3339_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+
+
+def rfc3339(when: datetime | float) -> str:
+    """The one RFC 3339 formatter (store, API, CLI): ``2026-11-22T07:00:00Z`` of a datetime or unix
+    seconds, UTC, whole seconds; fixed width, so the strings also sort in time order."""
+    if not isinstance(when, datetime):
+        when = datetime.fromtimestamp(when, timezone.utc)
+    return when.astimezone(timezone.utc).strftime(RFC3339_FORMAT)
 
 
 def now_rfc3339() -> str:
@@ -63,7 +69,7 @@ def now_rfc3339() -> str:
 
 
 def parse_rfc3339(text: str) -> datetime:
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    return datetime.strptime(text, RFC3339_FORMAT).replace(tzinfo=timezone.utc)
 
 
 # ------------------------------------------------------------------ filesystem check

@@ -10,7 +10,7 @@ from datetime import datetime
 
 import pytest
 
-from portunus.log import Logger, now_rfc3339
+from portunus.log import Logger
 
 
 def lines(buf: io.StringIO) -> list[str]:
@@ -285,11 +285,6 @@ def test_concurrent_writers_never_interleave_lines(buf):
     assert len(recs) == 1200
     for n in range(6):
         assert [r["i"] for r in recs if r["worker"] == n] == list(range(200))
-
-
-def test_now_rfc3339_shape():
-    ts = now_rfc3339()
-    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", ts)
 
 
 # ---------------------------------------------------------------- rate-limited lines

@@ -241,7 +241,7 @@ def test_a_legacy_enrollment_has_no_endpoint(store):
 @pytest.mark.parametrize("ttl", [0, -1, 86401, True, "600", 1.5])
 def test_ttl_bounds(store, ttl):
     c = clients.create_client(store, "edge")
-    raises("validation.out_of_range", clients.create_enrollment, store, c["client_id"], ttl, None)
+    raises("validation.invalid_ttl", clients.create_enrollment, store, c["client_id"], ttl, None)
 
 
 def test_ttl_of_a_day_is_allowed(store):
