@@ -99,6 +99,7 @@ class Hub:
         self._lock = threading.Lock()  # guards the read-only views HTTP threads take
         self.auth_failures: dict[str, int] = {}
         self.rejected_messages: dict[str, int] = {}
+        self.owner_stats: dict[str, list[dict]] = {}  # client id -> owner envelope rows of its last report
         self._limited_flushed_at = loop.time()
         self.pending_channels: set[Channel] = set()
 
@@ -365,6 +366,15 @@ class Hub:
                     continue  # counters of a rule removed a moment ago: late, not hostile
                 count, _ = rejected.get(exc.reason, (0, exc.detail))
                 rejected[exc.reason] = (count + 1, exc.detail)
+        try:
+            owners = stats_report.clean_owner_rows(msg.get("owners"), session.rules)
+        except stats_report.StatsRejected as exc:
+            owners = None
+            count, _ = rejected.get(exc.reason, (0, exc.detail))
+            rejected[exc.reason] = (count + 1, exc.detail)
+        if owners is not None:
+            with self._lock:
+                self.owner_stats[session.client_id] = owners
         for reason, (count, detail) in rejected.items():
             self._reject(session, reason, detail, count)
         if clean and self.stats_sink is not None:
@@ -461,6 +471,11 @@ class Hub:
     def rejected_message_counts(self) -> dict[str, int]:
         with self._lock:
             return dict(self.rejected_messages)
+
+    def owner_stat_rows(self) -> dict[str, list[dict]]:
+        """The owner envelope rows of each client's last report (``portunus_rate_limit_*{rule=""}``)."""
+        with self._lock:
+            return {client_id: list(rows) for client_id, rows in self.owner_stats.items()}
 
     def connected_count(self) -> int:
         with self._lock:

@@ -88,7 +88,8 @@ CLIENT_MESSAGES: dict[str, tuple[_Field, ...]] = {
     "enroll": (_req("code", _STR), _req("client_version", _STR)),
     "rule_status": (_req("rule_id", _STR), _req("state", _STR, RULE_STATES), _opt("reason", _STR),
                     _opt("code", _STR), _opt("port", _INT), _opt("request_id", _STR)),
-    "stats_report": (_req("rules", _OBJECT_LIST), _req("at", _NUMBER)),
+    # owners: the owner envelope rows (limiter counters per owner with a cap, docs/rate-limits.md)
+    "stats_report": (_req("rules", _OBJECT_LIST), _req("at", _NUMBER), _opt("owners", _OBJECT_LIST)),
     "pong": (_req("nonce", _INT_OR_STR),),
     # the pair's quota handle just ran dry (SPEC §2.10): the server marks exhausted_at at once
     "traffic_quota_exhausted": (_req("user_id", _STR), _req("client_id", _STR), _req("at", _NUMBER)),
@@ -202,8 +203,9 @@ def rule_status(rule_id: str, state: str, *, reason: str | None = None, code: st
                    "code": code, "port": port, "request_id": request_id}, "client")
 
 
-def stats_report(rules: list[dict], at: float) -> dict:
-    return _built({"type": "stats_report", "rules": list(rules), "at": at}, "client")
+def stats_report(rules: list[dict], at: float, owners: list[dict] | None = None) -> dict:
+    return _built({"type": "stats_report", "rules": list(rules), "at": at,
+                   "owners": None if owners is None else list(owners)}, "client")
 
 
 def pong(nonce: int | str) -> dict:

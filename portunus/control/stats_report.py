@@ -25,6 +25,23 @@ PORT_COUNTERS = ("bytes_in", "bytes_out", "active_connections", "datagrams_in", 
 TARGET_COUNTERS = ("bytes_in", "bytes_out", "connections", "consecutive_failures")
 TARGET_HEALTH = ("healthy", "failed")
 
+# SNI (SPEC §2.8, docs/sni.md): per-rule routes by result, and the port's shared listener counters
+SNI_RESULTS = ("exact", "wildcard", "fallback")
+SNI_MODES = ("sni", "plain")
+SNI_LISTENER_COUNTERS = ("routes_active", "hellos_in_flight", "misses", "parse_failures", "hello_timeouts",
+                         "reads_reset")
+# the peek-duration histogram's upper bounds (seconds); the same tuple as relay.sni_listener.PEEK_BUCKETS
+# (the control layer may not import the relay; tests/unit/test_sni_metrics.py keeps the two equal)
+PEEK_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0)
+MAX_SNI_PATTERN = 253
+
+# rate limits (SPEC §2.9, docs/rate-limits.md): the per-rule limiter counters, and the owner envelope rows
+RATE_LIMIT_KEY = "rate_limit"  # the snapshot key the relay runtime fills (relay/enforce.py rule_snapshot)
+RATE_LIMIT_REASONS = ("conn_concurrent", "conn_rate", "udp_flow_rate", "owner_concurrent", "owner_conn_rate",
+                      "owner_udp_flow_rate")
+DIRECTIONS = ("in", "out")
+LIMITER_COUNTERS = ("active", "bandwidth_dropped_in", "bandwidth_dropped_out")
+
 # stable reasons, also the label values of portunus_control_rejected_messages_total
 # (the detail of a malformed snapshot, e.g. which per-port row, is in the log line, not the label)
 UNKNOWN_RULE = "stats_unknown_rule"
@@ -40,14 +57,16 @@ class RuleShape:
     listen_port: int
     listen_port_end: int
     target_count: int
+    sni_pattern: str | None = None
+    owner: str | None = None
 
     @classmethod
     def of(cls, rule) -> "RuleShape":
         """From a ``Rule`` or its ``to_dict()``."""
         if isinstance(rule, dict):
             return cls(int(rule["listen_port"]), int(rule.get("listen_port_end") or rule["listen_port"]),
-                       len(rule.get("targets") or ()) or 1)
-        return cls(rule.listen_port, rule.listen_port_end, len(rule.targets) or 1)
+                       len(rule.get("targets") or ()) or 1, rule.get("sni_pattern"), rule.get("owner"))
+        return cls(rule.listen_port, rule.listen_port_end, len(rule.targets) or 1, rule.sni_pattern, rule.owner)
 
 
 class StatsRejected(Exception):
@@ -143,6 +162,109 @@ def _per_target(rows, shape: RuleShape) -> list[dict]:
     return out
 
 
+def _seconds(value, where: str) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+            and 0 <= value < COUNTER_LIMIT:
+        return value
+    raise StatsRejected(MALFORMED, f"{where} must be a number of seconds >= 0, got {_shown(value)}")
+
+
+def _object(value, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise StatsRejected(MALFORMED, f"{where} must be an object, got {_shown(value)}")
+    return value
+
+
+def _histogram(value, where: str) -> dict:
+    """``{buckets: [[le, cumulative]…], sum, count}`` with exactly the ``PEEK_BUCKETS`` bounds."""
+    value = _object(value, where)
+    rows = value.get("buckets")
+    if not isinstance(rows, list) or len(rows) != len(PEEK_BUCKETS):
+        raise StatsRejected(MALFORMED, f"{where}.buckets must be {len(PEEK_BUCKETS)} [le, count] pairs")
+    buckets, last = [], 0
+    for row, le in zip(rows, PEEK_BUCKETS):
+        if not (isinstance(row, list) and len(row) == 2 and row[0] == le and not isinstance(row[0], bool)
+                and is_counter(row[1]) and row[1] >= last):
+            raise StatsRejected(MALFORMED, f"{where}.buckets row {_shown(row)} must be [{le}, cumulative count]")
+        last = row[1]
+        buckets.append([le, row[1]])
+    count = value.get("count")
+    if not is_counter(count) or count < last:
+        raise StatsRejected(MALFORMED, f"{where}.count {_shown(count)} must be a counter >= the last bucket")
+    return {"buckets": buckets, "sum": _seconds(value.get("sum"), f"{where}.sum"), "count": count}
+
+
+def _sni_listener(value, shape: RuleShape) -> dict:
+    value = _object(value, "sni_listener")
+    if value.get("listen_port") != shape.listen_port or isinstance(value.get("listen_port"), bool):
+        raise StatsRejected(MALFORMED, f"sni_listener listen_port {_shown(value.get('listen_port'))} is not the "
+                                       f"rule's port {shape.listen_port}")
+    if value.get("mode") not in SNI_MODES or not isinstance(value.get("fallback"), bool):
+        raise StatsRejected(MALFORMED, f"sni_listener mode must be one of {', '.join(SNI_MODES)} and fallback a "
+                                       f"boolean, got {_shown(value.get('mode'))}, {_shown(value.get('fallback'))}")
+    return {"listen_host": _text(value.get("listen_host")), "listen_port": shape.listen_port,
+            "mode": value["mode"], "fallback": value["fallback"],
+            **_counters(value, SNI_LISTENER_COUNTERS, MALFORMED, "sni_listener"),
+            "peek_duration_seconds": _histogram(value.get("peek_duration_seconds"),
+                                                "sni_listener.peek_duration_seconds")}
+
+
+def _sni(snap: dict, shape: RuleShape, out: dict) -> None:
+    """The SNI fields of a rule on an SNI port (its pattern, routes by result, the listener's counters)."""
+    if "sni_pattern" not in snap and snap.get("sni_routes") is None and snap.get("sni_listener") is None:
+        return
+    pattern = snap.get("sni_pattern")
+    if pattern != shape.sni_pattern:
+        raise StatsRejected(MALFORMED, f"sni_pattern {_shown(pattern)} is not the rule's "
+                                       f"({_shown(shape.sni_pattern)})")
+    out["sni_pattern"] = pattern
+    routes = snap.get("sni_routes")
+    out["sni_routes"] = _counters(_object(routes, "sni_routes") if routes is not None else {},
+                                  SNI_RESULTS, MALFORMED, "sni_routes")
+    if snap.get("sni_listener") is not None:
+        out["sni_listener"] = _sni_listener(snap["sni_listener"], shape)
+
+
+def _directions(value, where: str) -> dict:
+    value = _object(value if value is not None else {}, where)
+    return {d: _seconds(value.get(d, 0) if value.get(d) is not None else 0, f"{where}.{d}") for d in DIRECTIONS}
+
+
+def _limiter(value, where: str) -> dict:
+    """A rule's limiter counters: ``{rejects: {reason: n}, throttle_seconds: {in, out}, active,
+    bandwidth_dropped_in, bandwidth_dropped_out}`` (docs/rate-limits.md)."""
+    value = _object(value, where)
+    rejects = _object(value.get("rejects") if value.get("rejects") is not None else {}, f"{where}.rejects")
+    unknown = sorted(str(k) for k in rejects if k not in RATE_LIMIT_REASONS)
+    if unknown:
+        raise StatsRejected(MALFORMED, f"{where}.rejects reason {_shown(unknown[0])} is not one of "
+                                       f"{', '.join(RATE_LIMIT_REASONS)}")
+    return {"rejects": _counters(rejects, RATE_LIMIT_REASONS, MALFORMED, f"{where}.rejects"),
+            "throttle_seconds": _directions(value.get("throttle_seconds"), f"{where}.throttle_seconds"),
+            **_counters(value, LIMITER_COUNTERS, MALFORMED, where)}
+
+
+def clean_owner_rows(rows, shapes: dict[str, RuleShape]) -> list[dict]:
+    """The owner envelope rows of a report (``[{owner, active, throttle_seconds, bandwidth_dropped_in,
+    bandwidth_dropped_out}]``): at most one per owner of the client's rules, or ``StatsRejected``."""
+    if rows is None:
+        return []
+    owners = {s.owner for s in shapes.values() if s.owner}
+    if not isinstance(rows, list) or len(rows) > len(owners):
+        raise StatsRejected(MALFORMED, "owners must be a list with at most one row per owner of the client's rules")
+    out, seen = [], set()
+    for row in rows:
+        row = _object(row, "owners row")
+        owner = row.get("owner")
+        if owner not in owners or owner in seen:
+            raise StatsRejected(UNKNOWN_RULE if isinstance(owner, str) and owner not in owners else MALFORMED,
+                                f"owners row {_shown(owner)} is not an owner of this client's rules, or repeats")
+        seen.add(owner)
+        out.append({"owner": owner, "throttle_seconds": _directions(row.get("throttle_seconds"), "owners.throttle"),
+                    **_counters(row, LIMITER_COUNTERS, MALFORMED, f"owners[{owner[:64]}]")})
+    return out
+
+
 def clean_snapshot(snap, shapes: dict[str, RuleShape]) -> dict:
     """The trusted copy of one reported rule snapshot, or ``StatsRejected``.
 
@@ -161,4 +283,7 @@ def clean_snapshot(snap, shapes: dict[str, RuleShape]) -> dict:
         out["per_port"] = _per_port(snap["per_port"], shape)
     if snap.get("per_target") is not None:
         out["per_target"] = _per_target(snap["per_target"], shape)
+    _sni(snap, shape, out)
+    if snap.get(RATE_LIMIT_KEY) is not None:
+        out[RATE_LIMIT_KEY] = _limiter(snap[RATE_LIMIT_KEY], RATE_LIMIT_KEY)
     return out

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ..control.stats_report import RATE_LIMIT_KEY
 from ..log import log
 
 
@@ -121,8 +122,10 @@ def _counter_family(name: str, help_text: str, label: str, counts: dict[str, int
 def server_families(*, clients: list[dict], connected_ids: set[str], rules: list[dict],
                     snapshot_of: Callable[[str], dict | None], auth_failures: dict[str, int],
                     rejected_messages: dict[str, int], rejected_reasons=(), operator_requests: dict,
-                    audit_drops: int = 0, store_busy: int = 0) -> list[Family]:
-    """Every family of the server's ``/metrics``; ``rules`` are the live (active/pending) rules."""
+                    audit_drops: int = 0, store_busy: int = 0,
+                    owner_rows: dict[str, list[dict]] | None = None) -> list[Family]:
+    """Every family of the server's ``/metrics``; ``rules`` are the live (active/pending) rules;
+    ``owner_rows`` the owner envelope rows of each client's last report (client id -> rows)."""
     labels = client_labels(clients)
     fams = []
     f = Family("portunus_clients_connected", "gauge",
@@ -163,4 +166,83 @@ def server_families(*, clients: list[dict], connected_ids: set[str], rules: list
         if len(r.get("targets", [])) > 1:
             f.add(rule_labels(r), snaps[r["rule_id"]].get("target_failovers_total", 0))
     fams.append(f)
+    fams += sni_families(rules, snaps, labels, rule_labels)
+    fams += rate_limit_families(rules, snaps, labels, rule_labels, owner_rows or {})
     return fams
+
+
+def _listeners(rules: list[dict], snaps: dict) -> dict[tuple[str, int], dict]:
+    """One ``sni_listener`` per (client, port): every rule of the port carries the same counters."""
+    out: dict[tuple[str, int], dict] = {}
+    for r in rules:
+        listener = snaps[r["rule_id"]].get("sni_listener")
+        if listener is not None:
+            key = (r["client_id"], listener["listen_port"])
+            held = out.get(key)
+            # reports of the port's rules may come from two ticks: the larger counters are the newer
+            if held is None or listener["peek_duration_seconds"]["count"] > held["peek_duration_seconds"]["count"]:
+                out[key] = listener
+    return out
+
+
+def sni_families(rules: list[dict], snaps: dict, labels: dict, rule_labels: Callable) -> list[Family]:
+    """SPEC §8.1 SNI families from the reported ``sni_routes`` / ``sni_listener`` (docs/sni.md)."""
+    routes = Family("portunus_tls_sni_route_total", "counter",
+                    "Connections an SNI listener routed to the rule, by result (exact, wildcard, fallback).")
+    for r in rules:
+        by_result = snaps[r["rule_id"]].get("sni_routes")
+        for result, n in (by_result or {}).items():
+            routes.add({**rule_labels(r), "result": result}, n)
+    misses = Family("portunus_tls_sni_listener_miss_total", "counter",
+                    "Connections closed because their hello had no SNI or matched no pattern, and there was "
+                    "no fallback.")
+    failures = Family("portunus_tls_sni_listener_parse_failures_total", "counter",
+                      "Connections closed because they did not send a well-formed TLS ClientHello.")
+    active = Family("portunus_tls_sni_routes_active", "gauge", "SNI patterns routed by the client's listeners.")
+    peek = Family("portunus_tls_client_hello_peek_duration_seconds", "histogram",
+                  "How long reading a ClientHello took (up to the 3 s timeout).")
+    per_client: dict[str, int] = {}
+    for (client_id, port), listener in sorted(_listeners(rules, snaps).items()):
+        where = {"client": labels.get(client_id, client_id), "port": str(port)}
+        misses.add(where, listener["misses"])
+        failures.add(where, listener["parse_failures"])
+        per_client[client_id] = per_client.get(client_id, 0) + listener["routes_active"]
+        hist = listener["peek_duration_seconds"]
+        for le, n in hist["buckets"]:
+            peek.add({**where, "le": repr(float(le))}, n, "_bucket")
+        peek.add({**where, "le": "+Inf"}, hist["count"], "_bucket")
+        peek.add(where, float(hist["sum"]), "_sum")
+        peek.add(where, hist["count"], "_count")
+    for client_id, n in sorted(per_client.items()):
+        active.add({"client": labels.get(client_id, client_id)}, n)
+    return [routes, misses, failures, active, peek]
+
+
+def rate_limit_families(rules: list[dict], snaps: dict, labels: dict, rule_labels: Callable,
+                        owner_rows: dict[str, list[dict]]) -> list[Family]:
+    """SPEC §8.1 rate-limit families from the reported limiter counters; an owner envelope's rows
+    have ``rule=""`` (docs/rate-limits.md)."""
+    rejects = Family("portunus_rate_limit_reject_total", "counter",
+                     "Connections or UDP flows refused by a rate-limit cap, by reason.")
+    throttle = Family("portunus_rate_limit_throttle_seconds_total", "counter",
+                      "Seconds during which at least one reader was parked on a bandwidth cap, by direction.")
+    active = Family("portunus_rate_limit_active_connections", "gauge",
+                    "Live connections and flows counted by a rule's limiter or an owner envelope (rule=\"\").")
+    for r in rules:
+        lim = snaps[r["rule_id"]].get(RATE_LIMIT_KEY)
+        if lim is None:
+            continue
+        where = rule_labels(r)
+        for reason, n in lim["rejects"].items():
+            if n:
+                rejects.add({**where, "reason": reason}, n)
+        for direction, secs in lim["throttle_seconds"].items():
+            throttle.add({**where, "direction": direction}, float(secs))
+        active.add(where, lim["active"])
+    for client_id, rows in sorted(owner_rows.items()):
+        for row in rows:
+            where = {"client": labels.get(client_id, client_id), "rule": "", "owner": row["owner"]}
+            for direction, secs in row["throttle_seconds"].items():
+                throttle.add({**where, "direction": direction}, float(secs))
+            active.add(where, row["active"])
+    return [rejects, throttle, active]

@@ -31,7 +31,7 @@ VALID: dict[str, tuple[str, dict]] = {
     "rule_status": ("client", {"type": "rule_status", "rule_id": "r1", "state": "active", "reason": None,
                                "code": None, "port": 8080, "request_id": "req-1"}),
     "stats_report": ("client", {"type": "stats_report", "rules": [{"rule_id": "r1", "bytes_in": 5}],
-                                "at": 1700000000.5}),
+                                "at": 1700000000.5, "owners": [{"owner": "alice", "active": 1}]}),
     "pong": ("client", {"type": "pong", "nonce": 3}),
     "traffic_quota_exhausted": ("client", {"type": "traffic_quota_exhausted", "user_id": "u1",
                                            "client_id": "01HZX", "at": 1700000000.5}),
