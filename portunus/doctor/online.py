@@ -14,6 +14,7 @@ import re
 import sqlite3
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 
@@ -253,31 +254,63 @@ def quota_fix(user: str, client: str) -> str:
             "of 0 needs a raise). The client resumes without a reconnect (docs/quotas.md runbook)")
 
 
-def check_quotas(ctx: Online) -> list[r.Check]:
+def quotas_from_metrics(ctx: Online) -> list[dict] | None:
+    """[{user, client, exhausted, used, limit}] from ``/v1/metrics``; None when the family is absent."""
     text = ctx.metrics()
     flags = metric_samples(text, QUOTA_EXHAUSTED)
     if flags is None:
-        return [r.skip("quotas.exhausted", f"this server exposes no {QUOTA_EXHAUSTED} metric")]
+        return None
     used = {(lb.get("user"), lb.get("client")): int(v)
             for lb, v in metric_samples(text, "portunus_traffic_quota_bytes_used") or []}
     limit = {(lb.get("user"), lb.get("client")): int(v)
              for lb, v in metric_samples(text, "portunus_traffic_quota_bytes_limit") or []}
+    out = []
+    for labels, value in flags:
+        key = (labels.get("user", "?"), labels.get("client", "?"))
+        out.append({"user": key[0], "client": key[1], "exhausted": value >= 1, "used": used.get(key, "?"),
+                    "limit": limit.get(key, "?")})
+    return out
+
+
+def quotas_from_api(ctx: Online) -> list[dict]:
+    """The same from ``GET /v1/users/{u}/quotas`` per user (when the metrics route does not answer)."""
+    _, res = ctx.api.call("GET", "/v1/users", timeout=API_TIMEOUT)
+    out = []
+    deadline = time.monotonic() + API_TIMEOUT
+    for user in res.get("users", []):
+        if time.monotonic() > deadline:
+            break
+        _, quotas = ctx.api.call("GET", f"/v1/users/{urllib.parse.quote(user['user_id'], safe='')}/quotas",
+                                 timeout=API_TIMEOUT)
+        for q in quotas.get("quotas", []):
+            out.append({"user": q["user_id"], "client": q.get("client_name") or q["client_id"],
+                        "exhausted": bool(q.get("exhausted")), "used": q.get("current_period_bytes_used"),
+                        "limit": q.get("monthly_bytes")})
+    return out
+
+
+def check_quotas(ctx: Online) -> list[r.Check]:
+    try:
+        quotas, source = quotas_from_metrics(ctx), "/v1/metrics"
+    except PortunusError:
+        quotas = None
+    if quotas is None:
+        quotas, source = quotas_from_api(ctx), "/v1/users/{u}/quotas"
     offline = {c["client_name"] for c in ctx.clients() if not c.get("connected")}
     exhausted = {}
-    for labels, value in flags:
-        if value < 1:
+    for q in quotas:
+        if not q["exhausted"]:
             continue
-        key = (labels.get("user", "?"), labels.get("client", "?"))
-        note = f"{used.get(key, '?')} of {limit.get(key, '?')} bytes used this period"
-        if key[1] in offline:
+        note = f"{q['used']} of {q['limit']} bytes used this period"
+        if q["client"] in offline:
             note += "; the client is offline, so a change waits for its reconnect replay"
-        exhausted[f"{key[0]} on {key[1]}"] = note
+        exhausted[f"{q['user']} on {q['client']}"] = note
     if exhausted:
         user, client = next(iter(exhausted)).split(" on ", 1)
-        return [r.warn("quotas.exhausted", f"{len(exhausted)} of {len(flags)} quota(s) exhausted: that user's "
+        return [r.warn("quotas.exhausted", f"{len(exhausted)} of {len(quotas)} quota(s) exhausted: that user's "
                                            "connections on that client are cut until the period rolls over",
-                       quota_fix(user, client), {"exhausted": exhausted})]
-    return [r.ok("quotas.exhausted", f"none of {len(flags)} quota(s) is exhausted")]
+                       quota_fix(user, client), {"exhausted": exhausted, "source": source})]
+    return [r.ok("quotas.exhausted", f"none of {len(quotas)} quota(s) is exhausted", {"source": source})]
 
 
 # ------------------------------------------------------------------ SNI listeners
@@ -309,7 +342,10 @@ def sni_counters_from_stats(ctx: Online, sni_rules: list[dict]) -> dict[str, dic
         ports.setdefault(f"{rule.get('client_name') or rule.get('client_id')} port {rule['listen_port']}",
                          rule["rule_id"])
     found, seen_field = {}, False
+    deadline = time.monotonic() + API_TIMEOUT
     for label, rule_id in list(ports.items())[:SNI_STATS_MAX_PORTS]:
+        if time.monotonic() > deadline:
+            break
         _, stats = ctx.api.call("GET", f"/v1/rules/{rule_id}/stats", timeout=API_TIMEOUT)
         listener = stats.get("sni_listener") if isinstance(stats, dict) else None
         if isinstance(listener, dict):
@@ -322,7 +358,10 @@ def check_sni_listeners(ctx: Online) -> list[r.Check]:
     sni_rules = [rule for rule in ctx.rules() if rule.get("sni_pattern") and rule.get("state") == "active"]
     if not sni_rules:
         return [r.ok("sni.listeners", "no active SNI rule")]
-    counters = sni_counters_from_metrics(ctx.metrics())
+    try:
+        counters = sni_counters_from_metrics(ctx.metrics())
+    except PortunusError:  # the rule stats below carry the same counters
+        counters = None
     if counters is None:
         counters = sni_counters_from_stats(ctx, sni_rules)
     if counters is None:
@@ -339,8 +378,9 @@ def check_sni_listeners(ctx: Online) -> list[r.Check]:
 
 # ------------------------------------------------------------------ all of it
 
-ONLINE_CHECKS = (check_clients_offline, check_client_capabilities, check_failed_rules, check_dns_failures,
-                 check_quotas, check_sni_listeners)
+ONLINE_CHECKS = (("clients.offline", check_clients_offline), ("clients.capabilities", check_client_capabilities),
+                 ("rules.failed", check_failed_rules), ("rules.dns_failures", check_dns_failures),
+                 ("quotas.exhausted", check_quotas), ("sni.listeners", check_sni_listeners))
 API_FIXES = {
     "unauthenticated": "export the operator token of this server as PORTUNUS_OPERATOR_TOKEN",
     "bootstrap_required": ONBOARDING_FIX,
@@ -372,10 +412,10 @@ def online_checks(url: str, ro_store, env) -> tuple[Online | None, list[r.Check]
         fix = API_FIXES.get(exc.code, "check that serve is healthy (its log), and --server / PORTUNUS_SERVER")
         return None, checks + [r.fail("server.api", f"{exc.code}: {exc.message}", fix, {"api": url})]
     checks.append(r.ok("server.api", f"the operator API at {url} answers", {"api": url}))
-    for fn in ONLINE_CHECKS:
+    for check_id, fn in ONLINE_CHECKS:
         try:
             checks += fn(ctx)
-        except PortunusError as exc:
-            checks.append(r.fail(f"server.{fn.__name__.removeprefix('check_')}", f"{exc.code}: {exc.message}",
-                                 None))
+        except PortunusError as exc:  # the API answered an error: that is the finding
+            checks.append(r.fail(check_id, f"the server could not answer this check: {exc.code}: {exc.message}",
+                                 API_FIXES.get(exc.code, "look for the error in the server's log around now")))
     return ctx, checks

@@ -130,9 +130,10 @@ def test_exhausted_quota_warns_with_the_seed_fix_and_names_an_offline_client():
     assert check.status == r.OK and "none of 2" in check.summary
 
 
-def test_quota_check_skips_when_the_server_has_no_quota_metrics():
-    check, = do.check_quotas(ctx_with("portunus_clients_connected{client=\"a\"} 1\n"))
-    assert check.status == r.SKIP
+def test_quota_check_asks_the_quota_routes_when_the_metrics_lack_the_family():
+    ctx = ctx_with("portunus_clients_connected{client=\"a\"} 1\n", **{"/v1/users": {"users": []}})
+    check, = do.check_quotas(ctx)
+    assert check.status == r.OK and check.details["source"] == "/v1/users/{u}/quotas"
 
 
 # ------------------------------------------------------------------ SNI
@@ -169,15 +170,23 @@ def test_sni_check_skips_when_no_counters_are_exposed_and_passes_without_sni_rul
     assert check.status == r.OK and "no active SNI rule" in check.summary
 
 
-def test_a_failing_online_check_is_reported_not_raised(monkeypatch):
+def test_a_failing_route_is_reported_under_the_checks_id_and_quotas_fall_back_to_the_api(monkeypatch):
     monkeypatch.setattr(do, "public_get", lambda url, path, timeout=do.API_TIMEOUT: {"bootstrap_required": False})
+    quota = {"user_id": "alice", "client_id": "01C", "client_name": "edge-tokyo", "exhausted": True,
+             "current_period_bytes_used": 10, "monthly_bytes": 10}
     api = FakeApi({"/v1/clients": {"clients": []}, "/v1/rules": {"rules": []},
-                   "/v1/metrics": PortunusError("server_busy", "the API is full")})
+                   "/v1/metrics": PortunusError("server_busy", "the API is full"),
+                   "/v1/users": {"users": [{"user_id": "alice"}, {"user_id": "bob"}]},
+                   "/v1/users/alice/quotas": {"quotas": [quota]}, "/v1/users/bob/quotas": {"quotas": []}})
     monkeypatch.setattr("portunus.cli.api_client.ApiClient", lambda url, token: api)
     _ctx, checks = do.online_checks("http://127.0.0.1:1", None, {"PORTUNUS_OPERATOR_TOKEN": "t" * 40})
     by_id = {c.id: c for c in checks}
     assert by_id["server.superadmin"].status == r.OK and by_id["server.api"].status == r.OK
-    assert by_id["server.quotas"].status == r.FAIL and "server_busy" in by_id["server.quotas"].summary
+    dns = by_id["rules.dns_failures"]
+    assert dns.status == r.FAIL and "server_busy" in dns.summary and "LimitNOFILE" in dns.fix
+    quotas = by_id["quotas.exhausted"]
+    assert quotas.status == r.WARN and quotas.details["source"] == "/v1/users/{u}/quotas"
+    assert quotas.details["exhausted"] == {"alice on edge-tokyo": "10 of 10 bytes used this period"}
     assert "t" * 40 not in r.render_json(checks)
 
 
