@@ -265,6 +265,16 @@ def clean_owner_rows(rows, shapes: dict[str, RuleShape]) -> list[dict]:
     return out
 
 
+def api_stats_extras(snap: dict) -> dict:
+    """The SNI and rate-limit parts of a kept snapshot for ``GET rules/{id}/stats`` (present only
+    when the client reported them): ``sni_pattern``, ``sni_routes``, ``sni_listener`` and
+    ``rate_limit_stats`` (the limiter counters; ``rate_limit`` in a rule is its caps)."""
+    out = {key: snap[key] for key in ("sni_pattern", "sni_routes", "sni_listener") if key in snap}
+    if RATE_LIMIT_KEY in snap:
+        out["rate_limit_stats"] = snap[RATE_LIMIT_KEY]
+    return out
+
+
 def clean_snapshot(snap, shapes: dict[str, RuleShape]) -> dict:
     """The trusted copy of one reported rule snapshot, or ``StatsRejected``.
 

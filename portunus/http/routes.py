@@ -16,6 +16,7 @@ from .. import __version__
 from ..errors import PortunusError
 from .auth import AUTHENTICATED, LEVELS, OWNER, PUBLIC, SUPERADMIN
 from .parse import query_flag, query_int, query_value
+from .routes_caps import CAP_ROUTES
 from .routes_quota import QUOTA_ROUTES
 
 AUDIT_LIMIT_MAX = 1000
@@ -329,6 +330,7 @@ ROUTES = [
           "Audit rows, newest first (?limit=&outcome=, or ?since=&until=&cursor=&limit= "
           "for {entries, next_cursor, count}; superadmin)."),
     *(Route(*row) for row in QUOTA_ROUTES),  # quotas and traffic history (SPEC §4.4)
+    *(Route(*row) for row in CAP_ROUTES),  # owner caps and PUT rules/{id} {rate_limit} (SPEC §2.9)
     Route("GET", r"/v1/metrics", metrics, SUPERADMIN, "Prometheus text (superadmin)."),
     Route("GET", r"/v1/openapi.json", openapi, PUBLIC, "This API, described."),
 ]

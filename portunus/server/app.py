@@ -23,6 +23,7 @@ from .client_registry import StoreClientRegistry
 from . import passwords
 from .core import ServerCore, validate_seed_endpoint
 from .identity import IdentityService
+from .owner_caps import attach_owner_caps
 from .traffic import start_traffic_services
 
 RUNTIME_FILE = "serve.json"
@@ -71,6 +72,7 @@ def serve(data_dir: str, *, advertised_endpoint: str | None = None, ready_event:
     core.seed_error = seed_error
     hub.stats_sink = core.stats.update
     traffic = start_traffic_services(store, hub, core)  # quotas, accounting, housekeeping (SPEC §4.4)
+    attach_owner_caps(store, hub, core)  # owner-cap routes, pushes and replay before quotas and rules
 
     from ..http.app import OperatorAPI, make_metrics_server, make_server, serve_in_thread
     api = OperatorAPI(core, store, public_origin=cfg.values.get("operator_http_public_origin"), identity=identity)

@@ -21,7 +21,7 @@ from ..store import settings as store_settings
 from ..store.db import rfc3339
 from ..store.ids import new_ulid
 from ..control.hub import REJECT_REASONS
-from ..control.stats_report import PORT_COUNTERS
+from ..control.stats_report import PORT_COUNTERS, api_stats_extras
 from .metrics import render, server_families
 
 # capability each rule feature needs from the client (SPEC §3.1)
@@ -285,6 +285,8 @@ class ServerCore:
             # after the hub stopped accepting this rule's stats, so a report in flight cannot re-add it
             self.stats.forget(rule_id)
         log.info("rule.remove", rule=rule_id, client_id=rule["client_id"], delivered=sent, request_id=request_id)
+        if getattr(self, "owner_caps", None) is not None:  # set by serve: the owner's last rule takes its cap
+            self.owner_caps.rule_removed(rule["client_id"], rule.get("owner"))
         return {"rule_id": rule_id, "removed": True, "client_notified": sent}
 
     def rule_stats(self, rule_id: str, per_port: bool = False, per_target: bool = False) -> dict:
@@ -307,6 +309,7 @@ class ServerCore:
                 for p in range(rule["listen_port"], rule["listen_port_end"] + 1)]
         if per_target:
             out["per_target"] = snap.get("per_target", [])
+        out.update(api_stats_extras(snap))  # SNI routes and listener, rate-limit counters (when reported)
         return out
 
     # ---- observability ----------------------------------------------------------
@@ -325,7 +328,7 @@ class ServerCore:
             rules=rules, snapshot_of=self.stats.get, auth_failures=self.hub.auth_failure_counts(),
             rejected_messages=self.hub.rejected_message_counts(), rejected_reasons=REJECT_REASONS,
             operator_requests=reqs, audit_drops=getattr(self, "audit_drops", 0),
-            store_busy=getattr(self.store, "busy_count", 0))
+            store_busy=getattr(self.store, "busy_count", 0), owner_rows=self.hub.owner_stat_rows())
             + (self.quotas.metric_families() if getattr(self, "quotas", None) else []))  # set by serve
 
 

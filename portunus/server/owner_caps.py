@@ -11,12 +11,18 @@ the reconnect replay. It never touches a socket: pushes go to the injected ``pub
     caps.put("edge-tokyo", "alice", {"rate_limit": {"bandwidth_in_bps": 10_000_000}})
     caps.list_owners("edge-tokyo")   # [{owner_id, has_rate_limit, rule_count}]
     caps.rule_removed(client_id, "alice")   # after a rule removal committed
+
+``update_rule_caps`` is the other cap route, ``PUT /v1/rules/{id} {rate_limit}`` (owner or
+superadmin: the route's access level): it changes only the caps, persists the new spec and pushes
+the rule again, which the client applies as a hot update (its buckets keep their state).
+``attach_owner_caps`` is what ``serve`` calls to wire the service to the hub and the core.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Callable
 
@@ -26,6 +32,7 @@ from ..log import log
 from ..model import RateLimit
 from ..store import clients as store_clients
 from ..store import owner_caps as store_caps
+from ..store import rules as store_rules
 from ..store import users as store_users
 from ..store.db import Store, rfc3339
 
@@ -49,6 +56,15 @@ class OwnerCapPush:
 def _shown(value, limit: int = 64) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _capability_gate(client: dict) -> None:
+    """Caps for a client that said it cannot enforce them are refused (a never-seen client passes:
+    its first hello decides, and the replay warns when it cannot take them)."""
+    if RATE_LIMIT_CAPABILITY not in client["capabilities"] and client["client_version"] is not None:
+        raise PortunusError("rate_limit_unsupported_by_client",
+                            f"client {client['client_name']!r} ({client['client_version']}) does not support "
+                            f"rate limits; upgrade it first", client_id=client["client_id"])
 
 
 def parse_put_body(body) -> RateLimit:
@@ -115,10 +131,7 @@ class OwnerCapService:
         if client["revoked"]:
             raise PortunusError("conflict.client_revoked", f"client {client['client_id']} is revoked",
                                 client_id=client["client_id"])
-        if RATE_LIMIT_CAPABILITY not in client["capabilities"] and client["client_version"] is not None:
-            raise PortunusError("rate_limit_unsupported_by_client",
-                                f"client {client['client_name']!r} ({client['client_version']}) does not support "
-                                f"rate limits; upgrade it first", client_id=client["client_id"])
+        _capability_gate(client)
         client_id = client["client_id"]
         with self.store.write():
             self._owner_on(client, owner_id)
@@ -181,3 +194,63 @@ class OwnerCapService:
         out += [OwnerCapPush(client_id, o["owner_id"], "remove").message()
                 for o in store_caps.list_owners(self.store, client_id) if o["owner_id"] not in capped]
         return out
+
+
+# ---------------------------------------------------------------- PUT /v1/rules/{id} {rate_limit}
+
+def parse_rule_caps_body(body) -> RateLimit | None:
+    """``{rate_limit: {...} | null}``: the new caps, or None to make the rule uncapped."""
+    if not isinstance(body, dict):
+        raise PortunusError("bad_request", f"the body must be a JSON object, got {_shown(body)}")
+    unknown = sorted(k for k in body if k not in PUT_FIELDS)
+    if unknown:
+        raise PortunusError("validation.unknown_field",
+                            f"unknown field {_shown(unknown[0])}: PUT /v1/rules/{{id}} changes only rate_limit",
+                            field=unknown[0])
+    if "rate_limit" not in body:
+        raise PortunusError("validation.missing_field", "rate_limit is required (null makes the rule uncapped)")
+    return RateLimit.from_dict(body["rate_limit"])
+
+
+def update_rule_caps(core, rule_id: str, body, *, request_id: str | None = None,
+                     ack_timeout: float = 2.0) -> dict:
+    """Replace a rule's caps (nothing else), persist the spec, push the rule again. The client keeps
+    the rule's limiter (a hot update, SPEC §2.9); an offline client gets the new spec on replay.
+    Returns the rule view plus ``client_notified``."""
+    cap = parse_rule_caps_body(body)
+    view = store_rules.get_rule(core.store, rule_id)  # not_found for an unknown id
+    client = store_clients.get_client(core.store, view["client_id"])
+    if cap is not None:
+        _capability_gate(client)
+    stored = next((r for r in store_rules.rules_for_client(core.store, client["client_id"])
+                   if r.rule_id == rule_id), None)
+    if stored is None:  # removed meanwhile
+        raise PortunusError("not_found", f"rule {rule_id} not found", rule_id=rule_id)
+    rule = replace(stored, rate_limit=cap)
+    store_rules.update_rule_spec(core.store, rule)
+    log.info("rule.rate_limit_updated", rule=rule_id, client_id=client["client_id"],
+             rate_limit=cap.to_dict() if cap else None, request_id=request_id)
+    notified = False
+    if view["state"] != "failed" and core.hub.session_info(client["client_id"]) is not None:
+        try:
+            ack = core.hub.call(core.hub.push_rule, client["client_id"], rule.to_dict(), request_id).result(5)
+            status = ack.result(ack_timeout)
+            notified = True
+            if status.get("state") == "failed":
+                store_rules.set_rule_state(core.store, rule_id, "failed", status.get("reason") or "update failed")
+        except concurrent.futures.TimeoutError:
+            notified = True  # sent; the ack is late (its status is applied when it comes)
+        except PortunusError as exc:
+            if exc.code != "client_not_connected":
+                raise
+    return {**store_rules.get_rule(core.store, rule_id), "client_notified": notified}
+
+
+def attach_owner_caps(store: Store, hub, core) -> OwnerCapService:
+    """``serve``'s wiring: pushes through ``hub.post_update`` (any thread -> the loop), the hub's
+    reconnect replay (``hub.owner_caps``, sent before quotas and rules), and ``core.owner_caps``
+    for the routes and the rule-removal hook."""
+    service = OwnerCapService(store, publish=lambda push: hub.post_update(push.client_id, push.message()))
+    hub.owner_caps = service
+    core.owner_caps = service
+    return service
