@@ -179,8 +179,16 @@ class TcpSession:
             self.close()
 
     def cut(self, why: str) -> None:
-        """The owner's traffic quota ran dry: reset both sides."""
-        self.abort(why)
+        """The owner's traffic quota ran dry: RST to the end user; the upstream gets a plain close,
+        so what was already written to it (and debited) still arrives — the cut lands within the
+        chunk in flight, not a socket buffer earlier."""
+        if self.closed:
+            return
+        try:
+            self.csock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+        except OSError:
+            pass
+        self.close(clean=False)
 
     def abort(self, why: str = "") -> None:
         """Tear down both sides with RST so a reset on one side reaches the other."""
