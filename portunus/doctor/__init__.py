@@ -21,6 +21,9 @@ The contract every check keeps:
 
 Layout: ``report`` (the result type and its text/JSON rendering, sans-IO),
 ``host`` (facts of this host shared by both roles), ``client`` and ``server``
-(the role checks), ``cli`` (argparse registration). New features add their
-checks as one more function in the role module's ``CHECKS``-style sequence.
+(the role checks; ``server`` runs the offline ones), ``online`` (the server's
+checks through its running API: onboarding, clients, rules, DNS, quotas, SNI),
+``web`` (the Web UI's origin settings and files), ``cli`` (argparse
+registration). A new feature adds its check as one more ``(id, function)`` in
+``online.ONLINE_CHECKS``, or one more call in the role's ``run_checks``.
 """

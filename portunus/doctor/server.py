@@ -393,7 +393,8 @@ def run_checks(args, env=os.environ) -> list[r.Check]:
         if cfg is not None:
             checks += cert_checks(cfg, online, ro_store, env)
             checks += host_checks(cfg, serve_pid, ro_store)
-            checks.append(web.check_public_origin(cfg.values.get("operator_http_public_origin"), cfg.http_addr))
+            checks.append(web.check_public_origin(cfg.values.get("operator_http_public_origin"),
+                                                  web.listen_address(cfg.http_addr, url)))
         checks.append(web.check_webui_files())
         return checks + online_results
     finally:

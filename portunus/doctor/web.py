@@ -44,6 +44,15 @@ def split_origin(origin: str) -> tuple[str, str, int]:
     return parts.scheme, (parts.hostname or ""), parts.port or default
 
 
+def listen_address(configured: tuple[str, int], running_url: str | None) -> tuple[str, int]:
+    """``operator_http_listen``, with the port the running serve took when it is configured as 0."""
+    if configured[1] == 0 and running_url:
+        port = urllib.parse.urlsplit(running_url).port
+        if port:
+            return configured[0], port
+    return configured
+
+
 def check_public_origin(origin: str | None, listen: tuple[str, int]) -> r.Check:
     """``operator_http_public_origin`` against ``operator_http_listen`` (serve speaks plain HTTP there)."""
     listen_host, listen_port = listen

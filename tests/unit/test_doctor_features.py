@@ -302,3 +302,9 @@ def test_a_replayed_rule_this_build_cannot_read_fails_and_no_rules_skips():
 def test_declared_capabilities_follow_the_agents_override():
     assert dc.declared_capabilities({"PORTUNUS_CLIENT_CAPABILITIES": "udp,,sni"}) == ["udp", "sni"]
     assert json.dumps(dc.declared_capabilities({}))  # a plain list, as the hello sends it
+
+
+def test_listen_port_zero_takes_the_running_servers_port():
+    assert web.listen_address(("127.0.0.1", 0), "http://127.0.0.1:45981") == ("127.0.0.1", 45981)
+    assert web.listen_address(("127.0.0.1", 7080), "http://127.0.0.1:45981") == ("127.0.0.1", 7080)
+    assert web.listen_address(("127.0.0.1", 0), None) == ("127.0.0.1", 0)
