@@ -26,7 +26,7 @@ from .tls import client_context, fingerprint_der, pins_match
 CONNECT_TIMEOUT = 10.0
 DEAD_AFTER = 45.0
 # What this build can actually run; the rest is refused by the server's capability gate.
-SUPPORTED_CAPABILITIES = ["udp", "port_range", "multi_target", "proxy_protocol", "sni", "rate_limit", "traffic_quota"]
+SUPPORTED_CAPABILITIES = list(m.CAPABILITIES)
 
 STATS_FRAME_BUDGET = 256 * 1024  # estimated JSON bytes per stats_report frame (cap is 1 MiB)
 PER_PORT_LIMIT = 900 * 1024      # ~5 600 ports: wider ranges report totals only

@@ -16,7 +16,8 @@ from typing import Callable
 from .frames import short_repr
 
 PROTOCOL_VERSION = 1
-CAPABILITIES = ("udp", "multi_target", "sni", "rate_limit", "traffic_quota", "proxy_protocol", "port_range")
+# the one list of what this build's client can run (the agent declares it in hello; doctor compares it)
+CAPABILITIES = ("udp", "port_range", "multi_target", "proxy_protocol", "sni", "rate_limit", "traffic_quota")
 FIRST_MESSAGE_TYPES = ("hello", "enroll")
 RULE_STATES = ("active", "failed", "removed")
 RULE_ACTIONS = ("push", "remove")

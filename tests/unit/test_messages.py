@@ -91,8 +91,8 @@ def optional_fields() -> list[tuple[str, str]]:
 
 def test_constants():
     assert PROTOCOL_VERSION == 1
-    assert CAPABILITIES == ("udp", "multi_target", "sni", "rate_limit", "traffic_quota", "proxy_protocol",
-                            "port_range")
+    assert CAPABILITIES == ("udp", "port_range", "multi_target", "proxy_protocol", "sni", "rate_limit",
+                            "traffic_quota")  # the order the agent has always declared in hello
     assert FIRST_MESSAGE_TYPES == ("hello", "enroll")
     assert set(FIRST_MESSAGE_TYPES) <= set(CLIENT_MESSAGES)
 
