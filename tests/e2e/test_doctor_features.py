@@ -12,12 +12,13 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 
 import pytest
 
-from conftest import ROOT, free_port, portunus_cmd
+from conftest import ROOT, free_port, portunus_cmd, wait_until
 from cp import OPERATOR_TOKEN, Server, enroll_client, wait_connected, write_server_toml
 from identity_env import ADMIN_PW
 from quota_env import QuotaPeer, add_grant, add_user, call
@@ -123,9 +124,25 @@ def test_sni_rules_on_a_client_build_without_sni(procs, tmp_path):
     rules = listed["rules"] if isinstance(listed, dict) else listed
     sni_rule, = [rule["rule_id"] for rule in rules if rule.get("sni_pattern") == "a.example.com"]
 
+    wait_until(lambda: 'sni_pattern' in str(call(server, "GET", "/v1/rules")[1]), what="the rule stored")
     code, checks = server_doctor(server)
-    # the server keeps no SNI listener counters yet (docs/sni.md): said, not guessed
     assert checks["sni.listeners"]["status"] in ("skip", "ok"), checks["sni.listeners"]
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as plain:  # not TLS: a parse failure
+        plain.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        plain.recv(100)
+    family = "portunus_tls_sni_listener_parse_failures_total"
+
+    def counted():
+        text = call(server, "GET", "/v1/metrics")[1]
+        return family not in text or any(line.startswith(family + "{") and not line.endswith(" 0")
+                                         for line in text.splitlines())
+    wait_until(counted, timeout=15, what="the parse failure in the metrics")
+    code, checks = server_doctor(server)
+    if family in call(server, "GET", "/v1/metrics")[1]:
+        sni = checks["sni.listeners"]
+        assert sni["status"] == "warn" and list(sni["details"]["by_port"].values())[0]["parse_failures"] >= 1, sni
+    else:  # the server keeps no SNI listener counters yet (docs/sni.md): said, not guessed
+        assert checks["sni.listeners"]["status"] == "skip", checks["sni.listeners"]
     code, checks = client_doctor(bundle, tmp_path)
     assert checks["rules.capabilities"]["status"] == "skip"  # the agent holds the session: no replay
 
