@@ -53,7 +53,12 @@ def public_get(base_url: str, path: str, timeout: float = API_TIMEOUT) -> dict:
         with urllib.request.urlopen(urllib.request.Request(base_url.rstrip("/") + path), timeout=timeout) as resp:
             return json.loads(resp.read() or b"{}")
     except urllib.error.HTTPError as exc:
-        raise PortunusError("server_unreachable", f"GET {path}: HTTP {exc.code}") from None
+        try:
+            err = json.loads(exc.read() or b"{}").get("error") or {}
+        except (ValueError, AttributeError, OSError):
+            err = {}
+        code = err.get("code") if isinstance(err.get("code"), str) else "server_unreachable"
+        raise PortunusError(code, f"GET {path}: HTTP {exc.code}: {str(err.get('message') or '')[:200]}") from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise PortunusError("server_unreachable", f"GET {path}: {getattr(exc, 'reason', exc)}") from None
 
@@ -396,8 +401,8 @@ def online_checks(url: str, ro_store, env) -> tuple[Online | None, list[r.Check]
     try:
         checks = [check_superadmin(public_get(url, "/v1/auth/status"), superadmin_facts(ro_store))]
     except PortunusError as exc:
-        return None, [r.fail("server.api", f"{exc.code}: {exc.message}",
-                             "check that serve is healthy (its log), and --server / PORTUNUS_SERVER", {"api": url})]
+        return None, [r.fail("server.api", f"{exc.code}: {exc.message}", API_FIXES.get(
+            exc.code, "check that serve is healthy (its log), and --server / PORTUNUS_SERVER"), {"api": url})]
     if checks[0].details["bootstrap_required"]:
         return None, checks + [r.skip("server.api", "not checked: protected routes answer 503 bootstrap_required "
                                                     "until a superadmin exists", {"api": url})]

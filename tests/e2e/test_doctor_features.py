@@ -255,3 +255,37 @@ def test_healthy_server_doctor_is_fast_and_prints_no_secret(procs, tmp_path):
     code, text = client_doctor(bundle, tmp_path, fmt="text")
     assert code == 0 and time.monotonic() - started < 3.0
     agent.signal(signal.SIGTERM)
+
+
+# ------------------------------------------------------------------ the API at its fd ceiling
+
+def test_api_at_its_fd_ceiling_answers_server_busy_and_the_doctor_says_why(procs, tmp_path):
+    import resource
+
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300))  # serve cannot raise it past the hard limit
+    data = tmp_path / "server"
+    write_server_toml(data)
+    os.chmod(data, 0o700)
+    proc = procs(portunus_cmd("server") + ["--data-dir", str(data), "serve"], preexec_fn=low_limit,
+                 env={"PORTUNUS_ALLOW_ANY_FS": "1"})
+    ready = proc.wait_event("server.ready", timeout=30)
+    host, port = ready["operator_http_url"].removeprefix("http://").rsplit(":", 1)
+    code, checks = server_doctor(data)
+    assert checks["limits.api_headroom"]["status"] == "ok" and checks["server.api"]["status"] == "ok"
+    assert checks["limits.nofile"]["status"] == "fail"  # 300 is below what the listeners may hold
+    held = []
+    try:
+        for _ in range(250):  # below the 256 connection cap, above what 300 - 128 reserved descriptors allow
+            held.append(socket.create_connection((host, int(port)), timeout=5))
+        fd_dir = f"/proc/{proc.p.pid}/fd"
+        wait_until(lambda: len(os.listdir(fd_dir)) >= 300 - 128 - 10, timeout=10, what="the API near its ceiling")
+        code, checks = server_doctor(data)
+    finally:
+        for s in held:
+            s.close()
+    headroom = checks["limits.api_headroom"]
+    assert headroom["status"] in ("fail", "warn") and headroom["details"]["api_fd_ceiling"] == 300 - 128, headroom
+    api = checks["server.api"]
+    assert code == 1 and api["status"] == "fail" and "server_busy" in api["summary"], api
+    assert "LimitNOFILE" in api["fix"]
