@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from .units import caps_text
+
 ALL_INTERFACES = "0.0.0.0"  # a rule's listen_host unless --listen-host is given (SPEC §2.1)
 
 
@@ -27,7 +29,15 @@ def human_bytes(n: int) -> str:
     return str(n)
 
 
-def rule_caps(rule: dict) -> str:
+def sni_ports(rules: list[dict]) -> set[tuple]:
+    """The (client, listen host, port) of every SNI rule listed: a plain rule there is the fallback."""
+    return {(r["client_id"], r.get("listen_host") or ALL_INTERFACES, r["listen_port"])
+            for r in rules if r.get("sni_pattern")}
+
+
+def rule_caps(rule: dict, sni_ports_listed: set[tuple] = frozenset()) -> str:
+    """Features (``range``, ``multi``, ``proxy``, ``sni=<pattern>`` or ``sni=fallback``), then the
+    rate-limit caps as ``units.caps_text`` shows them (``↓1.0M ↑512K 100/s ≤1000``)."""
     caps = []
     if rule["listen_port_end"] != rule["listen_port"]:
         caps.append("range")
@@ -36,10 +46,13 @@ def rule_caps(rule: dict) -> str:
     if any(t.get("proxy_protocol") for t in rule.get("targets") or []):
         caps.append("proxy")
     if rule.get("sni_pattern"):
-        caps.append("sni")
+        caps.append(f"sni={rule['sni_pattern']}")
+    elif (rule["client_id"], rule.get("listen_host") or ALL_INTERFACES, rule["listen_port"]) in sni_ports_listed:
+        caps.append("sni=fallback")
+    shown = [",".join(caps)] if caps else []
     if rule.get("rate_limit"):
-        caps.append("qos")
-    return ",".join(caps) or "-"
+        shown.append(caps_text(rule["rate_limit"]))
+    return " ".join(shown) or "-"
 
 
 def target_text(rule: dict) -> str:

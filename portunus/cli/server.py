@@ -16,10 +16,11 @@ import sys
 
 from ..errors import PortunusError
 from ..store import backup as store_backup
+from . import caps as caps_cli
 from . import identity as identity_cli
 from . import quota as quota_cli
 from .api_client import ApiClient, quote, running_server_url
-from .output import human_bytes, listen_text, print_json, rule_caps, table, target_text
+from .output import human_bytes, listen_text, print_json, rule_caps, sni_ports, table, target_text
 
 # the names cli/identity.py reaches through this module; they live in output.py, api_client.py and store/backup.py
 _print_json, _table, _q, _open_offline = print_json, table, quote, store_backup.open_offline
@@ -202,9 +203,7 @@ def cmd_push_rule(args) -> int:
         body["prefer_ipv6"] = True
     if args.health_check_interval_secs is not None:
         body["health_check_interval_secs"] = args.health_check_interval_secs
-    caps = {k: getattr(args, k) for k in ("bandwidth_in_bps", "bandwidth_out_bps", "new_connections_per_sec",
-                                         "concurrent_connections", "bandwidth_in_burst", "bandwidth_out_burst",
-                                         "new_connections_burst") if getattr(args, k) is not None}
+    caps = caps_cli.rate_limit_from_args(args)  # human units: --bandwidth-in-bps 10M
     if caps:
         body["rate_limit"] = caps
     body["ack_timeout_secs"] = args.ack_timeout
@@ -238,12 +237,12 @@ def cmd_list_rules(args) -> int:
     if args.format == "json":
         print_json(rules)
         return 0
-    rows = []
+    rows, on_sni_ports = [], sni_ports(rules)
     for r in rules:
         listen = listen_text(r)
         state = r["state"] if not r.get("reason") else f"{r['state']}({r['reason']})"
         rows.append([r["rule_id"], r.get("client_name") or r["client_id"], r["protocol"], listen,
-                     target_text(r), state, rule_caps(r), r.get("owner") or "-"])
+                     target_text(r), state, rule_caps(r, on_sni_ports), r.get("owner") or "-"])
     table(rows, ["RULE_ID", "CLIENT", "PROTO", "LISTEN", "TARGET", "STATE", "CAPS", "OWNER"])
     return 0
 
@@ -374,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_parser(sub)
     identity_cli.add_parsers(sub)
     quota_cli.add_parsers(sub)
+    caps_cli.add_parsers(sub)
     return p
 
 
@@ -448,9 +448,7 @@ def _add_rule_commands(sub) -> None:
     s.add_argument("--sni", metavar="PATTERN", help="TLS SNI pattern (exact or *.domain) [needs sni]")
     s.add_argument("--prefer-ipv6", action="store_true")
     s.add_argument("--health-check-interval-secs", type=int, metavar="N")
-    for flag in ("bandwidth-in-bps", "bandwidth-out-bps", "new-connections-per-sec", "concurrent-connections",
-                 "bandwidth-in-burst", "bandwidth-out-burst", "new-connections-burst"):
-        s.add_argument(f"--{flag}", type=int, metavar="N", help="[needs rate_limit]")
+    caps_cli.add_cap_flags(s, note=" [needs rate_limit]")
     s.add_argument("--ack-timeout", type=float, default=2.0, metavar="S",
                    help="how long to wait for the client's ack (default 2)")
     s.set_defaults(fn=cmd_push_rule)
