@@ -144,6 +144,7 @@ class Enforcer:
         now = self.loop.time()
         return {"rejects": dict(lim.counters.rejects),
                 "throttle_seconds": {d: round(lim.throttle_seconds(d, now), 3) for d in ("in", "out")},
+                "throttling": [d for d, b in lim.bandwidth.items() if b is not None and b.waiters],
                 "active": lim.concurrent,
                 "bandwidth_dropped_in": lim.counters.bandwidth_dropped_in,
                 "bandwidth_dropped_out": lim.counters.bandwidth_dropped_out}

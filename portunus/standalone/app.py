@@ -125,7 +125,8 @@ def run(cfg: StandaloneConfig, overrides: dict | None = None) -> int:
         for row in rows:  # what the rule is, next to its counters, so `stats` needs no config
             rule = runtime.rules[row["rule_id"]].rule
             row.update(listen_host=rule.listen_host, listen=rule.listen_label,
-                       targets=[t.label() for t in rule.targets], sni_pattern=rule.sni_pattern)
+                       targets=[t.label() for t in rule.targets], sni_pattern=rule.sni_pattern,
+                       caps=rule.rate_limit.to_dict() if rule.rate_limit else None)
         return {"label": cfg.label, "pid": os.getpid(), "rules": rows}
 
     stats_sock = StatsSocket(loop, cfg.stats_socket_path, snapshot) if cfg.stats_socket_path else None

@@ -21,7 +21,7 @@ _GLOBAL = {"label", "log_level", "log_format", "shutdown_drain_secs", "dns_serve
 _DEFAULTS = {"protocol", "udp_max_flows", "udp_flow_idle_secs", "prefer_ipv6"}
 _STATS = {"socket_path", "refresh_ms"}
 _RULE = {"name", "protocol", "listen_port", "listen_ports", "listen_host", "target", "targets",
-         "prefer_ipv6", "udp_max_flows", "udp_flow_idle_secs", "sni_pattern"}
+         "prefer_ipv6", "udp_max_flows", "udp_flow_idle_secs", "sni_pattern", "rate_limit"}
 _TARGET = {"host", "port", "priority", "proxy_protocol"}
 
 
@@ -173,6 +173,8 @@ def parse(doc: dict, path: str = "<config>") -> StandaloneConfig:
             for j, t in enumerate(targets):
                 if isinstance(t, dict):
                     _unknown(path, f"{where} targets[{j}]", t, _TARGET)
+        if "rate_limit" in r and not isinstance(r["rate_limit"], dict):
+            raise _err(path, f"{where} rate_limit", "must be a [rule.rate_limit] table of caps")
         spec = {
             "rule_id": name,
             "protocol": r.get("protocol", default_protocol),
@@ -185,12 +187,14 @@ def parse(doc: dict, path: str = "<config>") -> StandaloneConfig:
             "udp_max_flows": r.get("udp_max_flows"),
             "udp_flow_idle_secs": r.get("udp_flow_idle_secs"),
             "sni_pattern": r.get("sni_pattern"),
+            "rate_limit": r.get("rate_limit"),  # validated by model.RateLimit like the API's
         }
         try:
             rule = Rule.from_dict({k: v for k, v in spec.items() if v is not None},
                                   max_range_ports=65535, allow_health_check=False)
         except PortunusError as exc:
-            raise _err(path, where, exc.message) from None
+            detail = f"{exc.code}: {exc.message}" if exc.code.startswith("validation.rate_limit") else exc.message
+            raise _err(path, where, detail) from None
         cfg.rules.append(rule)
     _check_overlaps(path, cfg.rules)
     return cfg

@@ -190,10 +190,57 @@ def _live(rule: dict) -> int:
     return _int(rule, "active_flows") if _str(rule, "protocol") == "udp" else _int(rule, "active_connections")
 
 
+def _limit_stats(rule: dict) -> dict:
+    stats = rule.get("rate_limit_stats")
+    return stats if isinstance(stats, dict) else {}
+
+
+def throttling(rule: dict) -> list[str]:
+    """The directions a bandwidth cap is holding back right now (readers parked on a bucket)."""
+    now = _limit_stats(rule).get("throttling")
+    return [d for d in now if d in ("in", "out")] if isinstance(now, list) else []
+
+
+def state_text(rule: dict) -> str:
+    """'throttle' while an active rule's bandwidth cap holds traffic back, else its state."""
+    state = _str(rule, "state", "?")
+    return "throttle" if state == "active" and throttling(rule) else state
+
+
+def caps_text(caps) -> str:
+    """``↓1.0 MiB/s ↑- 100/s ≤1000`` (in, out, new connections, concurrency); '-' when uncapped."""
+    if not isinstance(caps, dict) or not caps:
+        return "-"
+    def num(key):
+        v = caps.get(key)
+        return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+    parts = [f"↓{human_rate(num('bandwidth_in_bps'))}", f"↑{human_rate(num('bandwidth_out_bps'))}"]
+    parts += [f"{num('new_connections_per_sec')}/s"] if num("new_connections_per_sec") else []
+    parts += [f"≤{num('concurrent_connections')}"] if num("concurrent_connections") else []
+    return " ".join(parts)
+
+
+def _limit_facts(rule: dict) -> str:
+    stats = _limit_stats(rule)
+    if not stats and not rule.get("caps"):
+        return ""
+    secs = stats.get("throttle_seconds") if isinstance(stats.get("throttle_seconds"), dict) else {}
+
+    def sec(d):
+        v = secs.get(d)
+        return v if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 else 0.0
+    rejects = stats.get("rejects") if isinstance(stats.get("rejects"), dict) else {}
+    rejected = " ".join(f"{k} {_int(rejects, k)}" for k in sorted(rejects) if _int(rejects, k)) or "none"
+    now = throttling(rule)
+    return (f"caps {caps_text(rule.get('caps'))}  throttled in {sec('in'):.1f} s out {sec('out'):.1f} s"
+            f"{'  (throttling ' + ', '.join(now) + ' now)' if now else ''}  rejected {rejected}  "
+            f"bandwidth dropped in {_int(stats, 'bandwidth_dropped_in')} out {_int(stats, 'bandwidth_dropped_out')}")
+
+
 def _rule_cells(dash: Dashboard, rule: dict) -> list[str]:
     r_in, r_out = dash.rate("rule", _str(rule, "rule_id"), None)
     return [_str(rule, "rule_id"), _str(rule, "protocol"), listen_text(rule), targets_text(rule),
-            _str(rule, "state", "?"), str(_live(rule)), human_bytes(_int(rule, "bytes_in")),
+            state_text(rule), str(_live(rule)), human_bytes(_int(rule, "bytes_in")),
             human_bytes(_int(rule, "bytes_out")), human_rate(r_in), human_rate(r_out)]
 
 
@@ -274,9 +321,9 @@ def _detail_lines(dash: Dashboard, rule: dict, width: int) -> list[tuple[str, st
              f"{_int(rule, 'flows_dropped_overflow')}  send dropped {_int(rule, 'send_dropped')}  failovers "
              f"{_int(rule, 'target_failovers_total')}")
     out = [(_fit(head, width), TITLE), (_fit(facts, width), NORMAL)]
-    sni = _sni_facts(rule)
-    if sni:
-        out.append((_fit(sni, width), NORMAL))
+    for extra in (_sni_facts(rule), _limit_facts(rule)):
+        if extra:
+            out.append((_fit(extra, width), NORMAL))
     out.append((_fit(_table_line([t for t, _, _ in PORT_COLUMNS], PORT_COLUMNS), width), HEADER))
     ports = _rows(rule.get("per_port"))
     shown = _busiest_ports(dash, rid, ports)
@@ -319,7 +366,7 @@ def _busiest_ports(dash: Dashboard, rid: str, ports: list[dict]) -> list[dict]:
     return sorted(busiest, key=lambda p: _int(p, "listen_port"))
 
 
-ASCII = str.maketrans({"…": "...", "→": "->"})
+ASCII = str.maketrans({"…": "...", "→": "->", "↓": "v", "↑": "^", "≤": "<="})
 
 
 def to_ascii(text: str) -> str:
