@@ -312,10 +312,28 @@ def check_quotas(ctx: Online) -> list[r.Check]:
         exhausted[f"{q['user']} on {q['client']}"] = note
     if exhausted:
         user, client = next(iter(exhausted)).split(" on ", 1)
-        return [r.warn("quotas.exhausted", f"{len(exhausted)} of {len(quotas)} quota(s) exhausted: that user's "
+        found = r.warn("quotas.exhausted", f"{len(exhausted)} of {len(quotas)} quota(s) exhausted: that user's "
                                            "connections on that client are cut until the period rolls over",
-                       quota_fix(user, client), {"exhausted": exhausted, "source": source})]
-    return [r.ok("quotas.exhausted", f"none of {len(quotas)} quota(s) is exhausted", {"source": source})]
+                       quota_fix(user, client), {"exhausted": exhausted, "source": source})
+    else:
+        found = r.ok("quotas.exhausted", f"none of {len(quotas)} quota(s) is exhausted", {"source": source})
+    return [found, check_quota_support(quotas, ctx.clients())]
+
+
+def check_quota_support(quotas: list[dict], clients: list[dict]) -> r.Check:
+    """Quotas on connected clients that do not declare traffic_quota: stored, never sent, not enforced."""
+    from ..server.quotas import QUOTA_CAPABILITY
+    lacking = {c["client_name"]: c.get("client_version") or "?" for c in clients
+               if c.get("connected") and QUOTA_CAPABILITY not in (c.get("capabilities") or [])}
+    unenforced = {f"{q['user']} on {q['client']}": f"client version {lacking[q['client']]}"
+                  for q in quotas if q["client"] in lacking}
+    if unenforced:
+        return r.warn("quotas.client_support", f"{len(unenforced)} quota(s) are on clients that do not declare "
+                                               f"{QUOTA_CAPABILITY}: the server holds them back "
+                                               "(control.updates_not_supported) and traffic there is not capped",
+                      "upgrade the portunus binary on those edge hosts; the quotas are sent at their next connect",
+                      {"unenforced": unenforced})
+    return r.ok("quotas.client_support", f"every connected client with a quota declares {QUOTA_CAPABILITY}")
 
 
 # ------------------------------------------------------------------ SNI listeners

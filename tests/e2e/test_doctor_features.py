@@ -22,6 +22,7 @@ from conftest import ROOT, free_port, portunus_cmd, wait_until
 from cp import OPERATOR_TOKEN, Server, enroll_client, wait_connected, write_server_toml
 from identity_env import ADMIN_PW
 from quota_env import QuotaPeer, add_grant, add_user, call
+from rawpeer import RawPeer
 from test_doctor import client_doctor, run_doctor, server_doctor, statuses, stop
 from webapi import Web, call as web_call, setup_token
 
@@ -106,6 +107,18 @@ def test_exhausted_quota_then_cleared_by_a_raise(procs, tmp_path):
     assert status == 200 and view["exhausted"] is False
     code, checks = server_doctor(server)
     assert checks["quotas.exhausted"]["status"] == "ok" and "none of 1" in checks["quotas.exhausted"]["summary"]
+    assert checks["quotas.client_support"]["status"] == "ok"
+
+    older = RawPeer(server.control_port)  # the same client, reconnecting with a build that lacks traffic_quota
+    try:
+        older.hello(peer.token)
+        wait_connected(server, "edge-tokyo")
+        code, checks = server_doctor(server)
+        support = checks["quotas.client_support"]
+        assert support["status"] == "warn" and "alice on edge-tokyo" in support["details"]["unenforced"], support
+        assert server.proc.events("control.updates_not_supported")  # what the server logged
+    finally:
+        older.close()
     assert OPERATOR_TOKEN not in doctor_text(server)
 
 

@@ -120,19 +120,31 @@ QUOTA_METRICS = ('# TYPE portunus_traffic_quota_exhausted gauge\n'
 
 def test_exhausted_quota_warns_with_the_seed_fix_and_names_an_offline_client():
     clients = [{"client_name": "edge-tokyo", "connected": False}]
-    check, = do.check_quotas(ctx_with(QUOTA_METRICS.replace("{flag}", "1"), clients=clients))
+    check, _support = do.check_quotas(ctx_with(QUOTA_METRICS.replace("{flag}", "1"), clients=clients))
     assert check.status == r.WARN and check.id == "quotas.exhausted"
     note = check.details["exhausted"]["alice on edge-tokyo"]
     assert note.startswith("4194304 of 4194304 bytes") and "offline" in note
     assert "quota clear alice edge-tokyo" in check.fix and '"clear_period_usage": true' in check.fix
     assert "monthly_bytes" in check.fix
-    check, = do.check_quotas(ctx_with(QUOTA_METRICS.replace("{flag}", "0")))
+    check, _support = do.check_quotas(ctx_with(QUOTA_METRICS.replace("{flag}", "0")))
     assert check.status == r.OK and "none of 2" in check.summary
+
+
+def test_quota_on_a_client_that_does_not_declare_traffic_quota_is_not_enforced():
+    clients = [{"client_name": "edge-tokyo", "connected": True, "client_version": "0.0.9",
+                "capabilities": ["udp", "port_range"]},
+               {"client_name": "edge-osaka", "connected": True, "capabilities": ["traffic_quota"]}]
+    _exhausted, support = do.check_quotas(ctx_with(QUOTA_METRICS.replace("{flag}", "0"), clients=clients))
+    assert support.status == r.WARN and support.details["unenforced"] == {"alice on edge-tokyo": "client version 0.0.9"}
+    assert "control.updates_not_supported" in support.summary
+    clients[0]["capabilities"].append("traffic_quota")
+    _exhausted, support = do.check_quotas(ctx_with(QUOTA_METRICS.replace("{flag}", "0"), clients=clients))
+    assert support.status == r.OK
 
 
 def test_quota_check_asks_the_quota_routes_when_the_metrics_lack_the_family():
     ctx = ctx_with("portunus_clients_connected{client=\"a\"} 1\n", **{"/v1/users": {"users": []}})
-    check, = do.check_quotas(ctx)
+    check, _support = do.check_quotas(ctx)
     assert check.status == r.OK and check.details["source"] == "/v1/users/{u}/quotas"
 
 
