@@ -23,7 +23,7 @@ from cp import OPERATOR_TOKEN, Server, enroll_client, wait_connected, write_serv
 from identity_env import ADMIN_PW
 from quota_env import QuotaPeer, add_grant, add_user, call
 from rawpeer import RawPeer
-from test_doctor import client_doctor, run_doctor, server_doctor, statuses, stop
+from test_doctor import client_doctor, run_doctor, server_doctor, stop
 from webapi import Web, call as web_call, setup_token
 
 MiB = 1 << 20
@@ -204,7 +204,8 @@ def test_public_origin_that_breaks_csrf_is_found_before_a_browser_does(procs, tm
     stop(server.proc)
 
     shutil.rmtree(data)
-    no_token_toml(data, operator_http_listen=f"127.0.0.1:{port}", operator_http_public_origin=f"http://127.0.0.1:{port}")
+    no_token_toml(data, operator_http_listen=f"127.0.0.1:{port}",
+                  operator_http_public_origin=f"http://127.0.0.1:{port}")
     code, checks = run_doctor("server", ["--data-dir", str(data)])
     assert checks["http.public_origin"]["status"] == "ok"
     server = Server(procs, data)
