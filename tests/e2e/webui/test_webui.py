@@ -67,11 +67,16 @@ def shot(con, name: str):
     con.browser.screenshot(con.shots / f"webui-{name}.png")
 
 
-def rendered(con, path: str, timeout: float = 10.0):
-    """Wait until the router drew ``path`` with its data (app.js marks it)."""
+def rendered(con, path: str, timeout: float = 20.0):
+    """Wait until the router drew ``path`` with its data (app.js marks it); a failed render fails at once."""
     b = con.browser
-    b.wait(lambda: b.js("return performance.getEntriesByName('portunus:rendered').some(e => e.detail === arguments[0])", path),
-           timeout, f"page {path} rendered")
+
+    def done():
+        state = b.js("const has = (n) => performance.getEntriesByName(n).some(e => e.detail === arguments[0]);"
+                     "return has('portunus:rendered') ? 'ok' : has('portunus:render-failed') ? 'failed' : null;", path)
+        assert state != "failed", f"page {path} failed to render: {b.page_text()[-800:]}"
+        return state
+    b.wait(done, timeout, f"page {path} rendered")
     con.visited.append(b.driver.current_url)
 
 
@@ -442,7 +447,8 @@ def test_an_expired_session_lands_on_login_with_a_notice(console):
     b = console.browser
     ensure_logged_in(console)
     b.driver.delete_cookie("portunus_session")
-    nav(console, "Rules")
+    if b.path() != "/login":  # the dashboard's own refresh may already have met the 401
+        b.js("history.pushState(null, '', '/rules'); dispatchEvent(new PopStateEvent('popstate'))")
     b.wait(lambda: b.path() == "/login", what="back on the login page")
     assert "expired" in b.find("#session-expired").text
     login_ui(console, *ADMIN)
@@ -539,28 +545,6 @@ def test_storage_and_urls_hold_no_secret_after_a_full_session(console):
             assert secret not in value
 
 
-def test_phone_sized_screen_has_no_sideways_scroll(console):
-    ensure_admin(console)
-    b = console.browser
-    ensure_logged_in(console)
-    b.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                             {"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True})
-    try:
-        for path in ("/", "/clients", "/rules?new", "/users", "/audit", "/settings", "/metrics"):
-            go(console, path)
-            rendered(console, path.split("?")[0])
-            time.sleep(0.2)
-            assert b.js("return document.documentElement.scrollWidth") <= 390, path
-            if path in ("/", "/rules?new"):
-                shot(console, "mobile-" + (path.strip("/").split("?")[0] or "dashboard"))
-        toggle = b.find("#menu-toggle")
-        b.press(toggle)
-        assert toggle.get_attribute("aria-expanded") == "true" and b.find("#nav a").is_displayed()
-        shot(console, "mobile-menu")
-    finally:
-        b.driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
-
-
 def test_a_populated_console_shows_every_badge_state_and_alert(console):
     """Ranges, UDP, failover with PROXY and health checks, a failed rule: the list, the rule page, the dashboard."""
     ensure_admin(console)
@@ -608,3 +592,51 @@ def test_a_populated_console_shows_every_badge_state_and_alert(console):
     finally:
         blocker.close()
         echo.close()
+
+
+def test_the_keyboard_reaches_the_menu_and_focus_is_visible(console):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+    ensure_admin(console)
+    b = console.browser
+    ensure_logged_in(console)
+    go(console, "/settings")
+    rendered(console, "/settings")
+    b.js("document.activeElement && document.activeElement.blur(); window.scrollTo(0, 0)")
+    keys = ActionChains(b.driver)
+    focused = []
+    for _ in range(4):
+        keys.send_keys(Keys.TAB).perform()
+        focused.append(b.js("const e = document.activeElement; return [e.tagName, e.textContent.trim(), "
+                            "getComputedStyle(e).outlineStyle, getComputedStyle(e).outlineWidth]"))
+    assert focused[0][1] == "Skip to content" and focused[1][1] == "Portunus" and focused[2][1] == "Dashboard"
+    for tag, text, style, width in focused:
+        assert style == "solid" and width != "0px", (tag, text, style, width)
+    keys.send_keys(Keys.ENTER).perform()  # the focused menu entry (Clients) opens with Enter
+    b.wait(lambda: b.path() == "/clients", what="Enter on the Clients link")
+    b.click_text("Rename", "#clients-list button")
+    b.find("dialog.modal input")
+    ActionChains(b.driver).send_keys(Keys.ESCAPE).perform()
+    b.wait(lambda: not b.finds("dialog.modal"), what="Escape closes the dialog")
+
+
+def test_phone_sized_screen_has_no_sideways_scroll(console):
+    ensure_admin(console)
+    b = console.browser
+    ensure_logged_in(console)
+    b.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                             {"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True})
+    try:
+        for path in ("/", "/clients", "/rules", "/rules?new", "/users", "/audit", "/settings", "/metrics"):
+            go(console, path)
+            rendered(console, path.split("?")[0])
+            time.sleep(0.2)
+            assert b.js("return document.documentElement.scrollWidth") <= 390, path
+            if path in ("/", "/rules", "/clients"):
+                shot(console, "mobile-" + (path.strip("/") or "dashboard"))
+        toggle = b.find("#menu-toggle")
+        b.press(toggle)
+        assert toggle.get_attribute("aria-expanded") == "true" and b.find("#nav a").is_displayed()
+        shot(console, "mobile-menu")
+    finally:
+        b.driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})

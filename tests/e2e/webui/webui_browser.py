@@ -89,6 +89,8 @@ class Browser:
         while True:
             try:
                 value = pred()
+            except AssertionError:
+                raise
             except Exception:  # noqa: BLE001 - a stale element while the page re-renders: ask again
                 value = None
             if value:
@@ -168,9 +170,20 @@ class Browser:
     def path(self) -> str:
         return self.js("return location.pathname")
 
-    def screenshot(self, path: Path) -> None:
+    def screenshot(self, path: Path, max_height: int = 2000) -> None:
+        """The whole page (up to ``max_height`` CSS px), without the passing corner notices."""
+        import base64
+
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.driver.save_screenshot(str(path))
+        self.js("const f = document.getElementById('flash'); if (f) f.style.visibility = 'hidden'")
+        try:
+            width, height = self.js("return [innerWidth, Math.max(innerHeight, document.documentElement.scrollHeight)]")
+            shot = self.driver.execute_cdp_cmd("Page.captureScreenshot", {
+                "format": "png", "captureBeyondViewport": True,
+                "clip": {"x": 0, "y": 0, "width": width, "height": min(height, max_height), "scale": 1}})
+            path.write_bytes(base64.b64decode(shot["data"]))
+        finally:
+            self.js("const f = document.getElementById('flash'); if (f) f.style.visibility = ''")
 
     def quit(self) -> None:
         try:

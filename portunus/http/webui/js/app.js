@@ -131,8 +131,9 @@ export async function render() {
     if (seq === renderSeq) cleanup = typeof result === "function" ? result : null;
     else if (typeof result === "function") result();
   } catch (e) {
+    performance.mark("portunus:render-failed", { detail: location.pathname });
     if (seq === renderSeq && !["unauthenticated", "password_change_required", "bootstrap_required"].includes(e.code)) {
-      add(main, h("p.form-error", { role: "alert" }, e.message || String(e)));
+      add(main, h("p.form-error#render-error", { role: "alert" }, e.message || String(e)));
     }
   }
 }

@@ -82,7 +82,7 @@ registerPage({
       set("stat-datagrams", `${s.datagrams_in} / ${s.datagrams_out}`);
       set("stat-failovers", String(s.target_failovers_total));
       set("stat-dns", String(s.dns_failures));
-      set("stat-updated", s.updated_at ? new Date(s.updated_at).toLocaleTimeString() : t("live.no_report"));
+      set("stat-updated", s.updated_at ? new Date(s.updated_at).toLocaleTimeString([], { hour12: false }) : t("live.no_report"));
       add(clear(chartBox), lineChart([
         { label: t("dash.in"), values: rates.in, className: "s-in" },
         { label: t("dash.out"), values: rates.out, className: "s-out" }], { formatY: fmtRate, minMax: 1024, title: t("live.title") }));
