@@ -94,6 +94,7 @@ def _offline_enroll(args) -> dict:
     from ..control.enrollment import seed_san_hosts
     from ..control.tls import ensure_server_cert
     from ..server import config as server_config
+    from ..server.control_hub import OfflineHub
     from ..server.core import ServerCore, validate_seed_endpoint
     cfg = server_config.load(args.data_dir)
     store = _open_store(args)
@@ -108,14 +109,7 @@ def _offline_enroll(args) -> dict:
                                 "control_listen has port 0 (picked when serve starts), so an offline enrollment "
                                 "cannot name the control port; run enroll-client while serve runs, or set a fixed "
                                 "control_listen port or PORTUNUS_ADVERTISED_ENDPOINT")
-
-        class Offline:
-            bound_port = None
-
-            @staticmethod
-            def session_info(_cid):
-                return None
-        core = ServerCore(cfg, store, Offline(), cert, advertised_seed=seed)
+        core = ServerCore(cfg, store, OfflineHub(), cert, advertised_seed=seed)
         return core.enroll_client(args.name, address=args.address, ttl_secs=args.ttl_secs)
     finally:
         store.close()

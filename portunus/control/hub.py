@@ -90,6 +90,7 @@ class Hub:
         self.offload = Offload(loop)
         self.sessions: dict[str, ClientSession] = {}
         self.listener: socket.socket | None = None
+        self.bound_port: int | None = None  # the port listen() took (control_listen port 0 picks one)
         self.stats_sink = stats_sink  # called on the loop with (client_id, report)
         # optional services, set by serve: replayed before the rules (caps, then quotas), fed by reports
         self.owner_caps = None      # server.owner_caps.OwnerCapService
@@ -119,7 +120,8 @@ class Hub:
         self.listener = s
         self.loop.add_reader(s.fileno(), self._on_accept)
         self.loop.call_later(PING_INTERVAL, self._heartbeat)
-        return s.getsockname()[:2]
+        host, self.bound_port = s.getsockname()[:2]
+        return host, self.bound_port
 
     def _on_accept(self) -> None:
         for _ in range(64):

@@ -147,9 +147,8 @@ class OperatorAccess:
         except Exception:
             with self._drops_lock:
                 self._audit_drops += 1
-                if self._core is not None:
-                    # metrics_text still reads the drop count from the core; mirrored under our lock
-                    self._core.audit_drops = self._audit_drops
+            if self._core is not None:
+                self._core.count_audit_drop()  # portunus_audit_buffer_drops_total on /metrics
             raise
 
     @property

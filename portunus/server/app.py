@@ -67,7 +67,6 @@ def serve(data_dir: str, *, advertised_endpoint: str | None = None, ready_event:
     loop = Loop()
     hub = Hub(loop, server_context(cert), StoreClientRegistry(store), cfg)
     control_host, control_port = hub.listen(*cfg.control_addr)
-    hub.bound_port = control_port
     core = ServerCore(cfg, store, hub, cert, advertised_seed=seed)
     core.seed_error = seed_error
     hub.stats_sink = core.stats.update

@@ -22,6 +22,7 @@ from ..store.db import rfc3339
 from ..store.ids import new_ulid
 from ..control.hub import REJECT_REASONS
 from ..control.stats_report import PORT_COUNTERS, api_stats_extras
+from .control_hub import ControlHub
 from .metrics import render, server_families
 
 # capability each rule feature needs from the client (SPEC §3.1)
@@ -83,7 +84,7 @@ class StatsCache:
 
 
 class ServerCore:
-    def __init__(self, cfg, store, hub, cert_info, *, advertised_seed: str | None = None):
+    def __init__(self, cfg, store, hub: ControlHub, cert_info, *, advertised_seed: str | None = None):
         self.cfg = cfg
         self.store = store
         self.hub = hub
@@ -93,6 +94,7 @@ class ServerCore:
         self.seed_error: PortunusError | None = None
         self.started_at = time.time()
         self.operator_requests: dict[tuple[str, str], int] = {}
+        self.audit_drops = 0  # audit rows that could not be written (OperatorAccess.record reports them)
         self._req_lock = threading.Lock()
 
     # ---- advertised endpoint (SPEC §3.3; tiers 2-4 for now) -----------------
@@ -143,7 +145,7 @@ class ServerCore:
 
     @property
     def control_port(self) -> int:
-        return getattr(self.hub, "bound_port", None) or self.cfg.control_addr[1]
+        return self.hub.bound_port or self.cfg.control_addr[1]
 
     # ---- clients ------------------------------------------------------------
     def enroll_client(self, name: str, *, address: str | None = None, ttl_secs: int | None = None,
@@ -318,16 +320,20 @@ class ServerCore:
             key = (outcome, reason)
             self.operator_requests[key] = self.operator_requests.get(key, 0) + 1
 
+    def count_audit_drop(self) -> None:
+        with self._req_lock:
+            self.audit_drops += 1
+
     def metrics_text(self) -> str:
         # one row per live rule: failed rules bind nothing and have no series
         rules = [r for r in store_rules.list_rules(self.store) if r["state"] in ("active", "pending")]
         with self._req_lock:
-            reqs = dict(self.operator_requests)
+            reqs, audit_drops = dict(self.operator_requests), self.audit_drops
         return render(server_families(
             clients=store_clients.list_clients(self.store), connected_ids=self.hub.connected_ids(),
             rules=rules, snapshot_of=self.stats.get, auth_failures=self.hub.auth_failure_counts(),
             rejected_messages=self.hub.rejected_message_counts(), rejected_reasons=REJECT_REASONS,
-            operator_requests=reqs, audit_drops=getattr(self, "audit_drops", 0),
+            operator_requests=reqs, audit_drops=audit_drops,
             store_busy=getattr(self.store, "busy_count", 0), owner_rows=self.hub.owner_stat_rows())
             + (self.quotas.metric_families() if getattr(self, "quotas", None) else []))  # set by serve
 

@@ -237,3 +237,20 @@ def test_an_arrow_pointing_up_is_caught(module, source):
 ])
 def test_an_arrow_the_doc_draws_passes(module, source):
     assert _broken_rules(module, source) == []
+
+
+def test_the_offline_hub_offers_what_server_core_needs_from_the_hub():
+    """``ControlHub`` lists it; the live ``Hub`` and ``OfflineHub`` both have every member."""
+    from portunus.control.hub import Hub
+    from portunus.server.control_hub import ControlHub, OfflineHub
+    needed = {name for name in vars(ControlHub) if not name.startswith("_")} | set(ControlHub.__annotations__)
+    assert needed >= {"call", "session_info", "push_rule", "bound_port"}
+    offline = OfflineHub()
+    assert [name for name in sorted(needed) if not hasattr(offline, name)] == []
+    assert [name for name in sorted(needed - {"bound_port"}) if not hasattr(Hub, name)] == []
+    assert offline.session_info("C1") is None and offline.connected_ids() == set()
+    assert offline.call(lambda a, b: a + b, 2, 3).result() == 5
+    from portunus.errors import PortunusError
+    with pytest.raises(PortunusError) as exc:
+        offline.push_rule("C1", {"rule_id": "R1"}, None).result()
+    assert exc.value.code == "client_not_connected"
