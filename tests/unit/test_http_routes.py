@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from portunus.http import routes
+from portunus.http import routes, routes_caps
 from portunus.http.openapi import document
 
 RULE = "01ARZ3NDEKTSV4RRFFQ69G5FAV"
@@ -25,17 +25,19 @@ def test_match(method, path, handler, params):
 
 def test_unknown_paths_have_no_methods_and_known_ones_list_theirs():
     assert routes.match("GET", "/v1/nothing") == (None, {}, [])
-    route, _, allowed = routes.match("PUT", f"/v1/rules/{RULE}")
-    assert route is None and allowed == ["GET", "DELETE"]
+    route, _, allowed = routes.match("PATCH", f"/v1/rules/{RULE}")
+    assert route is None and allowed == ["GET", "DELETE", "PUT"]
     route, _, allowed = routes.match("get", "/v1/clients")
     assert route is None and allowed == ["GET"]
     assert routes.match("GET", "/v1/clients/a/b/c")[2] == []
 
 
 def test_no_stub_routes():
-    assert ("PUT", r"/v1/rules/(?P<id>[^/]+)") not in {(r.method, r.pattern) for r in routes.ROUTES}
     assert all(callable(r.handler) for r in routes.ROUTES)
     assert not hasattr(routes, "put_rule")
+    # PUT rules/{id} is the rate-limit hot update (SPEC §2.9), handled with the owner caps
+    route, params, _ = routes.match("PUT", f"/v1/rules/{RULE}")
+    assert route.handler is routes_caps.put_rule_caps and route.access == "owner" and params == {"id": RULE}
 
 
 def test_each_method_and_pattern_once():
@@ -47,7 +49,7 @@ def test_openapi_comes_from_the_table():
     spec = document(routes.ROUTES)
     ops = [(path, method) for path, item in spec["paths"].items() for method in item]
     assert len(ops) == len(routes.ROUTES)
-    assert "put" not in spec["paths"]["/v1/rules/{id}"]
+    assert spec["paths"]["/v1/rules/{id}"]["put"]["x-portunus-access"] == "owner"
     stream = spec["paths"]["/v1/rules/{id}/stats/stream"]["get"]
     assert stream["parameters"][0]["name"] == "id" and stream["security"] == [{"bearer": []}, {"session": []}]
     assert stream["x-portunus-access"] == "owner"
