@@ -125,3 +125,26 @@ def cmd_owner_cap_list(args) -> int:
         rows.append([o["owner_id"], o["rule_count"], caps_text(caps)])
     table(rows, ["OWNER", "RULES", "CAPS"])
     return 0
+
+
+def stats_lines(stats: dict) -> list[str]:
+    """The SNI and rate-limit lines of `rule-stats` text (present only when the client reported them)."""
+    out = []
+    if "sni_routes" in stats:
+        routes = stats["sni_routes"]
+        out.append(f"  sni {stats.get('sni_pattern') or 'fallback'}: routed exact {routes['exact']}, "
+                   f"wildcard {routes['wildcard']}, fallback {routes['fallback']}")
+    listener = stats.get("sni_listener")
+    if listener:
+        out.append(f"  sni listener port {listener['listen_port']} ({listener['mode']}, "
+                   f"{listener['routes_active']} patterns, fallback {'yes' if listener['fallback'] else 'no'}): "
+                   f"misses {listener['misses']}, parse failures {listener['parse_failures']}, "
+                   f"hello timeouts {listener['hello_timeouts']}, resets {listener['reads_reset']}, "
+                   f"hellos in flight {listener['hellos_in_flight']}")
+    limiter = stats.get("rate_limit_stats")
+    if limiter:
+        rejects = " ".join(f"{k}={v}" for k, v in sorted(limiter["rejects"].items()) if v) or "none"
+        out.append(f"  rate limit: active {limiter['active']}, rejects {rejects}, throttled in "
+                   f"{limiter['throttle_seconds']['in']:g} s out {limiter['throttle_seconds']['out']:g} s, "
+                   f"udp drops in {limiter['bandwidth_dropped_in']} out {limiter['bandwidth_dropped_out']}")
+    return out

@@ -260,6 +260,8 @@ def cmd_rule_stats(args) -> int:
         print(f"  datagrams in {res['datagrams_in']}, out {res['datagrams_out']}, active flows "
               f"{res['active_flows']}, overflow drops {res['flows_dropped_overflow']}")
     print(f"  updated {res.get('updated_at') or 'never (no report yet)'}")
+    for line in caps_cli.stats_lines(res):  # SNI routes and listener, rate-limit counters
+        print(line)
     if args.per_port:
         rows = [[p["listen_port"], p["bytes_in"], p["bytes_out"], p["active_connections"],
                  p["datagrams_in"], p["datagrams_out"]] for p in res.get("per_port", [])]

@@ -85,6 +85,9 @@ def test_sni_route_counters_rise_on_metrics_and_in_rule_stats(procs, tmp_path, s
     caps = {line.split()[0]: line[start:end].strip() for line in lines[1:]}
     assert caps == {exact: "sni=a.example.com", wild: "sni=*.example.com", fallback: "sni=fallback"}
     assert json.loads(server.cli("rule-stats", exact, "--format", "json", check=True).stdout)["sni_routes"]["exact"] == 3
+    text_stats = server.cli("rule-stats", exact, check=True).stdout
+    assert "  sni a.example.com: routed exact 3, wildcard 0, fallback 0" in text_stats
+    assert f"  sni listener port {listen} (sni, 2 patterns, fallback yes): misses 0, parse failures 1" in text_stats
 
     # removing a rule removes its rows
     server.cli("remove-rule", wild, check=True)

@@ -210,3 +210,15 @@ def test_sni_and_rate_limit_families_pass_promtool():
     text = render_with(snaps, owners)
     res = subprocess.run([promtool, "check", "metrics"], input=text.encode(), capture_output=True, timeout=30)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_rule_stats_text_lines():
+    from portunus.cli.caps import stats_lines
+    from portunus.control.stats_report import api_stats_extras
+    snap = clean_snapshot({**sni_snap(), "rate_limit": limiter()}, SHAPES)
+    lines = stats_lines(api_stats_extras(snap))
+    assert lines[0] == "  sni a.example.com: routed exact 4, wildcard 0, fallback 0"
+    assert lines[1].startswith("  sni listener port 443 (sni, 1 patterns, fallback yes): misses 2, parse failures 3")
+    assert lines[2] == ("  rate limit: active 2, rejects conn_rate=3 owner_concurrent=1, throttled in 1.5 s out 0 s, "
+                        "udp drops in 0 out 4")
+    assert stats_lines({"rule_id": "r"}) == []
