@@ -14,10 +14,10 @@ import time
 import pytest
 
 from conftest import free_port, portunus_cmd, require_tool, wait_until
-from cp import OPERATOR_TOKEN, Server, enroll_client, wait_connected, write_server_toml
+from cp import OPERATOR_TOKEN, Server, wait_connected, write_server_toml
 from peers import TcpEchoServer
 from quota_env import VIEW_KEYS, QuotaPeer, add_grant, add_user, call, error_code, metric, scrape
-from rawpeer import enrolled_token
+from rawpeer import RawPeer, enrolled_token
 from test_standalone_tcp import roundtrip
 
 MiB = 1 << 20
@@ -160,9 +160,14 @@ def test_history_errors_and_row_cap(server, tmp_path):
 
 
 def test_capability_gate_with_a_real_client(server, procs, tmp_path):
-    """The shipped agent does not declare traffic_quota yet: a PUT for it is 422 once it said hello."""
+    """A client that does not declare traffic_quota (an older build): a PUT for it is 422 once it
+    said hello. The shipped agent declares it (tests/e2e/test_quota_enforcement.py)."""
     add_user(server, "alice")
-    enroll_client(server, procs, tmp_path, "edge-old")
+    _, token = enrolled_token(server, tmp_path, "edge-old")
+    old = RawPeer(server.control_port)
+    old.send({"type": "hello", "token": token, "protocol_version": 1, "client_version": "1.3.0-test",
+              "capabilities": ["udp", "multi_target", "port_range"]})
+    old.wait_for("welcome")
     wait_connected(server, "edge-old")
     add_grant(server, "alice", "edge-old")
     answer = call(server, "PUT", quota_path(client="edge-old"), {"monthly_bytes": MiB})
