@@ -241,6 +241,9 @@ class Agent:
         self._exhaustion_unsent.discard(handle.user_id)
         log.info("traffic_quota.exhausted_reported", user=handle.user_id)
         ch.send(m.traffic_quota_exhausted(handle.user_id, self.client_id, time.time()))
+        # and the counters with it: the server's usage then holds every debited byte, so a clear or
+        # a raise that follows is not installed minus bytes it has not heard of (mark_reported)
+        self._report(ch)
 
     def _on_error(self, ch: Channel, msg: dict) -> None:
         code = msg["code"]
