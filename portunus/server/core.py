@@ -95,6 +95,10 @@ class ServerCore:
         self.started_at = time.time()
         self.operator_requests: dict[tuple[str, str], int] = {}
         self.audit_drops = 0  # audit rows that could not be written (OperatorAccess.record reports them)
+        # services serve attaches (server.traffic.TrafficServices, server.owner_caps); None in offline commands
+        self.quotas = None       # server.quotas.QuotaService
+        self.traffic = None      # server.traffic.TrafficAccounting
+        self.owner_caps = None   # server.owner_caps.OwnerCapService
         self._req_lock = threading.Lock()
 
     # ---- advertised endpoint (SPEC §3.3; tiers 2-4 for now) -----------------
@@ -287,7 +291,7 @@ class ServerCore:
             # after the hub stopped accepting this rule's stats, so a report in flight cannot re-add it
             self.stats.forget(rule_id)
         log.info("rule.remove", rule=rule_id, client_id=rule["client_id"], delivered=sent, request_id=request_id)
-        if getattr(self, "owner_caps", None) is not None:  # set by serve: the owner's last rule takes its cap
+        if self.owner_caps is not None:  # the owner's last rule takes its cap
             self.owner_caps.rule_removed(rule["client_id"], rule.get("owner"))
         return {"rule_id": rule_id, "removed": True, "client_notified": sent}
 
@@ -335,7 +339,7 @@ class ServerCore:
             rejected_messages=self.hub.rejected_message_counts(), rejected_reasons=REJECT_REASONS,
             operator_requests=reqs, audit_drops=audit_drops,
             store_busy=getattr(self.store, "busy_count", 0), owner_rows=self.hub.owner_stat_rows())
-            + (self.quotas.metric_families() if getattr(self, "quotas", None) else []))  # set by serve
+            + (self.quotas.metric_families() if self.quotas is not None else []))
 
 
 def _rfc3339(ts: float | None) -> str | None:
