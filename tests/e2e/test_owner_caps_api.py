@@ -11,7 +11,8 @@ import threading
 import pytest
 
 from cp import Server, write_server_toml
-from quota_env import QuotaPeer, add_grant, add_user, call, error_code
+from conftest import wait_until
+from quota_env import QuotaPeer, add_grant, add_user, call, error_code, metric, scrape
 from rawpeer import RawPeer
 
 CAP_CAPS = ["udp", "multi_target", "port_range", "rate_limit"]
@@ -201,13 +202,15 @@ def test_owner_caps_are_replayed_before_quotas_and_rules_after_a_restart(procs, 
     write_server_toml(data)
     server = Server(procs, data)
     alice = add_user(server, "alice")
-    peer = CapPeer(server, tmp_path, "edge-tokyo").connect()
+    peer = CapPeer(server, tmp_path, "edge-tokyo", caps=CAP_CAPS + ["traffic_quota"]).connect()
     add_grant(server, "alice", "edge-tokyo")
     for port in (20005, 20006):
         peer.push_owned_rule(server, alice, {"client": "edge-tokyo", "listen_port": port, "target": "127.0.0.1:9"})
     caps = {"new_connections_per_sec": 20, "new_connections_burst": 40}
     assert call(server, "PUT", cap_path(), {"rate_limit": caps})[0] == 200
     peer.wait_type("owner_rate_limit_update")
+    assert call(server, "PUT", "/v1/users/alice/quotas/edge-tokyo", {"monthly_bytes": 1 << 30})[0] == 201
+    peer.wait_type("traffic_quota_update")
 
     server.proc.signal(signal.SIGTERM)
     assert server.proc.wait(30) == 0
@@ -217,8 +220,60 @@ def test_owner_caps_are_replayed_before_quotas_and_rules_after_a_restart(procs, 
     peer.connect()
     kinds = [m["type"] for m in peer.replays[-1]]
     first_rule = kinds.index("rule_update")
-    assert kinds.index("owner_rate_limit_update") < first_rule, kinds
+    assert kinds.index("owner_rate_limit_update") < kinds.index("traffic_quota_update") < first_rule, kinds
     cap_msgs = [m for m in peer.replays[-1] if m["type"] == "owner_rate_limit_update"]
     assert cap_msgs == [{"type": "owner_rate_limit_update", "client_id": peer.client_id, "owner_id": "alice",
                          "action": "set", "rate_limit": caps}]
     assert kinds.count("rule_update") == 2 and kinds[-1] == "replay_done"
+
+
+@pytest.mark.parametrize("rate_limit,code", [
+    ({"bandwidth_out_bps": 0}, "validation.rate_limit_cap_zero"),
+    ({"bandwidth_out_burst": 100}, "validation.rate_limit_burst_without_rate"),
+    ({"bandwidth_out_bps": 100, "bandwidth_out_burst": 6001}, "validation.rate_limit_burst_range"),
+    ({}, "validation.rate_limit_no_caps_provided"),
+    ({"bandwidth_out_bps": -5}, "validation.rate_limit_invalid"),
+    ({"bandwidth": 5}, "validation.unknown_field"),
+])
+def test_post_rules_validates_rate_limit_before_anything_is_stored(server, tmp_path, rate_limit, code):
+    CapPeer(server, tmp_path, "edge-tokyo").connect()
+    answer = call(server, "POST", "/v1/rules", {"client": "edge-tokyo", "listen_port": 20031,
+                                                "target": "127.0.0.1:9", "rate_limit": rate_limit})
+    assert answer[0] == 400 and error_code(answer) == code, answer
+    assert call(server, "GET", "/v1/rules")[1]["rules"] == []
+
+
+def test_reported_rate_limit_counters_reach_metrics_and_rule_stats(server, tmp_path):
+    alice = add_user(server, "alice")
+    peer = CapPeer(server, tmp_path, "edge-tokyo").connect()
+    add_grant(server, "alice", "edge-tokyo")
+    rule = peer.push_owned_rule(server, alice, {"client": "edge-tokyo", "listen_port": 20041,
+                                                "target": "127.0.0.1:9",
+                                                "rate_limit": {"concurrent_connections": 2}})
+    limiter = {"rejects": {"conn_concurrent": 4}, "throttle_seconds": {"in": 0.5, "out": 0},
+               "active": 2, "bandwidth_dropped_in": 0, "bandwidth_dropped_out": 0}
+    owners = [{"owner": "alice", "active": 2, "throttle_seconds": {"in": 1.25, "out": 0},
+               "bandwidth_dropped_in": 0, "bandwidth_dropped_out": 0}]
+    peer.send({"type": "stats_report", "at": 1.0, "owners": owners,
+               "rules": [{"rule_id": rule["rule_id"], "bytes_in": 1, "rate_limit": limiter}]})
+    labels = f'client="edge-tokyo",rule="{rule["rule_id"]}",owner="alice"'
+
+    def scraped():
+        text = scrape(server)
+        return text if metric(text, f'portunus_rate_limit_reject_total{{{labels},reason="conn_concurrent"}}') == 4 \
+            else None
+    text = wait_until(scraped, timeout=10, interval=0.2, what="rate-limit rows")
+    assert metric(text, f'portunus_rate_limit_throttle_seconds_total{{{labels},direction="in"}}') == 0.5
+    assert metric(text, f'portunus_rate_limit_active_connections{{{labels}}}') == 2
+    owner_row = 'client="edge-tokyo",rule="",owner="alice"'
+    assert metric(text, f'portunus_rate_limit_throttle_seconds_total{{{owner_row},direction="in"}}') == 1.25
+    assert metric(text, f'portunus_rate_limit_active_connections{{{owner_row}}}') == 2
+    stats = call(server, "GET", f"/v1/rules/{rule['rule_id']}/stats")[1]
+    assert stats["rate_limit_stats"]["rejects"]["conn_concurrent"] == 4 and stats["rate_limit_stats"]["active"] == 2
+
+    # a row about another owner is refused (and counted), the rule counters still count
+    peer.send({"type": "stats_report", "at": 2.0, "owners": [{"owner": "mallory", "active": 9}],
+               "rules": [{"rule_id": rule["rule_id"], "bytes_in": 2, "rate_limit": limiter}]})
+    wait_until(lambda: (metric(scrape(server), 'portunus_control_rejected_messages_total{reason="stats_unknown_rule"}')
+                        or 0) >= 1, timeout=10, interval=0.2, what="the refused owner row")
+    assert 'owner="mallory"' not in scrape(server)
