@@ -44,6 +44,9 @@ def required_capabilities(rule: Rule) -> list[tuple[str, str]]:
 
 
 ADVERTISED_OVERRIDE_KEY = "advertised_endpoint_override"
+# the counters GET /v1/rules/{id}/stats shows (SPEC §6): a subset of what a report carries (RULE_COUNTERS)
+API_RULE_COUNTERS = ("bytes_in", "bytes_out", "active_connections", "dns_failures", "datagrams_in",
+                     "datagrams_out", "active_flows", "flows_dropped_overflow", "target_failovers_total")
 
 
 class StatsCache:
@@ -304,8 +307,7 @@ class ServerCore:
             "protocol": rule["protocol"],
             "state": rule["state"],
         }
-        for key in ("bytes_in", "bytes_out", "active_connections", "dns_failures", "datagrams_in",
-                    "datagrams_out", "active_flows", "flows_dropped_overflow", "target_failovers_total"):
+        for key in API_RULE_COUNTERS:
             out[key] = snap.get(key, 0)
         out["updated_at"] = _rfc3339(snap["reported_at"]) if snap.get("reported_at") else None
         if per_port:
