@@ -371,12 +371,11 @@ class Hub:
         try:
             owners = stats_report.clean_owner_rows(msg.get("owners"), session.rules)
         except stats_report.StatsRejected as exc:
-            owners = None
+            owners = []  # rows the server cannot trust are not shown, and stale ones must not linger
             count, _ = rejected.get(exc.reason, (0, exc.detail))
             rejected[exc.reason] = (count + 1, exc.detail)
-        if owners is not None:
-            with self._lock:
-                self.owner_stats[session.client_id] = owners
+        with self._lock:
+            self.owner_stats[session.client_id] = owners
         for reason, (count, detail) in rejected.items():
             self._reject(session, reason, detail, count)
         if clean and self.stats_sink is not None:

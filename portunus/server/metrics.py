@@ -239,8 +239,11 @@ def rate_limit_families(rules: list[dict], snaps: dict, labels: dict, rule_label
         for direction, secs in lim["throttle_seconds"].items():
             throttle.add({**where, "direction": direction}, float(secs))
         active.add(where, lim["active"])
+    live_owners = {(r["client_id"], r.get("owner")) for r in rules}
     for client_id, rows in sorted(owner_rows.items()):
         for row in rows:
+            if (client_id, row["owner"]) not in live_owners:
+                continue  # the owner's last rule went since that report: its envelope went with it
             where = {"client": labels.get(client_id, client_id), "rule": "", "owner": row["owner"]}
             for direction, secs in row["throttle_seconds"].items():
                 throttle.add({**where, "direction": direction}, float(secs))

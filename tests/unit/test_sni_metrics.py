@@ -222,3 +222,10 @@ def test_rule_stats_text_lines():
     assert lines[2] == ("  rate limit: active 2, rejects conn_rate=3 owner_concurrent=1, throttled in 1.5 s out 0 s, "
                         "udp drops in 0 out 4")
     assert stats_lines({"rule_id": "r"}) == []
+
+
+def test_owner_rows_of_an_owner_without_live_rules_are_not_rendered():
+    owners = {"C1": [{"owner": "bob", "active": 1, "throttle_seconds": {"in": 0, "out": 0},
+                      "bandwidth_dropped_in": 0, "bandwidth_dropped_out": 0}]}
+    text = render_with({"r-plain": {}}, owners)  # r-plain is alice's
+    assert not lines(text, "portunus_rate_limit_active_connections{")
