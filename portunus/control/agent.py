@@ -34,10 +34,11 @@ EXIT_PIN_MISMATCH = 1
 EXIT_AUTH_FAILURE = 1
 
 
-def stats_reports(snapshots: list[dict], now: float) -> list[dict]:
+def stats_reports(snapshots: list[dict], now: float, owners: list[dict] | None = None) -> list[dict]:
     """``stats_report`` messages for ``snapshots``, split so no frame nears the 1 MiB cap.
 
-    A range too wide for one frame reports its totals without per-port rows.
+    A range too wide for one frame reports its totals without per-port rows. The owner envelope
+    rows (``owners``, one per capped owner: a few hundred bytes each) ride on the first frame.
     """
     reports, batch, size = [], [], 0
     for snap in snapshots:
@@ -50,8 +51,10 @@ def stats_reports(snapshots: list[dict], now: float) -> list[dict]:
             batch, size = [], 0
         batch.append(snap)
         size += cost
-    if batch:
+    if batch or owners:
         reports.append(m.stats_report(batch, now))
+    if owners and reports:
+        reports[0] = m.stats_report(reports[0]["rules"], now, owners)
     return reports
 
 
@@ -301,7 +304,9 @@ class Agent:
 
     def _report(self, ch: Channel) -> None:
         """Send the counters, split over several frames so wide ranges never hit the frame cap."""
-        for msg in stats_reports(self.runtime.snapshots(per_port=True, per_target=True), time.time()):
+        owners_here = {live.rule.owner for live in getattr(self.runtime, "rules", {}).values()}
+        owners = [row for row in self.enforcer.owner_snapshots() if row["owner"] in owners_here]
+        for msg in stats_reports(self.runtime.snapshots(per_port=True, per_target=True), time.time(), owners):
             ch.send(msg)
         self.enforcer.quotas.mark_reported()  # the server's next budget includes what was debited so far
 

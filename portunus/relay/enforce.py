@@ -151,6 +151,8 @@ class Enforcer:
 
     def owner_snapshots(self) -> list[dict]:
         """One row per owner envelope with a cap: its live connections and throttle seconds."""
+        if not self.limits.owners:
+            return []
         now = self.loop.time()
         return [{"owner": lim.owner, "active": self.limits.owner_active(lim.owner),
                  "throttle_seconds": {d: round(lim.throttle_seconds(d, now), 3) for d in ("in", "out")},

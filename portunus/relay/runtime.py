@@ -194,7 +194,7 @@ class RuleRuntime:
         snap.update(live.counters.snapshot(per_port=per_port))
         limits = self.ctx.enforcer.rule_snapshot(rule_id)
         if limits is not None:
-            snap["rate_limit_stats"] = limits
+            snap["rate_limit"] = limits  # the limiter counters (control/stats_report.RATE_LIMIT_KEY)
         shared = getattr(live.relay, "shared", None)
         if live.rule.sni_pattern is not None or shared is not None:
             # routes by result per rule; the listener's own counters ride along on each rule of the port

@@ -191,7 +191,7 @@ def _live(rule: dict) -> int:
 
 
 def _limit_stats(rule: dict) -> dict:
-    stats = rule.get("rate_limit_stats")
+    stats = rule.get("rate_limit")
     return stats if isinstance(stats, dict) else {}
 
 

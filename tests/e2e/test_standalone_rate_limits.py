@@ -73,7 +73,7 @@ def test_caps_are_enforced_and_the_stats_socket_and_tui_show_throttling(standalo
         reader.start()
         c.sendall(payload)
         # 128 KiB burst, then 128 KiB/s: the way back is held for ~3 s
-        snap = wait_until(lambda: (lambda r: r if r["rate_limit_stats"]["throttling"] else None)(
+        snap = wait_until(lambda: (lambda r: r if r["rate_limit"]["throttling"] else None)(
             rule_stats(sock, "capped")), what="throttling shown on the stats socket")
         assert snap["caps"] == {"bandwidth_out_bps": 131072, "concurrent_connections": 1}
         dash = Dashboard(sock, 1000)
@@ -89,7 +89,7 @@ def test_caps_are_enforced_and_the_stats_socket_and_tui_show_throttling(standalo
         second.close()
         reader.join(15)
         assert got["n"] == len(payload)
-        stats = rule_stats(sock, "capped")["rate_limit_stats"]
+        stats = rule_stats(sock, "capped")["rate_limit"]
         assert stats["throttle_seconds"]["out"] >= 1.5 and stats["rejects"]["conn_concurrent"] == 1
         c.close()
         assert not p.events("proxy.splice_selected")

@@ -165,7 +165,11 @@ def test_the_agent_applies_updates_reports_exhaustion_and_marks_reports(lt, sink
     report = next(x for x in ch.sent if x["type"] == "traffic_quota_exhausted")
     assert report["user_id"] == "gina" and report["client_id"] == "edge-01"
     lt.call(agent._report, ch)
-    assert any(x["type"] == "stats_report" for x in ch.sent)
+    report = [x for x in ch.sent if x["type"] == "stats_report"][-1]
+    assert [row["owner"] for row in report["owners"]] == ["gina"]  # the envelope row (docs/rate-limits.md)
+    assert set(report["owners"][0]) == {"owner", "active", "throttle_seconds", "bandwidth_dropped_in",
+                                        "bandwidth_dropped_out"}
+    assert "rejects" in report["rules"][0]["rate_limit"]
     assert lt.call(lambda: lt.enforcer.quotas.handle("gina")._unreported) == 0
     # a fresh state minus nothing unreported: forwarding resumes
     lt.call(agent._on_message, ch, quota_set("gina", 64 * 1024))

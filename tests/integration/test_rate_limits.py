@@ -55,11 +55,11 @@ def test_a_1mib_inbound_cap_delivers_rate_times_time_plus_burst_and_never_splice
     elapsed = time.monotonic() - t0
     expected = MiB * elapsed + MiB  # rate x time + burst (one second of rate)
     assert 0.7 * expected <= got <= 1.2 * expected, (got, expected)
-    snap = lt.snapshot("capped")["rate_limit_stats"]
+    snap = lt.snapshot("capped")["rate_limit"]
     assert snap["throttle_seconds"]["in"] > 0.3 and snap["throttle_seconds"]["out"] == 0
     assert snap["active"] == 1
     c.close()
-    wait_until(lambda: lt.snapshot("capped")["rate_limit_stats"]["active"] == 0, what="the slot given back")
+    wait_until(lambda: lt.snapshot("capped")["rate_limit"]["active"] == 0, what="the slot given back")
     assert logs.events("proxy.splice_selected", rule="capped") == []
 
 
@@ -78,7 +78,7 @@ def test_an_outbound_cap_parks_the_way_back(lt):
         elapsed = time.monotonic() - t0
         # 256 KiB of burst, then 512 KiB at 256 KiB/s: about 2 s (never much less)
         assert elapsed >= 1.4, elapsed
-        assert lt.snapshot("out")["rate_limit_stats"]["throttle_seconds"]["out"] > 0.5
+        assert lt.snapshot("out")["rate_limit"]["throttle_seconds"]["out"] > 0.5
         c.close()
     finally:
         echo.close()
@@ -91,11 +91,11 @@ def test_two_new_connections_per_second_burst_2_of_10_at_once_exactly_2_pass(lt)
         rule = tcp_rule("rate", listen, target, rate_limit={"new_connections_per_sec": 2, "new_connections_burst": 2})
         lt.call(lt.runtime.activate, rule)
         conns = [socket.create_connection(("127.0.0.1", listen), timeout=5) for _ in range(10)]
-        wait_until(lambda: sum(lt.snapshot("rate")["rate_limit_stats"]["rejects"].values())
+        wait_until(lambda: sum(lt.snapshot("rate")["rate_limit"]["rejects"].values())
                    + lt.snapshot("rate")["connections_total"] >= 10, what="10 connections decided")
         snap = lt.snapshot("rate")
         assert snap["connections_total"] == 2
-        assert snap["rate_limit_stats"]["rejects"]["conn_rate"] == 8
+        assert snap["rate_limit"]["rejects"]["conn_rate"] == 8
         outcomes = []
         for c in conns:
             try:
@@ -121,9 +121,9 @@ def test_a_concurrency_cap_rejects_with_rst_and_gives_the_slot_back(lt):
             c.sendall(b"a")
             assert c.recv(1) == b"a"
         assert refused(listen)
-        assert lt.snapshot("conc")["rate_limit_stats"]["rejects"]["conn_concurrent"] == 1
+        assert lt.snapshot("conc")["rate_limit"]["rejects"]["conn_concurrent"] == 1
         held.pop().close()
-        wait_until(lambda: lt.snapshot("conc")["rate_limit_stats"]["active"] == 1, what="one slot free")
+        wait_until(lambda: lt.snapshot("conc")["rate_limit"]["active"] == 1, what="one slot free")
         assert not refused(listen)
         for c in held:
             c.close()
@@ -144,8 +144,8 @@ def test_the_owner_envelope_is_shared_by_two_rules_and_binds_first(lt):
         c.sendall(b"q")
         assert c.recv(1) == b"q"
         assert refused(l2) and refused(l1)
-        assert lt.snapshot("a2")["rate_limit_stats"]["rejects"]["owner_concurrent"] == 1
-        assert lt.snapshot("a1")["rate_limit_stats"]["rejects"]["owner_concurrent"] == 1
+        assert lt.snapshot("a2")["rate_limit"]["rejects"]["owner_concurrent"] == 1
+        assert lt.snapshot("a1")["rate_limit"]["rejects"]["owner_concurrent"] == 1
         lt.call(lt.runtime.set_owner_cap, "alice", None)  # the envelope goes: the rule caps remain
         assert not refused(l2)
         c.close()
@@ -165,13 +165,13 @@ def test_udp_bandwidth_drops_are_counted_and_flow_rate_drops_new_flows(lt):
         s.settimeout(2)
         for _ in range(10):
             s.sendto(b"d" * 400, ("127.0.0.1", listen))
-        wait_until(lambda: lt.snapshot("u")["datagrams_in"] + lt.snapshot("u")["rate_limit_stats"]["bandwidth_dropped_in"]
+        wait_until(lambda: lt.snapshot("u")["datagrams_in"] + lt.snapshot("u")["rate_limit"]["bandwidth_dropped_in"]
                    >= 10, what="10 datagrams decided")
         snap = lt.snapshot("u")
-        assert snap["datagrams_in"] in (2, 3) and snap["rate_limit_stats"]["bandwidth_dropped_in"] == 10 - snap["datagrams_in"]
+        assert snap["datagrams_in"] in (2, 3) and snap["rate_limit"]["bandwidth_dropped_in"] == 10 - snap["datagrams_in"]
         other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         other.sendto(b"n", ("127.0.0.1", listen))  # a second flow within the same second: no token
-        wait_until(lambda: lt.snapshot("u")["rate_limit_stats"]["rejects"]["udp_flow_rate"] == 1, what="flow refused")
+        wait_until(lambda: lt.snapshot("u")["rate_limit"]["rejects"]["udp_flow_rate"] == 1, what="flow refused")
         s.close()
         other.close()
     finally:
@@ -223,7 +223,7 @@ def test_a_hot_update_under_live_load_keeps_bucket_state_and_the_connection(lt, 
     assert b.error is None  # the live connection was never closed
     # 2 x rate x elapsed (a fresh bucket would add one more burst on top)
     assert 0.6 * 2 * rate * elapsed <= moved <= 2 * rate * elapsed + 0.5 * rate, (moved, elapsed)
-    assert lt.snapshot("hot")["rate_limit_stats"]["active"] == 1
+    assert lt.snapshot("hot")["rate_limit"]["active"] == 1
     c.close()
 
 
