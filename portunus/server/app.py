@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import threading
 
@@ -90,13 +89,7 @@ def serve(data_dir: str, *, advertised_endpoint: str | None = None, ready_event:
         "server_cert_sha256": cert.fingerprint,
     }
 
-    state = {"stopping": False}
-
     def stop(signame: str) -> None:
-        if state["stopping"]:
-            loop.stop()
-            return
-        state["stopping"] = True
         log.info("process.shutdown", signal=signame)
         http_srv.stopping = True
         threading.Thread(target=http_srv.shutdown, daemon=True).start()
@@ -104,8 +97,7 @@ def serve(data_dir: str, *, advertised_endpoint: str | None = None, ready_event:
         hub.close()
         loop.call_later(0.2, loop.stop)
 
-    loop.add_signal_handler(signal.SIGTERM, stop, "SIGTERM")
-    loop.add_signal_handler(signal.SIGINT, stop, "SIGINT")
+    loop.add_shutdown_handlers(stop, lambda _signame: loop.stop())
     tmp = runtime_info_path(data_dir) + ".tmp"
     with open(tmp, "w") as f:
         json.dump(info, f)
