@@ -1,7 +1,8 @@
 """`portunus-server` users, grants and recovery commands (SPEC §5, §7.1).
 
 Offline only (they open the store, so they refuse with ``store_in_use`` while serve runs):
-``onboarding-token`` and ``reset-password`` (the 3 a.m. recovery path needs no working login).
+``onboarding-token`` and ``reset-password`` (the 3 a.m. recovery path needs no working login;
+``reset-password --online`` asks the running server instead, as a superadmin bearer).
 
 Users and grants go through the running server's API (``PORTUNUS_OPERATOR_TOKEN``) when one
 is found, else straight to the store. Offline, removing a user or revoking a grant commits
@@ -34,6 +35,9 @@ def add_parsers(sub) -> None:
     how.add_argument("--temporary", action="store_true", help="generate a temporary password and print it once")
     how.add_argument("--password-stdin", action="store_true", help="read the new password from stdin")
     s.add_argument("--keep-api-tokens", action="store_true", help="do not revoke the user's API bearer tokens")
+    s.add_argument("--online", action="store_true",
+                   help="reset through the running server instead (POST /v1/users/ID/password with "
+                        "PORTUNUS_OPERATOR_TOKEN; API tokens are kept)")
     s.add_argument("--format", choices=FORMATS, default="text")
     s.set_defaults(fn=cmd_reset_password)
 
@@ -162,8 +166,14 @@ def cmd_onboarding_token(args) -> int:
 
 def cmd_reset_password(args) -> int:
     new_password = read_password_stdin() if args.password_stdin else None
-    with _Offline(args) as off:
-        out = off.identity.reset_password(args.user_id, new_password, revoke_api_tokens=not args.keep_api_tokens)
+    if args.online:
+        body = {} if new_password is None else {"new_password": new_password}
+        out = _server_cli()._api(args).call("POST", f"/v1/users/{quote(args.user_id)}/password", body)[1]
+        out.setdefault("api_tokens_revoked", 0)
+    else:
+        with _Offline(args) as off:
+            out = off.identity.reset_password(args.user_id, new_password,
+                                              revoke_api_tokens=not args.keep_api_tokens)
     if args.format == "json":
         print_json(out)
         return 0

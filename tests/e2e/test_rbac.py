@@ -214,6 +214,14 @@ def test_identity_cli_commands_go_through_the_running_server(procs, tmp_path, se
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout) == {"removed_rule_ids": [rid]}
     agent.wait_event("rule.removed", timeout=15, pred=lambda e: e.get("rule") == rid)
+    # the API password reset from the CLI: a temporary password, alice's session ends, change required
+    res = run("reset-password", "alice", "--temporary", "--online")
+    assert res.returncode == 0, res.stderr
+    temporary = res.stdout.split("temporary_password=", 1)[1].split()[0]
+    secrets.add(temporary)
+    assert alice.get("/v1/users/me").code == "unauthenticated"
+    assert Web(server.api).login("alice", temporary).body["password_change_required"] is True
+    assert run("reset-password", "nobody", "--temporary", "--online").returncode == 8
     assert run("user-remove", "alice").returncode == 0
     assert run("user-get", "alice").returncode == 8
     # a wrong bearer is exit 7
