@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from portunus.errors import PortunusError
-from portunus.store import Store, db
+from portunus.store import Store, db, filesystem
 from portunus.store.db import (
     ALLOW_ANY_FS_ENV,
     NFS_SUPER_MAGIC,
@@ -522,13 +522,13 @@ def test_an_existing_tmpfs_data_dir_is_refused_too(tmp_path, monkeypatch):
 
 def test_refusal_follows_the_magic_of_the_data_dir(tmp_path, monkeypatch):
     monkeypatch.delenv(ALLOW_ANY_FS_ENV, raising=False)
-    monkeypatch.setattr(db, "filesystem_magic", lambda path: NFS_SUPER_MAGIC)
+    monkeypatch.setattr(filesystem, "filesystem_magic", lambda path: NFS_SUPER_MAGIC)
     with pytest.raises(PortunusError) as ei:
         Store.open(str(tmp_path / "data"))
     assert ei.value.code == "startup.unsupported_filesystem"
     assert "nfs" in ei.value.message and str(tmp_path / "data") in ei.value.message
     assert not (tmp_path / "data").exists()
-    monkeypatch.setattr(db, "filesystem_magic", lambda path: 0xEF53)
+    monkeypatch.setattr(filesystem, "filesystem_magic", lambda path: 0xEF53)
     with Store.open(str(tmp_path / "data")) as s:
         assert s.schema_version() == LATEST
 
