@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hmac
 import math
-import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -29,15 +28,10 @@ from ..store import web_sessions as store_sessions
 from ..store.clients import clean_label
 from ..store.db import Store, parse_rfc3339, rfc3339
 from ..store.ids import hash_token, is_ulid, new_token, new_ulid
-from ..store.operators import LEGACY_ID, SUPERADMIN_ID
 from . import passwords
-
-USER_ID_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,31}")
-ROLES = store_users.ROLES
-PROTOCOLS = ("tcp", "udp")
-ANY_CLIENT = store_grants.ANY_CLIENT
-MAX_DISPLAY_NAME = 64
-MAX_NOTE = 200
+from .identity_checks import (ANY_CLIENT, MAX_DISPLAY_NAME, MAX_NOTE, PROTOCOLS, ROLES, USER_ID_PATTERN,  # noqa: F401
+                              _address, _port, _shown, grant_fits, validate_protocols, validate_role,
+                              validate_user_id)
 
 SETUP_TOKEN_TTL_SECS = 30 * 60
 SESSION_IDLE_SECS = 8 * 3600
@@ -74,55 +68,6 @@ class SessionInfo:
     display_name: str
     password_change_required: bool
     session_hash: str             # identifies the session for logout / "all other sessions"
-
-
-def _shown(value, limit: int = 64) -> str:
-    """repr of caller input for a message, cut so a huge value cannot flood a log line."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "…"
-
-
-def validate_user_id(user_id) -> str:
-    """A new user's id: ``[a-z][a-z0-9_-]{0,31}``; a leading ``_`` is reserved."""
-    if isinstance(user_id, str) and user_id.startswith("_"):
-        raise PortunusError("validation.reserved_user_id",
-                            f"user ids starting with '_' are reserved ({SUPERADMIN_ID}, {LEGACY_ID}), got {_shown(user_id)}",
-                            user_id=user_id[:64])
-    if not isinstance(user_id, str) or USER_ID_PATTERN.fullmatch(user_id) is None:
-        raise PortunusError("validation.invalid_user_id",
-                            f"a user id is a lowercase letter then up to 31 of a-z 0-9 _ -, got {_shown(user_id)}")
-    return user_id
-
-
-def validate_role(role) -> str:
-    if role not in ROLES:
-        raise PortunusError("validation.invalid_role", f"role must be superadmin or user, got {_shown(role)}")
-    return role
-
-
-def _port(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-        raise PortunusError("validation.invalid_port", f"{what} must be a port 1-65535, got {_shown(value)}")
-    return value
-
-
-def validate_protocols(protocols) -> list[str]:
-    if isinstance(protocols, str) or not isinstance(protocols, (list, tuple)) or not protocols:
-        raise PortunusError("validation.invalid_protocols",
-                            f"protocols must be a non-empty list of tcp/udp, got {_shown(protocols)}")
-    for proto in protocols:
-        if proto not in PROTOCOLS:
-            raise PortunusError("validation.invalid_protocol", f"protocol {_shown(proto)} is not tcp or udp")
-    return [p for p in PROTOCOLS if p in protocols]
-
-
-def _address(remote_ip) -> str:
-    # callers without a peer address (tests, a Unix socket) still share one key rather than none
-    return remote_ip if isinstance(remote_ip, str) and remote_ip else "unknown"
-
-
-def grant_fits(grant: dict, protocol: str, start: int, end: int) -> bool:
-    return protocol in grant["protocols"] and grant["listen_port_start"] <= start and end <= grant["listen_port_end"]
 
 
 class IdentityService:
