@@ -46,16 +46,7 @@ def serve(data_dir: str, *, advertised_endpoint: str | None = None, ready_event:
     log.configure(fmt="json" if cfg.log_format == "json" else "pretty")
     raise_nofile_limit()
     store = Store.open(data_dir)
-    seed = advertised_endpoint or os.environ.get("PORTUNUS_ADVERTISED_ENDPOINT") or None
-    cert = ensure_server_cert(cfg.cert_path, cfg.key_path, extra_hosts=seed_san_hosts(seed))
-    seed_error = None
-    if seed:
-        try:
-            seed = validate_seed_endpoint(seed, cert)
-        except PortunusError as exc:
-            # fail closed: enrollments are refused until the seed is fixed, never sent to a wrong host;
-            # reported once, below, with whatever else decides the endpoint
-            seed_error, seed = exc, None
+    cert, seed, seed_error = _certificate_and_seed(cfg, advertised_endpoint)
     if not store_operators.ensure_legacy_operator(store, cfg.operator_token) and cfg.operator_token:
         log.warn("startup.operator_token_ignored",
                  reason="another superadmin exists; operator_token only bootstraps a store without one")
@@ -72,14 +63,9 @@ def serve(data_dir: str, *, advertised_endpoint: str | None = None, ready_event:
     traffic = start_traffic_services(store, hub, core)  # quotas, accounting, housekeeping (SPEC §4.4)
     attach_owner_caps(store, hub, core)  # owner-cap routes, pushes and replay before quotas and rules
 
-    from ..http.app import OperatorAPI, make_metrics_server, make_server, serve_in_thread
-    api = OperatorAPI(core, store, public_origin=cfg.values.get("operator_http_public_origin"), identity=identity)
-    http_srv = make_server(*cfg.http_addr, api)
-    metrics_srv = make_metrics_server(*cfg.metrics_addr, core)
+    http_srv, metrics_srv = _start_http(cfg, core, store, identity)
     http_host, http_port = http_srv.server_address[:2]
     m_host, m_port = metrics_srv.server_address[:2]
-    serve_in_thread(http_srv, "portunus-http")
-    serve_in_thread(metrics_srv, "portunus-metrics")
     info = {
         "pid": os.getpid(),
         "version": __version__,
@@ -98,19 +84,8 @@ def serve(data_dir: str, *, advertised_endpoint: str | None = None, ready_event:
         loop.call_later(0.2, loop.stop)
 
     loop.add_shutdown_handlers(stop, lambda _signame: loop.stop())
-    tmp = runtime_info_path(data_dir) + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(info, f)
-    os.replace(tmp, runtime_info_path(data_dir))
-    endpoint = core.advertised_endpoint_info()
-    if endpoint["effective"] is None:
-        log.error("startup.advertised_endpoint_invalid", source=endpoint["source"], code=endpoint["error"].code,
-                  reason=endpoint["diagnostic"], effect="enrollment creation is refused until this is fixed")
-    if setup_token:
-        # the one place the setup token is shown (never in a log line): stderr, for the operator at the console
-        print(f"Portunus onboarding setup token: {setup_token}", file=sys.stderr, flush=True)
-    log.info("server.ready", **info, advertised_endpoint=endpoint["effective"],
-             advertised_endpoint_source=endpoint["source"])
+    _write_runtime_info(data_dir, info)
+    _announce_ready(core, info, setup_token)
     if ready_event is not None:
         ready_event.set()
     try:
@@ -128,6 +103,52 @@ def serve(data_dir: str, *, advertised_endpoint: str | None = None, ready_event:
         store.close()
     log.info("process.exit", code=0)
     return 0
+
+
+def _certificate_and_seed(cfg, advertised_endpoint: str | None) -> tuple:
+    """The server certificate (created on first start) and the tier-2 seed endpoint, or why it was refused."""
+    seed = advertised_endpoint or os.environ.get("PORTUNUS_ADVERTISED_ENDPOINT") or None
+    cert = ensure_server_cert(cfg.cert_path, cfg.key_path, extra_hosts=seed_san_hosts(seed))
+    seed_error = None
+    if seed:
+        try:
+            seed = validate_seed_endpoint(seed, cert)
+        except PortunusError as exc:
+            # fail closed: enrollments are refused until the seed is fixed, never sent to a wrong host;
+            # reported once, by _announce_ready, with whatever else decides the endpoint
+            seed_error, seed = exc, None
+    return cert, seed, seed_error
+
+
+def _start_http(cfg, core: ServerCore, store: Store, identity: IdentityService) -> tuple:
+    """The operator API and the metrics listener, each served on its own accept thread."""
+    from ..http.app import OperatorAPI, make_metrics_server, make_server, serve_in_thread
+    api = OperatorAPI(core, store, public_origin=cfg.values.get("operator_http_public_origin"), identity=identity)
+    http_srv = make_server(*cfg.http_addr, api)
+    metrics_srv = make_metrics_server(*cfg.metrics_addr, core)
+    serve_in_thread(http_srv, "portunus-http")
+    serve_in_thread(metrics_srv, "portunus-metrics")
+    return http_srv, metrics_srv
+
+
+def _write_runtime_info(data_dir: str, info: dict) -> None:
+    """serve.json, written whole (rename), so the CLI and doctor never read half of it."""
+    tmp = runtime_info_path(data_dir) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(info, f)
+    os.replace(tmp, runtime_info_path(data_dir))
+
+
+def _announce_ready(core: ServerCore, info: dict, setup_token: str | None) -> None:
+    endpoint = core.advertised_endpoint_info()
+    if endpoint["effective"] is None:
+        log.error("startup.advertised_endpoint_invalid", source=endpoint["source"], code=endpoint["error"].code,
+                  reason=endpoint["diagnostic"], effect="enrollment creation is refused until this is fixed")
+    if setup_token:
+        # the one place the setup token is shown (never in a log line): stderr, for the operator at the console
+        print(f"Portunus onboarding setup token: {setup_token}", file=sys.stderr, flush=True)
+    log.info("server.ready", **info, advertised_endpoint=endpoint["effective"],
+             advertised_endpoint_source=endpoint["source"])
 
 
 def _start_onboarding(identity: IdentityService) -> str | None:
