@@ -105,42 +105,10 @@ def run(cfg: StandaloneConfig, overrides: dict | None = None) -> int:
     log.info("process.start", role="standalone", version=__version__, label=cfg.label, config=cfg.path,
              rules=len(cfg.rules), nofile_limit=nofile, pid=os.getpid())
 
-    failed = None
-    for rule in cfg.rules:
-        status = runtime.activate(rule)
-        if status.state == "failed":
-            failed = status
-            break
-    if failed is not None:
-        # startup is all or nothing: unbind what was bound, then report the port
-        for rid in list(runtime.rules):
-            runtime.remove(rid)
-        runtime.ctx.close()
-        loop.close()
-        raise PortunusError(failed.code if failed.code == "port_in_use" else "activation_failed",
-                            f"rule {failed.rule_id!r}: {failed.reason}", rule_id=failed.rule_id, port=failed.port)
-
-    def snapshot() -> dict:
-        rows = runtime.snapshots(per_port=True, per_target=True)
-        for row in rows:  # what the rule is, next to its counters, so `stats` needs no config
-            rule = runtime.rules[row["rule_id"]].rule
-            row.update(listen_host=rule.listen_host, listen=rule.listen_label,
-                       targets=[t.label() for t in rule.targets], sni_pattern=rule.sni_pattern,
-                       caps=rule.rate_limit.to_dict() if rule.rate_limit else None)
-        return {"label": cfg.label, "pid": os.getpid(), "rules": rows}
-
-    stats_sock = StatsSocket(loop, cfg.stats_socket_path, snapshot) if cfg.stats_socket_path else None
-
-    def log_stats() -> None:
-        for snap in runtime.snapshots():
-            log.info("standalone.rule_stats", rule=snap["rule_id"], protocol=snap["protocol"],
-                     bytes_in=snap["bytes_in"], bytes_out=snap["bytes_out"],
-                     active_connections=snap["active_connections"], datagrams_in=snap["datagrams_in"],
-                     datagrams_out=snap["datagrams_out"], active_flows=snap["active_flows"],
-                     flows_dropped_overflow=snap["flows_dropped_overflow"], dns_failures=snap["dns_failures"])
-        log.flush_limited()  # rate-limited warnings get their suppressed=N summary with the stats
-        loop.call_later(STATS_LOG_INTERVAL, log_stats)
-    loop.call_later(STATS_LOG_INTERVAL, log_stats)
+    _activate_all(loop, runtime, cfg.rules)
+    stats_sock = StatsSocket(loop, cfg.stats_socket_path, lambda: _snapshot(cfg, runtime)) \
+        if cfg.stats_socket_path else None
+    _log_stats_every(loop, runtime, STATS_LOG_INTERVAL)
 
     state = {"stopping": False}
 
@@ -155,28 +123,8 @@ def run(cfg: StandaloneConfig, overrides: dict | None = None) -> int:
         loop.stop()
 
     def reload() -> None:
-        """SIGHUP: re-read the config; unchanged rules keep their listeners and connections."""
-        from .config import load
-        if state["stopping"]:
-            return
-        try:
-            new = load(cfg.path)
-            for name, value in overrides.items():
-                setattr(new, name, value)
-        except PortunusError as exc:
-            log.error("config.reload_failed", code=exc.code, reason=exc.message, effect="kept the running rules")
-            return
-        log.configure(fmt=new.log_format, level=new.log_level)
-        runtime.settings.udp_max_flows = new.udp_max_flows
-        runtime.settings.udp_flow_idle_secs = new.udp_flow_idle_secs
-        runtime.settings.drain_timeout = cfg.shutdown_drain_secs = new.shutdown_drain_secs
-        before = {rid: live.rule for rid, live in runtime.rules.items()}
-        statuses = runtime.apply(new.rules)
-        log.info("config.reloaded", config=cfg.path,
-                 added=[r.rule_id for r in new.rules if r.rule_id not in before],
-                 changed=[r.rule_id for r in new.rules if r.rule_id in before and before[r.rule_id] != r],
-                 removed=[rid for rid in before if rid not in statuses],
-                 failed=[rid for rid, st in statuses.items() if st.state == "failed"])
+        if not state["stopping"]:
+            _reload(cfg, overrides, runtime)
 
     loop.add_shutdown_handlers(drain, force)
     loop.add_signal_handler(signal.SIGHUP, reload)
@@ -191,3 +139,68 @@ def run(cfg: StandaloneConfig, overrides: dict | None = None) -> int:
         loop.close()
     log.info("process.exit", code=0)
     return 0
+
+
+def _activate_all(loop: Loop, runtime: RuleRuntime, rules) -> None:
+    """Startup is all or nothing: on the first rule that fails, unbind what was bound and report its port."""
+    failed = None
+    for rule in rules:
+        status = runtime.activate(rule)
+        if status.state == "failed":
+            failed = status
+            break
+    if failed is None:
+        return
+    for rid in list(runtime.rules):
+        runtime.remove(rid)
+    runtime.ctx.close()
+    loop.close()
+    raise PortunusError(failed.code if failed.code == "port_in_use" else "activation_failed",
+                        f"rule {failed.rule_id!r}: {failed.reason}", rule_id=failed.rule_id, port=failed.port)
+
+
+def _snapshot(cfg: StandaloneConfig, runtime: RuleRuntime) -> dict:
+    """What the stats socket answers: each rule's counters next to what the rule is (`stats` needs no config)."""
+    rows = runtime.snapshots(per_port=True, per_target=True)
+    for row in rows:
+        rule = runtime.rules[row["rule_id"]].rule
+        row.update(listen_host=rule.listen_host, listen=rule.listen_label,
+                   targets=[t.label() for t in rule.targets], sni_pattern=rule.sni_pattern,
+                   caps=rule.rate_limit.to_dict() if rule.rate_limit else None)
+    return {"label": cfg.label, "pid": os.getpid(), "rules": rows}
+
+
+def _log_stats_every(loop: Loop, runtime: RuleRuntime, interval: float) -> None:
+    def log_stats() -> None:
+        for snap in runtime.snapshots():
+            log.info("standalone.rule_stats", rule=snap["rule_id"], protocol=snap["protocol"],
+                     bytes_in=snap["bytes_in"], bytes_out=snap["bytes_out"],
+                     active_connections=snap["active_connections"], datagrams_in=snap["datagrams_in"],
+                     datagrams_out=snap["datagrams_out"], active_flows=snap["active_flows"],
+                     flows_dropped_overflow=snap["flows_dropped_overflow"], dns_failures=snap["dns_failures"])
+        log.flush_limited()  # rate-limited warnings get their suppressed=N summary with the stats
+        loop.call_later(interval, log_stats)
+    loop.call_later(interval, log_stats)
+
+
+def _reload(cfg: StandaloneConfig, overrides: dict, runtime: RuleRuntime) -> None:
+    """SIGHUP: re-read the config; unchanged rules keep their listeners and connections."""
+    from .config import load
+    try:
+        new = load(cfg.path)
+        for name, value in overrides.items():
+            setattr(new, name, value)
+    except PortunusError as exc:
+        log.error("config.reload_failed", code=exc.code, reason=exc.message, effect="kept the running rules")
+        return
+    log.configure(fmt=new.log_format, level=new.log_level)
+    runtime.settings.udp_max_flows = new.udp_max_flows
+    runtime.settings.udp_flow_idle_secs = new.udp_flow_idle_secs
+    runtime.settings.drain_timeout = cfg.shutdown_drain_secs = new.shutdown_drain_secs
+    before = {rid: live.rule for rid, live in runtime.rules.items()}
+    statuses = runtime.apply(new.rules)
+    log.info("config.reloaded", config=cfg.path,
+             added=[r.rule_id for r in new.rules if r.rule_id not in before],
+             changed=[r.rule_id for r in new.rules if r.rule_id in before and before[r.rule_id] != r],
+             removed=[rid for rid in before if rid not in statuses],
+             failed=[rid for rid, st in statuses.items() if st.state == "failed"])

@@ -86,8 +86,22 @@ def load(path: str) -> StandaloneConfig:
 def parse(doc: dict, path: str = "<config>") -> StandaloneConfig:
     _unknown(path, "top level", doc, _TOP)
     cfg = StandaloneConfig(path=path)
+    _parse_global(path, _table(path, doc, "global"), cfg)
+    default_protocol, default_v6 = _parse_defaults(path, _table(path, doc, "defaults"), cfg)
+    _parse_stats(path, _table(path, doc, "stats"), cfg)
+    rules = doc.get("rule", [])
+    if not isinstance(rules, list):
+        raise _err(path, "rule", "use [[rule]] (an array of tables)")
+    if not rules:
+        raise _err(path, "[[rule]]", "no rules: add at least one [[rule]] table")
+    names: set[str] = set()
+    for i, r in enumerate(rules):
+        cfg.rules.append(_parse_rule(path, i, r, names, default_protocol, default_v6))
+    _check_overlaps(path, cfg.rules)
+    return cfg
 
-    g = _table(path, doc, "global")
+
+def _parse_global(path: str, g: dict, cfg: StandaloneConfig) -> None:
     _unknown(path, "[global]", g, _GLOBAL)
     if "label" in g:
         if not isinstance(g["label"], str):
@@ -120,7 +134,9 @@ def parse(doc: dict, path: str = "<config>") -> StandaloneConfig:
         except PortunusError as exc:
             raise _err(path, "[global] dns_servers", exc.message) from None
 
-    d = _table(path, doc, "defaults")
+
+def _parse_defaults(path: str, d: dict, cfg: StandaloneConfig) -> tuple[str, bool]:
+    """[defaults]: the UDP settings go on ``cfg``; the protocol and prefer_ipv6 every rule starts from."""
     _unknown(path, "[defaults]", d, _DEFAULTS)
     default_protocol = d.get("protocol", "tcp")
     if default_protocol not in ("tcp", "udp"):
@@ -133,8 +149,10 @@ def parse(doc: dict, path: str = "<config>") -> StandaloneConfig:
     default_v6 = d.get("prefer_ipv6", False)
     if not isinstance(default_v6, bool):
         raise _err(path, "[defaults] prefer_ipv6", f"must be true or false, got {shown(default_v6)}")
+    return default_protocol, default_v6
 
-    s = _table(path, doc, "stats")
+
+def _parse_stats(path: str, s: dict, cfg: StandaloneConfig) -> None:
     _unknown(path, "[stats]", s, _STATS)
     if "socket_path" in s:
         if not isinstance(s["socket_path"], str) or not s["socket_path"]:
@@ -143,61 +161,55 @@ def parse(doc: dict, path: str = "<config>") -> StandaloneConfig:
     if "refresh_ms" in s:
         cfg.stats_refresh_ms = _int(path, "[stats] refresh_ms", s["refresh_ms"], 100, 60000)
 
-    rules = doc.get("rule", [])
-    if not isinstance(rules, list):
-        raise _err(path, "rule", "use [[rule]] (an array of tables)")
-    if not rules:
-        raise _err(path, "[[rule]]", "no rules: add at least one [[rule]] table")
-    names: set[str] = set()
-    for i, r in enumerate(rules):
-        where = f"[[rule]] #{i + 1}"
-        if not isinstance(r, dict):
-            raise _err(path, where, "must be a table")
-        if isinstance(r.get("name"), str):
-            where = f"[[rule]] #{i + 1} ({shown(r['name'])})"
-        _unknown(path, where, r, _RULE)
-        name = r.get("name")
-        if not isinstance(name, str) or not name:
-            raise _err(path, where, "needs a name = \"...\"")
-        if name in names:
-            raise _err(path, where, f"duplicate rule name {shown(name)}")
-        names.add(name)
-        if "listen_port" in r and "listen_ports" in r:
-            raise _err(path, where, "give listen_port or listen_ports, not both")
-        if "listen_port" not in r and "listen_ports" not in r:
-            raise _err(path, where, "needs listen_port = N or listen_ports = \"a-b\"")
-        targets = r.get("targets")
-        if targets is not None:
-            if not isinstance(targets, list):
-                raise _err(path, f"{where} targets", "must be an array of {host, port, ...} tables")
-            for j, t in enumerate(targets):
-                if isinstance(t, dict):
-                    _unknown(path, f"{where} targets[{j}]", t, _TARGET)
-        if "rate_limit" in r and not isinstance(r["rate_limit"], dict):
-            raise _err(path, f"{where} rate_limit", "must be a [rule.rate_limit] table of caps")
-        spec = {
-            "rule_id": name,
-            "protocol": r.get("protocol", default_protocol),
-            "listen_port": r.get("listen_port"),
-            "listen": r.get("listen_ports"),
-            "listen_host": r.get("listen_host"),
-            "target": r.get("target"),
-            "targets": targets,
-            "prefer_ipv6": r.get("prefer_ipv6", default_v6),
-            "udp_max_flows": r.get("udp_max_flows"),
-            "udp_flow_idle_secs": r.get("udp_flow_idle_secs"),
-            "sni_pattern": r.get("sni_pattern"),
-            "rate_limit": r.get("rate_limit"),  # validated by model.RateLimit like the API's
-        }
-        try:
-            rule = Rule.from_dict({k: v for k, v in spec.items() if v is not None},
-                                  max_range_ports=65535, allow_health_check=False)
-        except PortunusError as exc:
-            detail = f"{exc.code}: {exc.message}" if exc.code.startswith("validation.rate_limit") else exc.message
-            raise _err(path, where, detail) from None
-        cfg.rules.append(rule)
-    _check_overlaps(path, cfg.rules)
-    return cfg
+
+def _parse_rule(path: str, i: int, r, names: set[str], default_protocol: str, default_v6: bool) -> Rule:
+    """One [[rule]] table -> Rule, validated by model like the API's (messages name the rule)."""
+    where = f"[[rule]] #{i + 1}"
+    if not isinstance(r, dict):
+        raise _err(path, where, "must be a table")
+    if isinstance(r.get("name"), str):
+        where = f"[[rule]] #{i + 1} ({shown(r['name'])})"
+    _unknown(path, where, r, _RULE)
+    name = r.get("name")
+    if not isinstance(name, str) or not name:
+        raise _err(path, where, "needs a name = \"...\"")
+    if name in names:
+        raise _err(path, where, f"duplicate rule name {shown(name)}")
+    names.add(name)
+    if "listen_port" in r and "listen_ports" in r:
+        raise _err(path, where, "give listen_port or listen_ports, not both")
+    if "listen_port" not in r and "listen_ports" not in r:
+        raise _err(path, where, "needs listen_port = N or listen_ports = \"a-b\"")
+    targets = r.get("targets")
+    if targets is not None:
+        if not isinstance(targets, list):
+            raise _err(path, f"{where} targets", "must be an array of {host, port, ...} tables")
+        for j, t in enumerate(targets):
+            if isinstance(t, dict):
+                _unknown(path, f"{where} targets[{j}]", t, _TARGET)
+    if "rate_limit" in r and not isinstance(r["rate_limit"], dict):
+        raise _err(path, f"{where} rate_limit", "must be a [rule.rate_limit] table of caps")
+    spec = {
+        "rule_id": name,
+        "protocol": r.get("protocol", default_protocol),
+        "listen_port": r.get("listen_port"),
+        "listen": r.get("listen_ports"),
+        "listen_host": r.get("listen_host"),
+        "target": r.get("target"),
+        "targets": targets,
+        "prefer_ipv6": r.get("prefer_ipv6", default_v6),
+        "udp_max_flows": r.get("udp_max_flows"),
+        "udp_flow_idle_secs": r.get("udp_flow_idle_secs"),
+        "sni_pattern": r.get("sni_pattern"),
+        "rate_limit": r.get("rate_limit"),  # validated by model.RateLimit like the API's
+    }
+    try:
+        rule = Rule.from_dict({k: v for k, v in spec.items() if v is not None},
+                              max_range_ports=65535, allow_health_check=False)
+    except PortunusError as exc:
+        detail = f"{exc.code}: {exc.message}" if exc.code.startswith("validation.rate_limit") else exc.message
+        raise _err(path, where, detail) from None
+    return rule
 
 
 def _check_overlaps(path: str, rules: list[Rule]) -> None:
