@@ -133,3 +133,55 @@ def test_owner_cap_commands(server, tmp_path):
     refused(server.cli("owner-cap", "delete", "edge-tokyo", "alice"), "not_found", 8)
     assert server.cli("owner-cap", "get", "edge-tokyo", "alice", check=True).stdout.startswith(
         f"alice on {peer.client_id}: -")
+
+
+def test_rate_limit_counters_of_a_real_client_on_metrics(procs, tmp_path):
+    import socket
+
+    from conftest import free_port, wait_until
+    from cp import enroll_client, wait_connected
+    from peers import TcpEchoServer
+    from quota_env import metric, scrape
+
+    data = tmp_path / "server"
+    write_server_toml(data)
+    server = Server(procs, data)
+    enroll_client(server, procs, tmp_path, "edge-rl")
+    wait_connected(server, "edge-rl")
+    target = free_port()
+    echo = TcpEchoServer([target])
+    listen = free_port()
+    try:
+        res = server.cli("push-rule", "edge-rl", str(listen), f"127.0.0.1:{target}", "--concurrent-connections", "1")
+        assert res.returncode == 0, res.stderr
+        rule_id = res.stdout.strip()
+        owner = json.loads(server.cli("list-rules", "--format", "json", check=True).stdout)[0]["owner"] or ""
+        held = socket.create_connection(("127.0.0.1", listen), timeout=10)
+        held.sendall(b"x")
+        assert held.recv(1) == b"x"
+        try:  # accept-then-RST: the reset may come during connect or on the first read; never forwarded
+            with socket.create_connection(("127.0.0.1", listen), timeout=10) as refused_conn:
+                refused_conn.sendall(b"y")
+                assert refused_conn.recv(1) == b""
+        except (ConnectionResetError, BrokenPipeError):
+            pass
+
+        labels = f'client="edge-rl",rule="{rule_id}",owner="{owner}"'
+
+        def rows():
+            text = scrape(server)
+            return text if (metric(text, f'portunus_rate_limit_reject_total{{{labels},reason="conn_concurrent"}}')
+                            or 0) >= 1 else None
+        text = wait_until(rows, timeout=20, interval=0.3, what="the reject row")
+        assert metric(text, f'portunus_rate_limit_active_connections{{{labels}}}') == 1
+        assert metric(text, f'portunus_rate_limit_throttle_seconds_total{{{labels},direction="in"}}') == 0
+        assert "rate limit: active 1, rejects conn_concurrent=1" in server.cli("rule-stats", rule_id, check=True).stdout
+
+        assert owner  # the operator token's user owns what it pushes
+        if owner:  # an owner envelope adds its rule="" rows
+            server.cli("owner-cap", "set", "edge-rl", owner, "--concurrent-connections", "10", check=True)
+            row = f'portunus_rate_limit_active_connections{{client="edge-rl",rule="",owner="{owner}"}}'
+            wait_until(lambda: metric(scrape(server), row) == 1, timeout=20, interval=0.3, what="the owner row")
+        held.close()
+    finally:
+        echo.close()
