@@ -428,6 +428,34 @@ def test_audit_and_metrics_pages(console):
     shot(console, "metrics")
 
 
+def test_client_rename_reenroll_revoke_show_revoked_delete(console):
+    import re
+    ensure_admin(console)
+    b = console.browser
+    ensure_logged_in(console)
+    admin_api(console).ok("POST", "client-enrollments", {"name": "edge-spare"})
+    go(console, "/clients")
+    rendered(console, "/clients")
+    row = lambda name: b.find(f'tr[data-client-name="{name}"]')  # noqa: E731
+    b.click_text("Rename", "button", scope=row("edge-spare"))
+    b.set_field("name", "edge-spare-2", "dialog.modal")
+    b.click("dialog.modal button[type=submit]")
+    b.wait(lambda: b.finds('tr[data-client-name="edge-spare-2"]'), what="the renamed row")
+    b.click_text("Re-enroll", "button", scope=row("edge-spare-2"))
+    command = b.find("#enroll-command").text
+    assert "edge-spare-2" in b.find("#enroll-reveal h2").text and "code=" in command
+    console.secrets.add(re.search(r"code=([^&']+)", command).group(1))
+    b.click_text("Revoke", "button", scope=row("edge-spare-2"))
+    b.click_text("Revoke", "dialog.modal button")
+    b.wait(lambda: not b.finds('tr[data-client-name="edge-spare-2"]'), what="a revoked client hidden")
+    b.click("#show-revoked")
+    b.wait(lambda: "revoked" in row("edge-spare-2").text, what="the revoked client shown")
+    b.click_text("Delete", "button", scope=row("edge-spare-2"))
+    b.click_text("Delete", "dialog.modal button")
+    b.wait(lambda: not b.finds('tr[data-client-name="edge-spare-2"]'), what="the deleted client gone")
+    assert b.finds('tr[data-client-name="edge-ui"]')
+
+
 def test_storage_and_urls_hold_no_secret_after_a_full_session(console):
     ensure_admin(console)
     b = console.browser
