@@ -314,17 +314,29 @@ class Limiter:
 
 class Ticket:
     """An admitted connection or flow: the chain of scopes it is accounted to (owner envelope first,
-    then the rule). ``release`` gives back its concurrency slots, exactly once."""
+    then the rule). ``release`` gives back its concurrency slots, exactly once.
 
-    __slots__ = ("chain", "rule", "_owner_live", "_owner", "_parked", "released")
+    With ``owner_scope`` (the book's lookup of the owner's current envelope) the chain follows the
+    envelope: one installed after the connection was admitted caps it from then on too."""
 
-    def __init__(self, chain: tuple[Limiter, ...], rule: Limiter, owner_live: dict[str, int]):
-        self.chain = chain
+    __slots__ = ("_chain", "rule", "_owner_live", "_owner", "_parked", "released", "_owner_scope")
+
+    def __init__(self, chain: tuple[Limiter, ...], rule: Limiter, owner_live: dict[str, int],
+                 owner_scope=None):
+        self._chain = chain
+        self._owner_scope = owner_scope
         self.rule = rule
         self._owner_live = owner_live
         self._owner = rule.owner
         self._parked: dict[str, tuple[TokenBucket, object]] = {}
         self.released = False
+
+    @property
+    def chain(self) -> tuple[Limiter, ...]:
+        if self._owner_scope is None:
+            return self._chain
+        owner = self._owner_scope()
+        return (owner, self.rule) if owner is not None else (self.rule,)
 
     def _buckets(self, direction: str) -> list[TokenBucket]:
         return [b for b in (lim.bandwidth[direction] for lim in self.chain) if b is not None]
@@ -483,7 +495,7 @@ class LimiterBook:
         rule.concurrent += 1
         if rule.owner:
             self._owner_live[rule.owner] = self._owner_live.get(rule.owner, 0) + 1
-        return Ticket(chain, rule, self._owner_live)
+        return Ticket(chain, rule, self._owner_live, lambda: self.owner_limiter(rule.owner))
 
     def owner_active(self, owner: str | None) -> int:
         """Live connections and flows over all of ``owner``'s rules here (``…_active_connections``,
