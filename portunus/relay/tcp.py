@@ -148,6 +148,11 @@ class TcpSession:
             self.header_timer = self.ctx.loop.call_later(PROXY_HEADER_TIMEOUT, self._header_timeout)
         else:
             inbound.pending = self.replay
+        if self.replay:  # the ClientHello an SNI listener read: end-user bytes like any other
+            if self.ticket is not None and self.ticket.bandwidth_capped:
+                self.ticket.spend("in", len(self.replay), self.ctx.loop.time())
+            if self.quota is not None:
+                self.quota.debit(len(self.replay))
         self.replay = b""
         for p in self.pumps:
             p.start()
