@@ -304,16 +304,18 @@ def test_too_many_headers_on_v1_is_json_400_and_audited(server):
     assert_json_4xx(server, request("GET", "/v1/clients", headers=AUTH + many), 400, "bad_request")
 
 
-def test_put_rule_stub_is_gone_and_the_stream_is_a_table_route(server):
+def test_put_rule_is_the_caps_route_and_the_stream_is_a_table_route(server):
     status, spec = server.get_json("/v1/openapi.json", token=False)
     assert status == 200
-    assert "put" not in spec["paths"]["/v1/rules/{id}"]
+    assert spec["paths"]["/v1/rules/{id}"]["put"]["x-portunus-access"] == "owner"  # {rate_limit} only
     assert "get" in spec["paths"]["/v1/rules/{id}/stats/stream"]
     assert "security" not in spec["paths"]["/v1/auth/status"]["get"]
     assert spec["paths"]["/v1/audit"]["get"]["security"] == [{"bearer": []}, {"session": []}]
-    headers, _ = assert_json_4xx(server, request("PUT", "/v1/rules/01ARZ3NDEKTSV4RRFFQ69G5FAV", body=b"{}"), 405,
+    assert_json_4xx(server, request("PUT", "/v1/rules/01ARZ3NDEKTSV4RRFFQ69G5FAV", body=b"{}"), 400,
+                    "validation.missing_field")
+    headers, _ = assert_json_4xx(server, request("PATCH", "/v1/rules/01ARZ3NDEKTSV4RRFFQ69G5FAV", body=b"{}"), 405,
                                  "method_not_allowed")
-    assert headers["allow"] == "GET, DELETE"
+    assert headers["allow"] == "GET, DELETE, PUT"
     assert_json_4xx(server, request("GET", "/v1/rules/01ARZ3NDEKTSV4RRFFQ69G5FAV/stats/stream"), 404, "not_found")
 
 
