@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
 import socket
 import ssl
 import sys
@@ -34,7 +33,7 @@ import time
 from pathlib import Path
 
 from portbench import LOOPBACK, REPO as ROOT, BenchError   # bench/ is sys.path[0]
-from portbench.machine import host_busy_pct, machine_info
+from portbench.machine import machine_info, print_machine_load
 from portbench.procs import Procs, free_port, proc_cpu_secs, wait_ready
 from portbench.product import script_command
 from portbench.tools import percentile
@@ -44,15 +43,6 @@ from tlssites import make_cert  # noqa: E402  (self-signed certificates via `cry
 
 NAME = "a.bench.test"
 PATHS = ("direct", "portunus-plain", "portunus-sni", "haproxy-sni")
-
-
-def machine_load() -> dict:
-    """The load printed at the start of every feature bench: figures under load are noisy."""
-    load = {"loadavg": os.getloadavg(), "host_busy_pct": host_busy_pct(1.0)}
-    print(f"machine load: loadavg {load['loadavg'][0]:.2f} {load['loadavg'][1]:.2f} "
-          f"{load['loadavg'][2]:.2f}, host busy {load['host_busy_pct']:.0f} % over 1 s "
-          f"({os.cpu_count()} cores)", flush=True)
-    return load
 
 
 def standalone_toml(plain: int, sni: int, backend: int, dead: int) -> str:
@@ -184,7 +174,7 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2, help="client processes for the connection rate")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "sni.json"))
     args = ap.parse_args()
-    load = machine_load()
+    load = print_machine_load()
     cmd = script_command(args.bin, args.source)
     with tempfile.TemporaryDirectory(prefix="portunus-bench-sni-") as tmp:
         procs = Procs(Path(tmp))

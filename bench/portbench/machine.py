@@ -71,3 +71,13 @@ def machine_info() -> dict:
         "iperf3": _tool_version(["iperf3", "--version"]), "wrk": _tool_version(["wrk", "--version"]),
         "haproxy": _tool_version(["haproxy", "-v"]), "git": _git_revision(),
     }
+
+
+def print_machine_load(secs: float = 1.0) -> dict:
+    """Print and return the load average and the host busy % over `secs`: the feature benches
+    (sni.py, ratelimit.py, quota.py) start with it, since figures taken under load are noisy."""
+    load = {"loadavg": list(os.getloadavg()), "host_busy_pct": host_busy_pct(secs), "cores": os.cpu_count()}
+    busy = load["host_busy_pct"]
+    print(f"machine load: loadavg {' '.join(f'{x:.2f}' for x in load['loadavg'])}, host busy "
+          f"{'?' if busy is None else f'{busy:.0f}'} % over {secs:g} s ({load['cores']} cores)", flush=True)
+    return load
