@@ -177,3 +177,42 @@ def test_the_agent_applies_updates_reports_exhaustion_and_marks_reports(lt, sink
     lt.call(agent._on_message, ch, m.owner_rate_limit_update("edge-01", "gina", "remove"))
     assert lt.call(lambda: lt.enforcer.limits.owner_cap("gina")) is None
     c.close()
+
+
+def first_flight(server_name: str) -> bytes:
+    import ssl
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    outgoing = ssl.MemoryBIO()
+    obj = ctx.wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname=server_name)
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return outgoing.read()
+
+
+def test_an_sni_routed_failover_connection_debits_every_byte_it_moves(lt):
+    listen, dead, echo_port = free_port(), free_port(), free_port()
+    echo = TcpEchoServer([echo_port])
+    try:
+        rule = Rule.from_dict({"rule_id": "sq", "listen_port": listen, "sni_pattern": "q.example.com",
+                               "owner": "hana",
+                               "targets": [{"host": "127.0.0.1", "port": dead, "priority": 1},
+                                           {"host": "127.0.0.1", "port": echo_port, "priority": 2}]})
+        assert lt.call(lt.runtime.activate, rule).state == "active"
+        apply(lt, quota_set("hana", MiB))
+        hello = first_flight("q.example.com")
+        c = socket.create_connection(("127.0.0.1", listen), timeout=10)
+        c.sendall(hello + b"payload")
+        want = len(hello) + len(b"payload")
+        got = b""
+        while len(got) < want:
+            chunk = c.recv(65536)
+            assert chunk
+            got += chunk
+        c.close()
+        wait_until(lambda: lt.call(lt.enforcer.quotas.handle, "hana").debited_total == 2 * want,
+                   what="the hello and the payload debited both ways")
+        snap = lt.snapshot("sq")
+        assert snap["connect_failures"] >= 1 and snap["bytes_in"] == want and snap["bytes_out"] == want
+    finally:
+        echo.close()
