@@ -44,7 +44,7 @@ registerPage({
         throughput, conns),
       h("section.panel", h("h2", t("dash.throughput_chart")), chartBox),
       h("section.panel", h("h2", t("dash.alerts")), alerts));
-    const slotCleanup = renderSlots("dashboard", root, { clients, rules });
+    const slotCleanup = renderSlots("dashboard", root, { clients, rules, admin: ctx.isSuperadmin() });
 
     const baseAlerts = [];
     for (const c of live) if (!c.connected) baseAlerts.push(h("li.alert.warn", t("dash.client_offline", { name: c.client_name })));

@@ -58,7 +58,9 @@ registerPage({
       h("section.panel", h("div.title-row", h("h2", t("live.title")), mode), gone, tiles, chartBox),
       h("section.panel", h("h2", t("live.per_target")), perTarget),
       isRange ? h("section.panel", h("h2", t("live.per_port")), perPort) : null);
-    const slotCleanup = renderSlots("rule.detail", root, { rule });
+    // slots follow the same stats the tiles show (SNI and rate-limit counters)
+    const statsListeners = [];
+    const slotCleanup = renderSlots("rule.detail", root, { rule, ctx, onStats: (fn) => statsListeners.push(fn) });
 
     let last = null;
     const rates = { in: [], out: [] };
@@ -66,6 +68,7 @@ registerPage({
     const set = (id, v) => { const el = document.getElementById(id); if (el) el.textContent = v; };
 
     function update(s) {
+      for (const fn of statsListeners) { try { fn(s); } catch (_) { /* one panel must not stop the tiles */ } }
       const at = s.updated_at ? Date.parse(s.updated_at) : null;
       if (last && at && last.at && at > last.at) {
         const dt = (at - last.at) / 1000;

@@ -54,8 +54,9 @@ export function ruleForm(clients, onPushed) {
   const extras = h("div.form-extras");
   const contributors = [];
   const errorFields = [];
+  // slots see the protocol and listen inputs: SNI applies to single-port TCP rules only
   const slotCleanup = renderSlots("rule.form", extras, { contribute: (fn) => contributors.push(fn),
-    errorField: (fn) => errorFields.push(fn) });
+    errorField: (fn) => errorFields.push(fn), protocol, listen });
   const form = h("form.stack#rule-form", { novalidate: true },
     h("div.grid2",
       field(t("rule.client"), client, { name: "client" }),

@@ -6,6 +6,7 @@ import { errorText } from "../forms.js";
 import { t } from "../i18n.js";
 import { registerPage, renderSlots } from "../registry.js";
 import { ruleForm } from "./rule_form.js";
+import { capsSummary } from "../caps.js";
 
 const PAGE_SIZE = 50;
 const REFRESH_SECS = 10;
@@ -15,7 +16,15 @@ export function stateBadge(rule) {
   return badge(t(`state.${rule.state}`), kind);
 }
 
-export function ruleBadges(rule) {
+// "client|host|port" of every TCP port where an SNI rule listens: a plain rule there is the port's fallback
+export function sniPorts(rules) {
+  const keys = new Set();
+  for (const r of rules) if (r.sni_pattern) keys.add(portKey(r));
+  return keys;
+}
+export function portKey(r) { return `${r.client_id}|${r.listen_host || "0.0.0.0"}|${r.listen_port}`; }
+
+export function ruleBadges(rule, sniKeys = null) {
   const out = [];
   if (rule.listen_port_end && rule.listen_port_end !== rule.listen_port) out.push(badge(t("badge.range"), "info"));
   if (rule.protocol === "udp") out.push(badge("UDP", "info"));
@@ -23,8 +32,9 @@ export function ruleBadges(rule) {
   if ((rule.targets || []).some((tg) => tg.proxy_protocol)) out.push(badge("PROXY", "info"));
   if (rule.prefer_ipv6) out.push(badge("IPv6", "info"));
   if (rule.health_check_interval_secs) out.push(badge(t("badge.health", { n: rule.health_check_interval_secs }), "info"));
-  if (rule.sni_pattern) out.push(badge(`SNI ${rule.sni_pattern}`, "info"));
-  if (rule.rate_limit) out.push(badge(t("badge.rate_limited"), "info"));
+  if (rule.sni_pattern) out.push(badge(`SNI ${rule.sni_pattern}`, "info.sni"));
+  else if (sniKeys && rule.protocol === "tcp" && sniKeys.has(portKey(rule))) out.push(badge(t("badge.sni_fallback"), "info.sni"));
+  if (rule.rate_limit) out.push(badge(t("badge.rate_limited"), "info.qos"));
   return out;
 }
 
@@ -107,12 +117,13 @@ registerPage({
       const slice = shown.slice(page * PAGE_SIZE, (page + 1) * PAGE_SIZE);
       count.textContent = t("rule.count", { shown: shown.length, total: rules.length });
       const cols = [t("rule.listen"), t("common.state"), t("rule.protocol"), t("rule.targets"), t("rule.client"),
-        t("rule.owner"), t("rule.badges"), t("common.actions")];
+        t("rule.owner"), t("rule.caps"), t("rule.badges"), t("common.actions")];
+      const sniKeys = sniPorts(rules);
       const rows = slice.map((r) => [
         h("a.mono", { href: `/rules/${enc(r.rule_id)}` }, (r.listen_host && r.listen_host !== "0.0.0.0" ? r.listen_host + ":" : "") + fmtPorts(r.listen_port, r.listen_port_end)),
         h("span", stateBadge(r), r.reason ? h("small.reason", " ", r.reason) : null),
         r.protocol.toUpperCase(), targetsCell(r), r.client_name || r.client_id, r.owner || "–",
-        h("span.badges", ruleBadges(r)),
+        capsSummary(r.rate_limit), h("span.badges", ruleBadges(r, sniKeys)),
         button(t("rule.remove"), async () => { if (await removeRule(r, ctx)) await refresh(); },
           { class: "danger small", "aria-label": t("rule.remove_aria", { port: r.listen_port }) })]);
       add(clear(listBox), table(cols, rows, { caption: t("nav.rules"), empty: t("rule.none") }));

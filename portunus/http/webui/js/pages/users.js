@@ -151,6 +151,7 @@ registerPage({
         fmtTime(u.created_at),
         h("div.row-actions",
           button(t("user.grants"), () => showGrants(u)),
+          button(t("user.quotas"), () => ctx.navigate(`/users/${enc(u.user_id)}/quotas`)),
           u.user_id === me ? null : button(t("user.reset"), () => resetPassword(u)),
           u.user_id === me ? null : button(t("common.delete"), () => removeUser(u), { class: "danger" }))]),
       { caption: t("nav.users") }));
