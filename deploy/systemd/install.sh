@@ -24,6 +24,16 @@ if ! id "$user" >/dev/null 2>&1; then
   useradd --system --no-create-home --shell /usr/sbin/nologin "$user"
 fi
 install -m 0644 "$here/portunus-$role.service" /etc/systemd/system/
+# the units' Documentation= points here; copied when the script runs from a checkout or release tree
+repo=$(cd "$here/../.." && pwd)
+if [ -f "$repo/README.md" ] && [ -d "$repo/docs" ]; then
+  install -d -m 0755 /usr/local/share/doc/portunus/docs/img
+  install -m 0644 "$repo/README.md" /usr/local/share/doc/portunus/
+  install -m 0644 "$repo"/docs/*.md /usr/local/share/doc/portunus/docs/
+  if compgen -G "$repo/docs/img/*.png" >/dev/null; then
+    install -m 0644 "$repo"/docs/img/*.png /usr/local/share/doc/portunus/docs/img/
+  fi
+fi
 if [ "$role" = client ]; then
   install -d -m 0750 -o root -g "$user" /etc/portunus
   echo "next: portunus-client enroll '<uri>' --out /etc/portunus/client.bundle.json"
