@@ -57,8 +57,7 @@ def serve(data_dir: str, *, advertised_endpoint: str | None = None, ready_event:
     loop = Loop()
     hub = Hub(loop, server_context(cert), StoreClientRegistry(store), cfg)
     control_host, control_port = hub.listen(*cfg.control_addr)
-    core = ServerCore(cfg, store, hub, cert, advertised_seed=seed)
-    core.seed_error = seed_error
+    core = ServerCore(cfg, store, hub, cert, advertised_seed=seed, seed_error=seed_error)
     hub.stats_sink = core.stats.update
     traffic = start_traffic_services(store, hub, core)  # quotas, accounting, housekeeping (SPEC §4.4)
     attach_owner_caps(store, hub, core)  # owner-cap routes, pushes and replay before quotas and rules

@@ -87,14 +87,15 @@ class StatsCache:
 
 
 class ServerCore:
-    def __init__(self, cfg, store, hub: ControlHub, cert_info, *, advertised_seed: str | None = None):
+    def __init__(self, cfg, store, hub: ControlHub, cert_info, *, advertised_seed: str | None = None,
+                 seed_error: PortunusError | None = None):
         self.cfg = cfg
         self.store = store
         self.hub = hub
         self.cert_info = cert_info
         self.stats = StatsCache()
         self.advertised_seed = advertised_seed
-        self.seed_error: PortunusError | None = None
+        self.seed_error = seed_error  # why the seed was refused (enrollment then fails closed)
         self.started_at = time.time()
         self.operator_requests: dict[tuple[str, str], int] = {}
         self.audit_drops = 0  # audit rows that could not be written (OperatorAccess.record reports them)
