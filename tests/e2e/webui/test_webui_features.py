@@ -126,6 +126,7 @@ def test_sni_field_inline_errors_badges_and_the_ports_routes(console):
     b.wait(lambda: "fallback" in b.find("#sni-routes").text and "a.example.com" in b.find("#sni-routes").text,
            what="the port's routes grouped")
     b.wait(lambda: "Misses" in b.find("#sni-counters", visible=False).text, timeout=15, what="the SNI counters")
+    shot(console, "rule-detail-sni")
     assert b.script_errors() == []
 
 

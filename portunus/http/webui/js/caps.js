@@ -51,8 +51,23 @@ export function burstBounds(rate) { return [Math.max(1, Math.ceil(rate / 100)), 
 function amountInput(name, value, unit) {
   const el = input({ autocomplete: "off", inputmode: "decimal", placeholder: t("qos.uncapped"), spellcheck: "false" });
   el.dataset.cap = name;
-  if (value != null) el.value = unit ? String(value / Number(unit)) : String(value);
+  if (value != null && unit && !unit.dataset.chosen) {
+    // the largest unit that shows the value whole: 512000 → 512 KB/s
+    const fit = ["1000000000", "1000000", "1000"].find((u) => value % Number(u) === 0);
+    unit.value = fit || "1";
+    unit.dataset.chosen = "1";
+  }
+  if (value != null) el.value = unit ? String(value / Number(unit.value)) : String(value);
   return el;
+}
+
+// the unit select sits beside its amount, inside the same labelled field
+export function withUnit(fieldEl, unit) {
+  const amount = fieldEl.querySelector("input");
+  const row = h("div.with-unit");
+  amount.replaceWith(row);
+  row.append(amount, unit);
+  return fieldEl;
 }
 
 // A caps editor. `initial` is a rate_limit or null; `prefix` keeps field names unique per page.
@@ -66,17 +81,17 @@ export function capsEditor(initial, { prefix = "qos" } = {}) {
     const bytes = BYTE_FIELDS.has(name);
     const unit = bytes ? select(BANDWIDTH_UNITS, { "aria-label": t("qos.unit") }) : null;
     if (unit) unit.value = "1";
-    inputs[name] = amountInput(name, rl[name], unit && unit.value);
+    inputs[name] = amountInput(name, rl[name], unit);
     units[name] = unit;
     const f = field(LABELS[name](), inputs[name], { name: `${prefix}_${name}`, hint: HINTS[name]() });
-    if (unit) f.querySelector("input").after(unit);
+    if (unit) withUnit(f, unit);
     rows.push(f);
   }
   const burstRows = [];
   for (const [name, rate] of BURSTS) {
-    const unit = BYTE_FIELDS.has(name) ? units[rate] : null;
-    inputs[name] = amountInput(name, rl[name], unit && unit.value);
-    units[name] = unit;
+    // a byte burst is typed in bytes: its rate's unit is for the rate only
+    inputs[name] = amountInput(name, rl[name], null);
+    units[name] = null;
     const hint = h("p.hint.burst-range", { dataset: { burstFor: name } });
     const f = field(LABELS[name](), inputs[name], { name: `${prefix}_${name}` });
     f.querySelector("label").after(hint);

@@ -17,7 +17,7 @@ function localInput(secs) {
   return `${d.getFullYear()}-${p(d.getMonth() + 1)}-${p(d.getDate())}T${p(d.getHours())}:${p(d.getMinutes())}`;
 }
 
-// one value per bucket from `from` to `to`: a bucket without a sample is an idle bucket, 0
+// bytes per bucket from `from` to `to` (whole bytes, not a rate): a bucket without a sample moved nothing
 function filled(res, from, to) {
   const step = STEP[res.bucket] || 60;
   const start = Math.floor(from / step) * step;
@@ -26,7 +26,7 @@ function filled(res, from, to) {
   const ins = new Array(n).fill(0), outs = new Array(n).fill(0);
   for (const s of res.samples || []) {
     const i = Math.floor((s.ts - first) / step);
-    if (i >= 0 && i < n) { ins[i] += s.bytes_in / step; outs[i] += s.bytes_out / step; }
+    if (i >= 0 && i < n) { ins[i] += s.bytes_in; outs[i] += s.bytes_out; }
   }
   return { ins, outs };
 }
@@ -74,7 +74,8 @@ export function trafficChart(path, { query = {}, id = "traffic" } = {}) {
       const { ins, outs } = filled(res, f, tt);
       add(clear(body), lineChart([{ label: t("dash.in"), values: ins, className: "s-in" },
         { label: t("dash.out"), values: outs, className: "s-out" }],
-      { formatY: (v) => `${fmtBytes(Math.round(v))}/s`, minMax: 1, title: t("traffic.title") }));
+      { formatY: (v) => fmtBytes(Math.round(v)), minMax: 1024, title: t("traffic.title") }),
+      h("p.hint", t("traffic.per_bucket", { bucket: res.bucket })));
       box.dataset.state = "samples";
     } catch (err) {
       totals.textContent = "";

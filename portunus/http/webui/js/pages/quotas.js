@@ -7,6 +7,7 @@ import { showApiError, byCode, onSubmit, errorText } from "../forms.js";
 import { t } from "../i18n.js";
 import { registerPage, registerSlot } from "../registry.js";
 import { trafficChart } from "../traffic.js";
+import { withUnit } from "../caps.js";
 
 export const SIZE_UNITS = [["1024", "KB"], ["1048576", "MB"], ["1073741824", "GB"], ["1099511627776", "TB"]];
 
@@ -19,8 +20,7 @@ export function sizeInput(bytes, name) {
     const fit = [...SIZE_UNITS].reverse().find(([u]) => bytes % Number(u) === 0 && bytes >= Number(u));
     if (fit) { unit.value = fit[0]; amount.value = String(bytes / Number(fit[0])); } else { unit.value = "1024"; amount.value = String(bytes / 1024); }
   }
-  const f = field(t("quota.monthly"), amount, { name, hint: t("quota.monthly_hint") });
-  amount.after(unit);
+  const f = withUnit(field(t("quota.monthly"), amount, { name, hint: t("quota.monthly_hint") }), unit);
   return { el: f, amount, unit, value() {
     const raw = amount.value.trim();
     const n = Number(raw) * Number(unit.value);

@@ -123,7 +123,7 @@ registerPage({
         h("a.mono", { href: `/rules/${enc(r.rule_id)}` }, (r.listen_host && r.listen_host !== "0.0.0.0" ? r.listen_host + ":" : "") + fmtPorts(r.listen_port, r.listen_port_end)),
         h("span", stateBadge(r), r.reason ? h("small.reason", " ", r.reason) : null),
         r.protocol.toUpperCase(), targetsCell(r), r.client_name || r.client_id, r.owner || "–",
-        capsSummary(r.rate_limit), h("span.badges", ruleBadges(r, sniKeys)),
+        r.rate_limit ? capsSummary(r.rate_limit) : "–", h("span.badges", ruleBadges(r, sniKeys)),
         button(t("rule.remove"), async () => { if (await removeRule(r, ctx)) await refresh(); },
           { class: "danger small", "aria-label": t("rule.remove_aria", { port: r.listen_port }) })]);
       add(clear(listBox), table(cols, rows, { caption: t("nav.rules"), empty: t("rule.none") }));
