@@ -294,3 +294,36 @@ def test_traffic_charts_render_with_samples_or_say_why_not(console):
     rendered(console, f"/clients/{LOCAL['client_id']}")
     b.wait(lambda: b.find("#client-traffic").get_attribute("data-state") in ("empty", "samples"), what="the client chart")
     assert b.script_errors() == [] and b.csp_violations() == []
+
+
+def test_the_new_pages_fit_a_phone_and_take_the_keyboard(console):
+    b = console.browser
+    ensure_logged_in(console)
+    b.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                             {"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True})
+    try:
+        for path, drawn in ((f"/clients/{LOCAL['client_id']}", f"/clients/{LOCAL['client_id']}"),
+                            (f"/users/{ALICE[0]}/quotas", f"/users/{ALICE[0]}/quotas"), ("/quotas", "/quotas"),
+                            ("/rules?new", "/rules")):
+            go(console, path)
+            rendered(console, drawn)
+            if path == "/rules?new":
+                b.click("#qos-section > summary")
+                b.click("#qos-section details.advanced > summary")
+            b.wait(lambda: b.js("return document.documentElement.scrollWidth") <= 390, timeout=3,
+                   what=f"{path} without sideways scroll")
+        for el in b.finds("main input, main select"):  # every new input is labelled too
+            assert b.js("return arguments[0].labels.length || arguments[0].getAttribute('aria-label')", el), \
+                el.get_attribute("outerHTML")[:200]
+    finally:
+        b.driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    # the client page's tabs answer the keyboard
+    go(console, f"/clients/{LOCAL['client_id']}")
+    rendered(console, f"/clients/{LOCAL['client_id']}")
+    tab = b.find("#tab-quotas")
+    b.js("arguments[0].focus()", tab)
+    from selenium.webdriver.common.keys import Keys
+    tab.send_keys(Keys.ENTER)
+    b.wait(lambda: b.find("#panel-quotas").is_displayed() and not b.find("#panel-owner-caps", visible=False).is_displayed(),
+           what="the quotas tab opened with Enter")
+    assert tab.get_attribute("aria-selected") == "true"
