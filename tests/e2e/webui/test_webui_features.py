@@ -217,14 +217,14 @@ def test_quota_set_exhausted_banner_clear_and_increase(console):
     rendered(console, f"/users/{ALICE[0]}/quotas")
     _select(b, "quota_target", LOCAL["client_id"])
     b.set_field("monthly_bytes", "-1")
-    b.click("#quota-form button[type=submit]")
+    b.click(".quota-form button[type=submit]")
     b.wait(lambda: "invalid_quota_size" in b.field_error("monthly_bytes"), what="a bad size under its field")
     b.set_field("monthly_bytes", "0")  # 0 means exhausted at once
-    b.click("#quota-form button[type=submit]")
+    b.click(".quota-form button[type=submit]")
     b.wait(lambda: b.find(".quota-banner").is_displayed(), what="the EXHAUSTED banner")
-    quota_row = b.find('#quota-list tr[data-quota-user="alice"]')
+    quota_row = b.find('.quota-list tr[data-quota-user="alice"]')
     assert "EXHAUSTED" in quota_row.text and "(100%)" in quota_row.text
-    assert "exhausted" in b.find('#quota-list tr[data-quota-user="alice"] .progress').get_attribute("class")
+    assert "exhausted" in b.find('.quota-list tr[data-quota-user="alice"] .progress').get_attribute("class")
     shot(console, "quotas-exhausted")
     # a clear does not resume a 0 quota (0 >= 0); raising it does
     b.click_text("Clear usage", "button", scope=b.find(".quota-banner"))
@@ -235,7 +235,7 @@ def test_quota_set_exhausted_banner_clear_and_increase(console):
     _unit(b, "increase_monthly", "1073741824", "dialog.modal")
     b.click("dialog.modal button[type=submit]")
     b.wait(lambda: not b.finds(".quota-banner"), what="the banner gone")
-    row = b.find('#quota-list tr[data-quota-user="alice"]')
+    row = b.find('.quota-list tr[data-quota-user="alice"]')
     assert "0 B (0%)" in row.text and "of 2.00 GiB" in row.text and "EXHAUSTED" not in row.text
     view = api.ok("GET", f"users/alice/quotas/{LOCAL['client_id']}/status")
     assert view["monthly_bytes"] == 2 * 1024 ** 3 and view["exhausted"] is False
@@ -244,6 +244,11 @@ def test_quota_set_exhausted_banner_clear_and_increase(console):
     if b.find("#user-traffic").get_attribute("data-state") == "empty":
         assert "only for minutes or hours in which bytes were forwarded" in b.find("#user-traffic").text
     shot(console, "quotas")
+    # the superadmin's Quotas & traffic page lists every quota, client by client
+    go(console, "/quotas")
+    rendered(console, "/quotas")
+    b.wait(lambda: b.find('.quota-list tr[data-quota-user="alice"]'), what="alice's quota on the overview")
+    assert f"Quotas on {CLIENT}" in b.find("main").text and b.find("#all-traffic")
 
 
 def test_a_tenant_sees_her_own_quota(console):
@@ -254,10 +259,11 @@ def test_a_tenant_sees_her_own_quota(console):
     login_ui(console, *ALICE)
     b.wait(lambda: b.path() == "/", what="alice's dashboard")
     assert not b.finds("#global-traffic")  # global traffic is superadmin only
-    b.click_text("My quotas", "#nav a")
+    b.click_text("Quotas & traffic", "#nav a")
+    b.wait(lambda: "My quotas" in b.find("main h1").text, what="her own quotas page")
     rendered(console, "/quotas")
-    row = b.wait(lambda: b.find('#quota-list tr[data-quota-user="alice"]'), what="alice's quota row")
-    assert "(0%)" in row.text and not b.finds("#quota-form") and "Increase limit" not in row.text
+    row = b.wait(lambda: b.find('.quota-list tr[data-quota-user="alice"]'), what="alice's quota row")
+    assert "(0%)" in row.text and not b.finds(".quota-form") and "Increase limit" not in row.text
     logout_ui(console)
 
 

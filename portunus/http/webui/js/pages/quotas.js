@@ -76,7 +76,7 @@ function banner(q, admin, onChange) {
 // The quota list of a user (by: "user") or a client (by: "client"), with the set form for superadmins.
 export function quotasPanel({ by, id, admin, ctx, clients = [], users = [] }) {
   const banners = h("div.banners");
-  const list = h("div.quota-list", { id: "quota-list" });
+  const list = h("div.quota-list");
   const listPath = by === "user" ? `users/${enc(id)}/quotas` : `clients/${enc(id)}/quotas`;
   async function onChange(message, kind) { if (message) ctx.flash(message, kind); await refresh(); }
 
@@ -85,7 +85,7 @@ export function quotasPanel({ by, id, admin, ctx, clients = [], users = [] }) {
       ? select(clients.filter((c) => !c.revoked).map((c) => [c.client_id, c.client_name]), { required: true })
       : select(users.map((u) => [u.user_id, u.user_id]), { required: true });
     const size = sizeInput(null, "monthly_bytes");
-    const form = h("form.inline-form#quota-form", { novalidate: true },
+    const form = h("form.inline-form.quota-form", { novalidate: true },
       field(by === "user" ? t("rule.client") : t("auth.user_id"), other, { name: "quota_target" }), size.el,
       h("button.primary", { type: "submit" }, t("quota.set")));
     onSubmit(form, async () => {
@@ -141,11 +141,27 @@ async function userQuotasPage(root, userId, ctx, heading) {
   return () => clearInterval(timer);
 }
 
+// every quota, client by client (there is no all-quotas route), and the global traffic
+async function allQuotasPage(root, ctx) {
+  const clients = ((await get("clients")).clients || []).filter((c) => !c.revoked);
+  const users = (await get("users")).users || [];
+  const panels = clients.map((c) => {
+    const panel = quotasPanel({ by: "client", id: c.client_id, admin: true, ctx, users });
+    panel.querySelector("h2").textContent = t("quota.on_client", { client: c.client_name });
+    return panel;
+  });
+  add(root, h("h1", t("nav.quotas")), h("p.hint", t("quota.all_hint")), panels,
+    clients.length ? null : h("p.empty", t("client.none")),
+    h("section.panel", h("h2", t("traffic.global_title")), trafficChart("traffic/global", { id: "all-traffic" })));
+  await Promise.all(panels.map((p) => p.refresh()));
+  return undefined;
+}
+
 registerPage({
-  path: "/quotas", title: "nav.my_quotas", nav: true,
+  path: "/quotas", title: "nav.quotas", nav: true,
   async render(root, params, ctx) {
-    const me = ctx.session.user.user_id;
-    return userQuotasPage(root, me, ctx, h("h1", t("nav.my_quotas")));
+    if (ctx.isSuperadmin()) return allQuotasPage(root, ctx);
+    return userQuotasPage(root, ctx.session.user.user_id, ctx, h("h1", t("nav.my_quotas")));
   },
 });
 
