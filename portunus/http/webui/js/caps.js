@@ -133,7 +133,8 @@ export function capsEditor(initial, { prefix = "qos" } = {}) {
     },
     // the server's message names the field ("rate_limit.bandwidth_in_burst must be …")
     inputFor(code, err) {
-      if (!String(code).includes("rate_limit")) return null;
+      // an old client's refusal is about the client, not a cap: the caller places it
+      if (!String(code).includes("rate_limit") || code === "rate_limit_unsupported_by_client") return null;
       const msg = (err && err.message) || "";
       // the first cap the message names is the bad one ("… for new_connections_per_sec=100" comes after)
       const found = Object.keys(inputs).map((n) => [msg.indexOf(n), n]).filter(([i]) => i >= 0).sort((a, b) => a[0] - b[0]);

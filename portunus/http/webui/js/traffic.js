@@ -2,7 +2,7 @@
 // bucket auto / 1m / 1h, bytes in and out per bucket, totals. An empty answer says why, as the
 // runbook's "Traffic chart looks empty" does: samples exist only where bytes moved, retention.
 import { get } from "./api.js";
-import { add, h, clear, field, input, select, button, fmtBytes } from "./dom.js";
+import { add, h, clear, field, input, select, button, fmtBytes, fmtTime } from "./dom.js";
 import { lineChart } from "./chart.js";
 import { errorText } from "./forms.js";
 import { t } from "./i18n.js";
@@ -75,7 +75,7 @@ export function trafficChart(path, { query = {}, id = "traffic" } = {}) {
       add(clear(body), lineChart([{ label: t("dash.in"), values: ins, className: "s-in" },
         { label: t("dash.out"), values: outs, className: "s-out" }],
       { formatY: (v) => fmtBytes(Math.round(v)), minMax: 1024, title: t("traffic.title") }),
-      h("p.hint", t("traffic.per_bucket", { bucket: res.bucket })));
+      h("p.hint", t("traffic.per_bucket", { bucket: res.bucket, from: fmtTime(f), to: fmtTime(tt) })));
       box.dataset.state = "samples";
     } catch (err) {
       totals.textContent = "";
