@@ -448,10 +448,10 @@ def test_fd_count_is_flat_after_bursts_of_connections(server):
     _burst(server, 60)
     wait_until(lambda: server.fd_count() <= baseline + 2 * POOL_SIZE, timeout=15, interval=0.2,
                what="fds bounded by the pool after 60 connections")
-    after_first = server.fd_count()
     _burst(server, 120)
-    wait_until(lambda: server.fd_count() <= after_first + 2, timeout=15, interval=0.2,
-               what=f"fds back to {after_first} after 120 more connections")
+    # a bigger burst may fill more of the pool (on a loaded machine more requests overlap), never beyond it
+    wait_until(lambda: server.fd_count() <= baseline + 2 * POOL_SIZE, timeout=15, interval=0.2,
+               what=f"fds bounded by the pool after 120 more connections (baseline {baseline})")
 
 
 # ------------------------------------------------------------------ issue 7 point 7: per-instance address family
