@@ -264,6 +264,8 @@ def rollup(pairs: int, minutes: int) -> dict:
         t0 = time.perf_counter()
         fill(store, pairs, base, hours * 60)
         fill_s = time.perf_counter() - t0
+        store.close()                # the rollup runs on a connection with the product's own settings
+        store = Store.open(data)
         acc = TrafficAccounting(store, None, clock=lambda: end + 61)
         store_traffic.set_rolled_until(store, end - 3600)
         t0 = time.perf_counter()
