@@ -32,7 +32,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-from ..model import RateLimit, Rule, burst_bounds  # noqa: F401  (burst_bounds: re-exported)
+from ..model import RateLimit, Rule
 
 NS = 1_000_000_000          # nanoseconds per second; also the token scale
 DIRECTIONS = ("in", "out")  # in: from the connecting peer towards the target (bytes_in); out: back

@@ -15,11 +15,16 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import TYPE_CHECKING
 
 from ..log import log
 from ..netio import errno_name
 from .context import REPEAT_LOG_EVERY
 from .splice import SPLICE_FLAGS, UNSUPPORTED_ERRNOS
+
+if TYPE_CHECKING:
+    from .stats import PortCounters
+    from .tcp import TcpSession
 
 SPLICE_CHUNK = 1 << 20
 SPLICE_ROUNDS = 8

@@ -25,7 +25,7 @@ from .rule_relay import RuntimeSettings
 from .sni_listener import SniListener, attach_shared
 from .pump import Pump
 from .targets import TargetSet
-from .stats import PortCounters, RuleCounters
+from .stats import RuleCounters
 
 PROXY_HEADER_TIMEOUT = 3.0
 _LINGER_RST = struct.pack("ii", 1, 0)
