@@ -144,7 +144,11 @@ class TrafficAccounting:
     # ---------------------------------------------------------------- rollup, retention
 
     def roll_up(self) -> int:
-        """Write the 1h rows of every complete hour not rolled yet (at H+1 min); returns rows written."""
+        """Write the 1h rows of every complete hour not rolled yet (at H+1 min); returns rows written.
+
+        One transaction per hour: a server that missed a day catches up without holding the
+        write lock for the whole backlog (other writers only wait up to the busy timeout).
+        """
         until = self._now() - ROLLUP_DELAY_SECS
         until -= until % 3600
         with self.store.write():
@@ -152,11 +156,15 @@ class TrafficAccounting:
             if since is None:
                 earliest = store_traffic.earliest_sample(self.store, "1m")
                 since = until if earliest is None else min(until, earliest - earliest % 3600)
-            written = 0
-            if since < until:
-                written = store_traffic.roll_up_hours(self.store, since, until)
-            # a clock that went back never un-rolls an hour
-            store_traffic.set_rolled_until(self.store, max(since, until))
+            if since >= until:
+                # a clock that went back never un-rolls an hour
+                store_traffic.set_rolled_until(self.store, max(since, until))
+                return 0
+        written = 0
+        for hour in range(since, until, 3600):
+            with self.store.write():
+                written += store_traffic.roll_up_hours(self.store, hour, hour + 3600)
+                store_traffic.set_rolled_until(self.store, hour + 3600)
         return written
 
     def prune(self) -> dict[str, int]:

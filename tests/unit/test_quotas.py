@@ -494,6 +494,30 @@ def test_rollup_catches_up_after_downtime_and_survives_a_rewind(w, clock):
     assert store_traffic.rolled_until(w.store) == HOUR + 9 * 3600
 
 
+def test_catch_up_commits_hour_by_hour(w, clock):
+    """A backlog is rolled one hour per transaction: rolled_until advances as each hour commits,
+    so other writers never wait for the whole backlog (the busy timeout is 5 s)."""
+    for h in range(5):
+        clock.t = HOUR + h * 3600
+        w.report(r_bob=(100 * (h + 1), 0))
+    seen = []
+    real = store_traffic.roll_up_hours
+
+    def spy(store, since, until):
+        seen.append((since, until, store_traffic.rolled_until(store)))
+        return real(store, since, until)
+
+    store_traffic.roll_up_hours = spy
+    try:
+        clock.t = HOUR + 6 * 3600
+        assert w.traffic.roll_up() == 5
+    finally:
+        store_traffic.roll_up_hours = real
+    assert [(a, b) for a, b, _ in seen] == [(HOUR + h * 3600, HOUR + (h + 1) * 3600) for h in range(5)]
+    # when hour h is rolled, hours before it are already committed as rolled
+    assert [mark for _, _, mark in seen[1:]] == [HOUR + h * 3600 for h in range(1, 5)]
+
+
 def test_retention_boundaries(w, clock):
     now = int(clock())
     day_ago_minute = now - now % 60
