@@ -24,6 +24,7 @@ from . import stats_report
 from .channel import Channel
 from .offload import Offload
 from .registry import ClientRegistry
+from .session import REQUEST_ID_UNKNOWN, RULE_NOT_OWNED, ClientSession
 
 FIRST_MESSAGE_TIMEOUT = 10.0
 PING_INTERVAL = 15.0
@@ -32,51 +33,10 @@ REJECT_LOG_EVERY = 60.0  # seconds between control.rejected / control.message_re
 MAX_REMOVING = 4096  # removals a session remembers so their late "removed" status is still accepted
 
 # why a message about a rule was dropped (label of portunus_control_rejected_messages_total)
-RULE_NOT_OWNED = "rule_not_owned"
-REQUEST_ID_UNKNOWN = "request_id_unknown"
 QUOTA_NOT_OWNED = "quota_not_owned"  # a traffic_quota_exhausted about another client
 REJECT_REASONS = (RULE_NOT_OWNED, REQUEST_ID_UNKNOWN, QUOTA_NOT_OWNED) + stats_report.REASONS
-# the capability a client needs before it is sent a non-rule update of that type (SPEC §3.4)
-UPDATE_CAPABILITIES = {"owner_rate_limit_update": "rate_limit", "traffic_quota_update": "traffic_quota"}
 # closes before authentication that are not the server rejecting a peer
 _QUIET_CLOSES = ("peer closed", "read failed", "server shutting down", "enrolled")
-
-
-class ClientSession:
-    """One authenticated client channel and what the server told it.
-
-    ``rules`` holds the shapes of the rules this client owns (None until the replay
-    has loaded them): every message about a rule is checked against it.
-    ``sent_requests`` is the request id of the last push or remove sent per rule.
-    ``held_updates`` keeps owner-cap / quota updates published while the replay still loads:
-    they are newer than what the replay read, so they go out right after its updates.
-    """
-
-    __slots__ = ("serial", "client_id", "client_name", "channel", "capabilities", "client_version",
-                 "connected_at", "remote_addr", "waiters", "rules", "sent_requests", "removing", "last_status",
-                 "replayed", "held_updates")
-
-    _serials = itertools.count(1)
-
-    def __init__(self, client: dict, channel: Channel, hello: dict):
-        self.serial = next(self._serials)
-        self.client_id = client["client_id"]
-        self.client_name = client["client_name"]
-        self.channel = channel
-        self.capabilities = list(hello.get("capabilities", []))
-        self.client_version = hello.get("client_version")
-        self.connected_at = time.time()
-        self.remote_addr = channel.peer
-        self.waiters: dict[str, list[concurrent.futures.Future]] = {}
-        self.rules: dict[str, stats_report.RuleShape] | None = None
-        self.sent_requests: dict[str, str | None] = {}
-        self.removing: dict[str, str | None] = {}  # removed rule id -> request id of the remove
-        self.last_status: dict[str, tuple] = {}  # rule id -> (state, reason) last applied
-        self.replayed = False
-        self.held_updates: list[dict] = []
-
-    def owns(self, rule_id: str) -> bool:
-        return self.rules is not None and rule_id in self.rules
 
 
 class Hub:
@@ -294,7 +254,7 @@ class Hub:
         updates, unsent = [], set()
         for service in (self.owner_caps, self.quotas):
             for update in service.replay_messages(session.client_id) if service is not None else ():
-                if self._may_send(session, update):
+                if session.may_receive(update):
                     updates.append(update)
                 else:
                     unsent.add(update["type"])
@@ -302,11 +262,6 @@ class Hub:
             log.warn("control.updates_not_supported", client_id=session.client_id, types=sorted(unsent),
                      client_version=session.client_version)
         return updates
-
-    @staticmethod
-    def _may_send(session: ClientSession, update: dict) -> bool:
-        need = UPDATE_CAPABILITIES.get(update["type"])
-        return need is None or need in session.capabilities
 
     # ---- messages about rules: only the sender's own rules count -----------
     def _reject(self, session: ClientSession, reason: str, detail: str, count: int = 1) -> None:
@@ -316,22 +271,9 @@ class Hub:
                     client_id=session.client_id, client_name=session.client_name, peer=session.remote_addr,
                     reason=reason, detail=detail)
 
-    def _rule_status_problem(self, session: ClientSession, msg: dict) -> str | None:
-        """Why a rule_status may not be applied, or None when it is about this client's rule."""
-        rule_id, request_id = msg["rule_id"], msg.get("request_id")
-        if msg["state"] == "removed" and rule_id in session.removing:
-            expected = session.removing[rule_id]
-        elif session.owns(rule_id):
-            expected = session.sent_requests.get(rule_id)
-        else:
-            return RULE_NOT_OWNED
-        if request_id is not None and request_id != expected:
-            return REQUEST_ID_UNKNOWN
-        return None
-
     def _on_rule_status(self, session: ClientSession, msg: dict) -> None:
         rule_id, state = msg["rule_id"], msg["state"]
-        problem = self._rule_status_problem(session, msg)
+        problem = session.rule_status_problem(msg)
         if problem is not None:
             self._reject(session, problem, f"rule_status {state!r} for rule {rule_id[:64]!r} "
                                            f"(request_id {str(msg.get('request_id'))[:64]!r})")
@@ -493,7 +435,7 @@ class Hub:
 
     def _send_update(self, client_id: str, update: dict) -> None:
         session = self.sessions.get(client_id)
-        if session is None or not self._may_send(session, update):
+        if session is None or not session.may_receive(update):
             return
         if not session.replayed:
             session.held_updates.append(update)
