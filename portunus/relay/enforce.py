@@ -1,6 +1,6 @@
 """The loop side of rate limits and traffic quotas: what the relays call (SPEC §2.9, §2.10).
 
-``relay/limits.py`` and ``relay/quota.py`` are sans-IO; this module gives them the loop: one
+``relay/limits.py``, ``limiter_book.py`` and ``quota.py`` are sans-IO; this module gives them the loop: one
 refill timer per bucket (armed when the first reader parks on it, re-armed from ``due``), the
 resumes a hot update hands back, the splice decision per new connection, admission at accept /
 flow creation, and the cut of a (user, client) pair's connections when its quota runs dry.
@@ -21,7 +21,8 @@ from typing import Callable
 
 from ..log import log
 from ..model import RateLimit, Rule
-from .limits import LimiterBook, Ticket, TokenBucket
+from .limiter_book import LimiterBook
+from .limits import Ticket, TokenBucket
 from .quota import QuotaBook, QuotaHandle
 from .splice import splice_available, splice_disabled_by_env
 

@@ -8,7 +8,8 @@ import itertools
 import pytest
 
 from portunus.model import RateLimit, Rule, burst_bounds
-from portunus.relay.limits import NS, REJECT_REASONS, LimiterBook, TokenBucket, Ticket, splice_allowed
+from portunus.relay.limiter_book import LimiterBook
+from portunus.relay.limits import NS, REJECT_REASONS, TokenBucket, Ticket, splice_allowed
 
 T0 = 1000.0
 GBIT10 = 10_000_000_000 // 8  # 10 Gbit/s in bytes per second
