@@ -65,6 +65,27 @@ def running_server_url(data_dir: str) -> str | None:
     return None
 
 
+def operator_api_url(args) -> str | None:
+    """--server, else $PORTUNUS_SERVER, else the running server of --data-dir; None when none is found."""
+    if args.server:
+        return args.server
+    if os.environ.get("PORTUNUS_SERVER"):
+        return os.environ["PORTUNUS_SERVER"]
+    return running_server_url(args.data_dir)
+
+
+def operator_api(args) -> ApiClient:
+    """The API client an online command uses (bearer: $PORTUNUS_OPERATOR_TOKEN); with no server
+    found, the operator listener in the data dir's config."""
+    url = operator_api_url(args)
+    if url is None:
+        from ..server import config as server_config
+        cfg = server_config.load(args.data_dir)
+        host, port = cfg.http_addr
+        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    return ApiClient(url, os.environ.get("PORTUNUS_OPERATOR_TOKEN"))
+
+
 def _pid_alive(pid) -> bool:
     if not isinstance(pid, int) or pid <= 0:
         return False

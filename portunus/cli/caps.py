@@ -16,7 +16,7 @@ validator (``model.RateLimit``, on the server) answers for zeros and bursts.
 from __future__ import annotations
 
 from ..errors import PortunusError
-from .api_client import quote
+from .api_client import operator_api, quote
 from .output import print_json, table
 from .units import caps_from_flags, caps_text
 
@@ -70,11 +70,6 @@ def _pair(parser) -> None:
     parser.add_argument("--format", choices=FORMATS, default="text")
 
 
-def _api(args):
-    from . import server  # late: server.py imports this module to register the commands
-    return server._api(args)
-
-
 def _cap_path(client: str, owner: str) -> str:
     return f"/v1/clients/{quote(client)}/owners/{quote(owner)}/rate-limit"
 
@@ -94,17 +89,17 @@ def cmd_owner_cap_set(args) -> int:
         raise PortunusError("validation.rate_limit_no_caps_provided",
                             "owner-cap set needs at least one cap flag, e.g. --bandwidth-in-bps 10M; "
                             "use `owner-cap delete` to remove the caps")
-    _print_cap(_api(args).call("PUT", _cap_path(args.client, args.owner), {"rate_limit": caps})[1], args.format)
+    _print_cap(operator_api(args).call("PUT", _cap_path(args.client, args.owner), {"rate_limit": caps})[1], args.format)
     return 0
 
 
 def cmd_owner_cap_get(args) -> int:
-    _print_cap(_api(args).call("GET", _cap_path(args.client, args.owner))[1], args.format)
+    _print_cap(operator_api(args).call("GET", _cap_path(args.client, args.owner))[1], args.format)
     return 0
 
 
 def cmd_owner_cap_delete(args) -> int:
-    answer = _api(args).call("DELETE", _cap_path(args.client, args.owner))[1]
+    answer = operator_api(args).call("DELETE", _cap_path(args.client, args.owner))[1]
     if args.format == "json":
         print_json(answer)
     else:
@@ -113,7 +108,7 @@ def cmd_owner_cap_delete(args) -> int:
 
 
 def cmd_owner_cap_list(args) -> int:
-    api = _api(args)
+    api = operator_api(args)
     owners = api.call("GET", f"/v1/clients/{quote(args.client)}/owners")[1]["owners"]
     if args.format == "json":
         print_json(owners)

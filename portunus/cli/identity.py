@@ -18,7 +18,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import PortunusError
-from .api_client import quote
+from .api_client import operator_api, operator_api_url, quote
 from .output import print_json, table
 
 FORMATS = ("text", "json")
@@ -81,11 +81,6 @@ def add_parsers(sub) -> None:
 
 # ---------------------------------------------------------------- plumbing
 
-def _server_cli():
-    from . import server  # imported late: server.py imports this module to register the commands
-    return server
-
-
 class _Offline:
     """The store and the identity service for one offline command; closes the store (and its lock)."""
 
@@ -106,8 +101,7 @@ class _Offline:
 
 def _online(args):
     """The API client when a server is running (or named), else None."""
-    cli = _server_cli()
-    return cli._api(args) if cli._api_url(args) is not None else None
+    return operator_api(args) if operator_api_url(args) is not None else None
 
 
 def read_password_stdin() -> str:
@@ -125,10 +119,24 @@ def read_password_stdin() -> str:
     return text
 
 
+def _print_as(args, value, text) -> int:
+    """``--format json`` prints the value as it is; text prints it with ``text(value)``."""
+    if args.format == "json":
+        print_json(value)
+    else:
+        text(value)
+    return 0
+
+
 def _user_rows(users: list[dict]) -> None:
     rows = [[u["user_id"], u["display_name"], u["role"], "yes" if u["disabled"] else "no",
              "yes" if u["password_change_required"] else "no", u["created_at"]] for u in users]
     table(rows, ["USER_ID", "DISPLAY_NAME", "ROLE", "DISABLED", "CHANGE_REQUIRED", "CREATED_AT"])
+
+
+def _user_fields(user: dict) -> None:
+    for key in ("user_id", "display_name", "role", "disabled", "password_change_required", "created_at"):
+        print(f"{key}: {user[key]}")
 
 
 def _grant_rows(grants: list[dict]) -> None:
@@ -168,7 +176,7 @@ def cmd_reset_password(args) -> int:
     new_password = read_password_stdin() if args.password_stdin else None
     if args.online:
         body = {} if new_password is None else {"new_password": new_password}
-        out = _server_cli()._api(args).call("POST", f"/v1/users/{quote(args.user_id)}/password", body)[1]
+        out = operator_api(args).call("POST", f"/v1/users/{quote(args.user_id)}/password", body)[1]
         out.setdefault("api_tokens_revoked", 0)
     else:
         with _Offline(args) as off:
@@ -196,11 +204,7 @@ def cmd_user_add(args) -> int:
     else:
         with _Offline(args) as off:
             user = off.identity.create_user(args.user_id, args.display_name, args.role, password)
-    if args.format == "json":
-        print_json(user)
-    else:
-        print(f"created {user['role']} {user['user_id']} ({user['display_name']})")
-    return 0
+    return _print_as(args, user, lambda u: print(f"created {u['role']} {u['user_id']} ({u['display_name']})"))
 
 
 def cmd_user_list(args) -> int:
@@ -210,11 +214,7 @@ def cmd_user_list(args) -> int:
     else:
         with _Offline(args) as off:
             users = off.identity.list_users()
-    if args.format == "json":
-        print_json(users)
-    else:
-        _user_rows(users)
-    return 0
+    return _print_as(args, users, _user_rows)
 
 
 def cmd_user_get(args) -> int:
@@ -224,12 +224,7 @@ def cmd_user_get(args) -> int:
     else:
         with _Offline(args) as off:
             user = off.identity.get_user(args.user_id)
-    if args.format == "json":
-        print_json(user)
-    else:
-        for key in ("user_id", "display_name", "role", "disabled", "password_change_required", "created_at"):
-            print(f"{key}: {user[key]}")
-    return 0
+    return _print_as(args, user, _user_fields)
 
 
 def cmd_user_remove(args) -> int:
@@ -264,11 +259,7 @@ def cmd_grant_add(args) -> int:
                 from ..store import clients as store_clients
                 body["client"] = store_clients.resolve_client_ref(off.store, args.client)["client_id"]
             grant = off.identity.add_grant(**body)
-    if args.format == "json":
-        print_json(grant)
-    else:
-        print(grant["grant_id"])
-    return 0
+    return _print_as(args, grant, lambda g: print(g["grant_id"]))
 
 
 def cmd_grant_list(args) -> int:
@@ -279,11 +270,7 @@ def cmd_grant_list(args) -> int:
     else:
         with _Offline(args) as off:
             grants = off.identity.list_grants(args.user_id)
-    if args.format == "json":
-        print_json(grants)
-    else:
-        _grant_rows(grants)
-    return 0
+    return _print_as(args, grants, _grant_rows)
 
 
 def cmd_grant_revoke(args) -> int:

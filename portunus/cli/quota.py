@@ -25,7 +25,7 @@ from urllib.parse import urlencode
 
 from ..errors import PortunusError
 from ..store.db import rfc3339
-from .api_client import quote
+from .api_client import operator_api, quote
 from .output import human_bytes, print_json, table
 from .units import parse_bytes
 
@@ -76,11 +76,6 @@ def _pair(parser) -> None:
     parser.add_argument("user_id", metavar="USER")
     parser.add_argument("client", metavar="CLIENT", help="client id or name")
     parser.add_argument("--format", choices=FORMATS, default="text")
-
-
-def _api(args):
-    from . import server  # late: server.py imports this module to register the commands
-    return server._api(args)
 
 
 def _quota_path(args) -> str:
@@ -161,7 +156,7 @@ def cmd_quota_set(args) -> int:
     body = {"monthly_bytes": parse_bytes(args.monthly, "--monthly")}
     if args.anchor is not None:
         body["billing_anchor"] = parse_time(args.anchor, "--anchor", code="invalid_billing_anchor")
-    status, view = _api(args).call("PUT", _quota_path(args), body)
+    status, view = operator_api(args).call("PUT", _quota_path(args), body)
     if args.format == "text":
         print("created" if status == 201 else "updated", f"quota of {view['user_id']} on {view['client_name']}")
     _print_view(view, args.format)
@@ -169,12 +164,12 @@ def cmd_quota_set(args) -> int:
 
 
 def cmd_quota_get(args) -> int:
-    _print_view(_api(args).get(_quota_path(args) + "/status"), args.format)
+    _print_view(operator_api(args).get(_quota_path(args) + "/status"), args.format)
     return 0
 
 
 def cmd_quota_clear(args) -> int:
-    view = _api(args).call("PATCH", _quota_path(args), {"clear_period_usage": True})[1]
+    view = operator_api(args).call("PATCH", _quota_path(args), {"clear_period_usage": True})[1]
     if args.format == "text":
         print(f"cleared the period's usage of {view['user_id']} on {view['client_name']}")
     _print_view(view, args.format)
@@ -182,7 +177,7 @@ def cmd_quota_clear(args) -> int:
 
 
 def cmd_quota_delete(args) -> int:
-    answer = _api(args).call("DELETE", _quota_path(args))[1]
+    answer = operator_api(args).call("DELETE", _quota_path(args))[1]
     if args.format == "json":
         print_json(answer)
     else:
@@ -196,7 +191,7 @@ def cmd_quota_list(args) -> int:
         raise PortunusError("usage", "quota list: give a USER or --client CLIENT (one of them)")
     path = (f"/v1/users/{quote(args.user_id)}/quotas" if args.user_id is not None
             else f"/v1/clients/{quote(args.client)}/quotas")
-    _print_list(_api(args).get(path)["quotas"], args.format)
+    _print_list(operator_api(args).get(path)["quotas"], args.format)
     return 0
 
 
@@ -216,7 +211,7 @@ def cmd_traffic(args) -> int:
         path = f"/v1/clients/{quote(args.client)}/traffic"
     else:
         path = "/v1/traffic/global"
-    history = _api(args).get(path + ("?" + urlencode(query) if query else ""))
+    history = operator_api(args).get(path + ("?" + urlencode(query) if query else ""))
     if args.format == "json":
         print_json(history)
         return 0

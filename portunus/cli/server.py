@@ -8,7 +8,6 @@ commands open the store directly and refuse while `serve` runs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import secrets
 import sqlite3
@@ -19,29 +18,9 @@ from ..store import backup as store_backup
 from . import caps as caps_cli
 from . import identity as identity_cli
 from . import quota as quota_cli
-from .api_client import ApiClient, quote, running_server_url
-from .output import human_bytes, listen_text, print_json, rule_caps, sni_ports, table, target_text
-
-# the names cli/identity.py reaches through this module; they live in output.py, api_client.py and store/backup.py
-_print_json, _table, _q, _open_offline = print_json, table, quote, store_backup.open_offline
-
-
-def _api_url(args) -> str | None:
-    if args.server:
-        return args.server
-    if os.environ.get("PORTUNUS_SERVER"):
-        return os.environ["PORTUNUS_SERVER"]
-    return running_server_url(args.data_dir)
-
-
-def _api(args) -> ApiClient:
-    url = _api_url(args)
-    if url is None:
-        from ..server import config as server_config
-        cfg = server_config.load(args.data_dir)
-        host, port = cfg.http_addr
-        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-    return ApiClient(url, os.environ.get("PORTUNUS_OPERATOR_TOKEN"))
+from . import rules as rules_cli
+from .api_client import operator_api, operator_api_url, quote
+from .output import print_json, table
 
 
 # ---------------------------------------------------------------- commands
@@ -78,13 +57,13 @@ def cmd_bootstrap_superadmin(args) -> int:
 
 
 def cmd_enroll_client(args) -> int:
-    if _api_url(args) is not None:
+    if operator_api_url(args) is not None:
         body = {"name": args.name}
         if args.address:
             body["address"] = args.address
         if args.ttl_secs is not None:
             body["ttl_secs"] = args.ttl_secs
-        _, res = _api(args).call("POST", "/v1/client-enrollments", body)
+        _, res = operator_api(args).call("POST", "/v1/client-enrollments", body)
     else:
         res = _offline_enroll(args)
     return _print_enrollment(args, res)
@@ -128,12 +107,12 @@ def _print_enrollment(args, res: dict) -> int:
 
 def cmd_reenroll_client(args) -> int:
     body = {} if args.ttl_secs is None else {"ttl_secs": args.ttl_secs}
-    _, res = _api(args).call("POST", f"/v1/clients/{quote(args.client)}/enrollment", body)
+    _, res = operator_api(args).call("POST", f"/v1/clients/{quote(args.client)}/enrollment", body)
     return _print_enrollment(args, res)
 
 
 def cmd_list_clients(args) -> int:
-    _, res = _api(args).call("GET", "/v1/clients")
+    _, res = operator_api(args).call("GET", "/v1/clients")
     clients = res["clients"]
     if args.format == "json":
         print_json(clients)
@@ -146,130 +125,20 @@ def cmd_list_clients(args) -> int:
 
 
 def cmd_revoke(args) -> int:
-    _, res = _api(args).call("POST", f"/v1/clients/{quote(args.client)}/revoke")
+    _, res = operator_api(args).call("POST", f"/v1/clients/{quote(args.client)}/revoke")
     print(f"revoked {res['client_name']} ({res['client_id']})")
     return 0
 
 
 def cmd_delete_client(args) -> int:
-    _api(args).call("DELETE", f"/v1/clients/{quote(args.client)}")
+    operator_api(args).call("DELETE", f"/v1/clients/{quote(args.client)}")
     print(f"deleted {args.client} and its rules")
     return 0
 
 
 def cmd_rename_client(args) -> int:
-    _, res = _api(args).call("PATCH", f"/v1/clients/{quote(args.client)}/name", {"name": args.name})
+    _, res = operator_api(args).call("PATCH", f"/v1/clients/{quote(args.client)}/name", {"name": args.name})
     print(f"renamed {res['client_id']} to {res['client_name']}")
-    return 0
-
-
-def _parse_target_flag(text: str, index: int) -> dict:
-    from ..model import parse_target_spec
-    t = parse_target_spec(text, index, f"--target {text!r}")
-    out = {"host": t.host, "port": t.port, "priority": t.priority}
-    if t.port_end is not None:
-        out["port_end"] = t.port_end
-    return out
-
-
-def cmd_push_rule(args) -> int:
-    body: dict = {"client": args.client, "listen": args.listen, "protocol": args.protocol}
-    if args.listen_host:
-        body["listen_host"] = args.listen_host
-    given = sum(x is not None and x != [] for x in (args.target, args.targets, args.targets_json))
-    if given != 1:
-        raise PortunusError("usage", "give exactly one of TARGET, --target (repeatable) or --targets-json")
-    if args.target:
-        body["target"] = args.target
-    elif args.targets:
-        body["targets"] = [_parse_target_flag(t, i) for i, t in enumerate(args.targets)]
-    else:
-        try:
-            body["targets"] = json.loads(args.targets_json)
-        except ValueError as exc:
-            raise PortunusError("usage", f"--targets-json is not valid JSON: {exc}") from None
-        except RecursionError:
-            raise PortunusError("usage", "--targets-json is nested too deeply; give a list of target "
-                                         "objects, e.g. [{\"host\":\"a\",\"port\":80}]") from None
-    if args.sni:
-        body["sni_pattern"] = args.sni
-    if args.prefer_ipv6:
-        body["prefer_ipv6"] = True
-    if args.health_check_interval_secs is not None:
-        body["health_check_interval_secs"] = args.health_check_interval_secs
-    caps = caps_cli.rate_limit_from_args(args)  # human units: --bandwidth-in-bps 10M
-    if caps:
-        body["rate_limit"] = caps
-    body["ack_timeout_secs"] = args.ack_timeout
-    try:
-        status, res = _api(args).call("POST", "/v1/rules", body, timeout=args.ack_timeout + 30)
-    except PortunusError as exc:
-        rule_id = exc.fields.get("rule_id")
-        if exc.code == "activation_failed" and rule_id:
-            print(exc.cli_line(), file=sys.stderr)
-            print(f"rule {rule_id} is kept as failed and blocks its ports; remove it with "
-                  f"`portunus-server remove-rule {rule_id}`", file=sys.stderr)
-            return exc.exit_code
-        raise
-    print(res["rule_id"])
-    if status == 202:
-        print(f"warning: the client did not acknowledge within {args.ack_timeout:g} s; the rule is pending",
-              file=sys.stderr)
-    return 0
-
-
-def cmd_remove_rule(args) -> int:
-    _api(args).call("DELETE", f"/v1/rules/{quote(args.rule_id)}")
-    print(f"removed {args.rule_id}")
-    return 0
-
-
-def cmd_list_rules(args) -> int:
-    path = "/v1/rules" + (f"?client={quote(args.client)}" if args.client else "")
-    _, res = _api(args).call("GET", path)
-    rules = res["rules"]
-    if args.format == "json":
-        print_json(rules)
-        return 0
-    rows, on_sni_ports = [], sni_ports(rules)
-    for r in rules:
-        listen = listen_text(r)
-        state = r["state"] if not r.get("reason") else f"{r['state']}({r['reason']})"
-        rows.append([r["rule_id"], r.get("client_name") or r["client_id"], r["protocol"], listen,
-                     target_text(r), state, rule_caps(r, on_sni_ports), r.get("owner") or "-"])
-    table(rows, ["RULE_ID", "CLIENT", "PROTO", "LISTEN", "TARGET", "STATE", "CAPS", "OWNER"])
-    return 0
-
-
-def cmd_rule_stats(args) -> int:
-    q = "?per_port=true" if args.per_port else ("?per_target=true" if args.per_target else "")
-    _, res = _api(args).call("GET", f"/v1/rules/{quote(args.rule_id)}/stats{q}")
-    if args.format == "json":
-        print_json(res)
-        return 0
-    name = res.get("client_name")
-    if name is None:  # the stats shape carries the id only; the rule names its client
-        name = _api(args).call("GET", f"/v1/rules/{quote(args.rule_id)}")[1].get("client_name")
-    client = f"{name} ({res['client']})" if name else res["client"]
-    print(f"rule {res['rule_id']} ({res['protocol']}, {res['state']}) on client {client}")
-    print(f"  bytes in {human_bytes(res['bytes_in'])} ({res['bytes_in']}), "
-          f"out {human_bytes(res['bytes_out'])} ({res['bytes_out']})")
-    if res["protocol"] == "tcp":
-        print(f"  active connections {res['active_connections']}, dns failures {res['dns_failures']}")
-    else:
-        print(f"  datagrams in {res['datagrams_in']}, out {res['datagrams_out']}, active flows "
-              f"{res['active_flows']}, overflow drops {res['flows_dropped_overflow']}")
-    print(f"  updated {res.get('updated_at') or 'never (no report yet)'}")
-    for line in caps_cli.stats_lines(res):  # SNI routes and listener, rate-limit counters
-        print(line)
-    if args.per_port:
-        rows = [[p["listen_port"], p["bytes_in"], p["bytes_out"], p["active_connections"],
-                 p["datagrams_in"], p["datagrams_out"]] for p in res.get("per_port", [])]
-        table(rows, ["PORT", "BYTES_IN", "BYTES_OUT", "CONNS", "DGRAMS_IN", "DGRAMS_OUT"])
-    if args.per_target:
-        rows = [[t["index"], f"{t['host']}:{t['port']}", t["priority"], t["health"], t["consecutive_failures"],
-                 t["bytes_in"], t["bytes_out"], t["connections"]] for t in res.get("per_target", [])]
-        table(rows, ["#", "TARGET", "PRIO", "HEALTH", "FAILS", "BYTES_IN", "BYTES_OUT", "CONNS"])
     return 0
 
 
@@ -363,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     _add_server_commands(sub)
     _add_client_commands(sub)
-    _add_rule_commands(sub)
+    rules_cli.add_parsers(sub)
     _add_storage_commands(sub)
     from ..doctor.cli import add_server_parser
     add_server_parser(sub)
@@ -423,47 +292,6 @@ def _add_client_commands(sub) -> None:
     s.set_defaults(fn=cmd_rename_client)
 
 
-def _add_rule_commands(sub) -> None:
-    s = sub.add_parser("push-rule", help="push a forwarding rule to a client; prints the rule id",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Push a forwarding rule to a client and wait for its ack; prints the rule id.\n"
-                                   "The rule listens on all interfaces (0.0.0.0) unless --listen-host is given.",
-                       epilog=PUSH_RULE_CAPABILITIES)
-    s.add_argument("client", help="client id or unique name")
-    s.add_argument("listen", help="listen port or range, e.g. 8080 or 30000-30099 [a range needs port_range]")
-    s.add_argument("target", nargs="?", help="host:port or host:start-end")
-    s.add_argument("--listen-host", metavar="ADDR",
-                   help="bind only this address of the edge host, e.g. 127.0.0.1 or ::1 (default: all "
-                        "interfaces, 0.0.0.0)")
-    s.add_argument("--protocol", choices=("tcp", "udp"), default="tcp", help="default tcp [udp needs udp]")
-    s.add_argument("--target", dest="targets", action="append", default=[], metavar="HOST:PORT@PRIO",
-                   help="a failover target (repeatable) [more than one needs multi_target]")
-    s.add_argument("--targets-json", metavar="JSON", help='e.g. [{"host":"a","port":80,"priority":1}] '
-                                                          '[more than one needs multi_target, "proxy_protocol" '
-                                                          'needs proxy_protocol]')
-    s.add_argument("--sni", metavar="PATTERN", help="TLS SNI pattern (exact or *.domain) [needs sni]")
-    s.add_argument("--prefer-ipv6", action="store_true")
-    s.add_argument("--health-check-interval-secs", type=int, metavar="N")
-    caps_cli.add_cap_flags(s, note=" [needs rate_limit]")
-    s.add_argument("--ack-timeout", type=float, default=2.0, metavar="S",
-                   help="how long to wait for the client's ack (default 2)")
-    s.set_defaults(fn=cmd_push_rule)
-    s = sub.add_parser("remove-rule", help="drain and remove a rule")
-    s.add_argument("rule_id")
-    s.set_defaults(fn=cmd_remove_rule)
-    s = sub.add_parser("list-rules", help="list rules")
-    s.add_argument("--client")
-    s.add_argument("--format", choices=("text", "json"), default="text")
-    s.set_defaults(fn=cmd_list_rules)
-    s = sub.add_parser("rule-stats", help="a rule's latest counters")
-    s.add_argument("rule_id")
-    g = s.add_mutually_exclusive_group()
-    g.add_argument("--per-port", action="store_true")
-    g.add_argument("--per-target", action="store_true")
-    s.add_argument("--format", choices=("text", "json"), default="text")
-    s.set_defaults(fn=cmd_rule_stats)
-
-
 def _add_storage_commands(sub) -> None:
     s = sub.add_parser("backup", help="online backup of the state database")
     s.add_argument("--out", required=True, metavar="PATH", help="file (not overwritten) or directory")
@@ -484,11 +312,6 @@ def _add_storage_commands(sub) -> None:
     s.add_argument("--confirm", action="store_true")
     s.set_defaults(fn=cmd_reset)
 
-
-PUSH_RULE_CAPABILITIES = """\
-[needs CAPABILITY]: the flag uses a feature the client must have (list-clients shows its
-CAPABILITIES). A client without it is never sent the rule: the push fails with exit 3
-(e.g. rate_limit_unsupported_by_client; for udp, unsupported_protocol) and nothing is stored."""
 
 # these create the data dir when it is missing (or never use it); the others need it to exist
 CREATES_DATA_DIR = {"serve", "bootstrap-superadmin", "restore", "demo", "gen-token", "onboarding-token"}
