@@ -166,14 +166,7 @@ class Handler(DeadlineRequestHandler):
             return True
 
     def _body_pending(self) -> bool:
-        if getattr(self, "body_consumed", False):
-            return False
-        if self.headers.get("Transfer-Encoding") is not None:
-            return True
-        try:
-            return bool(content_length(self.headers.get_all("Content-Length") or []))
-        except PortunusError:
-            return True
+        return not getattr(self, "body_consumed", False) and self._body_announced()
 
     # ---- responses ----------------------------------------------------------------
     def _send(self, status: int, payload, request_id: str, headers: dict | None = None) -> None:
