@@ -97,6 +97,15 @@ def get_user(api, p, m, q, body, ctx):
     return 200, api.access.identity.get_user(m["id"])
 
 
+def update_user(api, p, m, q, body, ctx):
+    body = _object(body)
+    _only(body, {"display_name", "role", "disabled"})
+    if not body:
+        raise PortunusError("validation.no_fields", "PATCH users/{id} needs display_name, role or disabled")
+    return 200, api.access.identity.update_user(m["id"], display_name=body.get("display_name"),
+                                                role=body.get("role"), disabled=body.get("disabled"))
+
+
 def remove_user(api, p, m, q, body, ctx):
     return 200, {"removed_rule_ids": api.access.remove_user(m["id"], request_id=ctx["request_id"])}
 
@@ -292,6 +301,8 @@ ROUTES = [
           "{user_id, display_name, role, password} -> 201 user (superadmin)."),
     Route("GET", r"/v1/users", list_users, SUPERADMIN, "{users} (superadmin)."),
     Route("GET", rf"/v1/users/{_ID}", get_user, SUPERADMIN, "One user (superadmin)."),
+    Route("PATCH", rf"/v1/users/{_ID}", update_user, SUPERADMIN,
+          "Change display_name, role or disabled (superadmin); the last active superadmin stays one."),
     Route("DELETE", rf"/v1/users/{_ID}", remove_user, SUPERADMIN,
           "Remove a user, then their rules from the clients -> {removed_rule_ids} (superadmin)."),
     Route("POST", rf"/v1/users/{_ID}/password", reset_user_password, SUPERADMIN,

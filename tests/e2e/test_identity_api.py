@@ -200,6 +200,36 @@ def test_users_and_grants_routes(server, secrets):
     assert web.request("DELETE", "/v1/users/admin").code == "conflict.last_superadmin"
 
 
+def test_patch_user_disables_enables_and_keeps_the_last_superadmin(server, secrets):
+    web = onboard(server, secrets)
+    secrets.add(ALICE_PW)
+    assert web.request("POST", "/v1/users", {"user_id": "alice", "display_name": "Alice", "role": "user",
+                                             "password": ALICE_PW}).status == 201
+    alice = Web(server.api)
+    assert alice.login("alice", ALICE_PW).status == 200
+    secrets.add(alice.cookie)
+    # disabling cuts her session at once and login stays the uniform invalid_login
+    ans = web.request("PATCH", "/v1/users/alice", {"disabled": True})
+    assert ans.status == 200 and ans.body["disabled"] is True and set(ans.body) == USER_KEYS
+    assert alice.get("/v1/users/me").code == "unauthenticated"
+    assert Web(server.api).login("alice", ALICE_PW).status == 401
+    ans = web.request("PATCH", "/v1/users/alice", {"disabled": False, "display_name": "Alice B"})
+    assert ans.status == 200 and ans.body["disabled"] is False and ans.body["display_name"] == "Alice B"
+    alice = Web(server.api)
+    assert alice.login("alice", ALICE_PW).status == 200
+    secrets.add(alice.cookie)
+    # bad bodies name the field; the last active superadmin can be neither disabled nor demoted
+    assert web.request("PATCH", "/v1/users/alice", {}).status == 400
+    assert web.request("PATCH", "/v1/users/alice", {"disabled": "yes"}).status == 400
+    assert web.request("PATCH", "/v1/users/alice", {"role": "root"}).status == 400
+    assert web.request("PATCH", "/v1/users/alice", {"password": "x"}).status == 400
+    assert web.request("PATCH", "/v1/users/admin", {"disabled": True}).code == "conflict.last_superadmin"
+    assert web.request("PATCH", "/v1/users/admin", {"role": "user"}).code == "conflict.last_superadmin"
+    assert web.request("PATCH", "/v1/users/nobody", {"disabled": True}).status == 404
+    # a tenant may not
+    assert alice.request("PATCH", "/v1/users/alice", {"disabled": True}).code == "role_required"
+
+
 # ------------------------------------------------------------------ throttle and recovery
 
 def test_seven_wrong_passwords_lock_even_the_right_one_across_a_restart(server, secrets):
