@@ -265,7 +265,11 @@ class DeadlineRequestHandler(BaseHTTPRequestHandler):
             if not self.parse_request():
                 return
         except (TimeoutError, OSError, ValueError):
-            return  # headers incomplete within the deadline, or the peer went away: just close
+            # headers incomplete within the deadline, or the peer went away: close. parse_request may
+            # have set close_connection = False (HTTP/1.1) before its header read timed out; without
+            # this the handler would loop into a second request with a fresh deadline (20 s, not 10 s)
+            self.close_connection = True
+            return
         self.server.waiting_for_headers(self.request, False)
         if len(self.requestline.split()) == 2:  # HTTP/0.9 has no status line or headers to answer with
             self.send_error(400, "HTTP/0.9 requests are not supported; send HTTP/1.0 or HTTP/1.1")

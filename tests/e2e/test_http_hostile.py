@@ -344,6 +344,30 @@ def test_a_header_dripper_is_cut_off_within_the_deadline(server):
     assert server.get_json("/v1/auth/status")[0] == 200
 
 
+def test_a_request_line_then_one_byte_at_a_time_gets_one_deadline_not_two(server):
+    """The deadline covers the request line and the headers together: a complete request line
+    followed by a slow trickle is closed at the header deadline (it once got a second one)."""
+    s = server.connect(timeout=10)
+    t0 = time.monotonic()
+    s.sendall(b"GET /v1/clients HTTP/1.1\r\n")
+    closed_after = None
+    try:
+        for _ in range(20):
+            s.sendall(b"X")  # never completes a header line
+            time.sleep(0.3)
+    except OSError:
+        closed_after = time.monotonic() - t0
+    if closed_after is None:
+        s.settimeout(5)
+        try:
+            s.recv(1024)
+        except (ConnectionResetError, TimeoutError):
+            pass
+        closed_after = time.monotonic() - t0
+    s.close()
+    assert closed_after < 2 + 1.5, f"held for {closed_after:.1f} s (header deadline 2 s)"
+
+
 def test_a_full_listener_answers_503_at_once(tmp_path):
     srv = RunningServer(tmp_path / "data", limits="header_secs=10,body_secs=10,max_connections=4")
     held = []
