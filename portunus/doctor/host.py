@@ -378,7 +378,7 @@ def lock_holders(path: str, locks_text: str | None = None) -> list[int] | None:
 
 
 def pid_alive(pid) -> bool:
-    from ..cli.server import _pid_alive
+    from ..cli.api_client import _pid_alive
     return _pid_alive(pid)
 
 

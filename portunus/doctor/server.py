@@ -365,8 +365,8 @@ def cert_checks(cfg, online: Online | None, ro_store, env) -> list[r.Check]:
 
 def running_server(args, serve_pid: int | None) -> tuple[str | None, r.Check | None]:
     """(API URL, None) of the server to ask, or (None, the skip saying why there is none)."""
-    from ..cli.server import _api_url
-    url = _api_url(args)
+    from ..cli.api_client import operator_api_url
+    url = operator_api_url(args)
     if url is None:
         why = "serve is not running" if serve_pid is None else "serve runs but wrote no serve.json"
         return None, r.skip("server.api", f"{why}: clients, rules, quotas and SNI not checked")

@@ -222,3 +222,10 @@ def test_dns_check_fails_only_when_a_name_depends_on_silent_servers():
     assert host.check_dns_servers(mixed, "--dns-server", ["backend.example"]).status == r.WARN
     assert host.check_dns_servers({"10.0.0.3:53": None}, "--dns-server", []).status == r.OK
     assert host.check_dns_servers({}, "--dns-server", []).status == r.SKIP
+
+
+def test_pid_alive_answers_for_this_process_and_refuses_non_pids():
+    # the no-/proc/locks path of store.lock: the helper lives in cli.api_client (it moved out of cli.server)
+    assert host.pid_alive(os.getpid()) is True
+    assert host.pid_alive(0) is False
+    assert host.pid_alive("123") is False
