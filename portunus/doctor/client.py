@@ -249,15 +249,45 @@ def check_rule_capabilities(session: Session) -> r.Check:
                                       "rule(s) need", details)
 
 
-def find_connected_agent(addrs: list[str], port: int) -> AgentProcess | None:
-    """An established TCP connection from this host to the server, and the portunus process holding it."""
+def agent_client_id(pid: int) -> str | None:
+    """The client id of the bundle a running agent uses (its --bundle, its environment, its lookup chain)."""
+    argv = (host.read_text(f"{host.PROC}/{pid}/cmdline") or "").split("\x00")
+    explicit = None
+    for i, arg in enumerate(argv):
+        if arg == "--bundle" and i + 1 < len(argv):
+            explicit = argv[i + 1]
+        elif arg.startswith("--bundle="):
+            explicit = arg.split("=", 1)[1]
+    environ_text = host.read_text(f"{host.PROC}/{pid}/environ")
+    agent_env = host.parse_environ(environ_text) if environ_text is not None else {}
+    try:
+        cwd = os.readlink(f"{host.PROC}/{pid}/cwd")
+    except OSError:
+        cwd = None
+    candidates = [explicit] if explicit else enrollment.bundle_search_paths(agent_env)
+    for path in candidates:
+        if path and not os.path.isabs(path) and cwd:
+            path = os.path.join(cwd, path)
+        try:
+            return enrollment.read_bundle(path)["client_id"]
+        except (PortunusError, OSError, KeyError, TypeError):
+            continue
+    return None
+
+
+def find_connected_agent(addrs: list[str], port: int, client_id: str | None = None) -> AgentProcess | None:
+    """The portunus process on this host connected to the server AS THIS BUNDLE'S CLIENT (another
+    client's agent says nothing about this bundle's token, and its limits are not this client's)."""
     sockets = host.read_sockets()
     inodes = {s.inode for s in sockets
               if s.proto == "tcp" and s.state == "ESTABLISHED" and s.remote_port == port and s.remote_ip in addrs}
     owners = host.socket_owners(inodes) if inodes else {}
-    if not owners:
+    pids = sorted(set(owners.values()))
+    if client_id is not None:
+        pids = [pid for pid in pids if agent_client_id(pid) == client_id]
+    if not pids:
         return None
-    pid = sorted(owners.values())[0]
+    pid = pids[0]
     own_inodes, open_fds = host.process_socket_inodes(pid)
     listen: dict[str, list[int]] = {"tcp": [], "udp": []}
     for s in sockets:
@@ -298,7 +328,7 @@ def endpoint_checks(bundle: dict, servers, env, session: Session) -> list[r.Chec
         checks.append(pin)
         if pin.status != r.OK:
             return checks + [r.skip("auth.token", "not checked: the token is never sent to an unproven server")]
-        session.agent = find_connected_agent(session.addrs, port)
+        session.agent = find_connected_agent(session.addrs, port, bundle.get("client_id"))
         if session.agent is not None:
             checks.append(r.ok("auth.token", f"an agent on this host (pid {session.agent.pid}) holds a connection "
                                              "to the server; no hello sent, so its session stays",

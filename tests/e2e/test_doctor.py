@@ -168,6 +168,18 @@ def test_revoked_token(server, procs, tmp_path):
     assert checks["tls.pin"]["status"] == "ok"
 
 
+def test_another_clients_agent_on_the_host_does_not_vouch_for_a_revoked_bundle(server, procs, tmp_path):
+    """edge-a's agent runs on this host; edge-b's bundle is revoked: the doctor must judge edge-b's token
+    itself (a connection of another client says nothing about it)."""
+    enroll_client(server, procs, tmp_path, "edge-a")
+    b_agent, b_bundle = enroll_client(server, procs, tmp_path, "edge-b")
+    assert server.cli("revoke", "edge-b").returncode == 0
+    b_agent.wait(30)
+    code, checks = client_doctor(b_bundle, tmp_path)
+    assert code == 1
+    assert checks["auth.token"]["status"] == "fail" and checks["auth.token"]["details"]["code"] == "token_revoked"
+
+
 def test_token_accepted_without_an_agent_replays_the_rules(server, procs, tmp_path):
     agent, bundle = enroll_client(server, procs, tmp_path, "edge-01")
     port = free_port()
