@@ -154,6 +154,19 @@ def _print_removed(args, what: str, rule_ids: list[str]) -> int:
     return 0
 
 
+def _remove_with_rules(args, path: str, offline_remove, what: str) -> int:
+    """Remove a user or a grant, then the rules it held: the API's DELETE ``path`` online, else
+    ``offline_remove(identity)`` (which returns the rule ids) and their deletion from the store."""
+    api = _online(args)
+    if api is not None:
+        rule_ids = api.call("DELETE", path)[1]["removed_rule_ids"]
+    else:
+        with _Offline(args) as off:
+            rule_ids = offline_remove(off.identity)  # committed before the rules go
+            _delete_rules(off.store, rule_ids)
+    return _print_removed(args, what, rule_ids)
+
+
 def _delete_rules(store, rule_ids: list[str]) -> None:
     from ..store import rules as store_rules
     for rule_id in rule_ids:
@@ -228,14 +241,8 @@ def cmd_user_get(args) -> int:
 
 
 def cmd_user_remove(args) -> int:
-    api = _online(args)
-    if api is not None:
-        rule_ids = api.call("DELETE", f"/v1/users/{quote(args.user_id)}")[1]["removed_rule_ids"]
-    else:
-        with _Offline(args) as off:
-            rule_ids = off.identity.remove_user(args.user_id)  # committed before the rules go
-            _delete_rules(off.store, rule_ids)
-    return _print_removed(args, f"removed user {args.user_id}", rule_ids)
+    return _remove_with_rules(args, f"/v1/users/{quote(args.user_id)}",
+                              lambda identity: identity.remove_user(args.user_id), f"removed user {args.user_id}")
 
 
 # ---------------------------------------------------------------- grants
@@ -274,11 +281,5 @@ def cmd_grant_list(args) -> int:
 
 
 def cmd_grant_revoke(args) -> int:
-    api = _online(args)
-    if api is not None:
-        rule_ids = api.call("DELETE", f"/v1/grants/{quote(args.grant_id)}")[1]["removed_rule_ids"]
-    else:
-        with _Offline(args) as off:
-            rule_ids = off.identity.revoke_grant(args.grant_id)  # committed before the rules go
-            _delete_rules(off.store, rule_ids)
-    return _print_removed(args, f"revoked grant {args.grant_id}", rule_ids)
+    return _remove_with_rules(args, f"/v1/grants/{quote(args.grant_id)}",
+                              lambda identity: identity.revoke_grant(args.grant_id), f"revoked grant {args.grant_id}")
