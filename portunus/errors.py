@@ -75,6 +75,7 @@ ERRORS: dict[str, ErrorKind] = {
     "rate_limited": ErrorKind(429, EXIT_GENERIC, "too many attempts"),
     "bootstrap_required": ErrorKind(503, EXIT_GENERIC, "no superadmin exists yet"),
     "server_busy": ErrorKind(503, EXIT_GENERIC, "too many concurrent operator connections"),
+    "demo_failed": ErrorKind(500, EXIT_GENERIC, "a demo child did not start or died; its log is kept"),
     # identity (SPEC §5, §6): credentials, onboarding, roles, CSRF for cookie sessions
     "invalid_login": ErrorKind(401, EXIT_UNAUTHENTICATED, "unknown user or wrong password"),
     "setup_token_required": ErrorKind(401, EXIT_UNAUTHENTICATED, "the onboarding setup token is required"),

@@ -239,7 +239,7 @@ def run_demo(keep: bool = False) -> int:
         except (DemoFailed, PortunusError) as exc:
             demo.keep = True
             demo.stop()
-            reason = exc.cli_line() if isinstance(exc, PortunusError) else f"error: internal: {exc}"
+            reason = exc.cli_line() if isinstance(exc, PortunusError) else f"error: demo_failed: {exc}"
             print(f"{reason}\n--- last lines of {demo.log_path} ---\n{log_tail(demo.log_path)}"
                   f"--- the demo's temp dir is kept: {demo.tmp}", file=sys.stderr)
             return 1
