@@ -163,7 +163,9 @@ class Demo:
                 raise self.failed("the demo client did not connect", client)
             time.sleep(0.1)
         listen = 18080 if _port_free(18080) else _free_port()
+        # loopback only: the demo must not open the backend to the network
         _, rule = client_api.call("POST", "/v1/rules", {"client": "demo-edge", "listen_port": listen,
+                                                        "listen_host": "127.0.0.1",
                                                         "target": f"127.0.0.1:{backend_port}"})
         client_api.call("POST", "/v1/users", {"user_id": DEMO_USER, "display_name": "Demo admin",
                                               "role": "superadmin", "password": self.password})

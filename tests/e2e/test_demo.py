@@ -28,6 +28,7 @@ def test_demo_serves_the_sample_rule_and_cleans_up_on_ctrl_c():
         seen["rules"] = urllib.request.urlopen(req, timeout=10).read()
     run_demo_to_ctrl_c(portunus_cmd("server") + ["demo"], on_running=check)
     assert b'"state":"active"' in seen["rules"]
+    assert b'"listen_host":"127.0.0.1"' in seen["rules"]  # the demo never opens its backend to the network
 
 
 def test_demo_ignores_a_real_servers_endpoint_and_stops_on_hang_up():
