@@ -278,6 +278,16 @@ def test_users_grants_reset_and_tenant_isolation(console):
         assert panel.is_displayed()
     shot(console, "users")
 
+    # disable bob from the list (PATCH users/bob), then enable him again
+    def bob_row():
+        return next(r for r in b.finds("#users-list tbody tr") if r.text.split()[0] == "bob")
+    b.click_text("Disable", "button", scope=bob_row())
+    b.wait(lambda: "disabled" in bob_row().text and "Enable" in bob_row().text, what="bob shown disabled")
+    assert admin_api(console).ok("GET", "users/bob")["disabled"] is True
+    b.click_text("Enable", "button", scope=bob_row())
+    b.wait(lambda: "Disable" in bob_row().text, what="bob shown enabled")
+    assert admin_api(console).ok("GET", "users/bob")["disabled"] is False
+
     # bob pushes over the API with his own session
     bob = ApiSession(console.base)
     bob.login(*BOB)

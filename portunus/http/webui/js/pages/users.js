@@ -1,6 +1,6 @@
 // Users (superadmin): create, disable/enable, reset password with a one-time reveal, delete with a
 // preview of the rules it removes; per user, their grants (add / revoke with a preview).
-import { get, post, del, enc } from "../api.js";
+import { get, post, patch, del, enc } from "../api.js";
 import { add, h, clear, field, input, select, button, badge, table, fmtTime, fmtPorts, confirmDialog, copyButton,
   setFieldError } from "../dom.js";
 import { showApiError, byCode, onSubmit, errorText } from "../forms.js";
@@ -152,6 +152,9 @@ registerPage({
         h("div.row-actions",
           button(t("user.grants"), () => showGrants(u)),
           button(t("user.quotas"), () => ctx.navigate(`/users/${enc(u.user_id)}/quotas`)),
+          u.user_id === me ? null : button(u.disabled ? t("user.enable") : t("user.disable"),
+            () => act(() => patch(`users/${enc(u.user_id)}`, { disabled: !u.disabled }),
+              u.disabled ? t("user.enabled_done", { user: u.user_id }) : t("user.disabled_done", { user: u.user_id }))),
           u.user_id === me ? null : button(t("user.reset"), () => resetPassword(u)),
           u.user_id === me ? null : button(t("common.delete"), () => removeUser(u), { class: "danger" }))]),
       { caption: t("nav.users") }));
