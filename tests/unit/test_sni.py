@@ -484,6 +484,51 @@ def test_openssl_s_client_hellos(version_flag):
     assert parse_client_hello(openssl_hello("Site.Example.org", version_flag)) == SniResult("ok", "site.example.org")
 
 
+def chromium_hello(server_name: str) -> bytes:
+    """The first flight of a real headless Chromium (GREASE, X25519MLKEM768 key share, ~2 KB), captured
+    on a local port: the name is mapped to 127.0.0.1 so the hello carries it as SNI."""
+    import socket
+    import subprocess
+    import tempfile
+    from conftest import require_tool
+    chromium = require_tool("chromium")
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    profile = tempfile.mkdtemp(prefix="portunus-sni-chromium-")
+    proc = subprocess.Popen([chromium, "--headless=new", "--no-sandbox", "--disable-gpu",
+                             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                             "--no-first-run", f"--user-data-dir={profile}",
+                             f"--host-resolver-rules=MAP {server_name} 127.0.0.1",
+                             f"https://{server_name}:{port}/"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        srv.settimeout(30)
+        conn, _ = srv.accept()
+        conn.settimeout(10)
+        data = b""
+        while parse_client_hello(data).status == "need_more":
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        conn.close()
+        return data
+    finally:
+        proc.kill()
+        proc.wait()
+        srv.close()
+        import shutil
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_a_real_chromium_hello_parses_whole_and_split_at_every_offset():
+    data = chromium_hello("site.example.test")
+    assert len(data) > 1500  # the post-quantum key share makes it large
+    assert parse_client_hello(data) == SniResult("ok", "site.example.test")
+    for cut in range(1, len(data)):
+        assert parse_client_hello(data[:cut]).status == "need_more", cut
+
+
 GREASE = b"\x0a\x0a"
 
 
