@@ -242,11 +242,12 @@ class Agent:
             self._exhaustion_unsent.add(handle.user_id)
             return
         self._exhaustion_unsent.discard(handle.user_id)
+        # the counters first, then the trip: the server queues the report before it marks the pair
+        # exhausted, so its usage holds every debited byte by the time anyone can clear or raise it
+        # (and the fresh state is not installed minus bytes the server has not heard of)
+        self._report(ch)
         log.info("traffic_quota.exhausted_reported", user=handle.user_id)
         ch.send(m.traffic_quota_exhausted(handle.user_id, self.client_id, time.time()))
-        # and the counters with it: the server's usage then holds every debited byte, so a clear or
-        # a raise that follows is not installed minus bytes it has not heard of (mark_reported)
-        self._report(ch)
 
     def _on_error(self, ch: Channel, msg: dict) -> None:
         code = msg["code"]

@@ -129,6 +129,8 @@ class QuotaService:
         self.store = store
         self.clock = clock
         self.publish = publish
+        # called before every quota change (serve: apply the stats reports queued so far)
+        self.before_change: Callable[[], object] = lambda: None
         self._lock = threading.Lock()
         # cumulative counters since this process started (Prometheus counters may reset on restart)
         self._period_resets: dict[tuple[str, str], int] = {}
@@ -190,6 +192,7 @@ class QuotaService:
     def put(self, user_id, client_ref, body) -> QuotaChange:
         """Create the quota, or replace its limit (the anchor is immutable; usage is kept)."""
         body = _check_body(body, PUT_FIELDS)
+        self.before_change()
         if "monthly_bytes" not in body:
             raise PortunusError("invalid_quota_size", "monthly_bytes is required")
         limit = parse_monthly_bytes(body["monthly_bytes"])
@@ -226,6 +229,7 @@ class QuotaService:
     def patch(self, user_id, client_ref, body) -> QuotaChange:
         """``monthly_bytes`` then ``clear_period_usage``, one resulting state, one push."""
         body = _check_body(body, PATCH_FIELDS)
+        self.before_change()
         limit = parse_monthly_bytes(body["monthly_bytes"]) if "monthly_bytes" in body else None
         clear = body.get("clear_period_usage", False)
         if not isinstance(clear, bool):
@@ -241,6 +245,7 @@ class QuotaService:
 
     def delete(self, user_id, client_ref) -> dict:
         """Remove the quota (the pair forwards unmetered again); returns its last view."""
+        self.before_change()
         with self.store.write():
             row = self._existing(user_id, client_ref)
             store_quotas.delete_quota(self.store, row["user_id"], row["client_id"])

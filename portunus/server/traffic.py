@@ -240,6 +240,9 @@ class ReportWriter:
         self._failures = 0
         self.dropped = 0
         self._cond = threading.Condition()
+        # one flush at a time: a caller that flushes (a quota change) waits for a batch the thread
+        # has already taken off the queue, so "everything received so far" really is applied
+        self._flush_lock = threading.Lock()
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -263,6 +266,10 @@ class ReportWriter:
 
     def flush(self) -> int:
         """Apply everything queued now, batch by batch, on the calling thread; returns reports applied."""
+        with self._flush_lock:
+            return self._flush()
+
+    def _flush(self) -> int:
         applied = 0
         while True:
             with self._cond:
@@ -365,6 +372,9 @@ class TrafficServices:
                                    publish=lambda push: hub.post_update(push.client_id, push.message()))
         self.accounting = TrafficAccounting(store, self.quotas, clock=clock)
         self.writer = ReportWriter(self.accounting)
+        # a quota change first applies the usage already reported: a clear or raise that overtook the
+        # report carrying the bytes before the cut would otherwise be undone by it a moment later
+        self.quotas.before_change = self.writer.flush
         self.housekeeper = TrafficHousekeeper(self.quotas, self.accounting, interval_secs=housekeeping_secs)
         hub.quotas, hub.report_writer = self.quotas, self.writer
         if core is not None:

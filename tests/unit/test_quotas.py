@@ -717,3 +717,21 @@ def test_a_002_store_upgrades_in_place_and_its_rules_start_accounting(data_dir, 
         # a removed user's quotas go with it
         store_users.delete_user(new, "alice")
         assert quotas.list_for_client(world.edge) == []
+
+
+def test_a_clear_first_applies_the_reports_already_queued(w, clock):
+    """The client reports its counters, then the trip; an operator's clear that lands before the writer
+    thread ran must not be undone by that report a moment later (serve wires before_change to flush)."""
+    writer = ReportWriter(w.traffic)  # not started: only the flush below applies its queue
+    w.quotas.before_change = writer.flush
+    w.quotas.put("alice", w.edge, {"monthly_bytes": 1000})
+    writer.enqueue(report_from_stats(w.edge, clock(), [{"rule_id": "r-alice", "bytes_in": 900, "bytes_out": 300}],
+                                     {"r-alice": "alice"}))
+    assert w.used() == 0  # still queued
+    view = w.quotas.patch("alice", w.edge, {"clear_period_usage": True}).view
+    assert writer.pending() == 0
+    assert view["current_period_bytes_used"] == 0 and view["exhausted"] is False
+    # the next report carries only what came after: no double count, no resurrected usage
+    clock.advance(60)
+    w.report(r_alice=(950, 300))
+    assert w.used() == 50
