@@ -449,20 +449,15 @@ def test_fuzz_bit_flips_and_splices_never_raise():
 
 # ---------------------------------------------------------------- more real and large hellos
 
-def openssl_hello(server_name: str, version_flag: str) -> bytes:
-    """The first flight of ``openssl s_client`` (a real, non-Python TLS stack), captured on a local port."""
-    import shutil
+def capture_hello(argv_for_port, accept_timeout: float = 10) -> bytes:
+    """Start a real TLS client (``argv_for_port(port)``) against a local port and return its first flight."""
     import socket
     import subprocess
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
     srv = socket.create_server(("127.0.0.1", 0))
-    port = srv.getsockname()[1]
-    proc = subprocess.Popen(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", server_name,
-                             version_flag], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(argv_for_port(srv.getsockname()[1]), stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        srv.settimeout(10)
+        srv.settimeout(accept_timeout)
         conn, _ = srv.accept()
         conn.settimeout(10)
         data = b""
@@ -477,6 +472,15 @@ def openssl_hello(server_name: str, version_flag: str) -> bytes:
         proc.kill()
         proc.wait()
         srv.close()
+
+
+def openssl_hello(server_name: str, version_flag: str) -> bytes:
+    """The first flight of ``openssl s_client`` (a real, non-Python TLS stack), captured on a local port."""
+    import shutil
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    return capture_hello(lambda port: ["openssl", "s_client", "-connect", f"127.0.0.1:{port}",
+                                       "-servername", server_name, version_flag])
 
 
 @pytest.mark.parametrize("version_flag", ["-tls1_2", "-tls1_3"])
@@ -487,37 +491,18 @@ def test_openssl_s_client_hellos(version_flag):
 def chromium_hello(server_name: str) -> bytes:
     """The first flight of a real headless Chromium (GREASE, X25519MLKEM768 key share, ~2 KB), captured
     on a local port: the name is mapped to 127.0.0.1 so the hello carries it as SNI."""
-    import socket
-    import subprocess
+    import shutil
     import tempfile
     from conftest import require_tool
     chromium = require_tool("chromium")
-    srv = socket.create_server(("127.0.0.1", 0))
-    port = srv.getsockname()[1]
     profile = tempfile.mkdtemp(prefix="portunus-sni-chromium-")
-    proc = subprocess.Popen([chromium, "--headless=new", "--no-sandbox", "--disable-gpu",
-                             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                             "--no-first-run", f"--user-data-dir={profile}",
-                             f"--host-resolver-rules=MAP {server_name} 127.0.0.1",
-                             f"https://{server_name}:{port}/"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        srv.settimeout(30)
-        conn, _ = srv.accept()
-        conn.settimeout(10)
-        data = b""
-        while parse_client_hello(data).status == "need_more":
-            chunk = conn.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-        conn.close()
-        return data
+        return capture_hello(lambda port: [chromium, "--headless=new", "--no-sandbox", "--disable-gpu",
+                                           "--disable-background-networking", "--disable-component-update",
+                                           "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+                                           f"--host-resolver-rules=MAP {server_name} 127.0.0.1",
+                                           f"https://{server_name}:{port}/"], accept_timeout=30)
     finally:
-        proc.kill()
-        proc.wait()
-        srv.close()
-        import shutil
         shutil.rmtree(profile, ignore_errors=True)
 
 
