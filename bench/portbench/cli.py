@@ -21,13 +21,15 @@ from pathlib import Path
 
 from . import BENCH_DIR, BenchError, log
 from .machine import host_busy_pct, machine_info
-from .origins import Backends, serve_http_origin, serve_udp_echo
-from .paths import ClientPath, DirectPath, HaproxyPath, PathBase, PortunusPath
+from .origins import Backends, serve_http_origin, serve_udp_echo, spawn_nginx_origin
+from .paths import (NGINX_STREAM_MODULE, ClientPath, DirectPath, HaproxyPath, NginxPath, PathBase,
+                    PortunusPath, RinetdPath, SocatPath)
 from .procs import Procs, free_port, wait_ready
 from .product import portunus_commands, probe_portunus, resolve_bin
 from .report import (ALL_GROUPS, ALL_PATHS, DEFAULT_PATHS, NOT_APPLICABLE, PORTUNUS_PATHS,
-                     compare, format_compare, format_header, format_issues, format_ratios,
-                     format_table, ratios, summarize)
+                     compare, format_compare, format_goals, format_header, format_issues,
+                     format_ratio_table, format_ratios, format_side_by_side, format_table,
+                     goal_marks, ratios, side_by_side, summarize)
 from .runner import Runner
 
 RUN_PY = BENCH_DIR / "run.py"     # also starts the helper servers: run.py _http-origin PORT
@@ -42,12 +44,16 @@ def _cleanup() -> None:
 
 def _build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        description="Portunus benchmark: direct vs portunus (splice/userspace) vs haproxy.")
+        description="Portunus benchmark: direct vs portunus (standalone and client mode, "
+                    "splice/userspace) vs haproxy, nginx stream, rinetd and socat, side by side.")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: 1 s tests, repeat 1 (unless --repeat given); < 1 min")
     ap.add_argument("--only", default="tcp,http,udp", help="comma list of tcp,http,udp")
     ap.add_argument("--paths", default=",".join(DEFAULT_PATHS),
                     help=f"comma list of {','.join(ALL_PATHS)} (default: all but haproxy-splice)")
+    ap.add_argument("--origin", choices=["nginx", "python"], default=None,
+                    help="HTTP origin: nginx `return 200` (default when nginx is installed) or "
+                         "the bench's own Python epoll responder (slower: it caps every path)")
     ap.add_argument("--bin", default="dist/portunus",
                     help="the portunus command, taking the role as its first argument "
                          "(standalone paths: BIN standalone --config F; client paths: "
@@ -62,22 +68,26 @@ def _build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--write-baseline", action="store_true",
                     help="store this run as bench/baseline.json")
     ap.add_argument("--out", default=str(BENCH_DIR / "results" / "latest.json"))
-    ap.add_argument("--tcp-secs", type=int, default=None, help="iperf3 -t (default 5; quick 1)")
+    ap.add_argument("--tcp-secs", type=int, default=None, help="iperf3 -t (default 3; quick 1)")
+    ap.add_argument("--reverse", dest="reverse", action="store_true", default=False,
+                    help="also run iperf3 -R (reverse bulk; off by default)")
     ap.add_argument("--no-reverse", dest="reverse", action="store_false",
-                    help="skip the iperf3 -R run")
-    ap.add_argument("--wrk-secs", type=int, default=None, help="wrk -d (default 5; quick 1)")
-    ap.add_argument("--wrk-threads", type=int, default=2)
-    ap.add_argument("--wrk-conns", type=int, default=32)
+                    help="skip the iperf3 -R run (the default)")
+    ap.add_argument("--wrk-secs", type=int, default=None, help="wrk -d (default 3; quick 1)")
+    ap.add_argument("--wrk-threads", type=int, default=1, help="wrk -t (default 1)")
+    ap.add_argument("--wrk-conns", type=int, default=50, help="wrk -c (default 50)")
     ap.add_argument("--rtt-count", type=int, default=None, help="idle RTT samples (2000; quick 300)")
     ap.add_argument("--udp-count", type=int, default=None,
-                    help="datagrams per UDP run (default 100000; quick 20000)")
+                    help="datagrams per UDP run (default 1000000, i.e. the time cap decides; "
+                         "quick 20000)")
     ap.add_argument("--udp-secs", type=float, default=None,
-                    help="time cap per UDP run (default 5; quick 1)")
+                    help="time cap per UDP run (default 3; quick 1)")
     ap.add_argument("--udp-flows", type=int, default=256, help="source sockets for the N-flow run")
     ap.add_argument("--udp-window", type=int, default=128, help="datagrams in flight (all flows)")
-    ap.add_argument("--haproxy-threads", type=int, default=1,
-                    help="haproxy nbthread (default 1: same core budget as the single "
-                         "reactor of portunus)")
+    ap.add_argument("--haproxy-threads", type=int, default=None,
+                    help="nbthread of the `haproxy` path (default: none, i.e. haproxy's own "
+                         "default of one thread per CPU); haproxy-1t and haproxy-splice always "
+                         "run nbthread 1")
     ap.add_argument("--portunus-log-level", default="info",
                     choices=["debug", "info", "warn", "error"],
                     help="log_level in the generated TOML (default info, so that the runner can "
@@ -93,11 +103,11 @@ def parse_args(argv=None):
     a = ap.parse_args(argv)
     q = a.quick
     a.repeat = a.repeat if a.repeat is not None else (1 if q else 3)
-    a.tcp_secs = a.tcp_secs or (1 if q else 5)
-    a.wrk_secs = a.wrk_secs or (1 if q else 5)
+    a.tcp_secs = a.tcp_secs or (1 if q else 3)
+    a.wrk_secs = a.wrk_secs or (1 if q else 3)
     a.rtt_count = a.rtt_count or (300 if q else 2000)
-    a.udp_count = a.udp_count or (20000 if q else 100000)
-    a.udp_secs = a.udp_secs or (1.0 if q else 5.0)
+    a.udp_count = a.udp_count or (20000 if q else 1000000)
+    a.udp_secs = a.udp_secs or (1.0 if q else 3.0)
     if q:
         a.max_total_secs = min(a.max_total_secs, 55)
     a.only = [x.strip() for x in a.only.split(",") if x.strip()]
@@ -173,16 +183,40 @@ def _portunus_argvs(a, procs: Procs, workdir: Path, runner: Runner,
     return standalone_argv, base_argv
 
 
+# the system tools a peer path needs (besides iperf3 and wrk for the tests themselves)
+PEER_TOOLS = {"haproxy": ["haproxy"], "haproxy-1t": ["haproxy"], "haproxy-splice": ["haproxy"],
+              "nginx": ["nginx"], "rinetd": ["rinetd"], "socat": ["socat"]}
+
+
+def missing_tools(path: str) -> list[str]:
+    """What `path` needs and this machine lacks (nginx also needs its stream module)."""
+    out = [t for t in PEER_TOOLS.get(path, []) if shutil.which(t) is None]
+    if path == "nginx" and not out and not Path(NGINX_STREAM_MODULE).exists():
+        out.append(f"{NGINX_STREAM_MODULE} (libnginx-mod-stream)")
+    return out
+
+
 def _build_paths(a, workdir: Path, runner: Runner, meta: dict, standalone_argv, base_argv,
                  paths: list[PathBase]) -> None:
     for p in a.paths:
+        lack = missing_tools(p)
+        if lack:
+            runner.errors.setdefault(p, []).append(f"not installed: {', '.join(lack)}")
+            continue
         if p == "direct":
             paths.append(DirectPath())
-        elif p in ("haproxy", "haproxy-splice"):
-            if shutil.which("haproxy"):
-                paths.append(HaproxyPath(workdir, a.haproxy_threads, p == "haproxy-splice"))
-            else:
-                runner.errors.setdefault(p, []).append("haproxy not installed")
+        elif p == "haproxy":
+            paths.append(HaproxyPath(workdir, a.haproxy_threads))
+        elif p == "haproxy-1t":
+            paths.append(HaproxyPath(workdir, 1, name="haproxy-1t"))
+        elif p == "haproxy-splice":
+            paths.append(HaproxyPath(workdir, 1, splice=True))
+        elif p == "nginx":
+            paths.append(NginxPath(workdir))
+        elif p == "rinetd":
+            paths.append(RinetdPath(workdir))
+        elif p == "socat":
+            paths.append(SocatPath())
         elif p.startswith("client"):
             if base_argv is not None:
                 paths.append(ClientPath(p, base_argv, p == "client-splice"))
@@ -192,17 +226,21 @@ def _build_paths(a, workdir: Path, runner: Runner, meta: dict, standalone_argv, 
                                       log_level=a.portunus_log_level))
 
 
-def _start_backends(a, procs: Procs, meta: dict) -> Backends:
+def _start_backends(a, procs: Procs, meta: dict, workdir: Path) -> Backends:
     """The backends, shared by every path (iperf3's is started per test)."""
     be = Backends(free_port(), free_port(), free_port())
     me = [sys.executable, str(RUN_PY)]
     if "http" in a.only or "tcp" in a.only:
-        origin = procs.spawn("http-origin", me + ["_http-origin", str(be.http)])
-        wait_ready([be.http], [], origin, timeout=10)
+        if a.origin == "nginx":
+            spawn_nginx_origin(procs, be.http, workdir)
+        else:
+            origin = procs.spawn("http-origin", me + ["_http-origin", str(be.http)])
+            wait_ready([be.http], [], origin, timeout=10)
     if "udp" in a.only:
         echo = procs.spawn("udp-echo", me + ["_udp-echo", str(be.udp)])
         wait_ready([], [be.udp], echo, timeout=10)
-    meta["backends"] = {"iperf": be.iperf, "http": be.http, "udp": be.udp}
+    meta["backends"] = {"iperf": be.iperf, "http": be.http, "udp": be.udp,
+                        "http_origin": a.origin}
     return be
 
 
@@ -246,11 +284,25 @@ def _report(a, meta: dict, runner: Runner, paths: list[PathBase], interrupted: b
     if rat:
         print()
         print("\n".join(format_ratios(rat)))
+    sbs = side_by_side(summary, shown)
+    sbs_lines = format_side_by_side(sbs, shown, NOT_APPLICABLE, runner.errors, a.udp_flows)
+    print("\nside by side (medians; best peer = best path that is neither portunus nor direct):")
+    print("\n".join(sbs_lines))
+    ratio_lines = format_ratio_table(sbs, shown, a.udp_flows)
+    print("\nratios (value / reference; for CPU and RTT rows below 1.00 is better):")
+    print("\n".join(ratio_lines))
+    goals = goal_marks(summary, shown)
+    goal_lines = format_goals(goals, a.udp_flows)
+    if goal_lines:
+        print("\ngoals of issue 15 (haproxy's = the better of the haproxy paths):")
+        print("\n".join(goal_lines))
     issues = format_issues(runner.errors, runner.problems)
     if issues:
         print("\n".join(issues))
-    return {"meta": meta, "summary": summary, "ratios": rat, "errors": runner.errors,
+    return {"meta": meta, "summary": summary, "ratios": rat, "side_by_side": sbs,
+            "goals": goals, "errors": runner.errors,
             "problems": runner.problems, "details": runner.details, "table": table,
+            "side_by_side_table": "\n".join(sbs_lines), "ratio_table": "\n".join(ratio_lines),
             "interrupted": interrupted}
 
 
@@ -287,9 +339,14 @@ def main(argv=None) -> int:
         serve_udp_echo(int(argv[1]))
         return 0
     a = parse_args(argv)
-    for tool in ("iperf3", "wrk", "haproxy"):
+    for tool in ("iperf3", "wrk"):
         if shutil.which(tool) is None:
-            log(f"WARNING: {tool} not found (apt-get install -y iperf3 wrk haproxy)")
+            log(f"WARNING: {tool} not found (apt-get install -y iperf3 wrk)")
+    if a.origin is None:
+        a.origin = "nginx" if shutil.which("nginx") else "python"
+        if a.origin == "python" and ("http" in a.only or "tcp" in a.only):
+            log("WARNING: nginx not found; the HTTP origin is the Python responder, which caps "
+                "keep-alive and new-connection rates of every path")
     workdir = _make_workdir(a)
     PROCS = procs = Procs(workdir / "logs")
     atexit.register(_cleanup)
@@ -302,7 +359,7 @@ def main(argv=None) -> int:
     try:
         standalone_argv, base_argv = _portunus_argvs(a, procs, workdir, runner, meta)
         _build_paths(a, workdir, runner, meta, standalone_argv, base_argv, paths)
-        _measure(a, runner, paths, _start_backends(a, procs, meta))
+        _measure(a, runner, paths, _start_backends(a, procs, meta, workdir))
     except KeyboardInterrupt as e:
         interrupted, rc = True, 130
         log(f"interrupted ({str(e) or 'Ctrl-C'}); stopping children and writing partial results")

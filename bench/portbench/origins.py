@@ -12,6 +12,7 @@ import select
 import socket
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 from . import LOOPBACK
 from .procs import ChildProcess, Procs, wait_ready
@@ -147,6 +148,47 @@ class HttpOrigin:
         except OSError:
             pass
         conn.sock.close()
+
+
+def nginx_origin_config(port: int, prefix: Path) -> str:
+    """nginx.conf of the HTTP origin (`--origin nginx`, the default): `return 200` with the
+    same 13-byte body, one worker, no access log, keep-alive without a request cap (nginx
+    would close a kept-alive connection after 1000 requests by default)."""
+    body = BODY.decode().replace("\n", "\\n")
+    return "\n".join([
+        "worker_processes 1;",
+        "daemon off;",
+        f"pid {prefix / 'nginx.pid'};",
+        f"error_log {prefix / 'error.log'} warn;",
+        "worker_rlimit_nofile 16384;",
+        "events { worker_connections 8192; multi_accept on; }",
+        "http {",
+        "    access_log off;",
+        "    keepalive_requests 100000000;",
+        "    keepalive_timeout 120s;",
+        f"    client_body_temp_path {prefix / 'tmp-body'};",
+        f"    proxy_temp_path {prefix / 'tmp-proxy'};",
+        f"    fastcgi_temp_path {prefix / 'tmp-fastcgi'};",
+        f"    uwsgi_temp_path {prefix / 'tmp-uwsgi'};",
+        f"    scgi_temp_path {prefix / 'tmp-scgi'};",
+        "    server {",
+        f"        listen {LOOPBACK}:{port} backlog=4096 reuseport;",
+        "        default_type text/plain;",
+        f'        location / {{ return 200 "{body}"; }}',
+        "    }",
+        "}",
+    ]) + "\n"
+
+
+def spawn_nginx_origin(procs: Procs, port: int, workdir: Path) -> ChildProcess:
+    prefix = workdir / "nginx-origin"
+    prefix.mkdir(exist_ok=True)
+    conf = prefix / "nginx.conf"
+    conf.write_text(nginx_origin_config(port, prefix))
+    p = procs.spawn("http-origin-nginx", ["nginx", "-p", str(prefix) + "/", "-c", str(conf),
+                                          "-e", str(prefix / "error.log")])
+    wait_ready([port], [], p, timeout=10)
+    return p
 
 
 def serve_http_origin(port: int) -> None:

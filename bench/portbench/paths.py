@@ -2,7 +2,12 @@
 backends, returns the front ports, and on stop reports figures and problems.
 
   direct              no proxy (the ceiling)
-  haproxy[-splice]    haproxy `mode tcp` (optionally on the kernel splice fast path)
+  haproxy             haproxy `mode tcp`, its default thread count (one per CPU)
+  haproxy-1t          the same with `nbthread 1` (one thread against one reactor)
+  haproxy-splice      optional: haproxy on the kernel splice fast path
+  nginx               nginx stream module, `worker_processes 1`, TCP and UDP
+  rinetd              rinetd (TCP only)
+  socat               one `socat TCP-LISTEN:...,fork` per TCP service (TCP only)
   portunus-*          standalone mode from a generated TOML
   client-*            a real server pushes the same rules to a real client
 """
@@ -10,6 +15,7 @@ backends, returns the front ports, and on stop reports figures and problems.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -21,7 +27,7 @@ from .deployment import Deployment
 from .logscan import log_events, scan_json_log
 from .origins import Backends
 from .procs import (ChildProcess, Procs, exit_problems, free_port, listener_addrs,
-                    proc_peak_rss_mib, wait_ready)
+                    proc_peak_rss_mib, session_cpu_secs, session_pids, wait_ready)
 from .product import splice_env, standalone_config
 
 
@@ -50,6 +56,32 @@ class PathBase:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
 
+    def session_leaders(self) -> list[int]:
+        """The pids whose sessions hold every process of the proxy (Procs.spawn starts each
+        child as a session leader): their CPU is the path's CPU."""
+        return [self.proc.pid] if self.proc is not None else []
+
+    def cpu_secs(self) -> float | None:
+        """Proxy CPU seconds so far: every process of its sessions, live and reaped
+        (nginx master + worker, socat parents + forked children). None without a proxy."""
+        leaders = self.session_leaders()
+        if not leaders:
+            return None
+        vals = [session_cpu_secs(pid) for pid in leaders]
+        if any(v is None for v in vals):
+            return None
+        return sum(vals)
+
+    def peak_rss_mib(self) -> float | None:
+        """Peak RSS summed over the proxy's live processes (VmHWM of each)."""
+        total, any_ = 0.0, False
+        for sid in self.session_leaders():
+            for pid in session_pids(sid):
+                v = proc_peak_rss_mib(pid)
+                if v is not None:
+                    total, any_ = total + v, True
+        return round(total, 2) if any_ else None
+
 
 class DirectPath(PathBase):
     name = "direct"
@@ -60,20 +92,25 @@ class DirectPath(PathBase):
 
 
 class HaproxyPath(PathBase):
+    """haproxy `mode tcp`. `threads` None: no nbthread line, i.e. haproxy's default of
+    one thread per CPU (path `haproxy`); 1: `haproxy-1t`."""
     name = "haproxy"
     supports_udp = False
 
-    def __init__(self, workdir: Path, threads: int, splice: bool = False):
+    def __init__(self, workdir: Path, threads: int | None, splice: bool = False,
+                 name: str | None = None):
         super().__init__()
         self.workdir, self.threads, self.splice = workdir, threads, splice
-        if splice:
+        if name:
+            self.name = name
+        elif splice:
             self.name = "haproxy-splice"
 
     def config_text(self, f: Backends, be: Backends) -> str:
-        cfg = [
-            "global",
-            "    maxconn 4000",
-            f"    nbthread {self.threads}",
+        cfg = ["global", "    maxconn 4000"]
+        if self.threads:
+            cfg.append(f"    nbthread {self.threads}")
+        cfg += [
             "defaults",
             "    mode tcp",
             "    timeout connect 3s",
@@ -98,7 +135,7 @@ class HaproxyPath(PathBase):
         return f, time.monotonic() - t0
 
     def stop(self, procs):
-        info = {"peak_rss_mib": proc_peak_rss_mib(self.proc.pid)}
+        info = {"peak_rss_mib": self.peak_rss_mib()}
         rc = procs.stop(self.proc, grace=5)
         info["exit_code"] = rc
         text = self.proc.log_path.read_text(errors="replace")
@@ -106,6 +143,183 @@ class HaproxyPath(PathBase):
             if "ALERT" in line or "WARNING" in line:
                 self.problems.append(line.strip())
         return info
+
+
+NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
+
+
+def nginx_stream_config(f: Backends, be: Backends, prefix: Path,
+                        module: str | None = NGINX_STREAM_MODULE) -> str:
+    """nginx.conf of the `nginx` path: stream proxy for both TCP services and the UDP
+    echo, one worker, foreground, every file under `prefix`, no access log.
+
+    UDP: a session per client address (source port); `proxy_responses` is left unset
+    (no limit: an echo flow answers every datagram and keeps going) and `proxy_timeout
+    10s` ends idle flows, so the 256 flows of one run do not pile up across runs."""
+    lines = []
+    if module:
+        lines.append(f"load_module {module};")
+    lines += [
+        "worker_processes 1;",
+        "daemon off;",
+        "master_process on;",
+        f"pid {prefix / 'nginx.pid'};",
+        f"error_log {prefix / 'error.log'} warn;",
+        "worker_rlimit_nofile 16384;",
+        "events { worker_connections 8192; multi_accept on; }",
+        "stream {",
+        f"    server {{ listen {LOOPBACK}:{f.iperf} backlog=4096; proxy_pass {LOOPBACK}:{be.iperf}; }}",
+        f"    server {{ listen {LOOPBACK}:{f.http} backlog=4096; proxy_pass {LOOPBACK}:{be.http}; }}",
+        f"    server {{ listen {LOOPBACK}:{f.udp} udp; proxy_pass {LOOPBACK}:{be.udp}; "
+        "proxy_timeout 10s; }",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def nginx_argv(prefix: Path, conf: Path) -> list[str]:
+    """Foreground nginx with its own prefix, config and startup error log (-e: before the
+    config is read nginx would otherwise open /var/log/nginx/error.log)."""
+    return ["nginx", "-p", str(prefix) + "/", "-c", str(conf), "-e", str(prefix / "error.log")]
+
+
+# a peer resetting or closing mid-stream: iperf3's one-shot server ends its test so
+# (every path sees it; portunus counts it, nginx and socat log it as an error)
+BENIGN_PEER_ERRORS = ("(104: Connection reset by peer)", "(32: Broken pipe)",
+                      "Connection reset by peer", "Broken pipe")
+
+
+def nginx_log_problems(text: str) -> list[str]:
+    """Lines of an nginx error log worth reporting: [alert], [emerg], [crit], [error],
+    except a peer's reset / broken pipe (BENIGN_PEER_ERRORS)."""
+    return [ln.strip() for ln in text.splitlines()
+            if any(f"[{lv}]" in ln for lv in ("emerg", "alert", "crit", "error"))
+            and not any(b in ln for b in BENIGN_PEER_ERRORS)]
+
+
+def socat_log_problems(text: str) -> list[str]:
+    """socat's error lines ("... socat[PID] E ..."), except a peer's reset / broken pipe."""
+    return [ln.strip() for ln in text.splitlines()
+            if re.search(r"socat\[\d+\] E ", ln) and not any(b in ln for b in BENIGN_PEER_ERRORS)]
+
+
+class NginxPath(PathBase):
+    """nginx stream (TCP and UDP), `worker_processes 1`; CPU = master + worker."""
+    name = "nginx"
+    supports_udp = True
+
+    def __init__(self, workdir: Path):
+        super().__init__()
+        self.workdir = workdir
+        self.prefix = workdir / "nginx-stream"
+
+    def start(self, be, procs):
+        f = Backends(free_port(), free_port(), free_port())
+        self.prefix.mkdir(exist_ok=True)
+        conf = self.prefix / "nginx.conf"
+        conf.write_text(nginx_stream_config(f, be, self.prefix))
+        t0 = time.monotonic()
+        self.proc = procs.spawn(self.name, nginx_argv(self.prefix, conf))
+        wait_ready([f.iperf, f.http], [f.udp], self.proc, timeout=15)
+        self.fronts = f
+        return f, time.monotonic() - t0
+
+    def stop(self, procs):
+        info = {"peak_rss_mib": self.peak_rss_mib(),
+                "processes": len(session_pids(self.proc.pid))}
+        rc = procs.stop(self.proc, grace=5)     # SIGTERM: fast shutdown
+        info["exit_code"] = rc
+        for p in (self.prefix / "error.log", self.proc.log_path):
+            try:
+                self.problems += nginx_log_problems(p.read_text(errors="replace"))
+            except OSError:
+                pass
+        return info
+
+
+def rinetd_config(f: Backends, be: Backends) -> str:
+    """rinetd.conf: the two TCP services, loopback to loopback, no log file."""
+    return "".join(f"{LOOPBACK} {fp} {LOOPBACK} {bp}\n"
+                   for fp, bp in ((f.iperf, be.iperf), (f.http, be.http)))
+
+
+class RinetdPath(PathBase):
+    """rinetd (TCP only), foreground."""
+    name = "rinetd"
+    supports_udp = False
+
+    def __init__(self, workdir: Path):
+        super().__init__()
+        self.workdir = workdir
+
+    def start(self, be, procs):
+        f = Backends(free_port(), free_port(), 0)
+        conf = self.workdir / "rinetd.conf"
+        conf.write_text(rinetd_config(f, be))
+        t0 = time.monotonic()
+        self.proc = procs.spawn(self.name, ["rinetd", "-f", "-c", str(conf)])
+        wait_ready([f.iperf, f.http], [], self.proc, timeout=15)
+        self.fronts = f
+        return f, time.monotonic() - t0
+
+    def stop(self, procs):
+        info = {"peak_rss_mib": self.peak_rss_mib()}
+        info["exit_code"] = procs.stop(self.proc, grace=5)
+        return info
+
+
+def socat_argvs(f: Backends, be: Backends) -> list[list[str]]:
+    """One forking socat per TCP service."""
+    return [["socat", f"TCP-LISTEN:{fp},fork,reuseaddr,bind={LOOPBACK},backlog=4096",
+             f"TCP:{LOOPBACK}:{bp}"] for fp, bp in ((f.iperf, be.iperf), (f.http, be.http))]
+
+
+class SocatPath(PathBase):
+    """socat (TCP only): a forking parent per service, a child per connection. Its CPU is
+    the sessions' sum: the parents, their live children, and the reaped children (in the
+    parents' cutime/cstime; socat waits for its children on SIGCHLD)."""
+    name = "socat"
+    supports_udp = False
+
+    def __init__(self):
+        super().__init__()
+        self.others: list[ChildProcess] = []
+
+    def session_leaders(self):
+        return [p.pid for p in ([self.proc] if self.proc else []) + self.others]
+
+    def start(self, be, procs):
+        f = Backends(free_port(), free_port(), 0)
+        t0 = time.monotonic()
+        argvs = socat_argvs(f, be)
+        self.proc = procs.spawn("socat-iperf", argvs[0])
+        self.others = [procs.spawn("socat-http", argvs[1])]
+        wait_ready([f.iperf, f.http], [], self.proc, timeout=15)
+        if self.others[0].poll() is not None:
+            raise BenchError(f"socat-http exited with code {self.others[0].returncode}")
+        self.fronts = f
+        return f, time.monotonic() - t0
+
+    def stop(self, procs):
+        info = {"peak_rss_mib": self.peak_rss_mib()}
+        codes = []
+        for p in self.others + [self.proc]:
+            if p.poll() is not None and p is not self.proc:
+                self.problems.append(f"{p.name} exited early (code {p.returncode})")
+            codes.append(procs.stop(p, grace=3))
+            self.problems += socat_log_problems(p.log_path.read_text(errors="replace"))
+        info["exit_code"] = codes[-1]
+        info["exit_codes"] = codes
+        self.others = []
+        return info
+
+    def release(self, procs):
+        if self.proc is None and not self.others:
+            return None
+        for p in self.others:
+            procs.stop(p, grace=2)
+        self.others = []
+        return self.stop(procs) if self.proc is not None else {}
 
 
 def stop_product_process(procs: Procs, p: ChildProcess, subject: str, drain: int,

@@ -207,6 +207,59 @@ def proc_cpu_secs(pid: int) -> float | None:
         return None
 
 
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (index 0 = state)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def tree_cpu_secs_from(stats: list[list[str]], sid: int) -> float:
+    """CPU seconds of every process of session `sid`, from /proc/PID/stat fields (pure).
+
+    Per process: utime + stime (itself) + cutime + cstime (its children that exited and
+    were waited for: socat's forked children, nginx workers that were replaced). A live
+    child is counted by its own line; once reaped its time moves into its parent's
+    cutime, so the sum grows monotonically. Children reaped by a process outside the
+    session are lost (none of the bench's proxies does that)."""
+    total = 0
+    for f in stats:
+        try:
+            if int(f[3]) != sid:
+                continue
+            total += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
+        except (IndexError, ValueError):
+            continue
+    return total / _CLK
+
+
+def session_cpu_secs(sid: int) -> float | None:
+    """CPU seconds of the whole session `sid` (a child started by Procs.spawn leads its own
+    session, so its pid is the sid): itself, live descendants, reaped descendants.
+    None when the leader is gone."""
+    if _stat_fields(sid) is None:
+        return None
+    stats = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            f = _stat_fields(int(name))
+            if f is not None:
+                stats.append(f)
+    return tree_cpu_secs_from(stats, sid)
+
+
+def session_pids(sid: int) -> list[int]:
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            f = _stat_fields(int(name))
+            if f is not None and len(f) > 3 and f[3] == str(sid):
+                out.append(int(name))
+    return out
+
+
 def proc_peak_rss_mib(pid: int) -> float | None:
     try:
         with open(f"/proc/{pid}/status") as f:

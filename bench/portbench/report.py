@@ -7,13 +7,16 @@ import shlex
 import statistics
 
 ALL_PATHS = ["direct", "portunus-splice", "portunus-userspace", "client-splice", "client-userspace",
-             "haproxy", "haproxy-splice"]
-DEFAULT_PATHS = ["direct", "portunus-splice", "portunus-userspace", "client-splice",
-                 "client-userspace", "haproxy"]
+             "haproxy", "haproxy-1t", "nginx", "rinetd", "socat", "haproxy-splice"]
+DEFAULT_PATHS = [p for p in ALL_PATHS if p != "haproxy-splice"]
 PORTUNUS_PATHS = {"portunus-splice", "portunus-userspace", "client-splice", "client-userspace"}
+# the peers: every path that is neither portunus nor direct ("best peer" is the best of these)
+PEER_PATHS = [p for p in ALL_PATHS if p != "direct" and p not in PORTUNUS_PATHS]
+HAPROXY_PATHS = ["haproxy", "haproxy-1t", "haproxy-splice"]
 ALL_GROUPS = ["tcp", "http", "udp"]
 # groups a path cannot carry: shown as "n/a", not as missing
-NOT_APPLICABLE: dict[str, set] = {"haproxy": {"udp"}, "haproxy-splice": {"udp"}}
+NOT_APPLICABLE: dict[str, set] = {"haproxy": {"udp"}, "haproxy-1t": {"udp"},
+                                  "haproxy-splice": {"udp"}, "rinetd": {"udp"}, "socat": {"udp"}}
 
 # name -> (group, unit, better, compared, label)
 #   better: "higher" | "lower";  compared: take part in --compare
@@ -42,7 +45,13 @@ METRICS: dict[str, tuple[str, str, str, bool, str]] = {
     "http_keepalive_proxy_cpu_us_per_req": ("http", "us", "lower", False, "Proxy CPU per keep-alive req"),
     "http_close_proxy_cpu_pct": ("http", "%",   "lower",  False, "Proxy CPU during new-conn"),
     "http_close_proxy_cpu_us_per_req": ("http", "us", "lower", False, "Proxy CPU per new connection"),
+    "udp_1flow_proxy_cpu_pct": ("udp", "%",     "lower",  False, "Proxy CPU during UDP 1 flow"),
     "udp_manyflow_proxy_cpu_pct": ("udp", "%",  "lower",  False, "Proxy CPU during UDP N flows"),
+    "udp_1flow_proxy_cpu_us_per_dgram": ("udp", "us", "lower", False, "Proxy CPU per UDP dgram, 1 flow"),
+    "udp_manyflow_proxy_cpu_us_per_dgram": ("udp", "us", "lower", False,
+                                            "Proxy CPU per UDP dgram, N flows"),
+    # derived from the medians by derive(): path p50 - direct p50
+    "http_idle_rtt_added_p50_us": ("http", "us", "lower", False, "Idle RTT p50 added over direct"),
 }
 # Loss is a percentage that is often 0 in the baseline; a relative threshold
 # alone would flag 0.0 -> 0.01. It must also be this many points worse.
@@ -56,7 +65,9 @@ SPEC_TARGETS = {"portunus-splice/direct:tcp_bulk_gbps": 0.60,
 
 
 def summarize(samples: dict) -> dict:
-    """path -> metric -> samples  =>  path -> metric -> median, min, max, samples, unit, …"""
+    """path -> metric -> samples  =>  path -> metric -> median, min, max, samples, unit, …
+
+    Also the derived metrics (derive())."""
     out: dict = {}
     for path, metrics in samples.items():
         for m, vals in metrics.items():
@@ -65,7 +76,24 @@ def summarize(samples: dict) -> dict:
                 "median": statistics.median(vals), "min": min(vals), "max": max(vals),
                 "samples": vals, "unit": unit, "better": better, "compared": compared,
             }
-    return out
+    return derive(out)
+
+
+def derive(summary: dict) -> dict:
+    """Add `http_idle_rtt_added_p50_us` (path's idle RTT p50 median minus direct's) to every
+    path that has an idle RTT, when direct has one. In place; returns `summary`."""
+    d = summary.get("direct", {}).get("http_idle_rtt_p50_us")
+    if d is None:
+        return summary
+    group, unit, better, compared, label = METRICS["http_idle_rtt_added_p50_us"]
+    for path, metrics in summary.items():
+        if path == "direct" or "http_idle_rtt_p50_us" not in metrics:
+            continue
+        v = metrics["http_idle_rtt_p50_us"]["median"] - d["median"]
+        metrics["http_idle_rtt_added_p50_us"] = {
+            "median": v, "min": v, "max": v, "samples": [v], "unit": unit, "better": better,
+            "compared": compared}
+    return summary
 
 
 def fmt(v: float | None, unit: str) -> str:
@@ -216,4 +244,212 @@ def format_issues(errors: dict[str, list[str]], problems: dict[str, list[str]]) 
     if problems:
         lines += ["", "problems seen (logs, exit codes, wrk errors):"]
         lines += [f"  [{p}] {e[:500]}" for p, lst in problems.items() for e in lst]
+    return lines
+
+
+# --------------------------------------------------------------------------
+# the side-by-side table of issue 15: figures x paths, best peer, ratios, goals
+# --------------------------------------------------------------------------
+
+# key, label, metric, scale, decimals, loss metric (printed beside a lossy rate)
+FIGURES: list[tuple[str, str, str, float, int, str | None]] = [
+    ("bulk", "TCP bulk, Gbit/s", "tcp_bulk_gbps", 1.0, 1, None),
+    ("keepalive", "keep-alive, k req/s", "http_keepalive_rps", 1e-3, 1, None),
+    ("newconn", "new connections, k/s", "http_close_rps", 1e-3, 2, None),
+    ("udp1", "UDP 64 B, 1 flow, k datagrams/s", "udp_1flow_pps", 1e-3, 1, "udp_1flow_loss_pct"),
+    ("udpn", "UDP 64 B, {flows} flows, k datagrams/s", "udp_manyflow_pps", 1e-3, 1,
+     "udp_manyflow_loss_pct"),
+    ("rtt50", "idle RTT p50, µs", "http_idle_rtt_p50_us", 1.0, 0, None),
+    ("rtt99", "idle RTT p99, µs", "http_idle_rtt_p99_us", 1.0, 0, None),
+    ("rttadd", "added idle RTT p50 over direct, µs", "http_idle_rtt_added_p50_us", 1.0, 0, None),
+    ("cpu_req", "CPU per keep-alive request, µs", "http_keepalive_proxy_cpu_us_per_req", 1.0, 1,
+     None),
+    ("cpu_conn", "CPU per new connection, µs", "http_close_proxy_cpu_us_per_req", 1.0, 0, None),
+    ("cpu_gb", "CPU per GB bulk, ms", "tcp_bulk_proxy_cpu_ms_per_gb", 1.0, 0, None),
+    ("cpu_udp1", "CPU per UDP datagram, 1 flow, µs", "udp_1flow_proxy_cpu_us_per_dgram", 1.0, 1,
+     None),
+    ("cpu_udpn", "CPU per UDP datagram, {flows} flows, µs", "udp_manyflow_proxy_cpu_us_per_dgram",
+     1.0, 1, None),
+]
+ZERO_LOSS_PCT = 0.005       # shows as 0.00 %: "0 % loss"
+
+
+def median_of(summary: dict, path: str, metric: str) -> float | None:
+    cell = summary.get(path, {}).get(metric)
+    return None if cell is None else cell["median"]
+
+
+def best_of(summary: dict, metric: str, paths: list[str]) -> tuple[str, float] | None:
+    """(path, median) of the best of `paths` on `metric` (METRICS' better), or None."""
+    better = METRICS[metric][2]
+    have = [(p, v) for p in paths if (v := median_of(summary, p, metric)) is not None]
+    if not have:
+        return None
+    pick = max if better == "higher" else min
+    return pick(have, key=lambda pv: pv[1])
+
+
+def best_peer(summary: dict, metric: str) -> tuple[str, float] | None:
+    """The best non-portunus, non-direct path on `metric`."""
+    return best_of(summary, metric, PEER_PATHS)
+
+
+def _ratio(v: float | None, ref: float | None) -> float | None:
+    if v is None or ref is None or ref == 0:
+        return None
+    return v / ref
+
+
+def side_by_side(summary: dict, paths: list[str]) -> dict:
+    """figure key -> {"metric", "values": {path: median}, "loss": {path: %}, "best_peer":
+    [path, median] | None, "x_direct": {path: ratio}, "x_best_peer": {path: ratio}}.
+
+    Ratios are value / reference for every figure (for a CPU or latency figure below 1.0
+    is better); x_best_peer is given for the portunus paths only."""
+    out = {}
+    for key, label, metric, scale, dec, loss_m in FIGURES:
+        vals = {p: v for p in paths if (v := median_of(summary, p, metric)) is not None}
+        bp = best_peer(summary, metric)
+        d = median_of(summary, "direct", metric)
+        row = {"metric": metric, "values": vals, "best_peer": list(bp) if bp else None,
+               "x_direct": {}, "x_best_peer": {}, "loss": {}}
+        if loss_m:
+            row["loss"] = {p: v for p in paths if (v := median_of(summary, p, loss_m)) is not None}
+        for p, v in vals.items():
+            if p != "direct" and metric != "http_idle_rtt_added_p50_us":
+                if (r := _ratio(v, d)) is not None:
+                    row["x_direct"][p] = r
+            if p in PORTUNUS_PATHS and bp is not None and (r := _ratio(v, bp[1])) is not None:
+                row["x_best_peer"][p] = r
+        out[key] = row
+    return out
+
+
+def _fig_cell(row: dict, p: str, scale: float, dec: int, missing: str) -> str:
+    v = row["values"].get(p)
+    if v is None:
+        return missing
+    text = f"{v * scale:,.{dec}f}"
+    loss = row["loss"].get(p)
+    if loss is not None and loss >= ZERO_LOSS_PCT:
+        text += f" ({loss:.2f}% loss)"
+    return text
+
+
+def format_side_by_side(sbs: dict, paths: list[str], na: dict[str, set], errors: dict,
+                        flows: int) -> list[str]:
+    """The issue's table (markdown): rows = figures, columns = paths, then the best peer."""
+    head = ["figure"] + paths + ["best peer"]
+    lines = ["| " + " | ".join(head) + " |",
+             "| --- |" + " ---: |" * (len(paths) + 1)]
+    for key, label, metric, scale, dec, loss_m in FIGURES:
+        row = sbs.get(key)
+        if row is None or not row["values"]:
+            continue
+        group = METRICS[metric][0]
+        cells = [label.format(flows=flows)]
+        for p in paths:
+            missing = "n/a" if group in na.get(p, set()) else ("error" if p in errors else "–")
+            if p == "direct" and metric == "http_idle_rtt_added_p50_us":
+                missing = "0"
+            if metric.endswith(("_per_req", "_per_gb", "_per_dgram")) and p == "direct":
+                missing = "–"
+            cells.append(_fig_cell(row, p, scale, dec, missing))
+        bp = row["best_peer"]
+        cells.append(f"{bp[0]} {bp[1] * scale:,.{dec}f}" if bp else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def format_ratio_table(sbs: dict, paths: list[str], flows: int) -> list[str]:
+    """Per figure: each path × direct, and each portunus path × the best peer."""
+    port = [p for p in paths if p in PORTUNUS_PATHS]
+    others = [p for p in paths if p != "direct"]
+    head = ["figure"] + [f"{p} ×direct" for p in others] + [f"{p} ×best peer" for p in port]
+    lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
+    for key, label, metric, scale, dec, loss_m in FIGURES:
+        row = sbs.get(key)
+        if row is None or not (row["x_direct"] or row["x_best_peer"]):
+            continue
+        cells = [label.format(flows=flows)]
+        cells += [f"{row['x_direct'][p]:.2f}" if p in row["x_direct"] else "–" for p in others]
+        cells += [f"{row['x_best_peer'][p]:.2f}" if p in row["x_best_peer"] else "–" for p in port]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+# goal, metric, reference ("best-peer", "haproxy": the better of the haproxy paths, a path
+# name, or None for an absolute bound), op (">=" ratio, "<=" ratio, "abs<=" value), target,
+# loss metric that must read 0 %
+GOALS: list[tuple[str, str, str | None, str, float, str | None]] = [
+    ("keep-alive req/s ≥ 1.0× best peer", "http_keepalive_rps", "best-peer", ">=", 1.0, None),
+    ("CPU per keep-alive request ≤ haproxy's", "http_keepalive_proxy_cpu_us_per_req", "haproxy",
+     "<=", 1.0, None),
+    ("new connections/s ≥ 1.0× haproxy-1t", "http_close_rps", "haproxy-1t", ">=", 1.0, None),
+    ("CPU per new connection ≤ haproxy's", "http_close_proxy_cpu_us_per_req", "haproxy", "<=",
+     1.0, None),
+    ("UDP 1 flow ≥ 2× nginx, 0 % loss", "udp_1flow_pps", "nginx", ">=", 2.0,
+     "udp_1flow_loss_pct"),
+    ("UDP N flows ≥ 1.5× nginx, 0 % loss", "udp_manyflow_pps", "nginx", ">=", 1.5,
+     "udp_manyflow_loss_pct"),
+    ("TCP bulk ≥ 1.3× best peer", "tcp_bulk_gbps", "best-peer", ">=", 1.3, None),
+    ("added idle RTT p50 ≤ 30 µs", "http_idle_rtt_added_p50_us", None, "abs<=", 30.0, None),
+]
+
+
+def _reference(summary: dict, metric: str, ref: str | None) -> tuple[str, float] | None:
+    if ref == "best-peer":
+        return best_peer(summary, metric)
+    if ref == "haproxy":
+        return best_of(summary, metric, HAPROXY_PATHS)
+    if ref is None:
+        return None
+    v = median_of(summary, ref, metric)
+    return (ref, v) if v is not None else None
+
+
+def goal_marks(summary: dict, paths: list[str]) -> list[dict]:
+    """Every goal of issue 15 for every portunus path in `paths`: value, reference, ratio,
+    met (True/False, None when a figure is missing). A rate goal with a loss metric is met
+    only at 0 % loss (< 0.005 %)."""
+    out = []
+    for goal, metric, ref, op, target, loss_m in GOALS:
+        for p in paths:
+            if p not in PORTUNUS_PATHS:
+                continue
+            v = median_of(summary, p, metric)
+            r = _reference(summary, metric, ref)
+            row = {"goal": goal, "path": p, "metric": metric, "value": v,
+                   "reference": r[0] if r else None, "reference_value": r[1] if r else None,
+                   "ratio": None, "target": target, "op": op, "met": None}
+            if op == "abs<=":
+                if v is not None:
+                    row["met"] = v <= target
+            elif v is not None and r is not None and (ratio := _ratio(v, r[1])) is not None:
+                row["ratio"] = ratio
+                row["met"] = ratio >= target if op == ">=" else ratio <= target
+            if loss_m and row["met"] is not None:
+                loss = median_of(summary, p, loss_m)
+                row["loss_pct"] = loss
+                if loss is None or loss >= ZERO_LOSS_PCT:
+                    row["met"] = False
+            out.append(row)
+    return out
+
+
+def format_goals(marks: list[dict], flows: int) -> list[str]:
+    """One line per goal and portunus path: MET / MISSED / ? (a figure is missing)."""
+    lines = []
+    for m in marks:
+        verdict = {True: "MET", False: "MISSED", None: "?"}[m["met"]]
+        goal = m["goal"].replace("N flows", f"{flows} flows")
+        if m["op"] == "abs<=":
+            detail = "-" if m["value"] is None else f"{m['value']:.0f}"
+        elif m["ratio"] is not None:
+            detail = f"{m['ratio']:.2f}× {m['reference']}"
+        else:
+            detail = "no figure" if m["value"] is None else "no reference"
+        if m.get("loss_pct") is not None and m["loss_pct"] >= ZERO_LOSS_PCT:
+            detail += f", {m['loss_pct']:.2f}% loss"
+        lines.append(f"  {verdict:<7}{m['path']:<20}{goal:<44}{detail}")
     return lines

@@ -10,7 +10,7 @@ from . import BenchError, log
 from .machine import busy_pct_between, stat_snap
 from .origins import BODY, Backends
 from .paths import PathBase
-from .procs import Procs, proc_cpu_secs
+from .procs import Procs
 from .tools import http_get, idle_rtt, iperf_once, udp_load, udp_probe, wrk_once
 
 
@@ -50,8 +50,7 @@ class Runner:
     def cpu_pct(self, path: PathBase, fn):
         """Run fn(); return (result, proxy CPU %). Whole-host busy % during fn()
         is left in self.last_host_busy (100 % = every core busy)."""
-        pid = path.pid
-        c0 = proc_cpu_secs(pid) if pid else None
+        c0 = path.cpu_secs()
         h0 = stat_snap()
         t0 = time.monotonic()
         r = fn()
@@ -59,7 +58,7 @@ class Runner:
         self.last_cpu_secs = None
         if c0 is None:
             return r, None
-        c1 = proc_cpu_secs(pid)
+        c1 = path.cpu_secs()
         if c1 is None:
             return r, None
         self.last_cpu_secs = c1 - c0
@@ -201,8 +200,10 @@ class Runner:
                                                          a.udp_window, a.udp_secs))
             self.add(n, f"udp_{key}_pps", r["pps"])
             self.add(n, f"udp_{key}_loss_pct", r["loss_pct"])
-            if key == "manyflow":
-                self.add(n, "udp_manyflow_proxy_cpu_pct", cpu)
+            self.add(n, f"udp_{key}_proxy_cpu_pct", cpu)
+            if self.last_cpu_secs is not None and r.get("received"):
+                self.add(n, f"udp_{key}_proxy_cpu_us_per_dgram",
+                         self.last_cpu_secs * 1e6 / r["received"])
             detail[f"udp_{key}"] = {**r, "flows": flows, "proxy_cpu_pct": cpu,
                                     "host_busy_pct": self.last_host_busy}
             log(f"  {n:<19} udp_{key:<18} {r['pps']:.0f} pkt/s  sent {r['sent']} recv "

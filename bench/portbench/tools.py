@@ -11,7 +11,7 @@ import subprocess
 import time
 
 from . import LOOPBACK, BenchError
-from .origins import RESP_KEEPALIVE, spawn_iperf_server
+from .origins import spawn_iperf_server
 from .procs import Procs
 
 
@@ -116,23 +116,43 @@ def http_get(port: int, timeout: float = 3.0) -> bytes:
         return data
 
 
+def response_length(buf: bytes) -> int | None:
+    """Length of the first complete HTTP/1.1 response in `buf` (head + Content-Length body),
+    or None while it is incomplete. Any origin's headers (nginx adds Server, Date, ...)."""
+    i = buf.find(b"\r\n\r\n")
+    if i < 0:
+        return None
+    n = 0
+    for line in buf[:i].split(b"\r\n")[1:]:
+        k, _, v = line.partition(b":")
+        if k.strip().lower() == b"content-length":
+            n = int(v.strip())
+    total = i + 4 + n
+    return total if len(buf) >= total else None
+
+
 def idle_rtt(port: int, n: int, timeout: float, warmup: int = 20) -> dict:
     """Sequential requests on one kept-alive connection: unloaded added latency."""
     req = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
-    want = len(RESP_KEEPALIVE)
     lat = []
     deadline = time.monotonic() + timeout
     with socket.create_connection((LOOPBACK, port), timeout=3.0) as s:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        want = None
         for i in range(n + warmup):
             t0 = time.perf_counter_ns()
             s.sendall(req)
-            got = 0
-            while got < want:
+            buf = b""
+            while True:
                 chunk = s.recv(65536)
                 if not chunk:
                     raise BenchError("connection closed during idle RTT test")
-                got += len(chunk)
+                buf += chunk
+                if want is not None and len(buf) >= want:
+                    break
+                if want is None and response_length(buf) is not None:
+                    want = response_length(buf)   # same response every time: parse it once
+                    break
             if i >= warmup:
                 lat.append((time.perf_counter_ns() - t0) / 1000.0)
             if time.monotonic() > deadline:
