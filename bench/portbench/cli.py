@@ -27,9 +27,9 @@ from .paths import (NGINX_STREAM_MODULE, ClientPath, DirectPath, HaproxyPath, Ng
 from .procs import Procs, free_port, wait_ready
 from .product import portunus_commands, probe_portunus, resolve_bin
 from .report import (ALL_GROUPS, ALL_PATHS, DEFAULT_PATHS, NOT_APPLICABLE, PORTUNUS_PATHS,
-                     compare, format_compare, format_goals, format_header, format_issues,
-                     format_ratio_table, format_ratios, format_side_by_side, format_table,
-                     goal_marks, ratios, side_by_side, summarize)
+                     compare, format_compare, format_header, format_issues, format_ratios,
+                     format_table,
+                     derive, gate_exit_code, issue_tables, option_mismatch, ratios, summarize)
 from .runner import Runner
 
 RUN_PY = BENCH_DIR / "run.py"     # also starts the helper servers: run.py _http-origin PORT
@@ -66,7 +66,13 @@ def _build_parser() -> argparse.ArgumentParser:
                          "than --threshold percent")
     ap.add_argument("--threshold", type=float, default=25.0, help="regression threshold %% (25)")
     ap.add_argument("--write-baseline", action="store_true",
-                    help="store this run as bench/baseline.json")
+                    help="store this run as bench/baseline.json (record it on a quiet machine)")
+    ap.add_argument("--machine-note", default=None,
+                    help="free text stored as meta.machine.note (e.g. 'quiet' or 'loaded: "
+                         "other benches running'); say so when a baseline is not from a quiet run")
+    ap.add_argument("--render", metavar="RESULT_JSON",
+                    help="print the side-by-side table, ratios and goals of a saved run; "
+                         "runs nothing")
     ap.add_argument("--out", default=str(BENCH_DIR / "results" / "latest.json"))
     ap.add_argument("--tcp-secs", type=int, default=None, help="iperf3 -t (default 3; quick 1)")
     ap.add_argument("--reverse", dest="reverse", action="store_true", default=False,
@@ -132,9 +138,12 @@ def _install_signal_handlers() -> None:
 
 
 def _start_meta(argv: list[str], a, workdir: Path) -> dict:
+    machine = machine_info()
+    if a.machine_note:
+        machine["note"] = a.machine_note
     meta = {"started": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
             "command": shlex.join(["python3", "bench/run.py"] + list(argv)),
-            "machine": machine_info(),
+            "machine": machine,
             "options": {k: v for k, v in vars(a).items()}, "workdir": str(workdir),
             "loadavg_start": os.getloadavg()}
     busy = host_busy_pct(1.0)
@@ -265,11 +274,18 @@ def _compare_with_baseline(a, summary: dict, doc: dict) -> int | None:
     except (OSError, ValueError) as e:
         print(f"\ncannot read baseline {a.compare}: {e}")
         return 2
+    if not isinstance(baseline, dict) or not isinstance(baseline.get("summary"), dict):
+        print(f"\nbaseline {a.compare} has no summary (not a bench/run.py JSON)")
+        return 2
     rows, missing = compare(summary, baseline, a.threshold)
+    diff = option_mismatch(baseline.get("meta", {}).get("options", {}), vars(a))
     doc["compare"] = {"baseline": a.compare, "threshold_pct": a.threshold,
-                      "rows": rows, "missing": missing}
+                      "rows": rows, "missing": missing, "option_mismatch": diff}
+    if diff:
+        print(f"\nWARNING: the baseline was recorded with other options ({'; '.join(diff)}); "
+              "its figures are not comparable")
     print("\n".join(format_compare(a.compare, a.threshold, rows, missing)))
-    return 1 if any(r["regressed"] for r in rows) else None
+    return gate_exit_code(rows) or None
 
 
 def _report(a, meta: dict, runner: Runner, paths: list[PathBase], interrupted: bool) -> dict:
@@ -284,25 +300,15 @@ def _report(a, meta: dict, runner: Runner, paths: list[PathBase], interrupted: b
     if rat:
         print()
         print("\n".join(format_ratios(rat)))
-    sbs = side_by_side(summary, shown)
-    sbs_lines = format_side_by_side(sbs, shown, NOT_APPLICABLE, runner.errors, a.udp_flows)
-    print("\nside by side (medians; best peer = best path that is neither portunus nor direct):")
-    print("\n".join(sbs_lines))
-    ratio_lines = format_ratio_table(sbs, shown, a.udp_flows)
-    print("\nratios (value / reference; for CPU and RTT rows below 1.00 is better):")
-    print("\n".join(ratio_lines))
-    goals = goal_marks(summary, shown)
-    goal_lines = format_goals(goals, a.udp_flows)
-    if goal_lines:
-        print("\ngoals of issue 15 (haproxy's = the better of the haproxy paths):")
-        print("\n".join(goal_lines))
+    sbs, goals, text = issue_tables(summary, shown, runner.errors, a.udp_flows)
+    print("\n" + text)
     issues = format_issues(runner.errors, runner.problems)
     if issues:
         print("\n".join(issues))
     return {"meta": meta, "summary": summary, "ratios": rat, "side_by_side": sbs,
             "goals": goals, "errors": runner.errors,
             "problems": runner.problems, "details": runner.details, "table": table,
-            "side_by_side_table": "\n".join(sbs_lines), "ratio_table": "\n".join(ratio_lines),
+            "issue_tables": text,
             "interrupted": interrupted}
 
 
@@ -329,6 +335,28 @@ def _make_workdir(a) -> Path:
     return workdir
 
 
+def render(path: str) -> int:
+    """--render: the issue tables of a saved run (from its summary, not its printed text)."""
+    try:
+        doc = json.loads(Path(path).read_text())
+        summary, meta = doc["summary"], doc.get("meta", {})
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"cannot read {path}: {e}")
+        return 2
+    opts = meta.get("options", {})
+    shown = opts.get("paths") or list(summary)
+    flows = opts.get("udp_flows", 256)
+    machine = meta.get("machine", {})
+    print(f"run {meta.get('started', '?')}  {meta.get('command', '')}")
+    print(f"machine: {machine.get('nproc', '?')} cpu {machine.get('cpu_model', '?')}, git "
+          f"{machine.get('git', '?')}; loadavg start {meta.get('loadavg_start', ['?'])[0]} end "
+          f"{meta.get('loadavg_end', ['?'])[0]}; host busy before "
+          f"{meta.get('host_busy_pct_before', '?')} %"
+          + (f"; note: {machine['note']}" if machine.get("note") else ""))
+    print("\n" + issue_tables(derive(summary), shown, doc.get("errors", {}), flows)[2])
+    return 0
+
+
 def main(argv=None) -> int:
     global PROCS
     argv = sys.argv[1:] if argv is None else argv
@@ -339,6 +367,8 @@ def main(argv=None) -> int:
         serve_udp_echo(int(argv[1]))
         return 0
     a = parse_args(argv)
+    if a.render:
+        return render(a.render)
     for tool in ("iperf3", "wrk"):
         if shutil.which(tool) is None:
             log(f"WARNING: {tool} not found (apt-get install -y iperf3 wrk)")

@@ -35,20 +35,21 @@ METRICS: dict[str, tuple[str, str, str, bool, str]] = {
     "udp_1flow_loss_pct":     ("udp", "%",      "lower",  True,  "  loss"),
     "udp_manyflow_pps":       ("udp", "pkt/s",  "higher", True,  "UDP echo, N flows"),
     "udp_manyflow_loss_pct":  ("udp", "%",      "lower",  True,  "  loss"),
-    # informational only (never compared)
+    # informational only (never compared), except CPU per unit of work (compared: it is
+    # what the hot-path work changes, and less sensitive to other load than the rates)
     "proxy_startup_s":        ("meta", "s",     "lower",  False, "Proxy start -> listening"),
     "proxy_peak_rss_mib":     ("meta", "MiB",   "lower",  False, "Proxy peak RSS (VmHWM)"),
     "tcp_bulk_proxy_cpu_pct": ("tcp", "%",      "lower",  False, "Proxy CPU during TCP bulk"),
     "tcp_bulk_host_busy_pct": ("tcp", "%",      "lower",  False, "Host busy during TCP bulk"),
-    "tcp_bulk_proxy_cpu_ms_per_gb": ("tcp", "ms/GB", "lower", False, "Proxy CPU per GB, TCP bulk"),
+    "tcp_bulk_proxy_cpu_ms_per_gb": ("tcp", "ms/GB", "lower", True, "Proxy CPU per GB, TCP bulk"),
     "http_keepalive_proxy_cpu_pct": ("http", "%", "lower", False, "Proxy CPU during keep-alive"),
-    "http_keepalive_proxy_cpu_us_per_req": ("http", "us", "lower", False, "Proxy CPU per keep-alive req"),
+    "http_keepalive_proxy_cpu_us_per_req": ("http", "us", "lower", True, "Proxy CPU per keep-alive req"),
     "http_close_proxy_cpu_pct": ("http", "%",   "lower",  False, "Proxy CPU during new-conn"),
-    "http_close_proxy_cpu_us_per_req": ("http", "us", "lower", False, "Proxy CPU per new connection"),
+    "http_close_proxy_cpu_us_per_req": ("http", "us", "lower", True, "Proxy CPU per new connection"),
     "udp_1flow_proxy_cpu_pct": ("udp", "%",     "lower",  False, "Proxy CPU during UDP 1 flow"),
     "udp_manyflow_proxy_cpu_pct": ("udp", "%",  "lower",  False, "Proxy CPU during UDP N flows"),
-    "udp_1flow_proxy_cpu_us_per_dgram": ("udp", "us", "lower", False, "Proxy CPU per UDP dgram, 1 flow"),
-    "udp_manyflow_proxy_cpu_us_per_dgram": ("udp", "us", "lower", False,
+    "udp_1flow_proxy_cpu_us_per_dgram": ("udp", "us", "lower", True, "Proxy CPU per UDP dgram, 1 flow"),
+    "udp_manyflow_proxy_cpu_us_per_dgram": ("udp", "us", "lower", True,
                                             "Proxy CPU per UDP dgram, N flows"),
     # derived from the medians by derive(): path p50 - direct p50
     "http_idle_rtt_added_p50_us": ("http", "us", "lower", False, "Idle RTT p50 added over direct"),
@@ -195,6 +196,27 @@ def compare(current: dict, baseline: dict, threshold_pct: float) -> tuple[list[d
             rows.append({"path": path, "metric": m, "baseline": bv, "current": cv,
                          "change_pct": change, "better": better, "regressed": worse})
     return rows, missing
+
+
+# options that change what a figure means: a baseline recorded with other values is not
+# comparable (compare still runs; the differences are printed as a warning)
+COMPARABLE_OPTIONS = ("quick", "repeat", "tcp_secs", "wrk_secs", "wrk_threads", "wrk_conns",
+                      "udp_flows", "udp_window", "udp_secs", "origin", "portunus_log_level")
+
+
+def option_mismatch(baseline_options: dict, current_options: dict) -> list[str]:
+    """COMPARABLE_OPTIONS whose value differs between the baseline's run and this one
+    ("name: baseline -> current"); options the baseline did not record are skipped."""
+    out = []
+    for k in COMPARABLE_OPTIONS:
+        if k in baseline_options and baseline_options[k] != current_options.get(k):
+            out.append(f"{k}: {baseline_options[k]!r} -> {current_options.get(k)!r}")
+    return out
+
+
+def gate_exit_code(rows: list[dict]) -> int:
+    """The regression gate: 1 if any compared median regressed beyond the threshold, else 0."""
+    return 1 if any(r["regressed"] for r in rows) else 0
 
 
 def format_compare(baseline_name: str, threshold_pct: float, rows: list[dict],
@@ -453,3 +475,19 @@ def format_goals(marks: list[dict], flows: int) -> list[str]:
             detail += f", {m['loss_pct']:.2f}% loss"
         lines.append(f"  {verdict:<7}{m['path']:<20}{goal:<44}{detail}")
     return lines
+
+
+def issue_tables(summary: dict, shown: list[str], errors: dict,
+                 flows: int) -> tuple[dict, list[dict], str]:
+    """(side-by-side data, goal marks, the printed text: side-by-side table, ratios, goals)."""
+    sbs = side_by_side(summary, shown)
+    text = ["side by side (medians; best peer = best path that is neither portunus nor direct):"]
+    text += format_side_by_side(sbs, shown, NOT_APPLICABLE, errors, flows)
+    text += ["", "ratios (value / reference; for CPU and RTT rows below 1.00 is better):"]
+    text += format_ratio_table(sbs, shown, flows)
+    goals = goal_marks(summary, shown)
+    goal_lines = format_goals(goals, flows)
+    if goal_lines:
+        text += ["", "goals of issue 15 (haproxy's = the better of the haproxy paths):"]
+        text += goal_lines
+    return sbs, goals, "\n".join(text)
