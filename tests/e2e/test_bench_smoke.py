@@ -1,0 +1,116 @@
+"""CI smoke of bench/run.py (issue 15): a --quick run with tiny durations over EVERY path of
+the runner (direct, portunus-*, client-*, haproxy, haproxy-1t, nginx, rinetd, socat), so that
+no bench path rots. It checks that each path starts, forwards and yields figures, and the
+JSON shape; it asserts nothing about speed (figures come from a real bench run, SPEC §11).
+
+The product is PORTUNUS_BIN when set (./build.sh test), else `python -m portunus` from this
+tree. The peers must be installed: a missing one skips here and fails under
+PORTUNUS_REQUIRE_TOOLS=1 (CI installs them in .ci/run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import IN_CI, ROOT, require_tool
+
+RUN_PY = ROOT / "bench" / "run.py"
+sys.path.insert(0, str(ROOT / "bench"))
+
+from portbench.paths import NGINX_STREAM_MODULE  # noqa: E402
+from portbench.report import (DEFAULT_PATHS, GOALS, FIGURES, NOT_APPLICABLE,  # noqa: E402
+                              PORTUNUS_PATHS)
+
+EVERY_PATH = ["direct", "portunus-splice", "portunus-userspace", "client-splice",
+              "client-userspace", "haproxy", "haproxy-1t", "nginx", "rinetd", "socat"]
+TCP_FIGURES = ["tcp_bulk_gbps", "http_keepalive_rps", "http_close_rps", "http_idle_rtt_p50_us",
+               "http_idle_rtt_p99_us", "proxy_startup_s"]
+UDP_FIGURES = ["udp_1flow_pps", "udp_1flow_loss_pct", "udp_manyflow_pps",
+               "udp_manyflow_loss_pct"]
+CPU_FIGURES = ["tcp_bulk_proxy_cpu_ms_per_gb", "http_keepalive_proxy_cpu_us_per_req",
+               "http_close_proxy_cpu_us_per_req"]
+UDP_CPU_FIGURES = ["udp_1flow_proxy_cpu_us_per_dgram", "udp_manyflow_proxy_cpu_us_per_dgram"]
+
+
+def _bin() -> str:
+    binary = os.environ.get("PORTUNUS_BIN")
+    return binary if binary else shlex.join([sys.executable, "-m", "portunus"])
+
+
+def _require_peers() -> None:
+    for tool in ("iperf3", "wrk", "haproxy", "nginx", "rinetd", "socat"):
+        require_tool(tool)
+    if not Path(NGINX_STREAM_MODULE).exists():
+        msg = f"nginx stream module {NGINX_STREAM_MODULE} is not installed (libnginx-mod-stream)"
+        if IN_CI:
+            pytest.fail(msg + " (CI must install it in .ci/run)")
+        pytest.skip(msg)
+
+
+@pytest.mark.timeout(150)
+def test_quick_bench_over_every_path_yields_figures_and_the_issue_tables(tmp_path):
+    _require_peers()
+    assert EVERY_PATH == DEFAULT_PATHS         # the smoke covers the whole default run
+    out = tmp_path / "smoke.json"
+    argv = [sys.executable, str(RUN_PY), "--quick", "--bin", _bin(), "--out", str(out),
+            "--paths", ",".join(EVERY_PATH), "--tcp-secs", "1", "--wrk-secs", "1",
+            "--rtt-count", "50", "--udp-count", "2000", "--udp-secs", "0.5", "--udp-flows", "16",
+            "--max-total-secs", "120"]
+    p = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    try:
+        stdout, stderr = p.communicate(timeout=140)
+    finally:
+        if p.poll() is None:           # the runner stops its own children on SIGTERM
+            os.killpg(p.pid, signal.SIGTERM)
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    assert p.returncode == 0, f"rc={p.returncode}\n{stdout[-3000:]}\n{stderr[-3000:]}"
+
+    doc = json.loads(out.read_text())
+    assert {"meta", "summary", "ratios", "side_by_side", "goals", "errors", "problems",
+            "details", "table", "issue_tables", "interrupted"} <= set(doc)
+    assert doc["errors"] == {} and doc["interrupted"] is False
+    assert doc["meta"]["options"]["quick"] is True
+    assert doc["meta"]["backends"]["http_origin"] == "nginx"
+    summary = doc["summary"]
+    assert set(summary) == set(EVERY_PATH)
+    for path in EVERY_PATH:
+        udp = "udp" not in NOT_APPLICABLE.get(path, set())
+        want = TCP_FIGURES + (UDP_FIGURES if udp else [])
+        if path != "direct":
+            want += CPU_FIGURES + (UDP_CPU_FIGURES if udp else [])
+        for m in want:
+            cell = summary[path].get(m)
+            assert cell is not None, f"{path} has no {m}: {sorted(summary[path])}"
+            assert set(cell) >= {"median", "min", "max", "samples", "unit", "better", "compared"}
+            assert len(cell["samples"]) == 1
+        for m in ("tcp_bulk_gbps", "http_keepalive_rps", "http_close_rps"):
+            assert summary[path][m]["median"] > 0, (path, m)
+        if udp:
+            assert summary[path]["udp_1flow_pps"]["median"] > 0, path
+        else:
+            assert "udp_1flow_pps" not in summary[path]
+    # every path appears in the side-by-side rows it can carry; the peers have a best one
+    sbs = doc["side_by_side"]
+    assert set(sbs) == {f[0] for f in FIGURES}
+    assert set(sbs["bulk"]["values"]) == set(EVERY_PATH)
+    assert set(sbs["udp1"]["values"]) == {"direct", "nginx"} | PORTUNUS_PATHS
+    assert sbs["bulk"]["best_peer"][0] in {"haproxy", "haproxy-1t", "nginx", "rinetd", "socat"}
+    assert sbs["udp1"]["best_peer"][0] == "nginx"
+    assert set(sbs["bulk"]["x_best_peer"]) == PORTUNUS_PATHS
+    assert len(doc["goals"]) == len(GOALS) * len(PORTUNUS_PATHS)
+    assert all(g["met"] in (True, False) for g in doc["goals"])       # every figure measured
+    # the printed side-by-side table has a row per figure and a column per path
+    head = [ln for ln in stdout.splitlines() if ln.startswith("| figure | direct")][0]
+    assert head.strip("| ").split(" | ") == ["figure"] + EVERY_PATH + ["best peer"]
+    assert "goals of issue 15" in stdout
