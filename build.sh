@@ -24,6 +24,8 @@ mkdir -p dist
 # shiv installs this project plus its pinned runtime deps into the zipapp.
 "$VENV/bin/shiv" -q -c portunus -o dist/portunus -p '/usr/bin/env python3' \
   --reproducible --compressed . -r requirements.txt >/dev/null
+# bytecode in the archive and a __main__ that skips shiv's bootstrap once site-packages is extracted
+"$VENV/bin/python" deploy/zipapp_finish.py dist/portunus
 rm -rf build ./*.egg-info
 for role in server client standalone; do
   ln -sf portunus "dist/portunus-$role"
