@@ -91,6 +91,13 @@ class DirectPath(PathBase):
         return be, None
 
 
+def _thread_count(pid: int) -> int | None:
+    try:
+        return len(os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return None
+
+
 class HaproxyPath(PathBase):
     """haproxy `mode tcp`. `threads` None: no nbthread line, i.e. haproxy's default of
     one thread per CPU (path `haproxy`); 1: `haproxy-1t`."""
@@ -135,7 +142,7 @@ class HaproxyPath(PathBase):
         return f, time.monotonic() - t0
 
     def stop(self, procs):
-        info = {"peak_rss_mib": self.peak_rss_mib()}
+        info = {"peak_rss_mib": self.peak_rss_mib(), "threads": _thread_count(self.proc.pid)}
         rc = procs.stop(self.proc, grace=5)
         info["exit_code"] = rc
         text = self.proc.log_path.read_text(errors="replace")
