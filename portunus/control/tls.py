@@ -18,14 +18,11 @@ import ssl
 import stat
 from dataclasses import dataclass, field
 
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
 from portunus.errors import PortunusError
 from portunus.log import log
+
+# ``cryptography`` (~50-90 ms to import) is loaded only where a certificate is made or read
+# (the server); the client and ``enroll`` pin, fingerprint and build contexts with ssl/hashlib alone.
 
 CERT_VALIDITY_DAYS = 3650
 CERT_COMMON_NAME = "portunus"
@@ -146,6 +143,9 @@ def _read(path: str) -> bytes:
 
 
 def _load_pair(cert_path: str, key_path: str) -> CertInfo:
+    from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
     _check_key_mode(key_path)
     cert_pem = _read(cert_path)
     try:
@@ -172,6 +172,7 @@ def _load_pair(cert_path: str, key_path: str) -> CertInfo:
 
 
 def _info_from_cert(cert: x509.Certificate, cert_path: str, key_path: str, generated: bool) -> CertInfo:
+    from cryptography.hazmat.primitives import serialization
     dns, ips = _sans_of(cert)
     return CertInfo(cert_path=cert_path, key_path=key_path,
                     fingerprint=fingerprint_der(cert.public_bytes(serialization.Encoding.DER)),
@@ -179,6 +180,7 @@ def _info_from_cert(cert: x509.Certificate, cert_path: str, key_path: str, gener
 
 
 def _sans_of(cert: x509.Certificate) -> tuple[list[str], list[str]]:
+    from cryptography import x509
     try:
         ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     except x509.ExtensionNotFound:
@@ -189,6 +191,7 @@ def _sans_of(cert: x509.Certificate) -> tuple[list[str], list[str]]:
 
 
 def _san_names(extra_hosts: list[str]) -> list[x509.GeneralName]:
+    from cryptography import x509
     names: list[x509.GeneralName] = []
     seen: set[str] = set()
 
@@ -221,6 +224,10 @@ def _san_names(extra_hosts: list[str]) -> list[x509.GeneralName]:
 
 
 def _generate_pair(cert_path: str, key_path: str, extra_hosts: list[str]) -> CertInfo:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
     sans = _san_names(extra_hosts)
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -303,6 +310,8 @@ def validate_san_host(text: str) -> str:
 
 def _is_generated(cert_path: str) -> bool:
     """Self-signed with our common name: what _generate_pair writes."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
     leaf = x509.load_pem_x509_certificates(_read(cert_path))[0]
     subject = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     return leaf.issuer == leaf.subject and [a.value for a in subject] == [CERT_COMMON_NAME]
@@ -319,10 +328,11 @@ def san_covers(info_or_cert, host: str) -> bool:
     """
     if isinstance(info_or_cert, CertInfo):
         dns, ips = info_or_cert.sans_dns, info_or_cert.sans_ip
-    elif isinstance(info_or_cert, x509.Certificate):
-        dns, ips = _sans_of(info_or_cert)
     elif isinstance(info_or_cert, (bytes, bytearray, memoryview)):
+        from cryptography import x509
         dns, ips = _sans_of(x509.load_der_x509_certificate(bytes(info_or_cert)))
+    elif _is_x509_certificate(info_or_cert):
+        dns, ips = _sans_of(info_or_cert)
     else:
         raise TypeError("san_covers needs a CertInfo, x509.Certificate or DER bytes, "
                         f"got {type(info_or_cert).__name__}")
@@ -356,6 +366,11 @@ def san_covers(info_or_cert, host: str) -> bool:
         elif pattern == name:
             return True
     return False
+
+
+def _is_x509_certificate(obj) -> bool:
+    from cryptography import x509
+    return isinstance(obj, x509.Certificate)
 
 
 def _dns_norm(name: str) -> str:
