@@ -6,7 +6,10 @@ import os
 import sys
 
 from . import __version__
-from .errors import EXIT_GENERIC, EXIT_USAGE, PortunusError
+
+# exit codes from errors.py (SPEC §7.2), spelled here so that --version and --help import nothing else
+EXIT_GENERIC = 1
+EXIT_USAGE = 2
 
 ROLES = ("server", "client", "standalone")
 USAGE = f"""usage: portunus [--version] <role> [options]
@@ -61,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if args[:1] in (["--version"], ["-V"]):
         print(f"portunus-{role} {__version__}")
         return 0
+    from .errors import PortunusError
     try:
         return _role_main(role, args)
     except PortunusError as exc:

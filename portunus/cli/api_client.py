@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import urllib.error
-import urllib.parse
-import urllib.request
 
 from ..errors import PortunusError
+
+# urllib.request (http.client, email, ssl: ~20 ms) is imported by the first call, not by every
+# command line that merely builds its parser (`serve` included)
 
 
 class ApiClient:
@@ -21,6 +21,8 @@ class ApiClient:
         """(HTTP status, decoded body); an API error is raised as its PortunusError."""
         if not self.token:
             raise PortunusError("unauthenticated", "PORTUNUS_OPERATOR_TOKEN is not set")
+        import urllib.error
+        import urllib.request
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.base + path, data=data, method=method)
         req.add_header("Authorization", f"Bearer {self.token}")
@@ -53,12 +55,13 @@ def _decode(raw: bytes):
 
 def quote(text: str) -> str:
     """One path segment of a URL (a client or rule reference may hold any character)."""
+    import urllib.parse
     return urllib.parse.quote(text, safe="")
 
 
 def running_server_url(data_dir: str) -> str | None:
     """The operator URL of the `serve` running on this data dir, if one is."""
-    from ..server.app import read_runtime_info
+    from ..server.runtime_info import read_runtime_info  # serve.json alone, not serve's imports
     info = read_runtime_info(data_dir)
     if info and _pid_alive(info.get("pid")):
         return info["operator_http_url"]

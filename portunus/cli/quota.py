@@ -24,7 +24,6 @@ from datetime import datetime, timezone
 from urllib.parse import urlencode
 
 from ..errors import PortunusError
-from ..store.db import rfc3339
 from .api_client import operator_api, quote
 from .output import human_bytes, print_json, table
 from .units import parse_bytes
@@ -108,6 +107,7 @@ def parse_time(text: str, what: str, *, code: str, now: float | None = None) -> 
 def _when(ts) -> str:
     if ts is None:
         return "-"
+    from ..store.db import rfc3339  # the store's one formatter; imported here, not by every --help
     return rfc3339(ts)
 
 

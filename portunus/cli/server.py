@@ -10,11 +10,9 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
-import sqlite3
 import sys
 
 from ..errors import PortunusError
-from ..store import backup as store_backup
 from . import caps as caps_cli
 from . import identity as identity_cli
 from . import quota as quota_cli
@@ -40,8 +38,14 @@ def cmd_gen_token(args) -> int:
     return 0
 
 
+def _store_backup():
+    """store.backup (and with it sqlite3), imported by the commands that open the store, not by --help."""
+    from ..store import backup
+    return backup
+
+
 def _open_store(args):
-    return store_backup.open_offline(args.data_dir)
+    return _store_backup().open_offline(args.data_dir)
 
 
 def cmd_bootstrap_superadmin(args) -> int:
@@ -175,18 +179,20 @@ def cmd_rotate_cert(args) -> int:
 # ---- storage -----------------------------------------------------------------
 
 def cmd_backup(args) -> int:
-    print(store_backup.backup(args.data_dir, args.out))
+    print(_store_backup().backup(args.data_dir, args.out))
     return 0
 
 
 def cmd_restore(args) -> int:
-    db_path = store_backup.restore(args.data_dir, args.input, force=args.force)
+    db_path = _store_backup().restore(args.data_dir, args.input, force=args.force)
     print(f"restored {args.input} into {db_path}")
     return 0
 
 
 def cmd_audit_prune(args) -> int:
+    import sqlite3
     from ..store import audit as store_audit
+    store_backup = _store_backup()
     try:
         store = _open_store(args)  # deleting is offline: refuses with store_in_use while serve runs
     except PortunusError as exc:
@@ -204,6 +210,7 @@ def cmd_audit_prune(args) -> int:
 
 
 def cmd_reset(args) -> int:
+    store_backup = _store_backup()
     files = store_backup.database_files(args.data_dir)
     if not files:
         print(f"nothing to reset: {os.path.join(args.data_dir, store_backup.DB_NAME)} does not exist")

@@ -22,22 +22,10 @@ from .client_registry import StoreClientRegistry
 from . import passwords
 from .core import ServerCore, validate_seed_endpoint
 from .identity import IdentityService
+from .runtime_info import RUNTIME_FILE, read_runtime_info, runtime_info_path  # noqa: F401 -- re-exported
 from .owner_caps import attach_owner_caps
 from .traffic import start_traffic_services
 
-RUNTIME_FILE = "serve.json"
-
-
-def runtime_info_path(data_dir: str) -> str:
-    return os.path.join(data_dir, RUNTIME_FILE)
-
-
-def read_runtime_info(data_dir: str) -> dict | None:
-    try:
-        with open(runtime_info_path(data_dir)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
 
 
 def serve(data_dir: str, *, advertised_endpoint: str | None = None, ready_event: threading.Event | None = None) -> int:

@@ -5,9 +5,7 @@ Read-only and side-effect free, so ``doctor`` runs the same check ``Store.open``
 
 from __future__ import annotations
 
-import ctypes
 import os
-import platform
 import sys
 
 from ..errors import PortunusError
@@ -36,6 +34,7 @@ def filesystem_magic(path: str) -> int | None:
     global _libc
     if not sys.platform.startswith("linux"):
         return None
+    import ctypes  # here, not at import: the store module is on every server command's path
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
         _libc.statfs.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
@@ -45,7 +44,7 @@ def filesystem_magic(path: str) -> int | None:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), path)
     # f_type is the first member: a native long everywhere except s390x, where it is unsigned int
-    ftype = ctypes.c_uint if platform.machine() == "s390x" else ctypes.c_long
+    ftype = ctypes.c_uint if os.uname().machine == "s390x" else ctypes.c_long  # = platform.machine()
     return ftype.from_buffer(buf).value & 0xFFFFFFFF
 
 

@@ -1,0 +1,113 @@
+"""No heavy import at start: each command line imports what it needs and nothing more (issue 15).
+
+An import-set assertion, not a timing one: a fresh interpreter runs ``portunus.__main__.main`` from
+the source tree with the given argv and reports ``sys.modules``. The modules named here cost
+5-90 ms each to import (cryptography, sqlite3, ssl, http.server, urllib.request, the server's
+wiring); a command that does not use them must not pay for them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+HARNESS = """
+import json, sys
+argv = json.loads(sys.argv[1])
+try:
+    from portunus.__main__ import main
+    main(argv)
+except SystemExit:
+    pass
+finally:
+    with open(sys.argv[2], "w") as f:
+        json.dump(sorted(sys.modules), f)
+"""
+
+SERVER_SIDE = {"sqlite3", "http.server", "portunus.server.app", "portunus.control.hub", "portunus.store.db",
+               "portunus.http.app"}
+HEAVY = {"cryptography", "ssl", "urllib.request", "http.client"} | SERVER_SIDE
+
+
+def imported(tmp_path: Path, *args: str) -> set[str]:
+    out = tmp_path / "modules.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTUNUS_")}
+    env.update(PYTHONPATH=str(REPO), XDG_CONFIG_HOME=str(tmp_path), HOME=str(tmp_path))
+    res = subprocess.run([sys.executable, "-c", HARNESS, json.dumps(["portunus", *args]), str(out)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert out.exists(), res.stderr
+    return set(json.loads(out.read_text()))
+
+
+@pytest.mark.parametrize("argv, never", [
+    (["--version"], HEAVY | {"argparse", "dataclasses", "portunus.errors"}),
+    (["--help"], HEAVY | {"argparse", "dataclasses", "portunus.errors"}),
+    (["server", "--version"], HEAVY | {"argparse", "portunus.cli.server"}),
+    (["client", "--help"], HEAVY | {"portunus.control.agent", "portunus.relay.runtime"}),
+    (["standalone", "--help"], HEAVY | {"portunus.relay.runtime"}),
+    (["server", "--help"], HEAVY),
+    (["server", "enroll-client", "--help"], HEAVY),
+    (["server", "push-rule", "--help"], HEAVY),
+])
+def test_help_and_version_import_nothing_heavy(tmp_path, argv, never):
+    mods = imported(tmp_path, *argv)
+    assert "portunus.__main__" in mods
+    assert sorted(m for m in mods if m.split(".")[0] in {x.split(".")[0] for x in never} and
+                  any(m == x or m.startswith(x + ".") for x in never)) == []
+
+
+def test_an_online_command_reads_serve_json_without_importing_serve(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "serve.json").write_text(json.dumps({"pid": os.getpid(), "operator_http_url": "http://127.0.0.1:9"}))
+    mods = imported(tmp_path, "server", "--data-dir", str(data), "list-clients")  # no token: refused at once
+    assert "portunus.server.runtime_info" in mods
+    assert not mods & {"portunus.server.app", "portunus.control.hub", "portunus.http.app", "cryptography",
+                       "sqlite3", "portunus.store.db"}
+
+
+def test_client_start_and_enroll_import_no_server_side_module(tmp_path):
+    bundle = tmp_path / "bad.json"
+    bundle.write_text("{}")
+    run = imported(tmp_path, "client", "--bundle", str(bundle))       # stops at the bundle check
+    assert "portunus.client.app" in run
+    enroll = imported(tmp_path, "client", "enroll", "portunus://127.0.0.1:1/enroll")  # stops at the URI check
+    for mods in (run, enroll):
+        assert not {m for m in mods if m in SERVER_SIDE or m.startswith(("portunus.server", "portunus.store",
+                                                                           "portunus.http"))}
+        assert "urllib.request" not in mods
+
+
+def test_client_start_and_enroll_do_not_import_cryptography(tmp_path):
+    bundle = tmp_path / "bad.json"
+    bundle.write_text("{}")
+    assert "cryptography" not in imported(tmp_path, "client", "--bundle", str(bundle))
+    assert "cryptography" not in imported(tmp_path, "client", "enroll", "portunus://127.0.0.1:1/enroll")
+
+
+def test_serve_imports_cryptography_only_because_it_makes_the_certificate(tmp_path):
+    """The server does need it (first start generates the pair); this pins that the server side
+    still works through it, so the lazy imports above are not hiding a broken path."""
+    mods = imported(tmp_path, "server", "gen-token")
+    assert "cryptography" not in mods and "sqlite3" not in mods
+
+
+def test_main_spells_the_same_exit_codes_as_the_error_table():
+    import portunus.__main__ as entry
+    from portunus import errors
+    assert (entry.EXIT_GENERIC, entry.EXIT_USAGE) == (errors.EXIT_GENERIC, errors.EXIT_USAGE)
+
+
+def test_migrations_read_the_same_from_the_package_dir_and_through_importlib_resources(monkeypatch):
+    from portunus.store import db
+    on_disk = db.load_migrations()
+    real_isdir = os.path.isdir
+    monkeypatch.setattr(db.os.path, "isdir", lambda p: False if p.endswith("migrations") else real_isdir(p))
+    assert db.load_migrations() == on_disk and on_disk
