@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import LOOPBACK
+from .mmsg import MSG_WAITFORONE, Batch
 from .procs import ChildProcess, Procs, wait_ready
 
 
@@ -203,6 +204,15 @@ def serve_udp_echo(port: int) -> None:
         except OSError:
             pass
     s.bind((LOOPBACK, port))
+    if Batch.available():       # recvmmsg/sendmmsg: up to 64 datagrams per syscall
+        batch, fd = Batch(64), s.fileno()
+        while True:
+            try:
+                k = batch.recv(fd, MSG_WAITFORONE)   # blocking: waits for the first one
+                if k:
+                    batch.echo(fd, k)
+            except OSError:
+                pass
     buf = bytearray(65536)
     mv = memoryview(buf)
     recvfrom_into, sendto = s.recvfrom_into, s.sendto
