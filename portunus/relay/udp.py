@@ -6,6 +6,15 @@ back on it and ICMP errors surface on it (and evict the flow). Sends never
 block: a datagram that cannot be sent now is dropped and counted. All receives
 go through the loop's one shared buffer, so memory does not grow with flows.
 
+Batching (``relay/mmsg.py``): where ``recvmmsg``/``sendmmsg`` are available, a listen socket is
+read up to ``mmsg.SLOTS`` datagrams per syscall; each run of consecutive datagrams from one source
+goes to its flow's upstream socket in one ``sendmmsg`` (the datagrams never leave the receive
+slots), and replies read with one ``recvmmsg`` per upstream socket are queued and sent back through
+the listen socket with one ``sendmmsg`` per loop turn, each with its flow's address. Every
+datagram still passes the cap and quota one at a time, is counted and dropped alone, and a flow
+whose upstream is full or refused never holds up another's. Where the calls are missing or
+refused the per-datagram path below (``recvfrom_into``/``send``/``sendto``) is used instead.
+
 Caps and quotas (``relay/enforce.py``): a new flow is admitted like a TCP connection (a refusal
 drops the datagram that would have created it); a bandwidth cap passes or drops each datagram
 whole (``bandwidth_dropped_in/out``); the owner's quota is debited per datagram, all or nothing.
@@ -13,12 +22,15 @@ whole (``bandwidth_dropped_in/out``); the owner's quota is debited per datagram,
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import os
 import socket
 
 from ..log import log
 from ..model import Rule
 from ..netio import errno_name
+from . import mmsg
 from .context import REPEAT_LOG_EVERY, BindError, RelayContext, bind_socket
 from .enforce import QUOTA_REFUSED
 from .rule_relay import RuntimeSettings
@@ -26,13 +38,25 @@ from .stats import RuleCounters
 from .targets import TargetSet
 
 RECV_BATCH = 64
+BATCH_ROUNDS = 2  # recvmmsg calls per readiness event (2 x mmsg.SLOTS = RECV_BATCH datagrams)
+_AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK)
+_HDR_U32 = mmsg.HDR_SIZE // 4
+_HDR_WORDS = mmsg.HDR_SIZE // mmsg.PTR
+_LEN_WORD = mmsg._LEN_WORD
+_NAME_WORD = mmsg._NAME_WORD
+_NAMELEN_WORD = mmsg._NAMELEN_WORD
+_get_errno = ctypes.get_errno
+
+
+def _oserror(err: int) -> OSError:
+    return OSError(err, os.strerror(err))
 PENDING_MAX = 8  # datagrams held while a new flow's target name resolves
 _ICMP_ERRNOS = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH)
 
 
 class Flow:
     __slots__ = ("relay", "listen_port", "src", "lsock", "up", "last_seen", "pending", "closed", "target_state",
-                 "answered", "ticket", "quota")
+                 "answered", "ticket", "quota", "fd", "key", "name_buf", "name_addr", "name_len")
 
     def __init__(self, relay: "UdpRuleRelay", listen_port: int, src, lsock: socket.socket, ticket=None, quota=None):
         self.relay = relay
@@ -47,6 +71,16 @@ class Flow:
         self.answered = False
         self.ticket = ticket  # limits.Ticket of the flow's admission
         self.quota = quota    # the owner's quota.QuotaHandle (None: no owner)
+        self.fd = -1          # the upstream socket's fd once connected
+        self.key = None       # the batched path's key of ``src`` (mmsg.Batch.name_key)
+        self.name_buf = None  # the batched path: src as a sockaddr, msg_name of its replies
+        self.name_addr = 0
+        self.name_len = 0
+
+    def gated(self) -> bool:
+        """Whether datagrams must pass ``passes()`` (a bandwidth cap or an owner quota)."""
+        ticket = self.ticket
+        return self.quota is not None or (ticket is not None and ticket.bandwidth_capped)
 
     def passes(self, direction: str, size: int) -> bool:
         """Whether one datagram may go: the bandwidth cap, then the quota (each all or nothing)."""
@@ -68,10 +102,16 @@ class Flow:
 
     def connect(self, fam: int, ip: str, port: int) -> None:
         up = socket.socket(fam, socket.SOCK_DGRAM)
-        up.setblocking(False)
-        up.connect((ip, port))
+        try:
+            up.setblocking(False)
+            up.connect((ip, port))
+        except OSError:
+            up.close()
+            raise
         self.up = up
-        self.relay.ctx.loop.add_reader(up.fileno(), self.on_upstream_readable)
+        self.fd = up.fileno()
+        reader = self.on_upstream_batch if self.relay.batch is not None else self.on_upstream_readable
+        self.relay.ctx.loop.add_reader(self.fd, reader)
         pending, self.pending = self.pending, None
         for data in pending or ():
             self.send_upstream(data)
@@ -129,6 +169,129 @@ class Flow:
                 self.answered = True
                 relay.targets.record_success(self.target_state)
 
+    # ---- the batched path (relay.batch is an mmsg.Batch) ---------------------------------
+    def forward_batch(self, b: mmsg.Batch, u32, k: int, j: int) -> int:
+        """Send inbound slots ``k..j-1`` (all from this flow's source) upstream in one sendmmsg.
+        Returns the slot to go on from: ``j``, or after an ICMP eviction the slot after the one
+        that met it (the rest of the run then makes a new flow, as datagram by datagram)."""
+        relay = self.relay
+        counters = relay.counters
+        gate = self.gated()
+        if self.pending is not None:  # the target name is still resolving: copies are held
+            data = b.inbound.data
+            for i in range(k, j):
+                n = u32[i * _HDR_U32 + _LEN_WORD]
+                if not gate or self.passes("in", n):
+                    self.send_upstream(data(i, n))
+            return j
+        tx = b.up_tx
+        iov, addrs, origin = tx.iov, b.inbound.addrs, b.origin
+        c = total = 0
+        for i in range(k, j):
+            n = u32[i * _HDR_U32 + _LEN_WORD]
+            if gate and not self.passes("in", n):
+                continue
+            iov[2 * c] = addrs[i]
+            iov[2 * c + 1] = n
+            origin[c] = i
+            c += 1
+            total += n
+        if not c:
+            return j
+        r = b.sendmmsg(self.fd, tx.addr, c, 0)
+        if r == c:  # the common case: all of them went
+            pc = counters.ports[self.listen_port]
+            pc.datagrams_in += c
+            pc.bytes_in += total
+            self.target_state.bytes_in += total
+            return j
+        sent = sent_bytes = 0
+        s = 0
+        nxt = j
+        while s < c:
+            if r > 0:
+                for x in range(s, s + r):
+                    sent_bytes += iov[2 * x + 1]
+                sent += r
+                s += r
+            else:
+                err = _get_errno() if r < 0 else errno.EAGAIN
+                if err in _AGAIN:
+                    counters.send_dropped += c - s
+                    break
+                if err in _ICMP_ERRNOS:
+                    nxt = origin[s] + 1
+                    self._count_in(sent, sent_bytes)
+                    relay.evict_icmp(self, _oserror(err))
+                    return nxt
+                counters.send_dropped += 1  # that one datagram (EPERM from a filter, EMSGSIZE...)
+                s += 1
+            if s < c:
+                r = b.sendmmsg(self.fd, tx.addr + s * mmsg.HDR_SIZE, c - s, 0)
+        self._count_in(sent, sent_bytes)
+        return nxt
+
+    def _count_in(self, datagrams: int, size: int) -> None:
+        if datagrams:
+            pc = self.relay.counters.ports[self.listen_port]
+            pc.datagrams_in += datagrams
+            pc.bytes_in += size
+            self.target_state.bytes_in += size
+
+    def on_upstream_batch(self) -> None:
+        """Replies: one recvmmsg into the free reply slots, queued for the turn's sendmmsg."""
+        relay = self.relay
+        b = relay.batch
+        if b is None or not b.enabled:
+            relay.fall_back()
+            if not self.closed and self.up is not None:
+                self.on_upstream_readable()
+            return
+        if b.q_sock is not None and b.q_sock is not self.lsock:
+            flush_replies(b)  # the queue is per listen socket
+        rx, tx = b.up_rx, b.reply_tx
+        u32, iov, words, tu32 = rx.u32, tx.iov, tx.words, tx.u32
+        addrs = b.replies.addrs
+        q_flows, q_lens = b.q_flows, b.q_lens
+        for _ in range(BATCH_ROUNDS):
+            cur = b.rx_cursor
+            if cur >= b.n:
+                flush_replies(b)
+                cur = 0
+            room = b.n - cur
+            r = b.recvmmsg(self.fd, rx.addr + cur * mmsg.HDR_SIZE, room, mmsg.MSG_DONTWAIT, None)
+            if r <= 0:
+                if r < 0:
+                    err = _get_errno()
+                    if err in _ICMP_ERRNOS:
+                        relay.evict_icmp(self, _oserror(err))
+                    elif err in mmsg.UNSUPPORTED_ERRNOS:
+                        relay.fall_back(err)
+                return
+            self.last_seen = relay.ctx.loop.time()
+            gate = self.gated()
+            q = b.q_n
+            name_addr, name_len = self.name_addr, self.name_len
+            for i in range(cur, cur + r):
+                n = u32[i * _HDR_U32 + _LEN_WORD]
+                if gate and not self.passes("out", n):
+                    continue
+                iov[2 * q] = addrs[i]
+                iov[2 * q + 1] = n
+                words[q * _HDR_WORDS + _NAME_WORD] = name_addr
+                tu32[q * _HDR_U32 + _NAMELEN_WORD] = name_len
+                q_flows[q] = self
+                q_lens[q] = n
+                q += 1
+            b.q_n = q
+            b.rx_cursor = cur + r
+            b.q_sock = self.lsock
+            if not b.flush_scheduled:
+                b.flush_scheduled = True
+                relay.ctx.loop.call_soon(flush_replies, b)
+            if r < room:
+                return  # drained
+
     def close(self) -> None:
         if self.closed:
             return
@@ -158,6 +321,8 @@ class UdpRuleRelay:
         self._reaper = None
         self.on_idle = None
         self.targets = TargetSet(rule, counters, ctx.loop, ctx.resolver)
+        self.batch = mmsg.batch_for(ctx)  # None: the per-datagram path
+        self._by_key: dict[int, dict] = {}  # the batched path: port -> {source key: flow}
 
     def bind(self) -> None:
         bound: dict[int, socket.socket] = {}
@@ -172,7 +337,8 @@ class UdpRuleRelay:
 
     def start(self) -> None:
         for port, sock in self.sockets.items():
-            self.ctx.loop.add_reader(sock.fileno(), self._receiver(sock, port))
+            reader = self._batch_receiver(sock, port) if self.batch is not None else self._receiver(sock, port)
+            self.ctx.loop.add_reader(sock.fileno(), reader)
         self._schedule_reaper()
         self.targets.start_probes()
 
@@ -205,6 +371,89 @@ class UdpRuleRelay:
                 if flow.passes("in", n):
                     flow.send_upstream(view[:n])
         return on_datagram
+
+    def _batch_receiver(self, lsock: socket.socket, port: int):
+        b = self.batch
+        fam = lsock.family
+        rx = b.rx(fam)
+        rx_addr, u32 = rx.addr, rx.u32
+        recvmmsg, slots, fd = b.recvmmsg, b.n, lsock.fileno()
+        v6 = fam == socket.AF_INET6
+        names_q, qstep, name_key = b.names_q, mmsg.NAME_STRIDE // 8, b.name_key
+        by_key = self._by_key.setdefault(port, {})
+        loop = self.ctx.loop
+        dontwait = mmsg.MSG_DONTWAIT
+
+        def on_datagrams() -> None:
+            if not b.enabled:
+                self.fall_back()
+                self._receiver(lsock, port)()
+                return
+            for _ in range(BATCH_ROUNDS):
+                r = recvmmsg(fd, rx_addr, slots, dontwait, None)
+                if r <= 0:
+                    if r < 0:
+                        err = _get_errno()
+                        if err in mmsg.UNSUPPORTED_ERRNOS:
+                            self.fall_back(err)
+                    return
+                now = loop.time()
+                k = 0
+                while k < r:
+                    key = name_key(fam, k) if v6 else names_q[k * qstep]
+                    flow = by_key.get(key)
+                    if flow is None:
+                        flow = self._new_batch_flow(port, lsock, fam, k, key)
+                        if flow is None or flow.closed:
+                            k += 1
+                            continue
+                    j = k + 1
+                    if v6:
+                        while j < r and name_key(fam, j) == key:
+                            j += 1
+                    else:
+                        while j < r and names_q[j * qstep] == key:
+                            j += 1
+                    flow.last_seen = now
+                    k = flow.forward_batch(b, u32, k, j)
+                if r < slots:
+                    return  # drained
+        return on_datagrams
+
+    def _new_batch_flow(self, port: int, lsock, fam: int, k: int, key) -> Flow | None:
+        raw = self.batch.raw_name(fam, k)
+        try:
+            src = mmsg.decode_sockaddr(raw)
+        except ValueError:
+            return None
+        flow = self.flows.get((port, src))
+        if flow is None:
+            flow = self._new_flow(port, src, lsock)
+            if flow is None:
+                return None
+        flow.key = key
+        flow.name_buf, flow.name_addr, flow.name_len = mmsg.name_buffer(raw)
+        self._by_key.setdefault(port, {})[key] = flow
+        return flow
+
+    def fall_back(self, err: int = 0) -> None:
+        """recvmmsg/sendmmsg were refused (ENOSYS/EPERM): this context goes per datagram."""
+        b = self.batch
+        if b is None:
+            return
+        if b.enabled:
+            b.disable()
+            log.warn("proxy.udp_batch_unsupported_fallback", rule=self.rule.rule_id,
+                     errno_name=errno.errorcode.get(err, str(err)))
+            flush_replies(b)
+        self.batch = None
+        self._by_key = {}
+        loop = self.ctx.loop
+        for port, sock in self.sockets.items():
+            loop.add_reader(sock.fileno(), self._receiver(sock, port))
+        for flow in self.flows.values():
+            if flow.up is not None:
+                loop.add_reader(flow.fd, flow.on_upstream_readable)
 
     def _new_flow(self, port: int, src, lsock) -> Flow | None:
         if len(self.flows) >= self.max_flows:
@@ -250,6 +499,10 @@ class UdpRuleRelay:
         if self.flows.get((flow.listen_port, flow.src)) is flow:
             del self.flows[(flow.listen_port, flow.src)]
             self.counters.ports[flow.listen_port].active_flows -= 1
+        if flow.key is not None:
+            by_key = self._by_key.get(flow.listen_port)
+            if by_key is not None and by_key.get(flow.key) is flow:
+                del by_key[flow.key]
         flow.close()
         if not self.flows and not self.sockets and self.on_idle is not None:
             cb, self.on_idle = self.on_idle, None
@@ -294,3 +547,56 @@ class UdpRuleRelay:
 
     def snapshot(self) -> list[dict]:
         return self.targets.snapshot()
+
+
+def flush_replies(b: mmsg.Batch) -> None:
+    """Send the queued replies through their listen socket: one sendmmsg (more only after a
+    partial send). A reply that cannot go now is dropped and counted on its rule."""
+    b.flush_scheduled = False
+    q = b.q_n
+    sock = b.q_sock
+    b.q_n = 0
+    b.rx_cursor = 0
+    b.q_sock = None
+    if not q:
+        return
+    flows = b.q_flows
+    fd = sock.fileno()
+    if fd < 0:  # the rule's listeners closed meanwhile
+        for i in range(q):
+            flows[i].relay.counters.send_dropped += 1
+        return
+    tx = b.reply_tx
+    s = 0
+    while s < q:
+        r = b.sendmmsg(fd, tx.addr + s * mmsg.HDR_SIZE, q - s, 0)
+        if r > 0:
+            _count_out(b, s, s + r)
+            s += r
+            continue
+        err = _get_errno() if r < 0 else errno.EAGAIN
+        if err in _AGAIN:
+            for i in range(s, q):
+                flows[i].relay.counters.send_dropped += 1
+            return
+        flows[s].relay.counters.send_dropped += 1  # that one (EPERM from a filter, EMSGSIZE...)
+        s += 1
+
+
+def _count_out(b: mmsg.Batch, start: int, end: int) -> None:
+    flows, lens = b.q_flows, b.q_lens
+    i = start
+    while i < end:
+        f = flows[i]
+        cnt = tot = 0
+        while i < end and flows[i] is f:
+            tot += lens[i]
+            cnt += 1
+            i += 1
+        pc = f.relay.counters.ports[f.listen_port]
+        pc.datagrams_out += cnt
+        pc.bytes_out += tot
+        f.target_state.bytes_out += tot
+        if not f.answered:
+            f.answered = True
+            f.relay.targets.record_success(f.target_state)

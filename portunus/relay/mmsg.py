@@ -1,0 +1,208 @@
+"""recvmmsg/sendmmsg through ctypes: many UDP datagrams per syscall, into preallocated buffers.
+
+One ``Batch`` per ``RelayContext`` (``batch_for(ctx)``), made on first use by a UDP rule. It holds
+two sets of ``SLOTS`` receive slots of 64 KiB each (inbound: end users -> upstream; replies:
+upstream -> end users) in anonymous ``mmap`` memory (a page is resident only once a datagram
+touched it: 64-byte datagrams keep ~4 KiB per slot resident), and the ``struct mmsghdr`` /
+``struct iovec`` / ``sockaddr`` arrays that point into them, built once. The hot path reads and
+writes those arrays through ``memoryview`` casts (``msg_len`` as u32, ``iov_base``/``iov_len``
+and ``msg_name`` as pointer-sized words), so a datagram costs a few index operations, never an
+allocation or a ctypes struct access.
+
+``batch_for`` returns None (the caller keeps the per-datagram ``recvfrom_into``/``sendto`` path)
+where the calls are missing: not Linux, ctypes or libc not loadable, no ``recvmmsg`` symbol,
+``PORTUNUS_DISABLE_UDP_BATCH=1``, or a call that failed with ``ENOSYS``/``EPERM`` (a seccomp
+sandbox) earlier on the same context (``Batch.disable()``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import socket
+import sys
+
+SLOTS = 32               # datagrams per recvmmsg/sendmmsg
+SLOT_SIZE = 65536        # a whole UDP datagram always fits: never MSG_TRUNC
+NAME_STRIDE = 32         # bytes per sockaddr slot (sockaddr_in6 is 28)
+MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0x40)
+UNSUPPORTED_ERRNOS = (errno.ENOSYS, errno.EPERM)   # the call itself is refused: fall back
+ENV_DISABLE = "PORTUNUS_DISABLE_UDP_BATCH"
+
+
+class iovec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+class msghdr(ctypes.Structure):
+    _fields_ = [("msg_name", ctypes.c_void_p), ("msg_namelen", ctypes.c_uint32),
+                ("msg_iov", ctypes.c_void_p), ("msg_iovlen", ctypes.c_size_t),
+                ("msg_control", ctypes.c_void_p), ("msg_controllen", ctypes.c_size_t),
+                ("msg_flags", ctypes.c_int)]
+
+
+class mmsghdr(ctypes.Structure):
+    _fields_ = [("msg_hdr", msghdr), ("msg_len", ctypes.c_uint)]
+
+
+HDR_SIZE = ctypes.sizeof(mmsghdr)
+IOV_SIZE = ctypes.sizeof(iovec)
+PTR = ctypes.sizeof(ctypes.c_void_p)
+PTR_FMT = {8: "Q", 4: "I"}[PTR]
+# word indexes (in units of the cast) of the fields the hot path touches
+_LEN_WORD = mmsghdr.msg_len.offset // 4                            # u32 view
+_NAME_WORD = msghdr.msg_name.offset // PTR                         # pointer view
+_NAMELEN_WORD = msghdr.msg_namelen.offset // 4                     # u32 view
+assert HDR_SIZE % PTR == 0 and HDR_SIZE % 4 == 0 and IOV_SIZE == 2 * PTR
+
+
+def _libc_calls():
+    """(recvmmsg, sendmmsg) from libc, or None where they cannot be had."""
+    if not sys.platform.startswith("linux") or os.environ.get(ENV_DISABLE) == "1":
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        recv, send = libc.recvmmsg, libc.sendmmsg
+    except (OSError, AttributeError):
+        return None
+    recv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int, ctypes.c_void_p]
+    recv.restype = ctypes.c_int
+    send.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
+    send.restype = ctypes.c_int
+    return recv, send
+
+
+class Headers:
+    """``count`` mmsghdr, each with one iovec: preallocated, addressed by index."""
+
+    def __init__(self, count: int, slot_addrs: list[int], slot_size: int, names_addr: int = 0,
+                 namelen: int = 0):
+        self.count = count
+        self.arr = (mmsghdr * count)()
+        self.iovs = (iovec * count)()
+        for i in range(count):
+            self.iovs[i].iov_base = slot_addrs[i]
+            self.iovs[i].iov_len = slot_size
+            h = self.arr[i].msg_hdr
+            h.msg_iov = ctypes.addressof(self.iovs) + i * IOV_SIZE
+            h.msg_iovlen = 1
+            if names_addr:
+                h.msg_name = names_addr + i * NAME_STRIDE
+                h.msg_namelen = namelen
+        self.addr = ctypes.addressof(self.arr)
+        raw = memoryview(self.arr).cast("B")
+        self.u32 = raw.cast("I")             # msg_len at i * HDR_SIZE/4 + _LEN_WORD
+        self.words = raw.cast(PTR_FMT)       # msg_name at i * HDR_SIZE/PTR + _NAME_WORD
+        self.iov = memoryview(self.iovs).cast("B").cast(PTR_FMT)  # base at 2i, len at 2i+1
+
+    def at(self, i: int) -> int:
+        return self.addr + i * HDR_SIZE
+
+    def lengths(self, n: int) -> list[int]:
+        """msg_len of the first ``n`` headers (after a recvmmsg)."""
+        u32, step = self.u32, HDR_SIZE // 4
+        return [u32[i * step + _LEN_WORD] for i in range(n)]
+
+
+class Slots:
+    """``count`` receive buffers of ``size`` bytes in one anonymous mapping."""
+
+    def __init__(self, count: int, size: int):
+        self.count, self.size = count, size
+        self.mem = mmap.mmap(-1, count * size)
+        self.view = memoryview(self.mem)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self.mem))
+        self.addrs = [base + i * size for i in range(count)]
+
+    def data(self, i: int, n: int) -> memoryview:
+        off = i * self.size
+        return self.view[off:off + n]
+
+
+class Batch:
+    """The preallocated arrays and the two calls, shared by every UDP rule on one context."""
+
+    def __init__(self, calls, slots: int = SLOTS, slot_size: int = SLOT_SIZE):
+        self.recvmmsg, self.sendmmsg = calls
+        self.enabled = True
+        self.n = slots
+        self.inbound = Slots(slots, slot_size)
+        self.replies = Slots(slots, slot_size)
+        self.names = (ctypes.c_char * (slots * NAME_STRIDE))()
+        self.names_view = memoryview(self.names).cast("B")
+        self.names_q = self.names_view.cast("Q")   # IPv4 key: family, port, address (8 bytes)
+        names = ctypes.addressof(self.names)
+        # end users -> us: with source addresses (namelen is rewritten by the kernel, and is
+        # constant per family: one array per family keeps it right without a reset per call)
+        self.rx4 = Headers(slots, self.inbound.addrs, slot_size, names, 16)
+        self.rx6 = Headers(slots, self.inbound.addrs, slot_size, names, 28)
+        # us -> upstream (connected: no names); iov_base/iov_len written per datagram
+        self.up_tx = Headers(slots, self.inbound.addrs, 0)
+        # upstream -> us (connected: no names)
+        self.up_rx = Headers(slots, self.replies.addrs, slot_size)
+        # us -> end users: msg_name/msg_namelen point at each flow's own sockaddr
+        self.reply_tx = Headers(slots, self.replies.addrs, 0)
+        # the replies queued for one listen socket, flushed after this loop turn's events
+        self.q_sock = None
+        self.q_flows: list = [None] * slots
+        self.q_lens = [0] * slots
+        self.q_n = 0
+        self.origin = [0] * slots   # up_tx entry -> the inbound slot it carries
+        self.rx_cursor = 0          # next free reply slot
+        self.flush_scheduled = False
+
+    def disable(self) -> None:
+        self.enabled = False
+
+    def rx(self, family: int) -> Headers:
+        return self.rx6 if family == socket.AF_INET6 else self.rx4
+
+    # ---- sockaddr helpers (per flow, not per datagram) -------------------------------
+    def name_key(self, family: int, i: int):
+        """The dict key of slot ``i``'s source address: an int (IPv4) or 28 bytes (IPv6)."""
+        if family == socket.AF_INET6:
+            off = i * NAME_STRIDE
+            return bytes(self.names_view[off:off + 28])
+        return self.names_q[i * (NAME_STRIDE // 8)]
+
+    def raw_name(self, family: int, i: int) -> bytes:
+        off = i * NAME_STRIDE
+        return bytes(self.names_view[off:off + (28 if family == socket.AF_INET6 else 16)])
+
+
+def decode_sockaddr(raw: bytes):
+    """A sockaddr_in / sockaddr_in6 as the address tuple ``socket.recvfrom`` returns."""
+    fam = int.from_bytes(raw[0:2], sys.byteorder)
+    if fam == socket.AF_INET6:
+        return (socket.inet_ntop(socket.AF_INET6, raw[8:24]), int.from_bytes(raw[2:4], "big"),
+                int.from_bytes(raw[4:8], "big"), int.from_bytes(raw[24:28], sys.byteorder))
+    if fam == socket.AF_INET:
+        return (socket.inet_ntop(socket.AF_INET, raw[4:8]), int.from_bytes(raw[2:4], "big"))
+    raise ValueError(f"address family {fam} is neither AF_INET nor AF_INET6")
+
+
+def key_of_raw(raw: bytes):
+    """``Batch.name_key`` of a sockaddr given as bytes (the same key, computed off the arrays)."""
+    if len(raw) >= 28 and int.from_bytes(raw[0:2], sys.byteorder) == socket.AF_INET6:
+        return bytes(raw[:28])
+    return int.from_bytes(raw[:8], sys.byteorder)
+
+
+def name_buffer(raw: bytes):
+    """A ctypes copy of one flow's sockaddr for its replies' msg_name: (buffer, address, length)."""
+    buf = ctypes.create_string_buffer(raw, len(raw))
+    return buf, ctypes.addressof(buf), len(raw)
+
+
+def batch_for(ctx) -> Batch | None:
+    """The context's Batch (made on first use), or None: use the per-datagram path."""
+    b = getattr(ctx, "udp_batch", False)
+    if b is False:
+        calls = _libc_calls()
+        b = Batch(calls) if calls is not None else None
+        ctx.udp_batch = b
+    if b is not None and not b.enabled:
+        return None
+    return b
