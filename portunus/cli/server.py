@@ -13,10 +13,6 @@ import secrets
 import sys
 
 from ..errors import PortunusError
-from . import caps as caps_cli
-from . import identity as identity_cli
-from . import quota as quota_cli
-from . import rules as rules_cli
 from .api_client import operator_api, operator_api_url, quote
 from .output import print_json, table
 
@@ -227,16 +223,28 @@ def cmd_reset(args) -> int:
 
 # ---------------------------------------------------------------- parser
 
-def build_parser() -> argparse.ArgumentParser:
+GLOBAL_OPTIONS = ("--data-dir", "--server")  # each takes a value
+
+
+def build_parser(only_serve: bool = False) -> argparse.ArgumentParser:
+    """The whole command tree; ``only_serve``: the global options and ``serve`` alone (what
+    ``serve`` parses with: the other ~50 subcommands and their modules cost ~25 ms at every start)."""
     from ..server.config import default_data_dir
     p = argparse.ArgumentParser(prog="portunus-server",
                                 description="Portunus control plane: serve, and operate clients and rules.")
-    p.add_argument("--data-dir", metavar="DIR",
+    p.add_argument(GLOBAL_OPTIONS[0], metavar="DIR",
                    help=f"state directory (default: $PORTUNUS_DATA_DIR, else {default_data_dir()})")
-    p.add_argument("--server", metavar="URL", help="operator API URL (default: $PORTUNUS_SERVER or the running "
-                                                   "server of --data-dir)")
+    p.add_argument(GLOBAL_OPTIONS[1], metavar="URL", help="operator API URL (default: $PORTUNUS_SERVER or the "
+                                                          "running server of --data-dir)")
     sub = p.add_subparsers(dest="command", metavar="<command>")
     sub.required = True
+    _add_serve_command(sub)
+    if only_serve:
+        return p
+    from . import caps as caps_cli
+    from . import identity as identity_cli
+    from . import quota as quota_cli
+    from . import rules as rules_cli
     _add_server_commands(sub)
     _add_client_commands(sub)
     rules_cli.add_parsers(sub)
@@ -249,11 +257,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _add_server_commands(sub) -> None:
+def _add_serve_command(sub) -> None:
     s = sub.add_parser("serve", help="run the server")
     s.add_argument("--advertised-endpoint", metavar="HOST:PORT",
                    help="host:port written into enrollment commands (or PORTUNUS_ADVERTISED_ENDPOINT)")
     s.set_defaults(fn=cmd_serve)
+
+
+def is_serve(argv: list[str]) -> bool:
+    """Whether ``argv`` names ``serve`` after nothing but the global options (``--data-dir DIR``,
+    ``--server=URL``): then the serve-only parser parses it exactly as the whole tree would. Anything
+    else (help, an abbreviation, another command) takes the whole tree."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "serve":
+            return True
+        if arg in GLOBAL_OPTIONS:
+            i += 2
+        elif arg.split("=", 1)[0] in GLOBAL_OPTIONS and "=" in arg:
+            i += 1
+        else:
+            return False
+    return False
+
+
+def _add_server_commands(sub) -> None:
     s = sub.add_parser("rotate-cert", help="replace the self-signed control certificate (server stopped); "
                                            "every client must then be re-enrolled")
     s.add_argument("--san", action="append", default=[], metavar="HOST",
@@ -341,7 +370,7 @@ def resolve_data_dir(args) -> None:
 
 
 def main(argv: list[str]) -> int:
-    parser = build_parser()
+    parser = build_parser(only_serve=is_serve(argv))
     args = parser.parse_args(argv)
     resolve_data_dir(args)
     return args.fn(args)

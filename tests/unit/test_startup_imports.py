@@ -111,3 +111,35 @@ def test_migrations_read_the_same_from_the_package_dir_and_through_importlib_res
     real_isdir = os.path.isdir
     monkeypatch.setattr(db.os.path, "isdir", lambda p: False if p.endswith("migrations") else real_isdir(p))
     assert db.load_migrations() == on_disk and on_disk
+
+
+@pytest.mark.parametrize("argv", [
+    ["serve"], ["--data-dir", "/d", "serve"], ["--data-dir=/d", "serve", "--advertised-endpoint", "h:1"],
+    ["--server", "http://x", "--data-dir", "serve", "serve"], ["serve", "--advertised-endpoint=h:2"],
+])
+def test_serve_parses_with_the_serve_only_parser_exactly_as_with_the_whole_tree(argv):
+    from portunus.cli import server as cli_server
+    assert cli_server.is_serve(argv)
+    whole = vars(cli_server.build_parser().parse_args(argv))
+    alone = vars(cli_server.build_parser(only_serve=True).parse_args(argv))
+    assert whole == alone and whole["command"] == "serve"
+
+
+@pytest.mark.parametrize("argv", [
+    [], ["--help", "serve"], ["-h"], ["--data", "/d", "serve"], ["list-clients"], ["--data-dir", "serve"],
+    ["--data-dir"], ["doctor", "serve"], ["--bogus", "serve"],
+])
+def test_anything_but_a_plain_serve_takes_the_whole_tree(argv):
+    from portunus.cli import server as cli_server
+    assert not cli_server.is_serve(argv)
+
+
+def test_the_serve_only_parser_imports_no_other_command_module(tmp_path):
+    out = tmp_path / "m.json"
+    code = ("import json, sys\nfrom portunus.cli import server\nserver.build_parser(only_serve=True)"
+            ".parse_args(['serve'])\njson.dump(sorted(sys.modules), open(sys.argv[1], 'w'))\n")
+    subprocess.run([sys.executable, "-c", code, str(out)], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                   check=True, timeout=60)
+    mods = set(json.loads(out.read_text()))
+    assert not mods & {"portunus.cli.caps", "portunus.cli.identity", "portunus.cli.quota", "portunus.cli.rules",
+                       "portunus.doctor.cli", "sqlite3", "cryptography"}
