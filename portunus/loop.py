@@ -1,14 +1,18 @@
-"""The reactor: epoll via ``selectors``, a timer heap, call_soon(_threadsafe), signals.
+"""The reactor: ``select.epoll`` driven directly, a timer heap, call_soon(_threadsafe), signals.
 
 Everything on the data plane and the control channel is a callback on one Loop,
 run by one thread. Other threads talk to it only through ``call_soon_threadsafe``.
+
+The loop keeps one ``_FdHandlers`` per watched fd (its reader, its writer and the mask the
+kernel holds), so a change of interest is at most one ``epoll_ctl`` and none when the mask
+stays the same; ``epoll.poll`` hands back ``(fd, events)`` and the fd picks the handlers.
 """
 
 from __future__ import annotations
 
 import heapq
 import os
-import selectors
+import select
 import signal
 import threading
 import time
@@ -18,8 +22,14 @@ from typing import Callable
 
 from .log import log
 
-EVENT_READ = selectors.EVENT_READ
-EVENT_WRITE = selectors.EVENT_WRITE
+EVENT_READ = select.EPOLLIN
+EVENT_WRITE = select.EPOLLOUT
+# what wakes a reader / a writer (as ``selectors`` maps them): a hang-up or an error wakes both
+_READ_EVENTS = ~select.EPOLLOUT
+_WRITE_EVENTS = ~select.EPOLLIN
+
+
+COARSE_TICK = 0.1  # resolution of call_coarse: a coarse timer fires up to this late, never early
 
 
 class Timer:
@@ -44,12 +54,12 @@ class Timer:
 
 
 class _FdHandlers:
-    __slots__ = ("reader", "writer", "registered")
+    __slots__ = ("reader", "writer", "kmask")
 
     def __init__(self):
         self.reader: Callable | None = None
         self.writer: Callable | None = None
-        self.registered = False  # whether the selector holds this fd (saves a map lookup per change)
+        self.kmask = 0  # the mask epoll holds for this fd (0: not registered)
 
     def mask(self) -> int:
         return (EVENT_READ if self.reader else 0) | (EVENT_WRITE if self.writer else 0)
@@ -57,10 +67,15 @@ class _FdHandlers:
 
 class Loop:
     def __init__(self):
-        self._selector = selectors.EpollSelector()
+        self._epoll = select.epoll()
         self._handlers: dict[int, _FdHandlers] = {}
-        self._timers: list[Timer] = []
+        # fds dropped while a batch of events is dispatched: their later events in it are stale
+        # (the number may already name a new socket)
+        self._dropped: set[int] = set()
+        self._dispatching = False
+        self._timers: list[tuple[float, int, Timer]] = []  # (when, seq, timer): compared in C
         self._timer_seq = 0
+        self._coarse: dict[int, list[Timer]] = {}  # tick -> timers due by the end of it
         self._ready: deque = deque()
         self._threadsafe: deque = deque()
         self._running = False
@@ -77,18 +92,27 @@ class Loop:
         return time.monotonic()
 
     # ---- fd interest ------------------------------------------------------
-    def _update(self, fd: int, handlers: _FdHandlers) -> None:
-        mask = handlers.mask()
+    def _update(self, fd: int, h: _FdHandlers) -> None:
+        mask = (EVENT_READ if h.reader else 0) | (EVENT_WRITE if h.writer else 0)
+        if mask == h.kmask:
+            if mask == 0:
+                del self._handlers[fd]
+            return
         if mask == 0:
-            if handlers.registered:
-                handlers.registered = False
-                self._selector.unregister(fd)
+            h.kmask = 0
             del self._handlers[fd]
-        elif handlers.registered:
-            self._selector.modify(fd, mask, handlers)
+            if self._dispatching:
+                self._dropped.add(fd)
+            try:
+                self._epoll.unregister(fd)
+            except OSError:
+                pass  # closed before its interest was dropped: the kernel forgot it already
+        elif h.kmask:
+            self._epoll.modify(fd, mask)
+            h.kmask = mask
         else:
-            self._selector.register(fd, mask, handlers)
-            handlers.registered = True
+            self._epoll.register(fd, mask)
+            h.kmask = mask
 
     def add_reader(self, fd, callback: Callable) -> None:
         fd = fd if isinstance(fd, int) else fd.fileno()
@@ -135,7 +159,7 @@ class Loop:
 
     def _rollback(self, fd: int, h: _FdHandlers, which: str) -> None:
         setattr(h, which, None)
-        if h.mask() == 0 and not h.registered:
+        if h.mask() == 0 and not h.kmask:
             self._handlers.pop(fd, None)
 
     def remove_writer(self, fd) -> bool:
@@ -154,12 +178,14 @@ class Loop:
             return
         h = self._handlers.pop(fd, None)
         if h is not None:
-            h.reader = h.writer = None  # an event already fetched for fd is now a no-op
-            if h.registered:
-                h.registered = False
+            h.reader = h.writer = None
+            if self._dispatching:
+                self._dropped.add(fd)  # an event already fetched for fd is now a no-op
+            if h.kmask:
+                h.kmask = 0
                 try:
-                    self._selector.unregister(fd)
-                except (KeyError, ValueError):
+                    self._epoll.unregister(fd)
+                except OSError:
                     pass
 
     def watched_fds(self) -> int:
@@ -184,10 +210,31 @@ class Loop:
         return self.call_at(self.time() + max(0.0, delay), callback, *args)
 
     def call_at(self, when: float, callback: Callable, *args) -> Timer:
-        self._timer_seq += 1
-        t = Timer(when, self._timer_seq, callback, args)
-        heapq.heappush(self._timers, t)
+        self._timer_seq = seq = self._timer_seq + 1
+        t = Timer(when, seq, callback, args)
+        heapq.heappush(self._timers, (when, seq, t))
         return t
+
+    def call_coarse(self, delay: float, callback: Callable, *args) -> Timer:
+        """Like ``call_later`` for deadlines that are rarely reached (a connect timeout): the
+        timer lands in a bucket of ``COARSE_TICK`` and fires with it, up to one tick late, never
+        early. Thousands of them share one heap entry per tick; ``cancel()`` is O(1)."""
+        when = self.time() + (delay if delay > 0.0 else 0.0)
+        tick = int(when / COARSE_TICK) + 1
+        t = Timer(when, 0, callback, args)
+        bucket = self._coarse.get(tick)
+        if bucket is None:
+            bucket = self._coarse[tick] = []
+            self.call_at(tick * COARSE_TICK, self._fire_coarse, tick)
+        bucket.append(t)
+        return t
+
+    def _fire_coarse(self, tick: int) -> None:
+        for t in self._coarse.pop(tick, ()):
+            if not t.cancelled:
+                cb, args = t.callback, t.args
+                t.cancel()
+                self._invoke(cb, *args)
 
     def _drain_wakeup(self) -> None:
         try:
@@ -265,26 +312,50 @@ class Loop:
         if self._ready or self._threadsafe:
             timeout = 0
         elif self._timers:
-            timeout = max(0.0, self._timers[0].when - self.time())
+            timeout = max(0.0, self._timers[0][0] - self.time())
         if max_wait is not None:
             timeout = max_wait if timeout is None else min(timeout, max_wait)
+        if timeout is None:
+            timeout = -1
         try:
-            events = self._selector.select(timeout)
+            events = self._epoll.poll(timeout)
         except InterruptedError:
-            events = []
-        for key, mask in events:
-            h = key.data
-            ok = True
-            if mask & EVENT_READ and h.reader is not None:
-                ok = self._invoke(h.reader)
-            if mask & EVENT_WRITE and h.writer is not None:
-                ok = self._invoke(h.writer) and ok
-            if not ok and self._handlers.get(key.fd) is h:
-                self.forget(key.fd)  # a level-triggered fd whose handler raises would spin forever
+            events = ()
+        if events:
+            handlers = self._handlers
+            dropped = self._dropped
+            self._dispatching = True
+            try:
+                for fd, ev in events:
+                    h = handlers.get(fd)
+                    if h is None or (dropped and fd in dropped):
+                        continue
+                    ok = True
+                    if ev & _READ_EVENTS:
+                        cb = h.reader
+                        if cb is not None:
+                            try:
+                                cb()
+                            except Exception as exc:
+                                self._report(cb, exc)
+                                ok = False
+                    if ev & _WRITE_EVENTS:
+                        cb = h.writer
+                        if cb is not None:
+                            try:
+                                cb()
+                            except Exception as exc:
+                                self._report(cb, exc)
+                                ok = False
+                    if not ok and handlers.get(fd) is h:
+                        self.forget(fd)  # a level-triggered fd whose handler raises would spin forever
+            finally:
+                self._dispatching = False
+                dropped.clear()
         now = self.time()
         timers = self._timers
-        while timers and timers[0].when <= now:
-            t = heapq.heappop(timers)
+        while timers and timers[0][0] <= now:
+            t = heapq.heappop(timers)[2]
             if not t.cancelled:
                 cb, args = t.callback, t.args
                 t.cancel()
@@ -300,18 +371,22 @@ class Loop:
             cb(*args)
             return True
         except Exception as exc:  # a bad callback must not kill the reactor
-            tb = traceback.extract_tb(exc.__traceback__)
-            where = f"{tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno}" if tb else "?"
-            log.error("loop.callback_error", callback=getattr(cb, "__qualname__", repr(cb)),
-                      error=f"{type(exc).__name__}: {exc}", where=where)
+            Loop._report(cb, exc)
             return False
+
+    @staticmethod
+    def _report(cb: Callable, exc: BaseException) -> None:
+        tb = traceback.extract_tb(exc.__traceback__)
+        where = f"{tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno}" if tb else "?"
+        log.error("loop.callback_error", callback=getattr(cb, "__qualname__", repr(cb)),
+                  error=f"{type(exc).__name__}: {exc}", where=where)
 
     def close(self) -> None:
         for signum in list(self._signals):
             self.remove_signal_handler(signum)
         for fd in list(self._handlers):
             self.forget(fd)
-        self._selector.close()
+        self._epoll.close()
         wake_fds = (self._wake_r, self._wake_w)
         # a late call_soon_threadsafe must not write into whatever reuses these numbers
         self._wake_r = self._wake_w = -1

@@ -569,6 +569,68 @@ def test_a_timer_can_cancel_a_later_timer_due_in_the_same_turn(loop):
     assert out == ["killer", "bystander"]
 
 
+class Clock:
+    """An injected clock for the loop (the loop reads ``loop.time``)."""
+
+    def __init__(self, t: float = 1000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_coarse_timers_fire_late_by_at_most_a_tick_never_early_and_share_one_heap_entry(loop):
+    from portunus.loop import COARSE_TICK
+    clock = Clock(1000.0)
+    loop.time = clock
+    out = []
+    for i in range(50):
+        loop.call_coarse(3.0, out.append, i)
+    assert len(loop._timers) == 1  # one heap entry for every deadline in the same tick
+    clock.t = 1003.0 - 1e-6
+    loop._run_once(max_wait=0)
+    assert out == []
+    clock.t = 1003.0 + COARSE_TICK + 1e-6
+    loop._run_once(max_wait=0)
+    assert out == list(range(50))  # in arming order
+    assert loop._timers == [] and loop._coarse == {}
+
+
+def test_cancelled_coarse_timer_never_runs_and_its_neighbours_still_do(loop):
+    from portunus.loop import COARSE_TICK
+    clock = Clock(50.0)
+    loop.time = clock
+    out = []
+    a = loop.call_coarse(1.0, out.append, "a")
+    loop.call_coarse(1.0, out.append, "b")
+    later = loop.call_coarse(2.5, out.append, "later")
+    a.cancel()
+    assert a.cancelled and a.callback is None  # what it would have called is released at once
+    clock.t = 51.0 + COARSE_TICK + 1e-6
+    loop._run_once(max_wait=0)
+    assert out == ["b"]
+    later.cancel()
+    clock.t = 60.0
+    loop._run_once(max_wait=0)
+    assert out == ["b"]
+    assert loop._coarse == {}
+
+
+def test_a_raising_coarse_timer_is_logged_and_the_rest_of_its_tick_still_fires(loop, loop_log):
+    clock = Clock(10.0)
+    loop.time = clock
+    out = []
+
+    def bad():
+        raise RuntimeError("boom")
+    loop.call_coarse(0.0, bad)
+    loop.call_coarse(0.0, out.append, "after")
+    clock.t = 11.0
+    loop._run_once(max_wait=0)
+    assert out == ["after"]
+    assert [e["event"] for e in log_events(loop_log)] == ["loop.callback_error"]
+
+
 def test_cancel_after_firing_is_harmless(loop):
     out = []
     t = loop.call_later(0, out.append, 1)
@@ -835,3 +897,31 @@ def test_a_raising_reader_is_unwatched_instead_of_spinning(loop, pair, loop_log)
     loop.run_until(lambda: False, 0.3)
     assert calls == [1]
     assert loop.watched_fds() == 1  # only the loop's own wakeup pipe
+
+
+def test_an_event_fetched_for_an_fd_dropped_in_the_same_batch_does_not_reach_its_new_interest(loop):
+    """The fd number may already name a new socket: its stale event must not run the new handler."""
+    p1, p2 = socket.socketpair(), socket.socketpair()
+    try:
+        ran = []
+        fds = [p1[0].fileno(), p2[0].fileno()]
+
+        def first(fd, other):
+            if ran:
+                return
+            ran.append(("first", fd))
+            loop.forget(other)
+            loop.add_reader(other, lambda: ran.append(("new", other)))
+        for fd, other in ((fds[0], fds[1]), (fds[1], fds[0])):
+            loop.add_reader(fd, lambda fd=fd, other=other: first(fd, other))
+        p1[1].send(b"x")
+        p2[1].send(b"x")
+        # both are readable before the first turn: one epoll_wait fetches both events
+        assert readable(fds[0]) and readable(fds[1])
+        loop._run_once(max_wait=0.5)
+        assert len(ran) == 1 and ran[0][0] == "first"
+        loop._run_once(max_wait=0.5)  # next turn: the new interest sees the fd, still readable
+        assert ran[1][0] == "new" and ran[1][1] != ran[0][1]
+    finally:
+        for s in (*p1, *p2):
+            s.close()

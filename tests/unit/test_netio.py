@@ -73,6 +73,8 @@ class FakeLoop:
         self.timers.append(t)
         return t
 
+    call_coarse = call_later  # the connect deadline: a coarse timer on the real loop
+
     def call_soon(self, cb, *args):
         self.soon.append((cb, args))
 
