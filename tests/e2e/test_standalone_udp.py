@@ -20,6 +20,16 @@ from conftest import free_port, free_port_block, rule_stats, wait_until
 from peers import TcpEchoServer, UdpEchoServer
 
 
+@pytest.fixture(params=["batched", "per_datagram"])
+def udp_path(request, monkeypatch):
+    """recvmmsg/sendmmsg (relay/mmsg.py), or the per-datagram fallback forced by the environment."""
+    if request.param == "per_datagram":
+        monkeypatch.setenv("PORTUNUS_DISABLE_UDP_BATCH", "1")
+    else:
+        monkeypatch.delenv("PORTUNUS_DISABLE_UDP_BATCH", raising=False)
+    return request.param
+
+
 def udp_config(sock: str, name: str, listen: int, target: int, width: int = 1, extra: str = "") -> str:
     if width == 1:
         listen_line, target_line = f"listen_port = {listen}", f'target = "127.0.0.1:{target}"'
@@ -114,7 +124,7 @@ def _raise_nofile(need: int) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
 
 
-def test_1000_sources_each_get_only_their_own_reply(standalone, tmp_path):
+def test_1000_sources_each_get_only_their_own_reply(standalone, tmp_path, udp_path):
     n = 1000
     _raise_nofile(n + 512)
     listen, target = free_port(), free_port()
@@ -181,7 +191,7 @@ def test_1000_sources_each_get_only_their_own_reply(standalone, tmp_path):
         echo.close()
 
 
-def test_flow_cap_drops_new_flows_and_never_evicts_live_ones(standalone, tmp_path):
+def test_flow_cap_drops_new_flows_and_never_evicts_live_ones(standalone, tmp_path, udp_path):
     listen, target = free_port(), free_port()
     echo = UdpEchoServer([target])
     sock = str(tmp_path / "s.sock")
@@ -243,7 +253,7 @@ def test_flow_cap_is_per_rule_across_the_ports_of_a_range(standalone, tmp_path):
         echo.close()
 
 
-def test_icmp_port_unreachable_evicts_the_flow_and_the_next_datagram_rebuilds_it(standalone, tmp_path):
+def test_icmp_port_unreachable_evicts_the_flow_and_the_next_datagram_rebuilds_it(standalone, tmp_path, udp_path):
     listen, target = free_port(), free_port()  # nothing listens on target yet
     sock = str(tmp_path / "s.sock")
     p = standalone(udp_config(sock, "icmp", listen, target))
@@ -316,7 +326,7 @@ target = "127.0.0.1:{udp_target}"
         udp_echo.close()
 
 
-def test_a_target_that_never_reads_does_not_block_other_flows(standalone, tmp_path):
+def test_a_target_that_never_reads_does_not_block_other_flows(standalone, tmp_path, udp_path):
     """Port a -> a sink that never reads (its buffer fills); port a+1 -> an echo. Same rule."""
     listen, target = free_port_block(2), free_port_block(2)
     sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -367,7 +377,7 @@ def test_a_target_that_never_reads_does_not_block_other_flows(standalone, tmp_pa
         echo.close()
 
 
-def test_empty_and_near_max_datagrams_pass_intact(standalone, tmp_path):
+def test_empty_and_near_max_datagrams_pass_intact(standalone, tmp_path, udp_path):
     listen, target = free_port(), free_port()
     echo = UdpEchoServer([target], prefix_port=False)
     sock = str(tmp_path / "s.sock")
