@@ -29,6 +29,10 @@ from .session import REQUEST_ID_UNKNOWN, RULE_NOT_OWNED, ClientSession
 FIRST_MESSAGE_TIMEOUT = 10.0
 PING_INTERVAL = 15.0
 DEAD_AFTER = 45.0
+# the ping round is spread over the interval: every PING_INTERVAL / HEARTBEAT_SLICES seconds the sessions of
+# one slice (serial % HEARTBEAT_SLICES) are pinged, so 1 000 clients cost 67 pings a second, not a 1 000-ping
+# burst (and its 1 000 pongs) that holds the loop for tens of ms every 15 s in front of pushes and acks
+HEARTBEAT_SLICES = 15
 REJECT_LOG_EVERY = 60.0  # seconds between control.rejected / control.message_rejected lines per key
 MAX_REMOVING = 4096  # removals a session remembers so their late "removed" status is still accepted
 
@@ -62,6 +66,7 @@ class Hub:
         self.rejected_messages: dict[str, int] = {}
         self.owner_stats: dict[str, list[dict]] = {}  # client id -> owner envelope rows of its last report
         self._limited_flushed_at = loop.time()
+        self._heartbeat_tick = 0
         self.pending_channels: set[Channel] = set()
 
     # ---- listening --------------------------------------------------------
@@ -79,7 +84,7 @@ class Hub:
         s.setblocking(False)
         self.listener = s
         self.loop.add_reader(s.fileno(), self._on_accept)
-        self.loop.call_later(PING_INTERVAL, self._heartbeat)
+        self.loop.call_later(PING_INTERVAL / HEARTBEAT_SLICES, self._heartbeat)
         host, self.bound_port = s.getsockname()[:2]
         return host, self.bound_port
 
@@ -373,17 +378,21 @@ class Hub:
 
     # ---- liveness ---------------------------------------------------------
     def _heartbeat(self) -> None:
+        """One slice of the ping round: each session is pinged (or, silent too long, closed) once per
+        PING_INTERVAL, on the tick of its slice."""
         now = self.loop.time()
         if now - self._limited_flushed_at >= REJECT_LOG_EVERY:
             self._limited_flushed_at = now
             log.flush_limited()  # a flood that stopped still gets its suppressed=N summary line
-        for session in list(self.sessions.values()):
+        slot = self._heartbeat_tick % HEARTBEAT_SLICES
+        self._heartbeat_tick += 1
+        for session in [s for s in self.sessions.values() if s.serial % HEARTBEAT_SLICES == slot]:
             ch = session.channel
             if now - ch.last_rx > DEAD_AFTER:
                 ch.close("peer silent for 45 s")
             else:
                 ch.send(m.ping(next(self._nonce)))
-        self.loop.call_later(PING_INTERVAL, self._heartbeat)
+        self.loop.call_later(PING_INTERVAL / HEARTBEAT_SLICES, self._heartbeat)
 
     # ---- calls from other threads -----------------------------------------
     def call(self, fn: Callable, *args) -> concurrent.futures.Future:
