@@ -10,7 +10,9 @@ measures:
   * deploy_to_traffic_s: with a connected client, push 3 rules -> a byte echoed
     through each of the 3 ports;
   * cold_start_to_traffic_s: nothing running -> `serve` start -> enroll -> client
-    connected -> 3 rules -> traffic on 3 ports (with its phases).
+    connected -> 3 rules -> traffic on 3 ports, with its steps (cold_server_start_s,
+    cold_enroll_s, cold_client_connect_s, cold_push3_s, cold_first_bytes_s) and cold_cpu_s, the
+    CPU of the product processes of that run.
 Prints a table, writes JSON (bench/results/control_plane.json), and with
 --compare fails when a median is more than 25 % worse than the baseline.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -76,36 +79,52 @@ def measure_push(cmd, repeat: int) -> dict:
     return results
 
 
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def measure_deploy(cmd) -> dict:
-    """Cold: nothing running -> traffic on 3 ports. Warm: a connected client -> 3 rules -> traffic."""
+    """Cold: nothing running -> traffic on 3 ports, step by step. Warm: a connected client -> 3 rules
+    -> traffic. cold_cpu_s: user+sys of the product processes of the run (server, enroll, client;
+    counted when they are reaped), the steadier figure on a loaded machine."""
     ports = [free_port() for _ in range(3)]
     targets = [free_port() for _ in range(3)]
     echo = TcpEcho(targets)
     out = {}
+    cpu0 = _children_cpu()
     with tempfile.TemporaryDirectory(prefix="portunus-bench-") as tmp:
         d = Deployment(cmd, tmp)
         try:
             t0 = time.perf_counter()
             d.start_server()
-            out["cold_server_start_s"] = time.perf_counter() - t0
             t1 = time.perf_counter()
-            d.enroll_and_start_client()
-            out["cold_enroll_and_connect_s"] = time.perf_counter() - t1
+            out["cold_server_start_s"] = t1 - t0                # spawn -> serve.json written
+            bundle = d.enroll()
+            t_enrolled = time.perf_counter()
+            out["cold_enroll_s"] = t_enrolled - t1              # create enrollment + `client enroll` run
+            d.start_client(bundle)
             t2 = time.perf_counter()
+            out["cold_client_connect_s"] = t2 - t_enrolled      # spawn -> the API lists it connected
+            out["cold_enroll_and_connect_s"] = t2 - t1
             for p, t in zip(ports, targets):
                 status, _ = d.call("POST", "/v1/rules", {"client": "bench-edge", "listen_port": p,
                                                          "target": f"127.0.0.1:{t}"})
                 assert status == 201
+            t3 = time.perf_counter()
+            out["cold_push3_s"] = t3 - t2                       # 3 POST /v1/rules, each 201 = client ack'd
             for p in ports:
                 while not tcp_roundtrip_ok(p):
                     time.sleep(0.001)
             now = time.perf_counter()
+            out["cold_first_bytes_s"] = now - t3
             out["deploy_to_traffic_s"] = now - t2
             out["cold_start_to_traffic_s"] = now - t0
-            return out
         finally:
             echo.close()
             d.close()
+    out["cold_cpu_s"] = _children_cpu() - cpu0
+    return out
 
 
 def main() -> int:
