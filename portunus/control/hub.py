@@ -33,6 +33,7 @@ DEAD_AFTER = 45.0
 # one slice (serial % HEARTBEAT_SLICES) are pinged, so 1 000 clients cost 67 pings a second, not a 1 000-ping
 # burst (and its 1 000 pongs) that holds the loop for tens of ms every 15 s in front of pushes and acks
 HEARTBEAT_SLICES = 15
+PERSIST_CHECK_DELAY = 1.0  # an acked push's state is checked (and stored if its waiter gave up) this much later
 REJECT_LOG_EVERY = 60.0  # seconds between control.rejected / control.message_rejected lines per key
 MAX_REMOVING = 4096  # removals a session remembers so their late "removed" status is still accepted
 
@@ -293,12 +294,24 @@ class Hub:
             session.removing.pop(rule_id, None)
             session.last_status.pop(rule_id, None)
         elif state in ("active", "failed"):
-            def persist() -> None:
-                try:
-                    self.registry.set_rule_state(rule_id, state, msg.get("reason"))
-                except PortunusError:
-                    pass  # removed meanwhile
-            self.offload.run(persist)
+            if waiters:
+                # the HTTP push waiting on this ack stores the state itself the moment it wakes; a second
+                # write now would contend for SQLite's write lock with it (and the loser sleeps in the busy
+                # handler: a push's tail latency). Check a moment later and write only if the waiter gave
+                # up before the ack (its 202 left the rule pending).
+                def persist_unless_stored() -> None:
+                    try:
+                        self.registry.set_rule_state_unless_stored(rule_id, state, msg.get("reason"))
+                    except PortunusError:
+                        pass  # removed meanwhile
+                self.loop.call_later(PERSIST_CHECK_DELAY, self.offload.run, persist_unless_stored)
+            else:
+                def persist() -> None:
+                    try:
+                        self.registry.set_rule_state(rule_id, state, msg.get("reason"))
+                    except PortunusError:
+                        pass  # removed meanwhile
+                self.offload.run(persist)
         for fut in waiters:
             if not fut.done():
                 fut.set_result(msg)

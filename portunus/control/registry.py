@@ -27,3 +27,7 @@ class ClientRegistry(Protocol):
 
     def set_rule_state(self, rule_id: str, state: str, reason: str | None) -> None:
         """Persist what the client reported; ``PortunusError`` if the rule is gone."""
+
+    def set_rule_state_unless_stored(self, rule_id: str, state: str, reason: str | None) -> None:
+        """``set_rule_state`` unless the store already holds that state (then only a read:
+        no write lock taken); ``PortunusError`` if the rule is gone."""

@@ -32,3 +32,8 @@ class StoreClientRegistry:
 
     def set_rule_state(self, rule_id: str, state: str, reason: str | None) -> None:
         store_rules.set_rule_state(self.store, rule_id, state, reason)
+
+    def set_rule_state_unless_stored(self, rule_id: str, state: str, reason: str | None) -> None:
+        row = store_rules.get_rule(self.store, rule_id)  # a read: WAL readers never wait for the writer
+        if row["state"] != state:  # the waiter stored it (with its own wording of a failure reason)
+            store_rules.set_rule_state(self.store, rule_id, state, reason)

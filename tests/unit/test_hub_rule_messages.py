@@ -16,8 +16,15 @@ from portunus.log import log
 
 
 class FakeLoop:
+    def __init__(self):
+        self.delays: list[float] = []
+
     def time(self) -> float:
         return 100.0
+
+    def call_later(self, delay, cb, *args):
+        self.delays.append(delay)  # run at once: the tests count what would be stored
+        cb(*args)
 
 
 class FakeChannel:
@@ -142,3 +149,20 @@ def test_a_repeated_status_nobody_waits_for_is_not_stored_again(hub, session, lo
     assert waiter.done() and len(hub.persisted) == 2
     hub._on_rule_status(session, status("own", "failed"))
     assert len(hub.persisted) == 3
+
+
+def test_an_acked_push_is_stored_by_its_waiter_and_only_checked_later_by_the_hub(hub, session):
+    """No second write racing the HTTP thread's for SQLite's write lock (issue 15): with a waiter the hub
+    only checks, PERSIST_CHECK_DELAY later, that the state is stored; without one it stores it at once."""
+    calls = []
+    hub.registry = SimpleNamespace(
+        set_rule_state=lambda *a: calls.append(("set", a)),
+        set_rule_state_unless_stored=lambda *a: calls.append(("unless_stored", a)))
+    hub.offload.run = lambda fn, *args, then=None: fn(*args)
+    waiter = concurrent.futures.Future()
+    session.waiters["own"] = [waiter]
+    hub._on_rule_status(session, status("own", "active", request_id="req-1"))
+    assert waiter.done() and calls == [("unless_stored", ("own", "active", "x"))]
+    assert hub.loop.delays == [hub_mod.PERSIST_CHECK_DELAY]
+    hub._on_rule_status(session, status("own", "failed", request_id="req-1"))  # nobody waits now
+    assert calls[-1] == ("set", ("own", "failed", "x")) and hub.loop.delays == [hub_mod.PERSIST_CHECK_DELAY]
