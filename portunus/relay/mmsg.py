@@ -13,6 +13,14 @@ allocation or a ctypes struct access.
 where the calls are missing: not Linux, ctypes or libc not loadable, no ``recvmmsg`` symbol,
 ``PORTUNUS_DISABLE_UDP_BATCH=1``, or a call that failed with ``ENOSYS``/``EPERM`` (a seccomp
 sandbox) earlier on the same context (``Batch.disable()``).
+
+UDP GSO (``UDP_SEGMENT``, Linux >= 4.18, probed with getsockopt): ``pack_messages`` turns each run
+of equal-sized datagrams to one destination into one message of many iovecs with a
+``UDP_SEGMENT`` cmsg, so the kernel walks the IP stack once per run and cuts it back into the
+same datagrams (on loopback at the receiving socket, on a NIC by the NIC or by software GSO).
+A path that refuses it (EINVAL: a segment above the path MTU; EIO: no checksum offload, IPsec)
+turns it off for that flow and the datagrams go one message each. ``PORTUNUS_DISABLE_UDP_GSO=1``
+turns it off.
 """
 
 from __future__ import annotations
@@ -30,6 +38,14 @@ NAME_STRIDE = 32         # bytes per sockaddr slot (sockaddr_in6 is 28)
 MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0x40)
 UNSUPPORTED_ERRNOS = (errno.ENOSYS, errno.EPERM)   # the call itself is refused: fall back
 ENV_DISABLE = "PORTUNUS_DISABLE_UDP_BATCH"
+ENV_DISABLE_GSO = "PORTUNUS_DISABLE_UDP_GSO"
+SOL_UDP = 17
+UDP_SEGMENT = 103
+GSO_MAX_BYTES = 65000    # payload bytes per GSO message (the UDP length field is 16 bits)
+GSO_MAX_SEGMENTS = 64    # UDP_MAX_SEGMENTS of the oldest kernels with UDP_SEGMENT (4.18)
+GSO_OFF = 0              # a flow's gso_max when GSO is off for it
+GSO_ANY = 65507          # a flow's gso_max when any segment size may try GSO
+GSO_REFUSED_ERRNOS = (errno.EINVAL, errno.EIO, errno.EMSGSIZE, errno.EOPNOTSUPP, errno.ENOPROTOOPT)
 
 
 class iovec(ctypes.Structure):
@@ -47,6 +63,10 @@ class mmsghdr(ctypes.Structure):
     _fields_ = [("msg_hdr", msghdr), ("msg_len", ctypes.c_uint)]
 
 
+class cmsghdr(ctypes.Structure):
+    _fields_ = [("cmsg_len", ctypes.c_size_t), ("cmsg_level", ctypes.c_int), ("cmsg_type", ctypes.c_int)]
+
+
 HDR_SIZE = ctypes.sizeof(mmsghdr)
 IOV_SIZE = ctypes.sizeof(iovec)
 PTR = ctypes.sizeof(ctypes.c_void_p)
@@ -55,6 +75,14 @@ PTR_FMT = {8: "Q", 4: "I"}[PTR]
 _LEN_WORD = mmsghdr.msg_len.offset // 4                            # u32 view
 _NAME_WORD = msghdr.msg_name.offset // PTR                         # pointer view
 _NAMELEN_WORD = msghdr.msg_namelen.offset // 4                     # u32 view
+_IOV_WORD = msghdr.msg_iov.offset // PTR                           # pointer view
+_IOVLEN_WORD = msghdr.msg_iovlen.offset // PTR                     # size_t = pointer width
+_CTRLLEN_WORD = msghdr.msg_controllen.offset // PTR
+CMSG_HDR = ctypes.sizeof(cmsghdr)
+CMSG_LEN_U16 = CMSG_HDR + 2                                        # CMSG_LEN(sizeof(uint16_t))
+CMSG_SPACE_U16 = (CMSG_LEN_U16 + PTR - 1) // PTR * PTR             # CMSG_SPACE(sizeof(uint16_t))
+_HW = HDR_SIZE // PTR
+_HU = HDR_SIZE // 4
 assert HDR_SIZE % PTR == 0 and HDR_SIZE % 4 == 0 and IOV_SIZE == 2 * PTR
 
 
@@ -74,11 +102,24 @@ def _libc_calls():
     return recv, send
 
 
+def gso_available() -> bool:
+    """Whether the kernel takes UDP_SEGMENT (getsockopt answers on kernels that know it)."""
+    if os.environ.get(ENV_DISABLE_GSO) == "1":
+        return False
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.getsockopt(SOL_UDP, UDP_SEGMENT)
+        return True
+    except OSError:
+        return False
+
+
 class Headers:
-    """``count`` mmsghdr, each with one iovec: preallocated, addressed by index."""
+    """``count`` mmsghdr, each with one iovec: preallocated, addressed by index. With ``cmsg``,
+    each also owns a UDP_SEGMENT control message (sent only where msg_controllen is set)."""
 
     def __init__(self, count: int, slot_addrs: list[int], slot_size: int, names_addr: int = 0,
-                 namelen: int = 0):
+                 namelen: int = 0, cmsg: bool = False):
         self.count = count
         self.arr = (mmsghdr * count)()
         self.iovs = (iovec * count)()
@@ -96,6 +137,16 @@ class Headers:
         self.u32 = raw.cast("I")             # msg_len at i * HDR_SIZE/4 + _LEN_WORD
         self.words = raw.cast(PTR_FMT)       # msg_name at i * HDR_SIZE/PTR + _NAME_WORD
         self.iov = memoryview(self.iovs).cast("B").cast(PTR_FMT)  # base at 2i, len at 2i+1
+        self.iov_addr = ctypes.addressof(self.iovs)
+        self.cmsgs = None
+        if cmsg:
+            self.cmsgs = (ctypes.c_char * (count * CMSG_SPACE_U16))()
+            base = ctypes.addressof(self.cmsgs)
+            for i in range(count):
+                c = cmsghdr.from_buffer(self.cmsgs, i * CMSG_SPACE_U16)
+                c.cmsg_len, c.cmsg_level, c.cmsg_type = CMSG_LEN_U16, SOL_UDP, UDP_SEGMENT
+                self.arr[i].msg_hdr.msg_control = base + i * CMSG_SPACE_U16
+            self.cm_u16 = memoryview(self.cmsgs).cast("B").cast("H")  # gso_size of msg i at i*step+off
 
     def at(self, i: int) -> int:
         return self.addr + i * HDR_SIZE
@@ -104,6 +155,58 @@ class Headers:
         """msg_len of the first ``n`` headers (after a recvmmsg)."""
         u32, step = self.u32, HDR_SIZE // 4
         return [u32[i * step + _LEN_WORD] for i in range(n)]
+
+
+_CM_STEP = CMSG_SPACE_U16 // 2
+_CM_OFF = CMSG_HDR // 2
+
+
+def pack_messages(tx: Headers, start: int, end: int, gso_max: int, owners=None) -> tuple[list, list]:
+    """Lay the datagram iovecs ``start..end-1`` of ``tx`` (iov_base/iov_len written by the
+    caller) out as messages from header 0 on: a run of equal sizes (the run's last datagram may
+    be shorter) up to ``gso_max`` bytes each and one destination becomes one GSO message; any
+    other datagram is a message of its own. ``owners[i]`` (replies: the flow of datagram i,
+    with ``name_addr``/``name_len``/``gso_max``) splits runs and names each message.
+    Returns (first datagram, datagram count) per message."""
+    iov, words = tx.iov, tx.words
+    firsts: list[int] = []
+    counts: list[int] = []
+    m = 0
+    x = start
+    iov_addr = tx.iov_addr
+    while x < end:
+        size = iov[2 * x + 1]
+        owner = owners[x] if owners is not None else None
+        limit = owner.gso_max if owner is not None else gso_max
+        y = x + 1
+        if 0 < size <= limit:
+            cap = min(end, x + min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // size))
+            if owner is None:
+                while y < cap and iov[2 * y + 1] == size:
+                    y += 1
+                if y < cap and y > x + 1 and 0 < iov[2 * y + 1] < size:
+                    y += 1
+            else:
+                while y < cap and iov[2 * y + 1] == size and owners[y] is owner:
+                    y += 1
+                if y < cap and y > x + 1 and 0 < iov[2 * y + 1] < size and owners[y] is owner:
+                    y += 1
+        base = m * _HW
+        words[base + _IOV_WORD] = iov_addr + x * IOV_SIZE
+        words[base + _IOVLEN_WORD] = y - x
+        if y - x > 1:
+            words[base + _CTRLLEN_WORD] = CMSG_SPACE_U16
+            tx.cm_u16[m * _CM_STEP + _CM_OFF] = size
+        else:
+            words[base + _CTRLLEN_WORD] = 0
+        if owner is not None:
+            words[base + _NAME_WORD] = owner.name_addr
+            tx.u32[m * _HU + _NAMELEN_WORD] = owner.name_len
+        firsts.append(x)
+        counts.append(y - x)
+        m += 1
+        x = y
+    return firsts, counts
 
 
 class Slots:
@@ -127,6 +230,7 @@ class Batch:
     def __init__(self, calls, slots: int = SLOTS, slot_size: int = SLOT_SIZE):
         self.recvmmsg, self.sendmmsg = calls
         self.enabled = True
+        self.gso_max = GSO_ANY if calls[0] is not None and gso_available() else GSO_OFF  # new flows
         self.n = slots
         self.inbound = Slots(slots, slot_size)
         self.replies = Slots(slots, slot_size)
@@ -139,11 +243,11 @@ class Batch:
         self.rx4 = Headers(slots, self.inbound.addrs, slot_size, names, 16)
         self.rx6 = Headers(slots, self.inbound.addrs, slot_size, names, 28)
         # us -> upstream (connected: no names); iov_base/iov_len written per datagram
-        self.up_tx = Headers(slots, self.inbound.addrs, 0)
+        self.up_tx = Headers(slots, self.inbound.addrs, 0, cmsg=True)
         # upstream -> us (connected: no names)
         self.up_rx = Headers(slots, self.replies.addrs, slot_size)
         # us -> end users: msg_name/msg_namelen point at each flow's own sockaddr
-        self.reply_tx = Headers(slots, self.replies.addrs, 0)
+        self.reply_tx = Headers(slots, self.replies.addrs, 0, cmsg=True)
         # the replies queued for one listen socket, flushed after this loop turn's events
         self.q_sock = None
         self.q_flows: list = [None] * slots

@@ -41,10 +41,7 @@ RECV_BATCH = 64
 BATCH_ROUNDS = 2  # recvmmsg calls per readiness event (2 x mmsg.SLOTS = RECV_BATCH datagrams)
 _AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK)
 _HDR_U32 = mmsg.HDR_SIZE // 4
-_HDR_WORDS = mmsg.HDR_SIZE // mmsg.PTR
 _LEN_WORD = mmsg._LEN_WORD
-_NAME_WORD = mmsg._NAME_WORD
-_NAMELEN_WORD = mmsg._NAMELEN_WORD
 _get_errno = ctypes.get_errno
 
 
@@ -56,7 +53,7 @@ _ICMP_ERRNOS = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH)
 
 class Flow:
     __slots__ = ("relay", "listen_port", "src", "lsock", "up", "last_seen", "pending", "closed", "target_state",
-                 "answered", "ticket", "quota", "fd", "key", "name_buf", "name_addr", "name_len")
+                 "answered", "ticket", "quota", "fd", "key", "name_buf", "name_addr", "name_len", "gso_max")
 
     def __init__(self, relay: "UdpRuleRelay", listen_port: int, src, lsock: socket.socket, ticket=None, quota=None):
         self.relay = relay
@@ -76,6 +73,7 @@ class Flow:
         self.name_buf = None  # the batched path: src as a sockaddr, msg_name of its replies
         self.name_addr = 0
         self.name_len = 0
+        self.gso_max = mmsg.GSO_OFF  # the batched path: segment sizes that may go as one GSO send
 
     def gated(self) -> bool:
         """Whether datagrams must pass ``passes()`` (a bandwidth cap or an owner quota)."""
@@ -198,38 +196,57 @@ class Flow:
             total += n
         if not c:
             return j
-        r = b.sendmmsg(self.fd, tx.addr, c, 0)
-        if r == c:  # the common case: all of them went
+        firsts, counts = mmsg.pack_messages(tx, 0, c, self.gso_max)
+        nm = len(firsts)
+        r = b.sendmmsg(self.fd, tx.addr, nm, 0)
+        if r == nm:  # the common case: all of them went
             pc = counters.ports[self.listen_port]
             pc.datagrams_in += c
             pc.bytes_in += total
             self.target_state.bytes_in += total
             return j
+        return self._send_rest(b, c, firsts, counts, r, j)
+
+    def _send_rest(self, b: mmsg.Batch, c: int, firsts: list, counts: list, r: int, j: int) -> int:
+        """After a partial or failed sendmmsg: go on message by message (forward_batch)."""
+        relay = self.relay
+        counters = relay.counters
+        tx = b.up_tx
+        iov = tx.iov
         sent = sent_bytes = 0
         s = 0
-        nxt = j
-        while s < c:
+        nm = len(firsts)
+        while s < nm:
             if r > 0:
-                for x in range(s, s + r):
+                d0, d1 = firsts[s], firsts[s + r - 1] + counts[s + r - 1]
+                for x in range(d0, d1):
                     sent_bytes += iov[2 * x + 1]
-                sent += r
+                sent += d1 - d0
                 s += r
             else:
                 err = _get_errno() if r < 0 else errno.EAGAIN
+                d0, cnt = firsts[s], counts[s]
                 if err in _AGAIN:
-                    counters.send_dropped += c - s
+                    counters.send_dropped += c - d0
                     break
                 if err in _ICMP_ERRNOS:
-                    nxt = origin[s] + 1
                     self._count_in(sent, sent_bytes)
                     relay.evict_icmp(self, _oserror(err))
-                    return nxt
-                counters.send_dropped += 1  # that one datagram (EPERM from a filter, EMSGSIZE...)
+                    return b.origin[d0] + 1
+                if cnt > 1 and err in mmsg.GSO_REFUSED_ERRNOS:
+                    # this path takes no GSO (of this size): the rest again, one message each
+                    size = iov[2 * d0 + 1]
+                    self.gso_max = min(self.gso_max, size - 1) if err == errno.EINVAL else mmsg.GSO_OFF
+                    firsts, counts = mmsg.pack_messages(tx, d0, c, self.gso_max)
+                    nm, s = len(firsts), 0
+                    r = b.sendmmsg(self.fd, tx.addr, nm, 0)
+                    continue
+                counters.send_dropped += cnt  # that datagram (EPERM from a filter, EMSGSIZE...)
                 s += 1
-            if s < c:
-                r = b.sendmmsg(self.fd, tx.addr + s * mmsg.HDR_SIZE, c - s, 0)
+            if s < nm:
+                r = b.sendmmsg(self.fd, tx.addr + s * mmsg.HDR_SIZE, nm - s, 0)
         self._count_in(sent, sent_bytes)
-        return nxt
+        return j
 
     def _count_in(self, datagrams: int, size: int) -> None:
         if datagrams:
@@ -250,7 +267,7 @@ class Flow:
         if b.q_sock is not None and b.q_sock is not self.lsock:
             flush_replies(b)  # the queue is per listen socket
         rx, tx = b.up_rx, b.reply_tx
-        u32, iov, words, tu32 = rx.u32, tx.iov, tx.words, tx.u32
+        u32, iov = rx.u32, tx.iov
         addrs = b.replies.addrs
         q_flows, q_lens = b.q_flows, b.q_lens
         for _ in range(BATCH_ROUNDS):
@@ -271,15 +288,12 @@ class Flow:
             self.last_seen = relay.ctx.loop.time()
             gate = self.gated()
             q = b.q_n
-            name_addr, name_len = self.name_addr, self.name_len
             for i in range(cur, cur + r):
                 n = u32[i * _HDR_U32 + _LEN_WORD]
                 if gate and not self.passes("out", n):
                     continue
                 iov[2 * q] = addrs[i]
                 iov[2 * q + 1] = n
-                words[q * _HDR_WORDS + _NAME_WORD] = name_addr
-                tu32[q * _HDR_U32 + _NAMELEN_WORD] = name_len
                 q_flows[q] = self
                 q_lens[q] = n
                 q += 1
@@ -433,6 +447,7 @@ class UdpRuleRelay:
                 return None
         flow.key = key
         flow.name_buf, flow.name_addr, flow.name_len = mmsg.name_buffer(raw)
+        flow.gso_max = self.batch.gso_max
         self._by_key.setdefault(port, {})[key] = flow
         return flow
 
@@ -551,7 +566,8 @@ class UdpRuleRelay:
 
 def flush_replies(b: mmsg.Batch) -> None:
     """Send the queued replies through their listen socket: one sendmmsg (more only after a
-    partial send). A reply that cannot go now is dropped and counted on its rule."""
+    partial send), a GSO message per run of one flow's equal-sized replies. A reply that cannot
+    go now is dropped and counted on its rule."""
     b.flush_scheduled = False
     q = b.q_n
     sock = b.q_sock
@@ -567,20 +583,33 @@ def flush_replies(b: mmsg.Batch) -> None:
             flows[i].relay.counters.send_dropped += 1
         return
     tx = b.reply_tx
+    firsts, counts = mmsg.pack_messages(tx, 0, q, 0, flows)
+    nm = len(firsts)
     s = 0
-    while s < q:
-        r = b.sendmmsg(fd, tx.addr + s * mmsg.HDR_SIZE, q - s, 0)
+    r = b.sendmmsg(fd, tx.addr, nm, 0)
+    while s < nm:
         if r > 0:
-            _count_out(b, s, s + r)
+            _count_out(b, firsts[s], firsts[s + r - 1] + counts[s + r - 1])
             s += r
-            continue
-        err = _get_errno() if r < 0 else errno.EAGAIN
-        if err in _AGAIN:
-            for i in range(s, q):
-                flows[i].relay.counters.send_dropped += 1
-            return
-        flows[s].relay.counters.send_dropped += 1  # that one (EPERM from a filter, EMSGSIZE...)
-        s += 1
+        else:
+            err = _get_errno() if r < 0 else errno.EAGAIN
+            d0, cnt = firsts[s], counts[s]
+            if err in _AGAIN:
+                for i in range(d0, q):
+                    flows[i].relay.counters.send_dropped += 1
+                return
+            if cnt > 1 and err in mmsg.GSO_REFUSED_ERRNOS:
+                f = flows[d0]
+                size = tx.iov[2 * d0 + 1]
+                f.gso_max = min(f.gso_max, size - 1) if err == errno.EINVAL else mmsg.GSO_OFF
+                firsts, counts = mmsg.pack_messages(tx, d0, q, 0, flows)
+                nm, s = len(firsts), 0
+                r = b.sendmmsg(fd, tx.addr, nm, 0)
+                continue
+            flows[d0].relay.counters.send_dropped += cnt  # that one (EPERM from a filter...)
+            s += 1
+        if s < nm:
+            r = b.sendmmsg(fd, tx.addr + s * mmsg.HDR_SIZE, nm - s, 0)
 
 
 def _count_out(b: mmsg.Batch, start: int, end: int) -> None:

@@ -22,7 +22,7 @@ from portunus.relay.context import RelayContext
 from portunus.relay.runtime import RuleRuntime
 from portunus.relay.udp import flush_replies
 
-PATHS = ["batched", "per_datagram"]
+PATHS = ["batched", "gso", "per_datagram"]  # batched: recvmmsg/sendmmsg with GSO off
 needs_batch = pytest.mark.skipif(mmsg._libc_calls() is None, reason="recvmmsg/sendmmsg need Linux libc")
 
 
@@ -57,6 +57,10 @@ class Rig:
         else:
             self.batch = mmsg.batch_for(self.ctx)
             assert self.batch is not None
+            if path == "gso" and self.batch.gso_max == mmsg.GSO_OFF:
+                pytest.skip("no UDP GSO on this kernel")
+            if path == "batched":
+                self.batch.gso_max = mmsg.GSO_OFF
             self.batch.recvmmsg = self.recv_spy = Spy(self.batch.recvmmsg)
             self.batch.sendmmsg = self.send_spy = Spy(self.batch.sendmmsg)
         self.target = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -134,7 +138,7 @@ def rigs():
 
 @pytest.mark.parametrize("path", PATHS)
 def test_interleaved_sources_in_one_batch_stay_apart_in_order_and_counted(rigs, path):
-    if path == "batched" and mmsg._libc_calls() is None:
+    if path != "per_datagram" and mmsg._libc_calls() is None:
         pytest.skip("no recvmmsg here")
     rig = rigs(path)
     a, b, c = rig.client(), rig.client(), rig.client()
@@ -150,10 +154,13 @@ def test_interleaved_sources_in_one_batch_stay_apart_in_order_and_counted(rigs, 
     assert sorted(by_src.values()) == [[b"a1", b"a2", b"a3", b"a4xx"], [b"b1", b"b2", b"b3"], [b"c1", b"c2", b"c3"]]
     snap = rig.snap()
     assert snap["active_flows"] == 3 and snap["bytes_in"] == sum(len(d) for _, d in pattern)
-    if path == "batched":
+    if path != "per_datagram":
         # one recvmmsg read all ten; each run of one source went upstream in one sendmmsg
         assert rig.recv_spy.calls[0][2] == 10
-        assert [r for _, _, r in rig.send_spy.calls] == [2, 1, 2, 1, 2, 1, 1]
+        # runs a1 a2 | b1 | c1 c2 | a3 | b2 b3 | c3 | a4xx: a message per datagram, or with GSO
+        # one per run of equal sizes
+        want = [2, 1, 2, 1, 2, 1, 1] if path == "batched" else [1, 1, 1, 1, 1, 1, 1]
+        assert [r for _, _, r in rig.send_spy.calls] == want
         rig.send_spy.calls.clear()
     for data, src in got:
         rig.target.sendto(b"R" + data, src)
@@ -165,17 +172,18 @@ def test_interleaved_sources_in_one_batch_stay_apart_in_order_and_counted(rigs, 
     assert snap["bytes_out"] == snap["bytes_in"] + 10 and snap["send_dropped"] == 0
     targets = rig.rt.snapshot("u", per_target=True)["per_target"]
     assert targets[0]["bytes_in"] == snap["bytes_in"] and targets[0]["bytes_out"] == snap["bytes_out"]
-    if path == "batched":
+    if path != "per_datagram":
         # the replies of all three flows went back through the listen socket in one sendmmsg per turn
         lfd = rig.relay.sockets[rig.listen].fileno()
         replies = [(n, r) for fd, n, r in rig.send_spy.calls if fd == lfd]
-        assert sum(r for _, r in replies) == 10 and len(replies) <= 3
-        assert max(r for _, r in replies) > 1
+        assert all(n == r for n, r in replies) and len(replies) <= 3
+        if path == "batched":
+            assert sum(r for _, r in replies) == 10 and max(r for _, r in replies) > 1
 
 
 @pytest.mark.parametrize("path", PATHS)
 def test_a_65507_byte_datagram_goes_whole_both_ways(rigs, path):
-    if path == "batched" and mmsg._libc_calls() is None:
+    if path != "per_datagram" and mmsg._libc_calls() is None:
         pytest.skip("no recvmmsg here")
     rig = rigs(path)
     a = rig.client()
@@ -195,7 +203,7 @@ def test_a_65507_byte_datagram_goes_whole_both_ways(rigs, path):
 
 @pytest.mark.parametrize("path", PATHS)
 def test_the_flow_cap_drops_and_counts_every_datagram_of_the_flows_over_it(rigs, path):
-    if path == "batched" and mmsg._libc_calls() is None:
+    if path != "per_datagram" and mmsg._libc_calls() is None:
         pytest.skip("no recvmmsg here")
     rig = rigs(path, udp_max_flows=2)
     cs = [rig.client() for _ in range(4)]
@@ -213,7 +221,7 @@ def test_icmp_eviction_evicts_counts_and_the_next_datagram_rebuilds_the_flow(rig
     """Nothing listens on the target: each flow's first datagram draws an ICMP port unreachable,
     the upstream socket reports ECONNREFUSED and the flow is evicted; the next datagram from the
     same source builds a new one (a new upstream socket, a new target pick)."""
-    if path == "batched" and mmsg._libc_calls() is None:
+    if path != "per_datagram" and mmsg._libc_calls() is None:
         pytest.skip("no recvmmsg here")
     dead = free_port()
     rig = rigs(path, target_port=dead)
@@ -232,7 +240,7 @@ def test_an_icmp_error_met_by_a_batch_send_evicts_and_the_rest_of_the_run_builds
     """The error is already pending when the listen socket's handler sends the next run (its
     event came first): the run's first datagram meets ECONNREFUSED and is lost with the flow, the
     rest of the run builds a new flow, as datagram by datagram."""
-    if path == "batched" and mmsg._libc_calls() is None:
+    if path != "per_datagram" and mmsg._libc_calls() is None:
         pytest.skip("no recvmmsg here")
     dead = free_port()
     rig = rigs(path, target_port=dead)
@@ -271,7 +279,7 @@ def quota_set(user: str, remaining: int) -> dict:
 
 @pytest.mark.parametrize("path", PATHS)
 def test_a_quota_trims_a_batch_to_the_last_whole_datagram_that_fits(rigs, path):
-    if path == "batched" and mmsg._libc_calls() is None:
+    if path != "per_datagram" and mmsg._libc_calls() is None:
         pytest.skip("no recvmmsg here")
     rig = rigs(path, owner="fred")
     rig.ctx.enforcer.quotas.apply_update(quota_set("fred", 1050))
@@ -288,7 +296,7 @@ def test_a_quota_trims_a_batch_to_the_last_whole_datagram_that_fits(rigs, path):
 
 @pytest.mark.parametrize("path", PATHS)
 def test_a_bandwidth_cap_passes_or_drops_each_datagram_of_a_batch_whole(rigs, path):
-    if path == "batched" and mmsg._libc_calls() is None:
+    if path != "per_datagram" and mmsg._libc_calls() is None:
         pytest.skip("no recvmmsg here")
     rig = rigs(path, rate_limit={"bandwidth_in_bps": 1000})
     a = rig.client()
@@ -303,7 +311,7 @@ def test_a_bandwidth_cap_passes_or_drops_each_datagram_of_a_batch_whole(rigs, pa
 
 @pytest.mark.parametrize("path", PATHS)
 def test_a_range_rule_keys_flows_by_port_and_source(rigs, path):
-    if path == "batched" and mmsg._libc_calls() is None:
+    if path != "per_datagram" and mmsg._libc_calls() is None:
         pytest.skip("no recvmmsg here")
     base = free_port_block(2)
     rig = rigs(path, listen_port=base, listen_port_end=base + 1, target_width=2)
@@ -320,7 +328,7 @@ def test_a_range_rule_keys_flows_by_port_and_source(rigs, path):
 
 @needs_batch
 def test_a_partial_sendmmsg_then_eagain_drops_and_counts_the_rest(rigs):
-    rig = rigs("batched")
+    rig = rigs("batched")  # GSO off: a message per datagram
     a = rig.client()
     a.sendto(b"first", ("127.0.0.1", rig.listen))
     rig.run_until(lambda: rig.snap()["datagrams_in"] == 1, "the flow up")
@@ -422,3 +430,87 @@ def test_enosys_on_an_upstream_socket_falls_back_and_the_reply_still_arrives(rig
     rig.target.sendto(b"back", src)
     rig.run_until(lambda: rig.snap()["datagrams_out"] == 1, "the reply per datagram")
     assert rig.drain(a) == [b"back"] and not rig.batch.enabled
+
+
+# ---- GSO ------------------------------------------------------------------------------------
+
+def gso_rig(rigs):
+    if mmsg._libc_calls() is None:
+        pytest.skip("no recvmmsg here")
+    return rigs("gso")
+
+
+def test_gso_sends_a_run_of_equal_datagrams_in_one_message_and_they_arrive_apart(rigs):
+    rig = gso_rig(rigs)
+    a = rig.client()
+    sent = [bytes([48 + i]) * 100 for i in range(10)] + [b"tail"]
+    for d in sent:
+        a.sendto(d, ("127.0.0.1", rig.listen))
+    rig.run_until(lambda: rig.snap()["datagrams_in"] == 11, "11 upstream")
+    assert [(n, r) for _, n, r in rig.send_spy.calls] == [(1, 1)]  # 10 x 100 B + the shorter tail
+    got = rig.target_drain()
+    assert [d for d, _ in got] == sent
+    assert rig.snap()["bytes_in"] == 1004
+    rig.send_spy.calls.clear()
+    for d, src in got:
+        rig.target.sendto(d, src)
+    rig.run_until(lambda: rig.snap()["datagrams_out"] == 11, "11 back")
+    assert rig.drain(a) == sent
+    assert sum(r for _, _, r in rig.send_spy.calls) <= 2  # one or two GSO messages, not eleven
+
+
+def test_gso_runs_split_at_sizes_and_sources(rigs):
+    rig = gso_rig(rigs)
+    a, b = rig.client(), rig.client()
+    pattern = [(a, 100), (a, 100), (a, 50), (a, 50), (a, 200), (b, 200), (b, 200), (b, 0), (b, 0)]
+    for i, (s, n) in enumerate(pattern):
+        s.sendto(bytes([i]) * n, ("127.0.0.1", rig.listen))
+    rig.run_until(lambda: rig.snap()["datagrams_in"] == 9, "9 upstream")
+    # a: [100 100 50] [50] [200]; b: [200 200] [0] [0] (a datagram of 0 bytes goes alone)
+    assert [(n, r) for _, n, r in rig.send_spy.calls] == [(3, 3), (3, 3)]
+    got = rig.target_drain()
+    by_src: dict = {}
+    for d, src in got:
+        by_src.setdefault(src, []).append(d)
+    want = [[bytes([i]) * n for i, (s, n) in enumerate(pattern) if s is who] for who in (a, b)]
+    assert sorted(by_src.values()) == sorted(want)
+
+
+@pytest.mark.parametrize("err", [errno.EIO, errno.EINVAL])
+def test_a_path_that_refuses_gso_gets_the_run_again_one_datagram_a_message(rigs, err):
+    rig = gso_rig(rigs)
+    a = rig.client()
+    a.sendto(b"first", ("127.0.0.1", rig.listen))
+    rig.run_until(lambda: rig.snap()["datagrams_in"] == 1, "the flow up")
+    rig.target_drain()
+    flow = next(iter(rig.relay.flows.values()))
+    rig.send_spy.script = [("errno", err)]
+    for i in range(6):
+        a.sendto(b"g%d" % i * 40, ("127.0.0.1", rig.listen))
+    rig.run_until(lambda: rig.snap()["datagrams_in"] == 7, "all six after the refusal")
+    assert [d for d, _ in rig.target_drain()] == [b"g%d" % i * 40 for i in range(6)]
+    assert rig.snap()["send_dropped"] == 0
+    assert [(n, r) for _, n, r in rig.send_spy.calls[-2:]] == [(1, -1), (6, 6)]
+    assert flow.gso_max == (mmsg.GSO_OFF if err == errno.EIO else 80 - 1)
+    # a smaller size may still go as one message after EINVAL; after EIO nothing does
+    rig.send_spy.calls.clear()
+    for i in range(3):
+        a.sendto(b"s%d" % i, ("127.0.0.1", rig.listen))
+    rig.run_until(lambda: rig.snap()["datagrams_in"] == 10, "three more")
+    assert [(n, r) for _, n, r in rig.send_spy.calls] == [(1, 1)] if err == errno.EINVAL else [(3, 3)]
+    assert [d for d, _ in rig.target_drain()] == [b"s0", b"s1", b"s2"]
+
+
+def test_replies_that_gso_refuses_go_again_one_a_message(rigs):
+    rig = gso_rig(rigs)
+    a = rig.client()
+    a.sendto(b"q", ("127.0.0.1", rig.listen))
+    rig.run_until(lambda: rig.snap()["datagrams_in"] == 1, "the flow up")
+    (_, src), = rig.target_drain()
+    flow = next(iter(rig.relay.flows.values()))
+    rig.send_spy.script = [("errno", errno.EIO)]
+    for i in range(4):
+        rig.target.sendto(b"r%d" % i, src)
+    rig.run_until(lambda: rig.snap()["datagrams_out"] == 4, "four replies")
+    assert rig.drain(a) == [b"r0", b"r1", b"r2", b"r3"] and rig.snap()["send_dropped"] == 0
+    assert flow.gso_max == mmsg.GSO_OFF

@@ -284,3 +284,111 @@ def test_ipv6_sources_come_with_28_byte_names():
     finally:
         s.close()
         rx.close()
+
+
+# ---- pack_messages: datagram iovecs laid out as (GSO) messages ----------------------------------
+
+class Owner:
+    def __init__(self, name_addr: int, name_len: int = 16, gso_max: int = mmsg.GSO_ANY):
+        self.name_addr, self.name_len, self.gso_max = name_addr, name_len, gso_max
+
+
+def laid_out(sizes, gso_max=mmsg.GSO_ANY, owners=None, start=0):
+    slots = mmsg.Slots(len(sizes), 1024)
+    tx = mmsg.Headers(len(sizes), slots.addrs, 0, cmsg=True)
+    for i, n in enumerate(sizes):
+        tx.iov[2 * i], tx.iov[2 * i + 1] = slots.addrs[i], n
+    firsts, counts = mmsg.pack_messages(tx, start, len(sizes), gso_max, owners)
+    return tx, firsts, counts
+
+
+def message(tx, m):
+    h = tx.arr[m].msg_hdr
+    first = (h.msg_iov - tx.iov_addr) // mmsg.IOV_SIZE
+    gso = None
+    if h.msg_controllen:
+        assert h.msg_controllen == mmsg.CMSG_SPACE_U16
+        c = mmsg.cmsghdr.from_address(h.msg_control)
+        assert (c.cmsg_len, c.cmsg_level, c.cmsg_type) == (mmsg.CMSG_LEN_U16, mmsg.SOL_UDP, mmsg.UDP_SEGMENT)
+        gso = ctypes.c_uint16.from_address(h.msg_control + mmsg.CMSG_HDR).value
+    return first, h.msg_iovlen, gso
+
+
+@pytest.mark.parametrize("sizes,want", [
+    ([64] * 8, [(0, 8, 64)]),
+    ([64], [(0, 1, None)]),
+    ([64, 64, 10], [(0, 3, 64)]),                       # a shorter last segment joins the run
+    ([64, 10, 64], [(0, 1, None), (1, 1, None), (2, 1, None)]),  # a lone datagram has no cmsg
+    ([10, 64, 64], [(0, 1, None), (1, 2, 64)]),
+    ([64, 64, 10, 10], [(0, 3, 64), (3, 1, None)]),      # only one shorter one ends a run
+    ([64, 64, 100, 100], [(0, 2, 64), (2, 2, 100)]),     # a longer one starts a new run
+    ([0, 0, 0], [(0, 1, None), (1, 1, None), (2, 1, None)]),  # 0 bytes never as GSO
+    ([64, 64, 0], [(0, 2, 64), (2, 1, None)]),
+    ([30000, 30000, 30000], [(0, 2, 30000), (2, 1, None)]),  # at most GSO_MAX_BYTES a message
+])
+def test_runs_of_equal_sizes_become_one_message(sizes, want):
+    tx, firsts, counts = laid_out(sizes)
+    assert [message(tx, m) for m in range(len(firsts))] == want
+    assert list(zip(firsts, counts)) == [(f, n) for f, n, _ in want]
+
+
+def test_gso_off_or_over_the_limit_is_a_message_per_datagram():
+    tx, firsts, counts = laid_out([64] * 4, gso_max=mmsg.GSO_OFF)
+    assert counts == [1] * 4 and [message(tx, m)[2] for m in range(4)] == [None] * 4
+    tx, firsts, counts = laid_out([64, 64, 20, 20, 20], gso_max=63)
+    assert list(zip(firsts, counts)) == [(0, 1), (1, 1), (2, 3)]
+
+
+def test_at_most_gso_max_segments_a_message():
+    n = mmsg.GSO_MAX_SEGMENTS + 5
+    tx, firsts, counts = laid_out([8] * n)
+    assert list(zip(firsts, counts)) == [(0, mmsg.GSO_MAX_SEGMENTS), (mmsg.GSO_MAX_SEGMENTS, 5)]
+
+
+def test_a_start_offset_lays_out_from_header_0():
+    tx, firsts, counts = laid_out([5, 64, 64, 64], start=1)
+    assert list(zip(firsts, counts)) == [(1, 3)] and message(tx, 0) == (1, 3, 64)
+
+
+def test_owners_split_runs_name_each_message_and_carry_their_gso_limit():
+    x, y, z = Owner(1000, 16), Owner(2000, 28), Owner(3000, 16, gso_max=mmsg.GSO_OFF)
+    owners = [x, x, y, y, y, x, z, z]
+    tx, firsts, counts = laid_out([64] * 8, owners=owners)
+    assert list(zip(firsts, counts)) == [(0, 2), (2, 3), (5, 1), (6, 1), (7, 1)]
+    names = [(tx.arr[m].msg_hdr.msg_name, tx.arr[m].msg_hdr.msg_namelen) for m in range(5)]
+    assert names == [(1000, 16), (2000, 28), (1000, 16), (3000, 16), (3000, 16)]
+    assert [message(tx, m)[2] for m in range(5)] == [64, 64, None, None, None]
+
+
+def test_the_gso_probe_and_its_switch(monkeypatch):
+    monkeypatch.setenv(mmsg.ENV_DISABLE_GSO, "1")
+    assert mmsg.gso_available() is False
+    monkeypatch.delenv(mmsg.ENV_DISABLE_GSO)
+    expect = True
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.getsockopt(mmsg.SOL_UDP, mmsg.UDP_SEGMENT)
+    except OSError:
+        expect = False
+    assert mmsg.gso_available() is expect
+    assert mmsg.Batch((None, None), slots=1, slot_size=1024).gso_max == mmsg.GSO_OFF  # no calls, no GSO
+
+
+@linux_only
+def test_a_gso_message_reaches_the_receiver_as_separate_datagrams(v4pair):
+    if not mmsg.gso_available():
+        pytest.skip("no UDP GSO on this kernel")
+    rx, a, _ = v4pair
+    a.connect(rx.getsockname())
+    b = mmsg.batch_for(Ctx())
+    tx = b.up_tx
+    sizes = [100, 100, 100, 40]
+    for i, n in enumerate(sizes):
+        b.inbound.view[i * mmsg.SLOT_SIZE:i * mmsg.SLOT_SIZE + n] = bytes([65 + i]) * n
+        tx.iov[2 * i], tx.iov[2 * i + 1] = b.inbound.addrs[i], n
+    firsts, counts = mmsg.pack_messages(tx, 0, 4, b.gso_max)
+    assert counts == [4]
+    assert b.sendmmsg(a.fileno(), tx.addr, 1, 0) == 1
+    rx.settimeout(2)
+    rx.setblocking(True)
+    assert [rx.recv(1000) for _ in range(4)] == [bytes([65 + i]) * n for i, n in enumerate(sizes)]
