@@ -6,6 +6,10 @@ run by one thread. Other threads talk to it only through ``call_soon_threadsafe`
 The loop keeps one ``_FdHandlers`` per watched fd (its reader, its writer and the mask the
 kernel holds), so a change of interest is at most one ``epoll_ctl`` and none when the mask
 stays the same; ``epoll.poll`` hands back ``(fd, events)`` and the fd picks the handlers.
+Dropping the last interest of an fd is deferred to just before the next poll: an fd that gets
+a new interest meanwhile (a connected socket handed from its dialer to its pumps) costs one
+``EPOLL_CTL_MOD`` instead of a DEL and an ADD, and ``forget(fd, closing=True)`` right before
+``close`` costs none (closing the descriptor removes it from the epoll set).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from .log import log
 
 EVENT_READ = select.EPOLLIN
 EVENT_WRITE = select.EPOLLOUT
+_STALE = 1 << 30  # in a kmask: what epoll holds is only known for the fd number (it may name a new file)
 # what wakes a reader / a writer (as ``selectors`` maps them): a hang-up or an error wakes both
 _READ_EVENTS = ~select.EPOLLOUT
 _WRITE_EVENTS = ~select.EPOLLIN
@@ -73,6 +78,8 @@ class Loop:
         # (the number may already name a new socket)
         self._dropped: set[int] = set()
         self._dispatching = False
+        # fd -> the mask epoll still holds for an fd with no interest left: removed before the next poll
+        self._pending_del: dict[int, int] = {}
         self._timers: list[tuple[float, int, Timer]] = []  # (when, seq, timer): compared in C
         self._timer_seq = 0
         self._coarse: dict[int, list[Timer]] = {}  # tick -> timers due by the end of it
@@ -94,7 +101,8 @@ class Loop:
     # ---- fd interest ------------------------------------------------------
     def _update(self, fd: int, h: _FdHandlers) -> None:
         mask = (EVENT_READ if h.reader else 0) | (EVENT_WRITE if h.writer else 0)
-        if mask == h.kmask:
+        kmask = h.kmask
+        if mask == kmask:
             if mask == 0:
                 del self._handlers[fd]
             return
@@ -103,22 +111,31 @@ class Loop:
             del self._handlers[fd]
             if self._dispatching:
                 self._dropped.add(fd)
+            self._pending_del[fd] = kmask & ~_STALE  # the EPOLL_CTL_DEL waits for the next poll
+        elif kmask:
             try:
-                self._epoll.unregister(fd)
-            except OSError:
-                pass  # closed before its interest was dropped: the kernel forgot it already
-        elif h.kmask:
-            self._epoll.modify(fd, mask)
+                self._epoll.modify(fd, mask)
+            except FileNotFoundError:
+                if not kmask & _STALE:
+                    raise
+                self._epoll.register(fd, mask)  # the number was closed and reused: a new file
             h.kmask = mask
         else:
             self._epoll.register(fd, mask)
             h.kmask = mask
 
+    def _new_handlers(self, fd: int) -> _FdHandlers:
+        h = self._handlers[fd] = _FdHandlers()
+        pending = self._pending_del
+        if pending and fd in pending:
+            h.kmask = pending.pop(fd) | _STALE  # still in the epoll set, unless closed meanwhile
+        return h
+
     def add_reader(self, fd, callback: Callable) -> None:
         fd = fd if isinstance(fd, int) else fd.fileno()
         h = self._handlers.get(fd)
         if h is None:
-            h = self._handlers[fd] = _FdHandlers()
+            h = self._new_handlers(fd)
         if h.reader is callback:
             return
         had = h.reader is not None
@@ -144,7 +161,7 @@ class Loop:
         fd = fd if isinstance(fd, int) else fd.fileno()
         h = self._handlers.get(fd)
         if h is None:
-            h = self._handlers[fd] = _FdHandlers()
+            h = self._new_handlers(fd)
         if h.writer is callback:
             return
         had = h.writer is not None
@@ -159,8 +176,11 @@ class Loop:
 
     def _rollback(self, fd: int, h: _FdHandlers, which: str) -> None:
         setattr(h, which, None)
-        if h.mask() == 0 and not h.kmask:
-            self._handlers.pop(fd, None)
+        if h.mask() == 0 and self._handlers.get(fd) is h:
+            del self._handlers[fd]
+            if h.kmask:
+                self._pending_del[fd] = h.kmask & ~_STALE
+                h.kmask = 0
 
     def remove_writer(self, fd) -> bool:
         fd = fd if isinstance(fd, int) else fd.fileno()
@@ -171,22 +191,37 @@ class Loop:
         self._update(fd, h)
         return True
 
-    def forget(self, fd) -> None:
-        """Drop every interest in ``fd`` (call before closing it)."""
+    def forget(self, fd, closing: bool = False) -> None:
+        """Drop every interest in ``fd`` (call before closing it). ``closing=True`` promises
+        that ``fd`` is closed right after and never shared (dup'd): closing removes it from the
+        epoll set, so no ``epoll_ctl`` is spent on it."""
         fd = fd if isinstance(fd, int) else fd.fileno()
         if fd < 0:
             return
+        pending = self._pending_del
+        kmask = pending.pop(fd, 0) if pending else 0
         h = self._handlers.pop(fd, None)
         if h is not None:
             h.reader = h.writer = None
             if self._dispatching:
                 self._dropped.add(fd)  # an event already fetched for fd is now a no-op
-            if h.kmask:
-                h.kmask = 0
-                try:
-                    self._epoll.unregister(fd)
-                except OSError:
-                    pass
+            kmask |= h.kmask & ~_STALE
+            h.kmask = 0
+        if kmask and not closing:
+            try:
+                self._epoll.unregister(fd)
+            except OSError:
+                pass
+
+    def _flush_pending_del(self) -> None:
+        pending = self._pending_del
+        unregister = self._epoll.unregister
+        for fd in pending:
+            try:
+                unregister(fd)
+            except OSError:
+                pass  # closed (or closed and reused) since: the kernel dropped it already
+        pending.clear()
 
     def watched_fds(self) -> int:
         return len(self._handlers)
@@ -317,6 +352,8 @@ class Loop:
             timeout = max_wait if timeout is None else min(timeout, max_wait)
         if timeout is None:
             timeout = -1
+        if self._pending_del:
+            self._flush_pending_del()
         try:
             events = self._epoll.poll(timeout)
         except InterruptedError:
@@ -386,6 +423,7 @@ class Loop:
             self.remove_signal_handler(signum)
         for fd in list(self._handlers):
             self.forget(fd)
+        self._flush_pending_del()
         self._epoll.close()
         wake_fds = (self._wake_r, self._wake_w)
         # a late call_soon_threadsafe must not write into whatever reuses these numbers

@@ -79,25 +79,30 @@ class Connect:
     def _finish(self, reason: str | None) -> None:
         if self.done:
             return
-        sock = self._release()
+        sock = self._release(closing=reason is not None)
         if reason is not None:
             sock.close()
             sock = None
         self.on_done(sock, reason)
 
-    def _release(self) -> socket.socket:
+    def _release(self, closing: bool) -> socket.socket:
         self.done = True
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
         sock = self.sock
-        self.loop.forget(sock.fileno())
+        if closing:
+            self.loop.forget(sock.fileno(), closing=True)
+        else:
+            # handed over: the loop drops the interest lazily, so the new owner's first
+            # add_reader costs one EPOLL_CTL_MOD rather than a DEL and an ADD
+            self.loop.remove_writer(sock.fileno())
         return sock
 
     def cancel(self) -> None:
         """Abandon the attempt and close its socket; ``on_done`` is not called."""
         if not self.done:
-            self._release().close()
+            self._release(closing=True).close()
 
 
 class Acceptor:
@@ -140,10 +145,18 @@ class Acceptor:
         self.loop.remove_reader(self.fd)
 
     def _on_readable(self) -> None:
-        accept, on_accept = self.lsock.accept, self.on_accept
+        lsock, on_accept = self.lsock, self.on_accept
+        raw = getattr(lsock, "_accept", None)  # a real socket: skip socket.accept's enum round trips
+        if raw is not None:
+            family, kind, proto = int(lsock.family), int(lsock.type), lsock.proto
+            make = socket.socket
         for _ in range(self.batch):
             try:
-                sock, addr = accept()
+                if raw is not None:
+                    fd, addr = raw()
+                    sock = make(family, kind, proto, fd)
+                else:
+                    sock, addr = lsock.accept()
             except BlockingIOError:
                 return
             except OSError as exc:

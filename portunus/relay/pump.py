@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 SPLICE_CHUNK = 1 << 20
 SPLICE_ROUNDS = 8
 SHORT_READ = 64 * 1024  # a read shorter than this usually emptied the socket
+_ROUNDS = range(SPLICE_ROUNDS)
 
 
 class Pump:
@@ -61,7 +62,7 @@ class Pump:
         if self.pending:
             self.on_writable()
         else:
-            self.loop.add_reader(self.sfd, self.on_readable)
+            self.loop.add_reader(self.sfd, self._splice_read if self.splice else self._copy_read)
 
     def _count(self, n: int) -> None:
         if self.inbound:
@@ -79,6 +80,9 @@ class Pump:
             self._copy_read()
 
     def _splice_read(self) -> None:
+        if not self.splice:  # fell back to userspace since this reader was registered
+            self._copy_read()
+            return
         pool = self.session.ctx.pipes
         pipe = self.pipe
         if pipe is None:
@@ -91,7 +95,7 @@ class Pump:
         splice = os.splice
         # Several read/write rounds per wakeup save epoll round trips on bulk flows.
         quota = self.quota
-        for _ in range(SPLICE_ROUNDS):
+        for _ in _ROUNDS:
             want = SPLICE_CHUNK if quota is None else quota.allow(SPLICE_CHUNK)
             if want == 0:
                 self._quota_dry()
@@ -123,7 +127,12 @@ class Pump:
                     self.session.abort(f"write: {exc.strerror}")
                     return
                 self.in_pipe -= n
-                self._count(n)
+                if self.inbound:
+                    self.counters.bytes_in += n
+                    self.tcounters.bytes_in += n
+                else:
+                    self.counters.bytes_out += n
+                    self.tcounters.bytes_out += n
             if got < SHORT_READ:
                 break  # the socket is most likely drained: skip the splice that would fail with EAGAIN
         if self.in_pipe == 0:
@@ -278,12 +287,19 @@ class Pump:
             self._finish()
 
     def _finish(self) -> None:
+        self.done = True
+        if self._other_done():
+            self.session.pump_done()  # both directions ended: the close that follows sends the FIN
+            return
         try:
             self.dst.shutdown(socket.SHUT_WR)  # preserve the half-close
         except OSError:
             pass
-        self.done = True
         self.session.pump_done()
+
+    def _other_done(self) -> bool:
+        pumps = self.session.pumps
+        return len(pumps) == 2 and pumps[0].done and pumps[1].done
 
     def release(self, clean: bool) -> None:
         if self.pipe is not None:

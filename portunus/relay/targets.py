@@ -17,7 +17,7 @@ import time
 from typing import Callable
 
 from ..log import log
-from ..model import Rule, Target
+from ..model import Rule, Target, is_ip_literal
 from ..netio import Connect, family_of
 
 FAIL_AFTER = 3
@@ -30,9 +30,9 @@ PROBE_TIMEOUT = 3.0
 class TargetState:
     """Health and counters of one target."""
 
-    __slots__ = ("index", "target", "healthy", "consecutive_failures", "consecutive_successes",
+    __slots__ = ("index", "healthy", "consecutive_failures", "consecutive_successes",
                  "failure_times", "last_failure_at", "last_success_at", "last_trial", "bytes_in", "bytes_out",
-                 "connections")
+                 "connections", "_target", "literal")
 
     def __init__(self, index: int, target: Target):
         self.index = index
@@ -47,6 +47,16 @@ class TargetState:
         self.bytes_in = 0
         self.bytes_out = 0
         self.connections = 0
+
+    @property
+    def target(self) -> Target:
+        return self._target
+
+    @target.setter
+    def target(self, target: Target) -> None:
+        self._target = target
+        # an IP literal needs no resolver round: its one address, decided once per target
+        self.literal = ((family_of(target.host), target.host),) if is_ip_literal(target.host) else None
 
     def to_dict(self) -> dict:
         t = self.target

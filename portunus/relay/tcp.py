@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from functools import partial
 
 from ..log import log
 from ..model import Rule
@@ -70,8 +71,9 @@ class TcpSession:
         self.quota = quota    # the owner's quota.QuotaHandle (None: no owner)
 
     def start(self) -> None:
-        self.counters.active_connections += 1
-        self.counters.connections_total += 1
+        counters = self.counters
+        counters.active_connections += 1
+        counters.connections_total += 1
         self.candidates = self.relay.targets.candidates()
         self._next_target()
 
@@ -84,8 +86,14 @@ class TcpSession:
             return
         state = self.candidates.pop(0)
         self.target_state = state
-        self.target_port = state.target.port + (self.listen_port - self.relay.rule.listen_port)
-        self.ctx.resolver.resolve(state.target.host, self.relay.rule.prefer_ipv6,
+        target = state.target
+        rule = self.relay.rule
+        self.target_port = target.port + (self.listen_port - rule.listen_port)
+        if state.literal is not None:  # an IP literal: no resolver round, no closure
+            self.addrs = list(state.literal)
+            self._dial_next_addr()
+            return
+        self.ctx.resolver.resolve(target.host, rule.prefer_ipv6,
                                   lambda addrs, err: self._on_resolved(state, addrs, err))
 
     def _on_resolved(self, state, addrs, err) -> None:
@@ -180,7 +188,8 @@ class TcpSession:
 
     # ---- ending -----------------------------------------------------------
     def pump_done(self) -> None:
-        if all(p.done for p in self.pumps):
+        pumps = self.pumps
+        if pumps and pumps[0].done and pumps[1].done:
             self.close()
 
     def cut(self, why: str) -> None:
@@ -219,11 +228,14 @@ class TcpSession:
             self.header_timer = None
         for p in self.pumps:
             p.release(clean)
+        self.pumps = ()  # the pumps point back here: without the cycle, refcounting frees both
         loop = self.ctx.loop
-        for s in (self.csock, self.up):
-            if s is not None:
-                loop.forget(s.fileno())
-                s.close()
+        cs, up = self.csock, self.up
+        loop.forget(cs.fileno(), closing=True)  # closed at once, never dup'd: no epoll_ctl
+        cs.close()
+        if up is not None:
+            loop.forget(up.fileno(), closing=True)
+            up.close()
         self.counters.active_connections -= 1
         if self.ticket is not None:
             self.ticket.release(loop.time())
@@ -280,9 +292,7 @@ class TcpRuleRelay:
         self.targets.update(rule)
 
     def _on_accept_for(self, port: int):
-        def on_accept(csock: socket.socket, caddr) -> None:
-            self._admit(csock, caddr, port, b"")
-        return on_accept
+        return partial(self._admit, port=port)
 
     def adopt(self, csock: socket.socket, caddr, port: int, replay: bytes, sni_result: str | None) -> None:
         """A connection the shared SNI listener routed here (``sni_result`` None: the port is plain now)."""
@@ -290,7 +300,7 @@ class TcpRuleRelay:
             self.counters.sni_routes[sni_result] += 1
         self._admit(csock, caddr, port, replay)
 
-    def _admit(self, csock: socket.socket, caddr, port: int, replay: bytes) -> None:
+    def _admit(self, csock: socket.socket, caddr, port: int, replay: bytes = b"") -> None:
         """Quota, owner envelope, then the rule's caps; a refusal is accept-then-RST."""
         verdict = self.ctx.enforcer.admit(self.rule, "tcp")
         if isinstance(verdict, str):

@@ -925,3 +925,72 @@ def test_an_event_fetched_for_an_fd_dropped_in_the_same_batch_does_not_reach_its
     finally:
         for s in (*p1, *p2):
             s.close()
+
+
+# ---------------------------------------------------------------- lazy removal of interest
+
+
+def test_an_interest_dropped_and_taken_again_before_the_next_poll_keeps_working(loop, pair):
+    a, b = pair
+    got = []
+    loop.add_writer(a, lambda: got.append("w"))
+    assert loop.run_until(lambda: got, WAIT)  # a socketpair is writable at once
+    loop.remove_writer(a)  # the dialer hands the socket over ...
+    loop.add_reader(a, lambda: got.append(a.recv(16)))  # ... and its new owner reads from it
+    b.send(b"hello")
+    assert loop.run_until(lambda: b"hello" in got, WAIT)
+    assert got.count("w") >= 1 and got[-1] == b"hello"
+    assert loop._pending_del == {}
+
+
+def test_a_dropped_interest_is_gone_before_the_loop_waits_again(loop, pair):
+    a, b = pair
+    got = []
+    loop.add_reader(a, lambda: got.append(a.recv(16)))
+    b.send(b"one")
+    assert loop.run_until(lambda: got, WAIT)
+    loop.remove_reader(a)
+    b.send(b"two")  # level-triggered and readable: only a removed interest keeps it quiet
+    spin(loop)
+    assert got == [b"one"] and readable(a.fileno())
+    assert loop._pending_del == {} and loop.watched_fds() == 1
+
+
+def test_forget_closing_then_a_new_socket_on_the_same_number_is_watched(loop):
+    a, b = socket.socketpair()
+    fd = a.fileno()
+    loop.add_reader(a, lambda: None)
+    loop.forget(fd, closing=True)
+    a.close()
+    c, d = socket.socketpair()  # the lowest free numbers: c takes fd again
+    try:
+        assert c.fileno() == fd
+        got = []
+        loop.add_reader(c, lambda: got.append(c.recv(16)))
+        d.send(b"x")
+        assert loop.run_until(lambda: got, WAIT)
+        assert got == [b"x"]
+    finally:
+        for s in (b, c, d):
+            s.close()
+
+
+def test_an_fd_closed_without_forget_after_its_interest_went_then_reused_is_watched(loop):
+    """remove_reader, then close without forget (the DEL is still pending), then the number is
+    reused within the same turn: the new socket must be registered, not taken for the old one."""
+    a, b = socket.socketpair()
+    fd = a.fileno()
+    loop.add_reader(a, lambda: None)
+    loop.remove_reader(a)
+    a.close()
+    c, d = socket.socketpair()
+    try:
+        assert c.fileno() == fd
+        got = []
+        loop.add_reader(c, lambda: got.append(c.recv(16)))
+        d.send(b"y")
+        assert loop.run_until(lambda: got, WAIT)
+        assert got == [b"y"]
+    finally:
+        for s in (b, c, d):
+            s.close()

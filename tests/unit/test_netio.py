@@ -64,7 +64,10 @@ class FakeLoop:
     def add_writer(self, fd, cb):
         self.writers[fd] = cb
 
-    def forget(self, fd):
+    def remove_writer(self, fd):
+        return self.writers.pop(fd, None) is not None
+
+    def forget(self, fd, closing=False):
         self.readers.pop(fd, None)
         self.writers.pop(fd, None)
 
