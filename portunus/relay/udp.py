@@ -42,6 +42,9 @@ BATCH_ROUNDS = 2  # recvmmsg calls per readiness event (2 x mmsg.SLOTS = RECV_BA
 _AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK)
 _HDR_U32 = mmsg.HDR_SIZE // 4
 _LEN_WORD = mmsg._LEN_WORD
+_IOV_WORD = mmsg._IOV_WORD
+_IOVLEN_WORD = mmsg._IOVLEN_WORD
+_CTRLLEN_WORD = mmsg._CTRLLEN_WORD
 _get_errno = ctypes.get_errno
 
 
@@ -53,7 +56,7 @@ _ICMP_ERRNOS = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH)
 
 class Flow:
     __slots__ = ("relay", "listen_port", "src", "lsock", "up", "last_seen", "pending", "closed", "target_state",
-                 "answered", "ticket", "quota", "fd", "key", "name_buf", "name_addr", "name_len", "gso_max")
+                 "answered", "ticket", "quota", "fd", "key", "name_buf", "name_addr", "name_len", "gso_max", "pc")
 
     def __init__(self, relay: "UdpRuleRelay", listen_port: int, src, lsock: socket.socket, ticket=None, quota=None):
         self.relay = relay
@@ -74,6 +77,7 @@ class Flow:
         self.name_addr = 0
         self.name_len = 0
         self.gso_max = mmsg.GSO_OFF  # the batched path: segment sizes that may go as one GSO send
+        self.pc = relay.counters.ports[listen_port]  # this port's counters (the relay keeps them)
 
     def gated(self) -> bool:
         """Whether datagrams must pass ``passes()`` (a bandwidth cap or an owner quota)."""
@@ -196,15 +200,25 @@ class Flow:
             total += n
         if not c:
             return j
-        firsts, counts = mmsg.pack_messages(tx, 0, c, self.gso_max)
-        nm = len(firsts)
-        r = b.sendmmsg(self.fd, tx.addr, nm, 0)
+        if c == 1:  # one datagram (many flows, a datagram each): header 0 as a plain message
+            words = tx.words
+            words[_IOV_WORD] = tx.iov_addr
+            words[_IOVLEN_WORD] = 1
+            words[_CTRLLEN_WORD] = 0
+            firsts = counts = None
+            nm = 1
+        else:
+            firsts, counts = mmsg.pack_messages(tx, 0, c, self.gso_max)
+            nm = len(firsts)
+        r = b.sendmmsg(self.fd, tx.ptr, nm, 0)
         if r == nm:  # the common case: all of them went
-            pc = counters.ports[self.listen_port]
+            pc = self.pc
             pc.datagrams_in += c
             pc.bytes_in += total
             self.target_state.bytes_in += total
             return j
+        if firsts is None:
+            firsts, counts = [0], [1]
         return self._send_rest(b, c, firsts, counts, r, j)
 
     def _send_rest(self, b: mmsg.Batch, c: int, firsts: list, counts: list, r: int, j: int) -> int:
@@ -239,18 +253,18 @@ class Flow:
                     self.gso_max = min(self.gso_max, size - 1) if err == errno.EINVAL else mmsg.GSO_OFF
                     firsts, counts = mmsg.pack_messages(tx, d0, c, self.gso_max)
                     nm, s = len(firsts), 0
-                    r = b.sendmmsg(self.fd, tx.addr, nm, 0)
+                    r = b.sendmmsg(self.fd, tx.ptr, nm, 0)
                     continue
                 counters.send_dropped += cnt  # that datagram (EPERM from a filter, EMSGSIZE...)
                 s += 1
             if s < nm:
-                r = b.sendmmsg(self.fd, tx.addr + s * mmsg.HDR_SIZE, nm - s, 0)
+                r = b.sendmmsg(self.fd, tx.at(s), nm - s, 0)
         self._count_in(sent, sent_bytes)
         return j
 
     def _count_in(self, datagrams: int, size: int) -> None:
         if datagrams:
-            pc = self.relay.counters.ports[self.listen_port]
+            pc = self.pc
             pc.datagrams_in += datagrams
             pc.bytes_in += size
             self.target_state.bytes_in += size
@@ -276,7 +290,7 @@ class Flow:
                 flush_replies(b)
                 cur = 0
             room = b.n - cur
-            r = b.recvmmsg(self.fd, rx.addr + cur * mmsg.HDR_SIZE, room, mmsg.MSG_DONTWAIT, None)
+            r = b.recvmmsg(self.fd, rx.at(cur), room, mmsg.MSG_DONTWAIT, None)
             if r <= 0:
                 if r < 0:
                     err = _get_errno()
@@ -390,7 +404,7 @@ class UdpRuleRelay:
         b = self.batch
         fam = lsock.family
         rx = b.rx(fam)
-        rx_addr, u32 = rx.addr, rx.u32
+        rx_addr, u32 = rx.ptr, rx.u32
         recvmmsg, slots, fd = b.recvmmsg, b.n, lsock.fileno()
         v6 = fam == socket.AF_INET6
         names_q, qstep, name_key = b.names_q, mmsg.NAME_STRIDE // 8, b.name_key
@@ -586,7 +600,7 @@ def flush_replies(b: mmsg.Batch) -> None:
     firsts, counts = mmsg.pack_messages(tx, 0, q, 0, flows)
     nm = len(firsts)
     s = 0
-    r = b.sendmmsg(fd, tx.addr, nm, 0)
+    r = b.sendmmsg(fd, tx.ptr, nm, 0)
     while s < nm:
         if r > 0:
             _count_out(b, firsts[s], firsts[s + r - 1] + counts[s + r - 1])
@@ -604,12 +618,12 @@ def flush_replies(b: mmsg.Batch) -> None:
                 f.gso_max = min(f.gso_max, size - 1) if err == errno.EINVAL else mmsg.GSO_OFF
                 firsts, counts = mmsg.pack_messages(tx, d0, q, 0, flows)
                 nm, s = len(firsts), 0
-                r = b.sendmmsg(fd, tx.addr, nm, 0)
+                r = b.sendmmsg(fd, tx.ptr, nm, 0)
                 continue
             flows[d0].relay.counters.send_dropped += cnt  # that one (EPERM from a filter...)
             s += 1
         if s < nm:
-            r = b.sendmmsg(fd, tx.addr + s * mmsg.HDR_SIZE, nm - s, 0)
+            r = b.sendmmsg(fd, tx.at(s), nm - s, 0)
 
 
 def _count_out(b: mmsg.Batch, start: int, end: int) -> None:
@@ -622,7 +636,7 @@ def _count_out(b: mmsg.Batch, start: int, end: int) -> None:
             tot += lens[i]
             cnt += 1
             i += 1
-        pc = f.relay.counters.ports[f.listen_port]
+        pc = f.pc
         pc.datagrams_out += cnt
         pc.bytes_out += tot
         f.target_state.bytes_out += tot

@@ -52,7 +52,7 @@ def test_headers_point_each_entry_at_its_slot_iovec_and_name():
         assert h.iovs[i].iov_base == slots.addrs[i] == slots.addrs[0] + i * 4096
         assert h.iovs[i].iov_len == 4096
         assert hdr.msg_name == base + i * mmsg.NAME_STRIDE and hdr.msg_namelen == 16
-        assert h.at(i) == ctypes.addressof(h.arr[i])
+        assert h.at(i).value == ctypes.addressof(h.arr[i]) == h.addr + i * mmsg.HDR_SIZE
         # the views the hot path writes are the same memory as the ctypes fields
         assert h.iov[2 * i] == slots.addrs[i] and h.iov[2 * i + 1] == 4096
         assert h.words[i * mmsg.HDR_SIZE // mmsg.PTR + mmsg._NAME_WORD] == hdr.msg_name
@@ -154,7 +154,7 @@ def test_a_libc_that_cannot_be_loaded_falls_back(monkeypatch):
     def refuse(*a, **kw):
         raise OSError("no libc")
     monkeypatch.setattr(mmsg.sys, "platform", "linux")
-    monkeypatch.setattr(mmsg.ctypes, "CDLL", refuse)
+    monkeypatch.setattr(mmsg.ctypes, "PyDLL", refuse)
     assert mmsg._libc_calls() is None
 
 
@@ -166,7 +166,7 @@ def test_a_libc_without_the_calls_falls_back(monkeypatch):
         def __getattr__(self, name):
             raise AttributeError(name)
     monkeypatch.setattr(mmsg.sys, "platform", "linux")
-    monkeypatch.setattr(mmsg.ctypes, "CDLL", OldLibc)
+    monkeypatch.setattr(mmsg.ctypes, "PyDLL", OldLibc)
     assert mmsg._libc_calls() is None
     assert mmsg.batch_for(Ctx()) is None
 
@@ -200,7 +200,7 @@ def test_recvmmsg_reads_several_datagrams_with_lengths_and_sources(v4pair):
     for s, data in sent:
         s.sendto(data, rx.getsockname())
     h = b.rx(socket.AF_INET)
-    r = b.recvmmsg(rx.fileno(), h.addr, b.n, mmsg.MSG_DONTWAIT, None)
+    r = b.recvmmsg(rx.fileno(), h.ptr, b.n, mmsg.MSG_DONTWAIT, None)
     assert r == len(sent)
     assert h.lengths(r) == [len(d) for _, d in sent]
     for i, (s, data) in enumerate(sent):
@@ -208,7 +208,7 @@ def test_recvmmsg_reads_several_datagrams_with_lengths_and_sources(v4pair):
         assert mmsg.decode_sockaddr(b.raw_name(socket.AF_INET, i)) == s.getsockname()
         assert b.name_key(socket.AF_INET, i) == mmsg.key_of_raw(b.raw_name(socket.AF_INET, i))
     assert b.name_key(socket.AF_INET, 0) == b.name_key(socket.AF_INET, 2) != b.name_key(socket.AF_INET, 1)
-    assert b.recvmmsg(rx.fileno(), h.addr, b.n, mmsg.MSG_DONTWAIT, None) == -1
+    assert b.recvmmsg(rx.fileno(), h.ptr, b.n, mmsg.MSG_DONTWAIT, None) == -1
     assert ctypes.get_errno() in (errno.EAGAIN, errno.EWOULDBLOCK)
 
 
@@ -219,7 +219,7 @@ def test_recvmmsg_stops_at_the_slots_it_is_given(v4pair):
     for i in range(b.n + 3):
         a.sendto(bytes([i]), rx.getsockname())
     h = b.rx(socket.AF_INET)
-    assert b.recvmmsg(rx.fileno(), h.addr, b.n, mmsg.MSG_DONTWAIT, None) == b.n
+    assert b.recvmmsg(rx.fileno(), h.ptr, b.n, mmsg.MSG_DONTWAIT, None) == b.n
     assert [bytes(b.inbound.data(i, 1))[0] for i in range(b.n)] == list(range(b.n))
     assert b.recvmmsg(rx.fileno(), h.at(5), 3, mmsg.MSG_DONTWAIT, None) == 3  # from slot 5 on
     assert [bytes(b.inbound.data(i, 1))[0] for i in range(5, 8)] == [b.n, b.n + 1, b.n + 2]
@@ -236,7 +236,7 @@ def test_sendmmsg_on_a_connected_socket_sends_the_iovecs_written_per_datagram(v4
     tx.iov[0], tx.iov[1] = b.inbound.addrs[3], 3
     tx.iov[2], tx.iov[3] = b.inbound.addrs[0], 5
     tx.iov[4], tx.iov[5] = b.inbound.addrs[0], 2
-    assert b.sendmmsg(a.fileno(), tx.addr, 3, 0) == 3
+    assert b.sendmmsg(a.fileno(), tx.ptr, 3, 0) == 3
     rx.setblocking(True)
     rx.settimeout(2)
     assert [rx.recv(100) for _ in range(3)] == [b"abc", b"hello", b"he"]
@@ -255,7 +255,7 @@ def test_sendmmsg_with_a_name_per_message_reaches_each_destination(v4pair):
         tx.iov[2 * i], tx.iov[2 * i + 1] = b.replies.addrs[i], 1
         tx.words[i * mmsg.HDR_SIZE // mmsg.PTR + mmsg._NAME_WORD] = addr
         tx.u32[i * mmsg.HDR_SIZE // 4 + mmsg._NAMELEN_WORD] = n
-    assert b.sendmmsg(rx.fileno(), tx.addr, 3, 0) == 3
+    assert b.sendmmsg(rx.fileno(), tx.ptr, 3, 0) == 3
     a.settimeout(2)
     c.settimeout(2)
     assert a.recv(10) == b"A" and c.recv(10) == b"B" and a.recv(10) == b"C"
@@ -277,7 +277,7 @@ def test_ipv6_sources_come_with_28_byte_names():
         s.sendto(b"six", rx.getsockname())
         b = mmsg.batch_for(Ctx())
         h = b.rx(socket.AF_INET6)
-        assert b.recvmmsg(rx.fileno(), h.addr, b.n, mmsg.MSG_DONTWAIT, None) == 1
+        assert b.recvmmsg(rx.fileno(), h.ptr, b.n, mmsg.MSG_DONTWAIT, None) == 1
         assert h.u32[mmsg._NAMELEN_WORD] == 28
         assert mmsg.decode_sockaddr(b.raw_name(socket.AF_INET6, 0)) == s.getsockname()
         assert bytes(b.inbound.data(0, 3)) == b"six"
@@ -388,7 +388,7 @@ def test_a_gso_message_reaches_the_receiver_as_separate_datagrams(v4pair):
         tx.iov[2 * i], tx.iov[2 * i + 1] = b.inbound.addrs[i], n
     firsts, counts = mmsg.pack_messages(tx, 0, 4, b.gso_max)
     assert counts == [4]
-    assert b.sendmmsg(a.fileno(), tx.addr, 1, 0) == 1
+    assert b.sendmmsg(a.fileno(), tx.ptr, 1, 0) == 1
     rx.settimeout(2)
     rx.setblocking(True)
     assert [rx.recv(1000) for _ in range(4)] == [bytes([65 + i]) * n for i, n in enumerate(sizes)]
