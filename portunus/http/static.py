@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.resources
 import mimetypes
 import posixpath
 from urllib.parse import unquote, urlsplit
@@ -39,6 +38,7 @@ IMMUTABLE = "public, max-age=31536000, immutable"
 
 
 def _root():
+    import importlib.resources  # first UI request only: ~6 ms of every serve start otherwise
     return importlib.resources.files("portunus.http").joinpath("webui")
 
 
