@@ -34,6 +34,11 @@ DEAD_AFTER = 45.0
 # burst (and its 1 000 pongs) that holds the loop for tens of ms every 15 s in front of pushes and acks
 HEARTBEAT_SLICES = 15
 PERSIST_CHECK_DELAY = 1.0  # an acked push's state is checked (and stored if its waiter gave up) this much later
+# After a burst of TLS handshakes (a reconnect storm) glibc keeps most of the memory they used as free heap:
+# ~45 KB a connection. Once TRIM_AFTER_CHURN channels were admitted or closed, the next heartbeat tick (at most every
+# TRIM_EVERY s) hands it back with malloc_trim(0) on an Offload thread (glibc only; elsewhere a no-op).
+TRIM_AFTER_CHURN = 64
+TRIM_EVERY = 10.0
 REJECT_LOG_EVERY = 60.0  # seconds between control.rejected / control.message_rejected lines per key
 MAX_REMOVING = 4096  # removals a session remembers so their late "removed" status is still accepted
 
@@ -68,6 +73,8 @@ class Hub:
         self.owner_stats: dict[str, list[dict]] = {}  # client id -> owner envelope rows of its last report
         self._limited_flushed_at = loop.time()
         self._heartbeat_tick = 0
+        self._churn = 0                 # sessions admitted or closed since the last heap trim
+        self._trimmed_at = loop.time()
         self.pending_channels: set[Channel] = set()
 
     # ---- listening --------------------------------------------------------
@@ -215,6 +222,7 @@ class Hub:
             old.channel.send(m.error("session_replaced", "a newer connection of this client took over"))
             old.channel.close("replaced by a newer connection")
         session = ClientSession(client, ch, hello)
+        self._churn += 1
         ch.context["session"] = session
         self.pending_channels.discard(ch)
         with self._lock:
@@ -356,6 +364,7 @@ class Hub:
         self.offload.run(self.quotas.client_exhausted, msg["user_id"], session.client_id)
 
     def _on_close(self, ch: Channel, reason: str) -> None:
+        self._churn += 1  # a closed channel's TLS state is freed (heap to hand back), authenticated or not
         self.pending_channels.discard(ch)
         timer = ch.context.pop("first_timer", None)
         if timer is not None:
@@ -397,6 +406,9 @@ class Hub:
         if now - self._limited_flushed_at >= REJECT_LOG_EVERY:
             self._limited_flushed_at = now
             log.flush_limited()  # a flood that stopped still gets its suppressed=N summary line
+        if self._churn >= TRIM_AFTER_CHURN and now - self._trimmed_at >= TRIM_EVERY:
+            self._churn, self._trimmed_at = 0, now
+            self.offload.run(release_free_heap)
         slot = self._heartbeat_tick % HEARTBEAT_SLICES
         self._heartbeat_tick += 1
         for session in [s for s in self.sessions.values() if s.serial % HEARTBEAT_SLICES == slot]:
@@ -513,6 +525,25 @@ class Hub:
             self.listener = None
         self.offload.close()
         log.flush_limited()
+
+
+_malloc_trim = None
+
+
+def release_free_heap() -> bool:
+    """Return the C heap's free memory to the kernel (glibc ``malloc_trim(0)``); False where there is none."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+            _malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim with
+            _malloc_trim = False
+    if _malloc_trim is False:
+        return False
+    _malloc_trim(0)
+    return True
 
 
 def _source(peer: str) -> str:

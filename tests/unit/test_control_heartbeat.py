@@ -105,3 +105,29 @@ def test_a_silent_session_is_closed_at_its_slice_within_one_interval_of_dead_aft
     assert loop.now - silent.channel.last_rx > hub_mod.DEAD_AFTER
     assert loop.now - deadline <= hub_mod.PING_INTERVAL
     assert all(s.channel.closed_with is None for s in sessions if s is not silent)
+
+
+def test_after_a_storm_of_sessions_the_free_heap_is_handed_back_off_the_loop_at_most_every_trim_every(setup):
+    loop, h, sessions = setup
+    ran = []
+    h.offload.run = lambda fn, *args, then=None: ran.append(fn)
+    h._churn = hub_mod.TRIM_AFTER_CHURN - 1
+    h._trimmed_at = loop.now - hub_mod.TRIM_EVERY  # the last trim was long enough ago
+    loop.run_due()
+    assert ran == []  # not enough churn yet
+    h._churn += 1
+    loop.run_due()
+    assert ran == [hub_mod.release_free_heap] and h._churn == 0
+    h._churn = 10 * hub_mod.TRIM_AFTER_CHURN
+    for _ in range(5):  # within TRIM_EVERY of the last trim: none
+        loop.run_due()
+    assert ran == [hub_mod.release_free_heap]
+    h._trimmed_at -= hub_mod.TRIM_EVERY
+    loop.run_due()
+    assert ran == [hub_mod.release_free_heap] * 2
+
+
+def test_release_free_heap_runs_where_glibc_is_and_says_so():
+    first = hub_mod.release_free_heap()
+    assert isinstance(first, bool)
+    assert hub_mod.release_free_heap() is first  # the lookup is done once
