@@ -247,9 +247,15 @@ def format_header(meta: dict, a) -> list[str]:
              f"(-t{a.wrk_threads} -c{a.wrk_conns}) udp={a.udp_count}x64B/{a.udp_flows} flows; "
              f"median{' ±half-range' if a.repeat > 1 else ''}"]
     m = meta["machine"]
+    origin = getattr(a, "origin", None)
+    if origin:
+        lines[0] += f"; http origin {origin}"
+    busy = meta.get("host_busy_pct_before")
     lines.append(f"machine: {m['nproc']} cpu {m['cpu_model']}, kernel {m['kernel']}, "
                  f"python {m['python']}, git {m['git']}; loadavg start "
-                 f"{meta['loadavg_start'][0]:.2f} end {meta['loadavg_end'][0]:.2f}")
+                 f"{meta['loadavg_start'][0]:.2f} end {meta['loadavg_end'][0]:.2f}"
+                 + (f"; host busy before {busy:.0f} %" if busy is not None else "")
+                 + (f"; note: {m['note']}" if m.get("note") else ""))
     pm = meta.get("portunus")
     if pm and (pm.get("base_argv") or pm.get("argv")):
         lines.append(f"portunus: {shlex.join(pm.get('base_argv') or pm['argv'])}  "

@@ -173,3 +173,9 @@ def test_header_shows_options_machine_and_build():
     lines = format_header(meta, a)
     assert len(lines) == 2 and "repeat=1  quick tcp=5s" in lines[0]
     assert lines[0].endswith("flows; median")
+    a.origin = "nginx"
+    meta["host_busy_pct_before"] = 42.4
+    meta["machine"]["note"] = "loaded: suites running"
+    lines = format_header(meta, a)
+    assert lines[0].endswith("flows; median; http origin nginx")
+    assert lines[1].endswith("end 1.50; host busy before 42 %; note: loaded: suites running")
