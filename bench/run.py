@@ -2,19 +2,24 @@
 """Portunus benchmark runner (SPEC §11).
 
 Starts every process itself on 127.0.0.1, measures each forwarding path and
-prints a table; writes JSON to bench/results/latest.json; optionally compares
-medians with a stored baseline (exit 1 when a metric is more than 25 % worse).
+prints the side-by-side table of issue 15 (rows = figures, columns = paths) with
+ratios to direct and to the best peer and the goal marks; writes JSON to
+bench/results/latest.json; optionally compares medians with a stored baseline
+(exit 1 when a compared metric is more than 25 % worse).
 
 Paths:   direct | portunus-splice | portunus-userspace (standalone mode) |
          client-splice | client-userspace (a real server pushes the rules to a
-         real client) | haproxy
+         real client) | haproxy (one thread per CPU) | haproxy-1t (nbthread 1) |
+         nginx (stream, 1 worker, TCP+UDP) | rinetd | socat
          (+ optional haproxy-splice: the C reference on the splice fast path)
-Tests:   tcp  - iperf3 bulk throughput, single stream (forward and -R)
-         http - wrk keep-alive req/s, wrk new-connection req/s
+Tests:   tcp  - iperf3 bulk throughput, single stream (-R with --reverse)
+         http - wrk -t1 -c50 keep-alive req/s, new-connection req/s
                 (Connection: close), idle request RTT on one connection
          udp  - 64-byte datagram echo rate, 1 flow and N flows
+         and the proxy's CPU per request / connection / GB / datagram.
 
-Standard library only (Python >= 3.11). External tools: iperf3, wrk, haproxy.
+Standard library only (Python >= 3.11). External tools: iperf3, wrk, and the
+peers haproxy, nginx (+ libnginx-mod-stream; also the HTTP origin), rinetd, socat.
 See bench/README.md; the code is the package bench/portbench/.
 
 Hidden helper sub-commands (used by the runner itself, started as child

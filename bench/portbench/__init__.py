@@ -8,12 +8,15 @@ Modules, lowest first (each imports only the ones above it):
   procs       child processes in their own session, free ports, readiness via /proc/net
   machine     /proc/stat host load, machine and tool versions
   logscan     JSON-lines log scanning (warn/error events, tracebacks, event counts)
-  origins     the backends: HTTP origin, UDP echo, iperf3 server, TCP echo servers
+  mmsg        batched UDP I/O (recvmmsg/sendmmsg via ctypes) for the generator and echo
+  origins     the backends: nginx / Python HTTP origin, UDP echo, iperf3 server, TCP echo
   tools       iperf3 / wrk / UDP load runners and their pure output parsers
   deployment  a real server plus one enrolled client (client paths, control_plane.py)
   product     the --bin command: resolve it, derive role commands, probe --check
-  paths       the forwarding paths under test (direct, portunus, client, haproxy)
-  report      metric table, summary, ratios, baseline comparison (pure formatting)
+  paths       the forwarding paths under test (direct, portunus, client, haproxy,
+              nginx, rinetd, socat) and their generated configs
+  report      metric table, summary, side-by-side table, best peer, ratios, goals,
+              baseline comparison and gate (pure formatting)
   runner      measures one path: sanity check, then tcp/http/udp groups
   cli         argparse and `main` (entry point: bench/run.py)
 
