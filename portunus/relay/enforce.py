@@ -76,7 +76,7 @@ class Enforcer:
     def admit(self, rule: Rule, protocol: str) -> tuple[Ticket, QuotaHandle | None] | str:
         """At accept / flow creation: the quota first (an exhausted pair refuses everything), then
         the owner envelope and the rule's caps. Returns (ticket, quota) or the refusal reason."""
-        quota = self.quota(rule)
+        quota = self.quota_for_user(rule.owner) if rule.owner else None
         if quota is not None and quota.exhausted:
             return QUOTA_REFUSED
         if rule.rule_id not in self.limits.rules:

@@ -69,6 +69,10 @@ class LimiterBook:
         is consumed unless every scope admits. Returns a Ticket or the reject reason (counted on the
         rule's limiter, which the connection was for)."""
         rule = self.rules[rule_id]
+        if rule.cap is None and not rule.owner:
+            # nothing can refuse (no cap, no owner envelope): count the connection, nothing else
+            rule.concurrent += 1
+            return Ticket((rule,), rule, self._owner_live)
         owner = self.owner_limiter(rule.owner)
         chain = (owner, rule) if owner is not None else (rule,)
         for lim in chain:

@@ -345,7 +345,11 @@ class Ticket:
 
     @property
     def bandwidth_capped(self) -> bool:
-        return any(lim.has_bandwidth_cap for lim in self.chain)
+        for lim in self.chain:  # asked per userspace read: no generator
+            cap = lim.cap
+            if cap is not None and cap.has_bandwidth_cap:
+                return True
+        return False
 
     def allowance(self, direction: str, want: int, now: float) -> int:
         """TCP: how many of ``want`` bytes the next read may move now (nothing is taken yet).

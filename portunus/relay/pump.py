@@ -36,12 +36,14 @@ class Pump:
     """One direction of a session: src -> dst."""
 
     __slots__ = ("session", "src", "dst", "sfd", "dfd", "counters", "tcounters", "inbound", "splice",
-                 "pipe", "in_pipe", "pending", "eof", "done", "loop", "direction", "ticket", "quota", "throttled")
+                 "pipe", "in_pipe", "pending", "eof", "done", "loop", "direction", "ticket", "quota", "throttled",
+                 "pool")
 
     def __init__(self, session: "TcpSession", src: socket.socket, dst: socket.socket,
                  counters: PortCounters, inbound: bool, splice: bool):
         self.session = session
         self.loop = session.ctx.loop
+        self.pool = session.ctx.pipes
         self.src, self.dst = src, dst
         self.sfd, self.dfd = src.fileno(), dst.fileno()
         self.counters = counters
@@ -83,15 +85,16 @@ class Pump:
         if not self.splice:  # fell back to userspace since this reader was registered
             self._copy_read()
             return
-        pool = self.session.ctx.pipes
+        pool = self.pool
         pipe = self.pipe
         if pipe is None:
             try:
-                pipe = self.pipe = pool.acquire()
+                free = pool.free
+                pipe = self.pipe = free.pop() if free else pool.acquire()
             except OSError:
                 self._copy_read()  # out of fds for a pipe: move this chunk in userspace
                 return
-        sfd, dfd = self.sfd, self.dfd
+        sfd, dfd, w, r = self.sfd, self.dfd, pipe.w, pipe.r
         splice = os.splice
         # Several read/write rounds per wakeup save epoll round trips on bulk flows.
         quota = self.quota
@@ -101,7 +104,7 @@ class Pump:
                 self._quota_dry()
                 break
             try:
-                n = splice(sfd, pipe.w, want, flags=SPLICE_FLAGS)
+                n = splice(sfd, w, want, flags=SPLICE_FLAGS)
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -116,17 +119,17 @@ class Pump:
             if quota is not None:
                 quota.debit(n)
             got = n
-            self.in_pipe += n
-            while self.in_pipe:
+            in_pipe = self.in_pipe = self.in_pipe + n
+            while in_pipe:
                 try:
-                    n = splice(pipe.r, dfd, self.in_pipe, flags=SPLICE_FLAGS)
+                    n = splice(r, dfd, in_pipe, flags=SPLICE_FLAGS)
                 except BlockingIOError:
                     self._park()
                     return
                 except OSError as exc:
                     self.session.abort(f"write: {exc.strerror}")
                     return
-                self.in_pipe -= n
+                in_pipe = self.in_pipe = in_pipe - n
                 if self.inbound:
                     self.counters.bytes_in += n
                     self.tcounters.bytes_in += n
@@ -136,7 +139,11 @@ class Pump:
             if got < SHORT_READ:
                 break  # the socket is most likely drained: skip the splice that would fail with EAGAIN
         if self.in_pipe == 0:
-            pool.release(pipe, clean=True)
+            free = pool.free
+            if len(free) < pool.max_pooled:  # pool.release(pipe, clean=True), inline: once per wakeup
+                free.append(pipe)
+            else:
+                pipe.close()
             self.pipe = None
 
     def _splice_flush(self) -> bool:
@@ -176,7 +183,8 @@ class Pump:
             if want == 0:
                 self._quota_dry()
                 return
-        if ticket is not None and ticket.bandwidth_capped:
+        capped = ticket is not None and ticket.bandwidth_capped
+        if capped:
             want = ticket.allowance(self.direction, want, self.loop.time())
             if want == 0:
                 self._throttle()
@@ -191,7 +199,7 @@ class Pump:
         if n == 0:
             self._on_eof()
             return
-        if ticket is not None and ticket.bandwidth_capped:
+        if capped:
             ticket.spend(self.direction, n, self.loop.time())
         if quota is not None:
             quota.debit(n)  # may exhaust: the enforcer cuts the pair's connections from the loop

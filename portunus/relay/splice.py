@@ -51,13 +51,13 @@ class PipePool:
 
     def __init__(self, max_pooled: int = 256):
         self.max_pooled = max_pooled
-        self._free: list[Pipe] = []
+        self.free: list[Pipe] = []
         self._size_warned = False
         self.created = 0
 
     def acquire(self) -> Pipe:
-        if self._free:
-            return self._free.pop()
+        if self.free:
+            return self.free.pop()
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             fcntl.fcntl(w, F_SETPIPE_SZ, PIPE_SIZE)
@@ -74,11 +74,11 @@ class PipePool:
         return Pipe(r, w)
 
     def release(self, pipe: Pipe, clean: bool) -> None:
-        if clean and len(self._free) < self.max_pooled:
-            self._free.append(pipe)
+        if clean and len(self.free) < self.max_pooled:
+            self.free.append(pipe)
         else:
             pipe.close()
 
     def close(self) -> None:
-        while self._free:
-            self._free.pop().close()
+        while self.free:
+            self.free.pop().close()

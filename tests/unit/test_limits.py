@@ -201,6 +201,25 @@ def test_concurrency_is_released_by_the_ticket_exactly_once():
     assert book.rules["web"].concurrent == 0 and book.owner_active("alice") == 0
 
 
+def test_an_uncapped_ownerless_rule_is_admitted_counted_and_released_and_a_later_cap_binds():
+    """The fast path (nothing can refuse) still counts live connections, so a cap installed by a
+    hot update sees the connections already live."""
+    book = LimiterBook("c1")
+    book.set_rule("open", owner=None, cap=None, now=T0)
+    live = [book.admit("open", "tcp", T0) for _ in range(3)]
+    assert all(isinstance(t, Ticket) for t in live)
+    assert book.rules["open"].concurrent == 3
+    assert not live[0].bandwidth_capped and live[0].allowance("in", 1000, T0) == 1000
+    book.set_rule("open", owner=None, cap=cap(concurrent_connections=3), now=T0)
+    assert book.admit("open", "tcp", T0) == "conn_concurrent"
+    for t in live:
+        t.release(T0)
+        t.release(T0)  # once only
+    assert book.rules["open"].concurrent == 0
+    assert isinstance(book.admit("open", "tcp", T0), Ticket)
+    assert book.rules["open"].counters.rejects["conn_concurrent"] == 1
+
+
 def test_the_owner_envelope_binds_before_the_rule_cap_and_spends_nothing_when_it_refuses():
     book = book_with(cap(concurrent_connections=1, new_connections_per_sec=1),
                      cap(concurrent_connections=1, new_connections_per_sec=1))
