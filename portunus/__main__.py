@@ -26,6 +26,16 @@ Also callable as portunus-standalone / portunus-server / portunus-client
 """
 
 
+class _NotRaised(Exception):
+    """Stands in for PortunusError in the except clause while errors.py is not imported: nothing can
+    have raised one then (``portunus-client --help`` never imports it)."""
+
+
+def _portunus_error() -> type[Exception]:
+    errors = sys.modules.get("portunus.errors")
+    return errors.PortunusError if errors is not None else _NotRaised
+
+
 def _role_main(role: str, argv: list[str]) -> int:
     if role == "standalone":
         from .cli.standalone import main
@@ -64,10 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     if args[:1] in (["--version"], ["-V"]):
         print(f"portunus-{role} {__version__}")
         return 0
-    from .errors import PortunusError
     try:
         return _role_main(role, args)
-    except PortunusError as exc:
+    except _portunus_error() as exc:
         print(exc.cli_line(), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

@@ -50,7 +50,8 @@ def imported(tmp_path: Path, *args: str) -> set[str]:
     (["--version"], HEAVY | {"argparse", "dataclasses", "portunus.errors"}),
     (["--help"], HEAVY | {"argparse", "dataclasses", "portunus.errors"}),
     (["server", "--version"], HEAVY | {"argparse", "portunus.cli.server"}),
-    (["client", "--help"], HEAVY | {"portunus.control.agent", "portunus.relay.runtime"}),
+    (["client", "--help"], HEAVY | {"portunus.control.agent", "portunus.relay.runtime", "portunus.errors",
+                                    "dataclasses"}),
     (["standalone", "--help"], HEAVY | {"portunus.relay.runtime"}),
     (["server", "--help"], HEAVY),
     (["server", "enroll-client", "--help"], HEAVY),
@@ -143,3 +144,15 @@ def test_the_serve_only_parser_imports_no_other_command_module(tmp_path):
     mods = set(json.loads(out.read_text()))
     assert not mods & {"portunus.cli.caps", "portunus.cli.identity", "portunus.cli.quota", "portunus.cli.rules",
                        "portunus.doctor.cli", "sqlite3", "cryptography"}
+
+
+def test_an_error_of_a_role_still_reaches_the_operator_as_its_code_and_exit_code(tmp_path):
+    """__main__ catches PortunusError without importing errors.py up front: the table's exit code
+    and the one-line message still come out."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTUNUS_")}
+    res = subprocess.run([sys.executable, "-m", "portunus", "server", "--data-dir", str(tmp_path / "nope"),
+                          "list-clients"], cwd=tmp_path, env=dict(env, PYTHONPATH=str(REPO)),
+                         capture_output=True, text=True, timeout=60)
+    from portunus.errors import ERRORS
+    assert res.returncode == ERRORS["io_error"].exit_code != 0
+    assert res.stderr.startswith("error: io_error: data dir ") and "Traceback" not in res.stderr
