@@ -99,12 +99,25 @@ def serve_holding_echo(base: int, width: int) -> None:
                 conns.pop(fd).close()
 
 
+def start_origin_block(width: int, log_path: Path) -> tuple[int, ChildProcess]:
+    """A free block of `width` ports and the origin on it (another process may take one of the
+    ports between the probe and the bind: then try another block)."""
+    for _ in range(5):
+        base = free_block(width)
+        try:
+            return base, start_origin(base, width, log_path)
+        except RuntimeError:
+            continue
+    raise RuntimeError(f"origin did not start on 5 port blocks; see {log_path}")
+
+
 def start_origin(base: int, width: int, log_path: Path) -> ChildProcess:
     with open(log_path, "a") as fh:
         p = ChildProcess("origin", log_path, [sys.executable, __file__, "--_origin", str(base), "--ports", str(width)],
                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=fh, start_new_session=True)
     if p.stdout.readline().strip() != b"ready":
         p.kill()
+        p.wait()
         raise RuntimeError(f"origin did not start; see {log_path}")
     return p
 
@@ -197,8 +210,7 @@ def measure(pid: int, base: int, width: int, conns_wanted: int, out: dict) -> li
 
 def run_client(cmd: list[str], width: int, conns: int, tmp: Path) -> dict:
     out: dict = {"mode": "client", "ports": width}
-    origin_port = free_block(width)
-    origin = start_origin(origin_port, width, tmp / "origin.log")
+    origin_port, origin = start_origin_block(width, tmp / "origin.log")
     (tmp / "dep").mkdir()
     d = Deployment(cmd, str(tmp / "dep"))
     socks: list[socket.socket] = []
@@ -231,8 +243,7 @@ def run_client(cmd: list[str], width: int, conns: int, tmp: Path) -> dict:
 
 def run_standalone(cmd: list[str], width: int, conns: int, tmp: Path) -> dict:
     out: dict = {"mode": "standalone", "ports": width}
-    origin_port = free_block(width)
-    origin = start_origin(origin_port, width, tmp / "origin.log")
+    origin_port, origin = start_origin_block(width, tmp / "origin.log")
     socks: list[socket.socket] = []
     base = free_block(width)
     cfg = tmp / "standalone.toml"

@@ -151,8 +151,9 @@ class FakeAgent:
             self.welcomed = True
             self.stats_interval = float(msg["stats_interval_secs"])
             self.fleet.welcomed(self)
-            # agents started together do not report in lock-step: spread the first tick
-            self.timer = self.fleet.loop.call_later(random.uniform(0, self.stats_interval), self._report)
+            # like control.agent: the first report one interval after the welcome (agents connected in
+            # a storm report in the same band every interval, as real ones do)
+            self.timer = self.fleet.loop.call_later(self.stats_interval, self._report)
         elif t == "ping":
             ch.send(m.pong(msg["nonce"]))
         elif t == "rule_update":
@@ -347,6 +348,7 @@ def run(cmd: list[str], n: int, pushes: int, idle_secs: float, window: int) -> d
         try:
             d.start_server()
             pid = d.server_proc.pid
+            print(f"server pid {pid}", flush=True)
             out["server_nofile"] = proc_nofile(pid)
             time.sleep(0.5)
             out["server_start_mem_kib"] = proc_mem_kib(pid)
