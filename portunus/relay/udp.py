@@ -144,6 +144,8 @@ class Flow:
         self.target_state.bytes_in += len(data)
 
     def on_upstream_readable(self) -> None:
+        if self.closed:  # an event of this turn after the flow went (its fd may be reused already)
+            return
         relay = self.relay
         view = relay.ctx.udp_view
         pc = relay.counters.ports[self.listen_port]
@@ -271,6 +273,8 @@ class Flow:
 
     def on_upstream_batch(self) -> None:
         """Replies: one recvmmsg into the free reply slots, queued for the turn's sendmmsg."""
+        if self.closed:  # an event of this turn after the flow went (its fd may be reused already)
+            return
         relay = self.relay
         b = relay.batch
         if b is None or not b.enabled:
@@ -331,6 +335,7 @@ class Flow:
             self.relay.ctx.loop.forget(self.up.fileno())
             self.up.close()
             self.up = None
+        self.fd = -1
 
 
 class UdpRuleRelay:

@@ -514,3 +514,34 @@ def test_replies_that_gso_refuses_go_again_one_a_message(rigs):
     rig.run_until(lambda: rig.snap()["datagrams_out"] == 4, "four replies")
     assert rig.drain(a) == [b"r0", b"r1", b"r2", b"r3"] and rig.snap()["send_dropped"] == 0
     assert flow.gso_max == mmsg.GSO_OFF
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_an_ipv6_listener_keys_and_answers_its_sources(rigs, path):
+    if path != "per_datagram" and mmsg._libc_calls() is None:
+        pytest.skip("no recvmmsg here")
+    try:
+        probe = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        probe.bind(("::1", 0))
+        probe.close()
+    except OSError:
+        pytest.skip("no ::1 here")
+    rig = rigs(path, listen_host="::1")
+    cs = []
+    for _ in range(2):
+        c = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        c.bind(("::1", 0))
+        c.setblocking(False)
+        rig.clients.append(c)
+        cs.append(c)
+    for i in range(3):
+        for k, c in enumerate(cs):
+            c.sendto(b"%d-%d" % (k, i), ("::1", rig.listen))
+    rig.run_until(lambda: rig.snap()["datagrams_in"] == 6, "6 upstream")
+    assert rig.snap()["active_flows"] == 2
+    assert set(rig.relay.flows) == {(rig.listen, c.getsockname()) for c in cs}  # (port, source) keys
+    for d, src in rig.target_drain():
+        rig.target.sendto(b"R" + d, src)
+    rig.run_until(lambda: rig.snap()["datagrams_out"] == 6, "6 back")
+    for k, c in enumerate(cs):
+        assert rig.drain(c) == [b"R%d-%d" % (k, i) for i in range(3)]
