@@ -36,6 +36,11 @@ case "${1:-}" in
   test)
     shift
     export PORTUNUS_BIN="$PWD/dist/portunus"
+    # The zipapp starts with `/usr/bin/env python3`, which may find a version manager's shim first
+    # (pyenv's is a shell script: ~100 ms per process). The tests start thousands of processes, so
+    # the interpreter behind that shim goes first on PATH: the same plain Python, not the venv.
+    PATH="$(dirname "$("$PY" -c 'import sys; print(sys.executable)')"):$PATH"
+    export PATH
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
   demo)
