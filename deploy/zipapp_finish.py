@@ -54,8 +54,28 @@ def _extracted_site_packages():
     return path if os.path.isdir(path) else None
 
 
+def _check_unpack_root():
+    # shiv unpacks into $SHIV_ROOT or ~/.shiv on a first run; a service user without a home (or
+    # ProtectHome=) would get a traceback from deep inside shiv: say what to do instead.
+    root = os.environ.get("SHIV_ROOT") or "~/.shiv"
+    if root.startswith("$"):
+        return
+    root = os.path.expanduser(root)
+    try:
+        os.makedirs(root, exist_ok=True)
+        ok = os.access(root, os.W_OK | os.X_OK)
+        why = "not writable"
+    except OSError as exc:
+        ok, why = False, exc.strerror or str(exc)
+    if not ok:
+        sys.stderr.write("error: cannot unpack the zipapp's libraries into %s (%s); set SHIV_ROOT to a "
+                         "writable directory (the systemd units use their CacheDirectory)\\n" % (root, why))
+        sys.exit(1)
+
+
 _site_packages = _extracted_site_packages()
 if _site_packages is None:
+    _check_unpack_root()
     import _bootstrap
     _bootstrap.bootstrap()
 else:

@@ -141,3 +141,16 @@ def test_an_archive_with_shiv_options_it_does_not_mirror_keeps_shivs_main(tmp_pa
     with zipfile.ZipFile(archive) as z:
         assert z.read("__main__.py") == b"import _bootstrap\n_bootstrap.bootstrap()\n"
         assert f"site-packages/app/__pycache__/main.{TAG}.pyc" in z.namelist()
+
+
+def test_no_writable_unpack_dir_is_a_clear_error_not_a_traceback(finished, tmp_path):
+    """A service user without a home (HOME points nowhere, no SHIV_ROOT): say what to set."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("SHIV_")}
+    full.update(HOME="/proc/no-such-home", PYTHONDONTWRITEBYTECODE="1")
+    res = subprocess.run([sys.executable, str(finished), "x"], env=full, capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 1
+    assert "Traceback" not in res.stderr
+    assert "/proc/no-such-home/.shiv" in res.stderr and "SHIV_ROOT" in res.stderr
+    assert "shiv-bootstrap" not in res.stdout
+
