@@ -31,6 +31,7 @@ import mmap
 import os
 import socket
 import sys
+import time
 
 SLOTS = 32               # datagrams per recvmmsg/sendmmsg
 SLOT_SIZE = 65536        # a whole UDP datagram always fits: never MSG_TRUNC
@@ -262,6 +263,7 @@ class Batch:
         self.origin = [0] * slots   # up_tx entry -> the inbound slot it carries
         self.rx_cursor = 0          # next free reply slot
         self.flush_scheduled = False
+        self.now = time.monotonic  # batch_for: the context loop's clock
 
     def disable(self) -> None:
         self.enabled = False
@@ -312,6 +314,9 @@ def batch_for(ctx) -> Batch | None:
     if b is False:
         calls = _libc_calls()
         b = Batch(calls) if calls is not None else None
+        loop = getattr(ctx, "loop", None)
+        if b is not None and loop is not None:
+            b.now = loop.time  # the context's clock, for flows' last_seen
         ctx.udp_batch = b
     if b is not None and not b.enabled:
         return None

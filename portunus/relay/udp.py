@@ -178,9 +178,8 @@ class Flow:
         """Send inbound slots ``k..j-1`` (all from this flow's source) upstream in one sendmmsg.
         Returns the slot to go on from: ``j``, or after an ICMP eviction the slot after the one
         that met it (the rest of the run then makes a new flow, as datagram by datagram)."""
-        relay = self.relay
-        counters = relay.counters
-        gate = self.gated()
+        ticket = self.ticket
+        gate = self.quota is not None or (ticket is not None and ticket.bandwidth_capped)
         if self.pending is not None:  # the target name is still resolving: copies are held
             data = b.inbound.data
             for i in range(k, j):
@@ -294,7 +293,7 @@ class Flow:
                 flush_replies(b)
                 cur = 0
             room = b.n - cur
-            r = b.recvmmsg(self.fd, rx.at(cur), room, mmsg.MSG_DONTWAIT, None)
+            r = b.recvmmsg(self.fd, rx.ptrs[cur], room, mmsg.MSG_DONTWAIT, None)
             if r <= 0:
                 if r < 0:
                     err = _get_errno()
@@ -303,8 +302,9 @@ class Flow:
                     elif err in mmsg.UNSUPPORTED_ERRNOS:
                         relay.fall_back(err)
                 return
-            self.last_seen = relay.ctx.loop.time()
-            gate = self.gated()
+            self.last_seen = b.now()
+            ticket = self.ticket
+            gate = self.quota is not None or (ticket is not None and ticket.bandwidth_capped)
             q = b.q_n
             for i in range(cur, cur + r):
                 n = u32[i * _HDR_U32 + _LEN_WORD]
