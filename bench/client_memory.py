@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 from pathlib import Path
 
 from portbench import REPO as ROOT               # bench/ is sys.path[0] when this file is run
@@ -220,12 +221,20 @@ def run_client(cmd: list[str], width: int, conns: int, tmp: Path) -> dict:
         pid = d.client_proc.pid
         time.sleep(1.0)
         out["mem_no_rules"] = mem(pid)
-        base = free_block(width)
-        t0 = time.perf_counter()
-        status, rule = d.call("POST", "/v1/rules", {"client": d.CLIENT_NAME, "listen": f"{base}-{base + width - 1}",
-                                                    "target": f"127.0.0.1:{origin_port}-{origin_port + width - 1}"})
-        out["push_range_ms"] = (time.perf_counter() - t0) * 1000
-        if status != 201:
+        for attempt in range(3):  # a port of the block may be taken between the probe and the bind
+            base = free_block(width)
+            t0 = time.perf_counter()
+            try:
+                status, rule = d.call("POST", "/v1/rules", {
+                    "client": d.CLIENT_NAME, "listen": f"{base}-{base + width - 1}",
+                    "target": f"127.0.0.1:{origin_port}-{origin_port + width - 1}"})
+            except urllib.error.HTTPError as exc:
+                if attempt == 2:
+                    raise RuntimeError(f"push: {exc.code} {exc.read()[:300]!r}") from None
+                continue
+            out["push_range_ms"] = (time.perf_counter() - t0) * 1000
+            if status == 201:
+                break
             raise RuntimeError(f"push: {status} {rule}")
         wait_listening(base, base + width - 1, d.client_proc)
         time.sleep(1.0)
