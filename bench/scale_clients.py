@@ -31,6 +31,7 @@ import json
 import os
 import random
 import resource
+import signal
 import socket
 import statistics
 import sys
@@ -43,6 +44,7 @@ from pathlib import Path
 from portbench import REPO as ROOT               # bench/ is sys.path[0] when this file is run
 from portbench.deployment import Deployment
 from portbench.machine import print_machine_load
+from portbench.procs import free_port
 from portbench.product import script_command
 
 sys.path.insert(0, str(ROOT))
@@ -126,14 +128,19 @@ class FakeAgent:
         self.stats_interval = 5.0
         self.timer = None
         self.started_at = 0.0
+        self.attempt = 0
 
     def start(self) -> None:
         self.started_at = time.perf_counter()
+        self.welcomed = False
         host, port = self.bundle["server_endpoint"].rsplit(":", 1)
         Connect(self.fleet.loop, host, int(port), 30.0, self._on_tcp)
 
     def _on_tcp(self, sock, err) -> None:
         if sock is None:
+            if self.fleet.reconnecting:
+                self._reconnect()
+                return
             self.fleet.failed(self, f"connect: {err}")
             return
         self.channel = Channel(self.fleet.loop, sock, self.fleet.ctx, server_side=False, peer_role="server",
@@ -149,6 +156,7 @@ class FakeAgent:
         t = msg["type"]
         if t == "welcome":
             self.welcomed = True
+            self.attempt = 0
             self.stats_interval = float(msg["stats_interval_secs"])
             self.fleet.welcomed(self)
             # like control.agent: the first report one interval after the welcome (agents connected in
@@ -198,8 +206,24 @@ class FakeAgent:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        if not self.fleet.stopping:
-            self.fleet.failed(self, f"closed: {reason}")
+        if self.fleet.stopping:
+            return
+        if self.fleet.reconnecting:
+            self._reconnect()
+            return
+        self.fleet.failed(self, f"closed: {reason}")
+
+    def _reconnect(self) -> None:
+        """control.agent's backoff: full jitter, uniform(0, min(30, 0.5 * 2^attempt))."""
+        delay = random.uniform(0, min(30.0, 0.5 * 2 ** min(self.attempt, 30)))
+        self.attempt += 1
+        self.channel = None
+        self.fleet.loop.call_later(delay, self._restart)
+
+    def _restart(self) -> None:
+        self.welcomed = False
+        host, port = self.bundle["server_endpoint"].rsplit(":", 1)
+        Connect(self.fleet.loop, host, int(port), 30.0, self._on_tcp)
 
 
 class Enrollment:
@@ -251,6 +275,8 @@ class Fleet:
         self.connect_times: list[float] = []
         self.reports_sent = 0
         self.stopping = False
+        self.reconnecting = False   # a server restart: agents come back on their own, with backoff
+        self.rewelcomed = 0
         self._queue: list = []
         self._window = 1
         self._inflight = 0
@@ -308,6 +334,9 @@ class Fleet:
         self._run_windowed([a.start for a in self.agents], window, timeout)
 
     def welcomed(self, agent: FakeAgent) -> None:
+        if self.reconnecting:
+            self.rewelcomed += 1
+            return
         self.n_welcomed += 1
         self.connect_times.append(time.perf_counter() - agent.started_at)
         self._job_done()
@@ -340,10 +369,40 @@ def measure_idle(pid: int, secs: float) -> dict:
             "secs": t1 - t0, **{f"server_{k}_kib": v for k, v in proc_mem_kib(pid).items()}}
 
 
-def run(cmd: list[str], n: int, pushes: int, idle_secs: float, window: int) -> dict:
+def restart_storm(d: Deployment, fleet: Fleet, n: int, settle: float) -> dict:
+    """SIGTERM the server, start it again on the same data and port: every agent comes back by
+    itself with the agent's jittered backoff (a reconnect storm), its rules replayed."""
+    fleet.reconnecting, fleet.rewelcomed = True, 0
+    old = d.server_proc
+    old.send_signal(signal.SIGTERM)
+    old.wait(30)
+    (d.data / "serve.json").unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    d.start_server()
+    pid = d.server_proc.pid
+    out = {"server_start_s": time.perf_counter() - t0, "server_start_cpu_s": proc_cpu_secs(pid)}
+    deadline = time.monotonic() + 120
+    while fleet.rewelcomed < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    out["all_back_s"] = time.perf_counter() - t0
+    out["back"] = fleet.rewelcomed
+    out["server_cpu_s"] = proc_cpu_secs(pid)  # start + n handshakes, hellos and replays
+    out["mem_kib_all_back"] = proc_mem_kib(pid)
+    time.sleep(settle)  # a heartbeat tick after the hub's TRIM_EVERY hands the storm's free heap back
+    out["settle_s"] = settle
+    out["mem_kib_settled"] = proc_mem_kib(pid)
+    out["connected_metric"] = metric_value(d.info["metrics_url"], "portunus_clients_connected")
+    return out
+
+
+def run(cmd: list[str], n: int, pushes: int, idle_secs: float, window: int, restart: bool = True,
+        settle: float = 12.0) -> dict:
     out: dict = {"clients": n, "harness_nofile": raise_nofile()}
     with tempfile.TemporaryDirectory(prefix="portunus-scale-") as tmp:
         d = Deployment(cmd, tmp)
+        toml = d.data / "server.toml"  # a fixed control port: the bundles still point at it after a restart
+        toml.write_text(toml.read_text().replace('control_listen = "127.0.0.1:0"',
+                                                 f'control_listen = "127.0.0.1:{free_port()}"'))
         fleet = None
         try:
             d.start_server()
@@ -411,6 +470,8 @@ def run(cmd: list[str], n: int, pushes: int, idle_secs: float, window: int) -> d
             out["server_end_mem_kib"] = proc_mem_kib(pid)
             out["harness_errors"] = fleet.errors[:20]
             out["still_connected"] = metric_value(metrics, "portunus_clients_connected")
+            if restart:
+                out["restart"] = restart_storm(d, fleet, n, settle)
         finally:
             if fleet is not None:
                 fleet.close()
@@ -445,6 +506,15 @@ def print_table(r: dict) -> None:
     ]
     for k, v in rows:
         print(f"{k:<34} {v}")
+    if "restart" in r:
+        x = r["restart"]
+        print(f"{'restart: serve up / all back':<34} {x['server_start_s']:.2f} s / {x['all_back_s']:.2f} s "
+              f"({x['back']} of {r['clients']} back, agents' jittered backoff)")
+        print(f"{'restart: server CPU to all back':<34} {x['server_cpu_s']:.2f} s (start alone "
+              f"{x['server_start_cpu_s']:.2f} s)")
+        print(f"{'restart: RSS all back / settled':<34} {x['mem_kib_all_back']['VmRSS'] / 1024:.1f} / "
+              f"{x['mem_kib_settled']['VmRSS'] / 1024:.1f} MiB {x['settle_s']:g} s later "
+              f"(HWM {x['mem_kib_settled']['VmHWM'] / 1024:.1f})")
     if r["harness_errors"]:
         print("harness errors:", r["harness_errors"])
 
@@ -457,16 +527,22 @@ def main() -> int:
     ap.add_argument("--pushes", type=int, default=500)
     ap.add_argument("--idle-secs", type=float, default=31.0, help="per idle phase (>= 2 ping intervals)")
     ap.add_argument("--window", type=int, default=128, help="TLS handshakes in flight at once")
+    ap.add_argument("--restart", action=argparse.BooleanOptionalAction, default=True,
+                    help="end with a server restart and the agents' reconnect storm")
+    ap.add_argument("--settle-secs", type=float, default=12.0,
+                    help="after the storm, before the last RSS reading (the hub trims at most every 10 s)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "scale_clients.json"))
     args = ap.parse_args()
     load = print_machine_load()
-    res = run(script_command(args.bin, args.source), args.clients, args.pushes, args.idle_secs, args.window)
+    res = run(script_command(args.bin, args.source), args.clients, args.pushes, args.idle_secs, args.window,
+              args.restart, args.settle_secs)
     res["machine_load"] = load
     print_table(res)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2))
     print(f"wrote {args.out}")
-    return 0 if not res["harness_errors"] and res["still_connected"] == args.clients else 1
+    back = res.get("restart", {}).get("back", args.clients)
+    return 0 if not res["harness_errors"] and res["still_connected"] == args.clients and back == args.clients else 1
 
 
 if __name__ == "__main__":

@@ -33,12 +33,15 @@ def _run(script: str, args: list[str], tmp_path: Path, timeout: float) -> dict:
 
 @pytest.mark.timeout(60)
 def test_scale_clients_smoke(tmp_path):
-    res = _run("scale_clients.py", ["--clients", "20", "--pushes", "10", "--idle-secs", "1"], tmp_path, 50)
+    res = _run("scale_clients.py", ["--clients", "20", "--pushes", "10", "--idle-secs", "1",
+                                          "--settle-secs", "0"], tmp_path, 50)
     assert res["metric_clients_connected"] == 20 and res["still_connected"] == 20
     assert res["harness_errors"] == []
     assert res["push_ms"]["n"] == 10 and res["push_ms"]["p99"] > 0
     assert res["push_server_ms"]["n"] == 10
     assert res["clients_with_rules"] >= 1
+    # the server restarted on the same data and port: every agent came back by itself
+    assert res["restart"]["back"] == 20 and res["restart"]["connected_metric"] == 20
     for phase in ("idle_heartbeats", "idle_stats"):
         assert res[phase]["server_cpu_pct"] >= 0
         assert res[phase]["server_VmRSS_kib"] > 0
