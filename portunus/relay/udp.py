@@ -22,7 +22,6 @@ whole (``bandwidth_dropped_in/out``); the owner's quota is debited per datagram,
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import socket
@@ -30,7 +29,6 @@ import socket
 from ..log import log
 from ..model import Rule
 from ..netio import errno_name
-from . import mmsg
 from .context import REPEAT_LOG_EVERY, BindError, RelayContext, bind_socket
 from .enforce import QUOTA_REFUSED
 from .rule_relay import RuntimeSettings
@@ -40,12 +38,24 @@ from .targets import TargetSet
 RECV_BATCH = 64
 BATCH_ROUNDS = 2  # recvmmsg calls per readiness event (2 x mmsg.SLOTS = RECV_BATCH datagrams)
 _AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK)
-_HDR_U32 = mmsg.HDR_SIZE // 4
-_LEN_WORD = mmsg._LEN_WORD
-_IOV_WORD = mmsg._IOV_WORD
-_IOVLEN_WORD = mmsg._IOVLEN_WORD
-_CTRLLEN_WORD = mmsg._CTRLLEN_WORD
-_get_errno = ctypes.get_errno
+# relay/mmsg.py (and ctypes, ~2 ms) is imported with the first UDP rule, not at startup; these
+# word indexes of its arrays (ABI constants, not state) are bound then by _load_mmsg()
+mmsg = None
+_HDR_U32 = _LEN_WORD = _IOV_WORD = _IOVLEN_WORD = _CTRLLEN_WORD = 0
+_get_errno = None
+
+
+def _load_mmsg():
+    global mmsg, _HDR_U32, _LEN_WORD, _IOV_WORD, _IOVLEN_WORD, _CTRLLEN_WORD, _get_errno
+    if mmsg is None:
+        import ctypes
+
+        from . import mmsg as m
+        _HDR_U32 = m.HDR_SIZE // 4
+        _LEN_WORD, _IOV_WORD, _IOVLEN_WORD, _CTRLLEN_WORD = m._LEN_WORD, m._IOV_WORD, m._IOVLEN_WORD, m._CTRLLEN_WORD
+        _get_errno = ctypes.get_errno
+        mmsg = m
+    return mmsg
 
 
 def _oserror(err: int) -> OSError:
@@ -76,7 +86,7 @@ class Flow:
         self.name_buf = None  # the batched path: src as a sockaddr, msg_name of its replies
         self.name_addr = 0
         self.name_len = 0
-        self.gso_max = mmsg.GSO_OFF  # the batched path: segment sizes that may go as one GSO send
+        self.gso_max = 0  # the batched path: segment sizes that may go as one GSO send (mmsg.GSO_OFF)
         self.pc = relay.counters.ports[listen_port]  # this port's counters (the relay keeps them)
 
     def gated(self) -> bool:
@@ -354,7 +364,7 @@ class UdpRuleRelay:
         self._reaper = None
         self.on_idle = None
         self.targets = TargetSet(rule, counters, ctx.loop, ctx.resolver)
-        self.batch = mmsg.batch_for(ctx)  # None: the per-datagram path
+        self.batch = _load_mmsg().batch_for(ctx)  # None: the per-datagram path
         self._by_key: dict[int, dict] = {}  # the batched path: port -> {source key: flow}
 
     def bind(self) -> None:
