@@ -89,13 +89,10 @@ class Flow:
         self.gso_max = 0  # the batched path: segment sizes that may go as one GSO send (mmsg.GSO_OFF)
         self.pc = relay.counters.ports[listen_port]  # this port's counters (the relay keeps them)
 
-    def gated(self) -> bool:
-        """Whether datagrams must pass ``passes()`` (a bandwidth cap or an owner quota)."""
-        ticket = self.ticket
-        return self.quota is not None or (ticket is not None and ticket.bandwidth_capped)
-
     def passes(self, direction: str, size: int) -> bool:
-        """Whether one datagram may go: the bandwidth cap, then the quota (each all or nothing)."""
+        """Whether one datagram may go: the bandwidth cap, then the quota (each all or nothing).
+        The batched path asks it only where there is a cap or a quota, once per datagram, so a
+        batch is trimmed to the allowance exactly."""
         ticket, quota = self.ticket, self.quota
         if quota is not None and quota.exhausted:
             self.relay.counters.quota_dropped += 1
