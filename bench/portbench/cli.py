@@ -53,7 +53,8 @@ def _build_parser() -> argparse.ArgumentParser:
                     help=f"comma list of {','.join(ALL_PATHS)} (default: all but haproxy-splice)")
     ap.add_argument("--origin", choices=["nginx", "python"], default=None,
                     help="HTTP origin: nginx `return 200` (default when nginx is installed) or "
-                         "the bench's own Python epoll responder (slower: it caps every path)")
+                         "the bench's own Python epoll responder (more CPU per request, "
+                         "which on a small machine leaves less for the proxy)")
     ap.add_argument("--bin", default="dist/portunus",
                     help="the portunus command, taking the role as its first argument "
                          "(standalone paths: BIN standalone --config F; client paths: "
@@ -376,8 +377,8 @@ def main(argv=None) -> int:
     if a.origin is None:
         a.origin = "nginx" if shutil.which("nginx") else "python"
         if a.origin == "python" and ("http" in a.only or "tcp" in a.only):
-            log("WARNING: nginx not found; the HTTP origin is the Python responder, which caps "
-                "keep-alive and new-connection rates of every path")
+            log("WARNING: nginx not found; the HTTP origin is the Python responder (not the "
+                "issue's method: its CPU per request competes with the proxy's)")
     workdir = _make_workdir(a)
     PROCS = procs = Procs(workdir / "logs")
     atexit.register(_cleanup)
