@@ -94,9 +94,7 @@ class Loop:
         self._signals: dict[int, tuple] = {}
 
     # ---- time -------------------------------------------------------------
-    @staticmethod
-    def time() -> float:
-        return time.monotonic()
+    time = staticmethod(time.monotonic)  # loop.time() is the C call itself (read several times per event)
 
     # ---- fd interest ------------------------------------------------------
     def _update(self, fd: int, h: _FdHandlers) -> None:

@@ -73,8 +73,19 @@ class Connect:
             loop.call_soon(self._finish, errno_name(rc))
 
     def _on_writable(self) -> None:
-        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        self._finish(None if err == 0 else errno_name(err))
+        sock = self.sock
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err or self.done:
+            self._finish(None if err == 0 else errno_name(err))
+            return
+        # connected (the common case, once per connection): _finish + _release inline
+        self.done = True
+        timer = self.timer
+        if timer is not None:
+            timer.cancel()
+            self.timer = None
+        self.loop.remove_writer(sock.fileno())  # handed over: see _release
+        self.on_done(sock, None)
 
     def _finish(self, reason: str | None) -> None:
         if self.done:

@@ -22,10 +22,11 @@ from typing import Callable
 from ..log import log
 from ..model import RateLimit, Rule
 from .limiter_book import LimiterBook
-from .limits import Ticket, TokenBucket
+from .limits import Ticket, TokenBucket, splice_allowed
 from .quota import QuotaBook, QuotaHandle
 from .splice import splice_available, splice_disabled_by_env
 
+_LINUX_SPLICE = splice_available()  # the platform does not change while the process runs
 QUOTA_REFUSED = "quota_exhausted"  # not a rate-limit reason: counted as the rule's quota_refused
 
 
@@ -59,7 +60,10 @@ class Enforcer:
 
     def splice_allowed(self, rule: Rule) -> bool:
         """Decided per new connection, so a hot update reaches the next connection."""
-        return self.limits.splice_allowed(rule, linux=splice_available(), disabled=splice_disabled_by_env())
+        if not _LINUX_SPLICE:
+            return False
+        owner_cap = self.limits.owner_cap(rule.owner) if rule.owner else None
+        return splice_allowed(rule, owner_cap, linux=True, disabled=splice_disabled_by_env())
 
     # ---- admission -----------------------------------------------------------
     def quota(self, rule: Rule) -> QuotaHandle | None:

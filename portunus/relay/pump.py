@@ -296,18 +296,16 @@ class Pump:
 
     def _finish(self) -> None:
         self.done = True
-        if self._other_done():
-            self.session.pump_done()  # both directions ended: the close that follows sends the FIN
+        session = self.session
+        pumps = session.pumps
+        if len(pumps) == 2 and pumps[0].done and pumps[1].done:
+            session.pump_done()  # both directions ended: the close that follows sends the FIN
             return
         try:
             self.dst.shutdown(socket.SHUT_WR)  # preserve the half-close
         except OSError:
             pass
-        self.session.pump_done()
-
-    def _other_done(self) -> bool:
-        pumps = self.session.pumps
-        return len(pumps) == 2 and pumps[0].done and pumps[1].done
+        session.pump_done()
 
     def release(self, clean: bool) -> None:
         if self.pipe is not None:

@@ -30,13 +30,15 @@ PROBE_TIMEOUT = 3.0
 class TargetState:
     """Health and counters of one target."""
 
-    __slots__ = ("index", "healthy", "consecutive_failures", "consecutive_successes",
+    __slots__ = ("index", "target", "healthy", "consecutive_failures", "consecutive_successes",
                  "failure_times", "last_failure_at", "last_success_at", "last_trial", "bytes_in", "bytes_out",
-                 "connections", "_target", "literal")
+                 "connections", "literal")
 
     def __init__(self, index: int, target: Target):
         self.index = index
-        self.target = target
+        self.target = target  # update() only ever swaps in a target with the same host and port
+        # an IP literal needs no resolver round: its one address, decided once per target
+        self.literal = ((family_of(target.host), target.host),) if is_ip_literal(target.host) else None
         self.healthy = True
         self.consecutive_failures = 0
         self.consecutive_successes = 0
@@ -47,16 +49,6 @@ class TargetState:
         self.bytes_in = 0
         self.bytes_out = 0
         self.connections = 0
-
-    @property
-    def target(self) -> Target:
-        return self._target
-
-    @target.setter
-    def target(self, target: Target) -> None:
-        self._target = target
-        # an IP literal needs no resolver round: its one address, decided once per target
-        self.literal = ((family_of(target.host), target.host),) if is_ip_literal(target.host) else None
 
     def to_dict(self) -> dict:
         t = self.target
