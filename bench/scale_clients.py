@@ -380,6 +380,7 @@ def restart_storm(d: Deployment, fleet: Fleet, n: int, settle: float) -> dict:
     t0 = time.perf_counter()
     d.start_server()
     pid = d.server_proc.pid
+    print(f"restarted server pid {pid}", flush=True)
     out = {"server_start_s": time.perf_counter() - t0, "server_start_cpu_s": proc_cpu_secs(pid)}
     deadline = time.monotonic() + 120
     while fleet.rewelcomed < n and time.monotonic() < deadline:
