@@ -86,7 +86,7 @@ class LimiterBook:
         rule.concurrent += 1
         if rule.owner:
             self._owner_live[rule.owner] = self._owner_live.get(rule.owner, 0) + 1
-        return Ticket(chain, rule, self._owner_live, lambda: self.owner_limiter(rule.owner))
+        return Ticket(chain, rule, self._owner_live, self)  # the book: the owner's envelope now
 
     def owner_active(self, owner: str | None) -> int:
         """Live connections and flows over all of ``owner``'s rules here (``…_active_connections``,

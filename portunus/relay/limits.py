@@ -318,8 +318,9 @@ class Ticket:
     """An admitted connection or flow: the chain of scopes it is accounted to (owner envelope first,
     then the rule). ``release`` gives back its concurrency slots, exactly once.
 
-    With ``owner_scope`` (the book's lookup of the owner's current envelope) the chain follows the
-    envelope: one installed after the connection was admitted caps it from then on too."""
+    With ``owner_scope`` (the book: ``owner_scope.owner_limiter(owner)`` looks up the owner's current
+    envelope) the chain follows the envelope: one installed after the connection was admitted caps it
+    from then on too. A ticket is per connection, so it holds no closure and no dict until it parks."""
 
     __slots__ = ("_chain", "rule", "_owner_live", "_owner", "_parked", "released", "_owner_scope")
 
@@ -330,14 +331,14 @@ class Ticket:
         self.rule = rule
         self._owner_live = owner_live
         self._owner = rule.owner
-        self._parked: dict[str, tuple[TokenBucket, object]] = {}
+        self._parked: dict[str, tuple[TokenBucket, object]] | None = None  # made at the first park
         self.released = False
 
     @property
     def chain(self) -> tuple[Limiter, ...]:
         if self._owner_scope is None:
             return self._chain
-        owner = self._owner_scope()
+        owner = self._owner_scope.owner_limiter(self._owner)
         return (owner, self.rule) if owner is not None else (self.rule,)
 
     def _buckets(self, direction: str) -> list[TokenBucket]:
@@ -361,7 +362,8 @@ class Ticket:
         buckets = self._buckets(direction)
         if not buckets:
             return want
-        waiter = self._parked[direction][1] if direction in self._parked else None
+        parked = self._parked
+        waiter = parked[direction][1] if parked is not None and direction in parked else None
         n = want
         for b in buckets:
             have = b.available(now)
@@ -391,6 +393,8 @@ class Ticket:
         slowest = max(buckets, key=lambda b: (b.wait_for(b.wake_quantum(), now), bool(b.waiters)))
         for b in buckets:
             b.turn.discard(waiter)
+        if self._parked is None:
+            self._parked = {}
         self._parked[direction] = (slowest, waiter)
         return slowest, slowest.park(waiter, now)
 
@@ -415,9 +419,10 @@ class Ticket:
         if self.released:
             return
         self.released = True
-        for bucket, waiter in self._parked.values():
-            bucket.unpark(waiter, now)
-        self._parked.clear()
+        if self._parked is not None:
+            for bucket, waiter in self._parked.values():
+                bucket.unpark(waiter, now)
+            self._parked = None
         self.rule.concurrent -= 1
         if self._owner:
             left = self._owner_live[self._owner] - 1
