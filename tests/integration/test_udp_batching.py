@@ -545,3 +545,29 @@ def test_an_ipv6_listener_keys_and_answers_its_sources(rigs, path):
     rig.run_until(lambda: rig.snap()["datagrams_out"] == 6, "6 back")
     for k, c in enumerate(cs):
         assert rig.drain(c) == [b"R%d-%d" % (k, i) for i in range(3)]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_an_icmp_error_met_by_a_lone_datagram_of_a_batch_evicts_only_its_flow(rigs, path):
+    """Runs of one datagram (sources interleaved): the one that meets its flow's pending
+    ECONNREFUSED is lost with that flow; the next source's datagram and the next one from the
+    evicted source (a new flow) both go."""
+    if path != "per_datagram" and mmsg._libc_calls() is None:
+        pytest.skip("no recvmmsg here")
+    rig = rigs(path, target_port=free_port())
+    rig.target.close()
+    a, b = rig.client(), rig.client()
+    a.sendto(b"a1", ("127.0.0.1", rig.listen))
+    rig.run_until(lambda: rig.snap()["datagrams_in"] == 1, "a1 sent (its ICMP now pending on the flow)")
+    first = next(iter(rig.relay.flows.values()))
+    a.sendto(b"a2", ("127.0.0.1", rig.listen))
+    b.sendto(b"b1", ("127.0.0.1", rig.listen))
+    a.sendto(b"a3", ("127.0.0.1", rig.listen))
+    relay = rig.relay
+    sock = relay.sockets[rig.listen]
+    handler = relay._batch_receiver(sock, rig.listen) if path != "per_datagram" else relay._receiver(sock, rig.listen)
+    handler()
+    snap = rig.snap()
+    assert first.closed and snap["flows_evicted_icmp"] == 1 and snap["send_dropped"] == 0
+    assert snap["datagrams_in"] == 3 and snap["active_flows"] == 2
+    assert {src for _, src in relay.flows} == {a.getsockname(), b.getsockname()}
