@@ -186,7 +186,8 @@ def pack_messages(tx: Headers, start: int, end: int, gso_max: int, owners=None) 
         owner = owners[x] if owners is not None else None
         limit = owner.gso_max if owner is not None else gso_max
         y = x + 1
-        if 0 < size <= limit:
+        if 0 < size <= limit and y < end and (owners is None or owners[y] is owner) \
+                and 0 < iov[2 * y + 1] <= size:  # a run can start here (lone datagrams skip it)
             cap = min(end, x + min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // size))
             if owner is None:
                 while y < cap and iov[2 * y + 1] == size:
