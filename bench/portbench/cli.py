@@ -329,7 +329,7 @@ def _write_outputs(a, doc: dict, workdir: Path, runner: Runner, interrupted: boo
 
 
 def _make_workdir(a) -> Path:
-    results_dir = Path(a.out).parent
+    results_dir = Path(a.out).resolve().parent  # absolute: peers (nginx -p) resolve paths against their own prefix
     results_dir.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     workdir = Path(tempfile.mkdtemp(prefix=f"run-{stamp}-", dir=results_dir))
@@ -392,6 +392,9 @@ def main(argv=None) -> int:
         standalone_argv, base_argv = _portunus_argvs(a, procs, workdir, runner, meta)
         _build_paths(a, workdir, runner, meta, standalone_argv, base_argv, paths)
         _measure(a, runner, paths, _start_backends(a, procs, meta, workdir))
+    except BenchError as e:      # a backend could not start: no figures to trust, no baseline
+        interrupted, rc = True, 2
+        log(f"error: {e}")
     except KeyboardInterrupt as e:
         interrupted, rc = True, 130
         log(f"interrupted ({str(e) or 'Ctrl-C'}); stopping children and writing partial results")
