@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import _imp
 import importlib.util
+import hashlib
 import json
 import os
 import sys
@@ -98,6 +99,10 @@ def pyc_bytes(source: bytes, filename: str) -> bytes | None:
     return _code_to_hash_pyc(code, _imp.source_hash(importlib.util._RAW_MAGIC_NUMBER, source), checked=True)
 
 
+def finished_build_id(build_id: str, tag: str) -> str:
+    return hashlib.sha256(f"{build_id}+pyc+{tag}".encode()).hexdigest()
+
+
 def finish(path: str) -> None:
     with open(path, "rb") as f:
         first = f.readline()
@@ -112,6 +117,12 @@ def finish(path: str) -> None:
                  and not env.get("root") and not env.get("always_write_cache") and module and function)
         date = src.getinfo("__main__.py").date_time
         tag = sys.implementation.cache_tag
+        finished = b"Written by deploy/zipapp_finish.py" in src.read("__main__.py")
+        if plain and not finished:
+            # shiv's build id hashes the sources only: an unfinished build of the same tree has the same
+            # id, and its extraction (no bytecode) would be reused by this one. A finished archive gets
+            # its own id, so it always unpacks its own bytecode.
+            env["build_id"] = finished_build_id(env["build_id"], tag)
         with open(tmp, "wb") as out:
             out.write(prefix)
             with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as dst:
@@ -119,6 +130,8 @@ def finish(path: str) -> None:
                 for name in names:
                     info = src.getinfo(name)
                     data = src.read(name)
+                    if name == "environment.json" and plain and not finished:
+                        data = json.dumps(env).encode()
                     if name == "__main__.py" and plain:
                         data = FAST_MAIN.format(overrides=SHIV_OVERRIDES, build_id=env["build_id"],
                                                 module=module, function=function).encode()

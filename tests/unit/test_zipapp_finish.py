@@ -85,7 +85,7 @@ def test_first_run_goes_through_shiv_then_later_runs_start_from_the_extracted_di
     first = run(finished, root)
     assert first.returncode == 3, first.stderr
     assert first.stdout.splitlines()[0] == "shiv-bootstrap"
-    site = root / f"app_{BUILD_ID}" / "site-packages"
+    site = root / f"app_{zipapp_finish.finished_build_id(BUILD_ID, TAG)}" / "site-packages"
     again = run(finished, root)
     assert again.returncode == 3, again.stderr
     assert "shiv-bootstrap" not in again.stdout
@@ -154,3 +154,27 @@ def test_no_writable_unpack_dir_is_a_clear_error_not_a_traceback(finished, tmp_p
     assert "/proc/no-such-home/.shiv" in res.stderr and "SHIV_ROOT" in res.stderr
     assert "shiv-bootstrap" not in res.stdout
 
+
+
+def test_a_finished_archive_never_reuses_the_extraction_of_an_unfinished_build(tmp_path):
+    """shiv's build id hashes the sources only: an unfinished archive of the same tree unpacked
+    first (no bytecode) must not be what the finished one starts from."""
+    plain, done = tmp_path / "app", tmp_path / "done" / "app"
+    make_archive(plain)
+    done.parent.mkdir()
+    done.write_bytes(plain.read_bytes())
+    zipapp_finish.finish(str(done))
+    root = tmp_path / "root"
+    assert run(plain, root).returncode == 3                      # unpacks app_<shiv id>, sources only
+    first = run(done, root)
+    assert first.returncode == 3 and first.stdout.splitlines()[0] == "shiv-bootstrap", first.stdout
+    own = root / f"app_{zipapp_finish.finished_build_id(BUILD_ID, TAG)}" / "site-packages"
+    assert (own / "app" / "__pycache__" / f"main.{TAG}.pyc").is_file()
+    again = run(done, root)
+    assert "shiv-bootstrap" not in again.stdout and str(own) in again.stdout
+
+
+def test_finishing_a_finished_archive_keeps_its_build_id(finished):
+    before = json.loads(zipfile.ZipFile(finished).read("environment.json"))["build_id"]
+    zipapp_finish.finish(str(finished))
+    assert json.loads(zipfile.ZipFile(finished).read("environment.json"))["build_id"] == before
