@@ -34,7 +34,7 @@ from pathlib import Path
 from portbench import REPO as ROOT               # bench/ is sys.path[0] when this file is run
 from portbench.deployment import Deployment
 from portbench.machine import print_machine_load
-from portbench.procs import ChildProcess, free_block
+from portbench.procs import ChildProcess, free_block, proc_mem_kib
 from portbench.product import script_command
 
 TARGET_CONNS = 10_000
@@ -126,12 +126,7 @@ def start_origin(base: int, width: int, log_path: Path) -> ChildProcess:
 # ---------------------------------------------------------------- /proc readings
 
 def mem(pid: int) -> dict:
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, val = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-                out[key] = int(val.split()[0])
+    out = proc_mem_kib(pid)
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
             for line in f:

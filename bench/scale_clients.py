@@ -44,7 +44,7 @@ from pathlib import Path
 from portbench import REPO as ROOT               # bench/ is sys.path[0] when this file is run
 from portbench.deployment import Deployment
 from portbench.machine import print_machine_load
-from portbench.procs import free_port
+from portbench.procs import free_port, proc_mem_kib
 from portbench.product import script_command
 
 sys.path.insert(0, str(ROOT))
@@ -74,16 +74,6 @@ def proc_cpu_secs(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK  # utime + stime
-
-
-def proc_mem_kib(pid: int) -> dict:
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, val = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-                out[key] = int(val.split()[0])
-    return out
 
 
 def proc_nofile(pid: int) -> int | None:

@@ -269,3 +269,14 @@ def proc_peak_rss_mib(pid: int) -> float | None:
     except OSError:
         pass
     return None
+
+
+def proc_mem_kib(pid: int) -> dict:
+    """VmRSS, VmHWM, RssAnon, RssFile of ``pid`` in KiB (from /proc/<pid>/status)."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, val = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                out[key] = int(val.split()[0])
+    return out
