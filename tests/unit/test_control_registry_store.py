@@ -8,16 +8,7 @@ import pytest
 from portunus.errors import PortunusError
 from portunus.model import Rule
 from portunus.server.client_registry import StoreClientRegistry
-from portunus.store import Store, clients, rules
-from portunus.store.db import ALLOW_ANY_FS_ENV
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    monkeypatch.setenv(ALLOW_ANY_FS_ENV, "1")
-    s = Store.open(str(tmp_path / "data"))
-    yield s
-    s.close()
+from portunus.store import clients, rules
 
 
 def _rule(store) -> tuple[str, str]:

@@ -7,16 +7,7 @@ import threading
 
 import pytest
 
-from portunus.store import Store, db
-from portunus.store.db import ALLOW_ANY_FS_ENV
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    monkeypatch.setenv(ALLOW_ANY_FS_ENV, "1")
-    s = Store.open(str(tmp_path / "data"))
-    yield s
-    s.close()
+from portunus.store import db
 
 
 def in_thread(fn):

@@ -14,20 +14,11 @@ from portunus.server.access import Principal
 from portunus.server.metrics import render
 from portunus.server.quotas import QuotaService
 from portunus.server.traffic import TrafficServices
-from portunus.store import Store, clients
+from portunus.store import clients
 from portunus.store import grants as store_grants
 from portunus.store import users as store_users
-from portunus.store.db import ALLOW_ANY_FS_ENV
 
 T0 = calendar.timegm((2026, 1, 31, 10, 0, 0))
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    monkeypatch.setenv(ALLOW_ANY_FS_ENV, "1")
-    s = Store.open(str(tmp_path / "data"))
-    yield s
-    s.close()
 
 
 @pytest.fixture

@@ -8,17 +8,8 @@ import pytest
 
 from portunus.errors import PortunusError
 from portunus.model import Rule
-from portunus.store import Store, clients, rules
-from portunus.store.db import ALLOW_ANY_FS_ENV
+from portunus.store import clients, rules
 from portunus.store.ids import is_ulid, new_ulid
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    monkeypatch.setenv(ALLOW_ANY_FS_ENV, "1")
-    s = Store.open(str(tmp_path / "data"))
-    yield s
-    s.close()
 
 
 def enroll(store, name="edge-1", ttl=600, endpoint="portunus.example:7443"):

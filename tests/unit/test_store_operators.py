@@ -5,17 +5,8 @@ from __future__ import annotations
 import pytest
 
 from portunus.errors import PortunusError
-from portunus.store import Store, audit, operators, settings
-from portunus.store.db import ALLOW_ANY_FS_ENV
+from portunus.store import audit, operators, settings
 from portunus.store.ids import new_token
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    monkeypatch.setenv(ALLOW_ANY_FS_ENV, "1")
-    s = Store.open(str(tmp_path / "data"))
-    yield s
-    s.close()
 
 
 # ------------------------------------------------------------------ bootstrap-superadmin

@@ -9,21 +9,12 @@ import pytest
 
 from portunus.errors import PortunusError
 from portunus.model import Rule
-from portunus.store import Store, clients, rules
-from portunus.store.db import ALLOW_ANY_FS_ENV
+from portunus.store import clients, rules
 from portunus.store.ids import new_ulid
 
 RULE_KEYS = {"rule_id", "client_id", "client_name", "owner", "protocol", "listen_port", "listen_port_end",
              "targets", "prefer_ipv6", "sni_pattern", "rate_limit", "health_check_interval_secs", "state",
              "reason", "created_at"}
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    monkeypatch.setenv(ALLOW_ANY_FS_ENV, "1")
-    s = Store.open(str(tmp_path / "data"))
-    yield s
-    s.close()
 
 
 @pytest.fixture
