@@ -226,3 +226,17 @@ def wait_until(pred, timeout: float = 10.0, interval: float = 0.05, what: str = 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(interval)
+
+
+# ------------------------------------------------------------------ store
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """A real store in a temp dir (any filesystem allowed: tmpfs is fine for tests). Test files
+    that need another kind of store define their own ``store`` fixture, which takes precedence."""
+    from portunus.store import Store
+    from portunus.store.db import ALLOW_ANY_FS_ENV
+    monkeypatch.setenv(ALLOW_ANY_FS_ENV, "1")
+    s = Store.open(str(tmp_path / "data"))
+    yield s
+    s.close()
