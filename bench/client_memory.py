@@ -65,9 +65,12 @@ def serve_holding_echo(base: int, width: int) -> None:
         listeners[ls.fileno()] = ls
         ep.register(ls.fileno(), select.EPOLLIN)
     conns: dict[int, socket.socket] = {}
+    parent = os.getppid()
     print("ready", flush=True)
     while True:
-        for fd, _ev in ep.poll():
+        if os.getppid() != parent:
+            return  # the harness is gone (killed, crashed): do not hold 1024 ports for ever
+        for fd, _ev in ep.poll(1.0):
             ls = listeners.get(fd)
             if ls is not None:
                 while True:
