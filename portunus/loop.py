@@ -38,13 +38,13 @@ COARSE_TICK = 0.1  # resolution of call_coarse: a coarse timer fires up to this 
 
 
 class Timer:
-    """A scheduled callback; ``cancel()`` is O(1) (the heap entry is skipped later)."""
+    """A scheduled callback; ``cancel()`` is O(1) (the heap entry is skipped later). The heap
+    orders ``(when, seq, timer)`` tuples, so timers themselves are never compared."""
 
-    __slots__ = ("when", "callback", "args", "cancelled", "_seq")
+    __slots__ = ("when", "callback", "args", "cancelled")
 
-    def __init__(self, when: float, seq: int, callback: Callable, args: tuple):
+    def __init__(self, when: float, callback: Callable, args: tuple):
         self.when = when
-        self._seq = seq
         self.callback = callback
         self.args = args
         self.cancelled = False
@@ -53,9 +53,6 @@ class Timer:
         self.cancelled = True
         self.callback = None
         self.args = ()
-
-    def __lt__(self, other: "Timer") -> bool:
-        return (self.when, self._seq) < (other.when, other._seq)
 
 
 class _FdHandlers:
@@ -244,7 +241,7 @@ class Loop:
 
     def call_at(self, when: float, callback: Callable, *args) -> Timer:
         self._timer_seq = seq = self._timer_seq + 1
-        t = Timer(when, seq, callback, args)
+        t = Timer(when, callback, args)
         heapq.heappush(self._timers, (when, seq, t))
         return t
 
@@ -254,7 +251,7 @@ class Loop:
         early. Thousands of them share one heap entry per tick; ``cancel()`` is O(1)."""
         when = self.time() + (delay if delay > 0.0 else 0.0)
         tick = int(when / COARSE_TICK) + 1
-        t = Timer(when, 0, callback, args)
+        t = Timer(when, callback, args)
         bucket = self._coarse.get(tick)
         if bucket is None:
             bucket = self._coarse[tick] = []
