@@ -55,6 +55,8 @@ class RelayContext:
         self.enforcer = Enforcer(loop)  # rate limits and quotas of every rule on this loop
         # (listen host, port) -> the SniListener its SNI rules and fallback share (relay/sni_listener.py)
         self.shared_listeners: dict[tuple[str, int], object] = {}
+        # relay/mmsg.batch_for: False until the first UDP rule asks, then its Batch or None (per datagram)
+        self.udp_batch = False
 
     def close(self) -> None:
         for listener in list(self.shared_listeners.values()):

@@ -311,7 +311,7 @@ def name_buffer(raw: bytes):
 
 def batch_for(ctx) -> Batch | None:
     """The context's Batch (made on first use), or None: use the per-datagram path."""
-    b = getattr(ctx, "udp_batch", False)
+    b = ctx.udp_batch
     if b is False:
         calls = _libc_calls()
         b = Batch(calls) if calls is not None else None

@@ -18,6 +18,8 @@ linux_only = pytest.mark.skipif(mmsg._libc_calls() is None, reason="recvmmsg/sen
 class Ctx:
     """Stands in for RelayContext: batch_for only keeps its Batch on it."""
 
+    udp_batch = False  # as RelayContext starts
+
 
 def sockaddr_in(ip: str, port: int) -> bytes:
     return (socket.AF_INET.to_bytes(2, sys.byteorder) + port.to_bytes(2, "big")
