@@ -1,7 +1,11 @@
 """One direction of a TCP session: splice or userspace copy, back-pressure, rate caps, quota.
 
 A pump moves bytes src -> dst with ``os.splice`` through a pooled pipe (the Linux fast path) or
-with ``recv_into``/``send`` through the loop's shared buffer. It parks its read half while the far
+with ``recv_into``/``send`` through the loop's shared buffer. A pump that may splice starts in
+userspace anyway and moves to splice on its first read of ``SPLICE_AFTER`` bytes or more: for small
+messages (requests, responses, handshakes) a copy costs less than two splices through a pipe, and
+a connection that never carries bulk never touches a pipe; bulk moves to the fast path on its first
+big read and stays there. It parks its read half while the far
 side cannot take more (back-pressure, ``_park``) or while its rate-limit bucket is empty
 (``_throttle``: the enforcer's one timer per bucket resumes it), and half-closes the far side on EOF.
 
@@ -29,6 +33,9 @@ if TYPE_CHECKING:
 SPLICE_CHUNK = 1 << 20
 SPLICE_ROUNDS = 8
 SHORT_READ = 64 * 1024  # a read shorter than this usually emptied the socket
+# A read of at least this many bytes moves a splice-allowed pump from userspace to splice (0: splice
+# from the first byte). Below it a copy through the shared buffer is cheaper than splice in + out.
+SPLICE_AFTER = 16 * 1024
 _ROUNDS = range(SPLICE_ROUNDS)
 
 
@@ -37,7 +44,7 @@ class Pump:
 
     __slots__ = ("session", "src", "dst", "sfd", "dfd", "counters", "tcounters", "inbound", "splice",
                  "pipe", "in_pipe", "pending", "eof", "done", "loop", "direction", "ticket", "quota", "throttled",
-                 "pool")
+                 "pool", "upgrade", "view")
 
     def __init__(self, session: "TcpSession", src: socket.socket, dst: socket.socket,
                  counters: PortCounters, inbound: bool, splice: bool):
@@ -49,7 +56,11 @@ class Pump:
         self.counters = counters
         self.tcounters = session.target_state  # per-target bytes (SPEC §2.6)
         self.inbound = inbound
-        self.splice = splice
+        # splice allowed: start in userspace until a read of `upgrade` bytes (see SPLICE_AFTER)
+        after = SPLICE_AFTER
+        self.splice = splice and after <= 0
+        self.upgrade = after if splice and after > 0 else 0
+        self.view = session.ctx.copy_view
         self.pipe = None
         self.in_pipe = 0
         self.pending = b""
@@ -175,7 +186,7 @@ class Pump:
         self._copy_read()
 
     def _copy_read(self) -> None:
-        view = self.session.ctx.copy_view
+        view = self.view
         want = len(view)
         quota, ticket = self.quota, self.ticket
         if quota is not None:
@@ -211,7 +222,18 @@ class Pump:
             self.session.abort(f"write: {exc.strerror}")
             return
         if sent:
-            self._count(sent)
+            if self.inbound:
+                self.counters.bytes_in += sent
+                self.tcounters.bytes_in += sent
+            else:
+                self.counters.bytes_out += sent
+                self.tcounters.bytes_out += sent
+        upgrade = self.upgrade
+        if upgrade and n >= upgrade:  # bulk: the next reads splice (a parked pump resumes via on_readable)
+            self.upgrade = 0
+            self.splice = True
+            if sent == n:
+                self.loop.add_reader(self.sfd, self._splice_read)
         if sent < n:
             self.pending = bytes(view[sent:n])
             self._park()

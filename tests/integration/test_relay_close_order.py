@@ -13,17 +13,20 @@ import socket
 import pytest
 
 from conftest import free_port, wait_until
+from portunus.relay import pump
 from test_runtime import LoopThread, tcp_rule
 
 pytestmark = pytest.mark.timeout(30)
 
 
-@pytest.fixture(params=["splice", "userspace"])
+@pytest.fixture(params=["splice", "adaptive", "userspace"])
 def lt(request, monkeypatch):
     if request.param == "userspace":
         monkeypatch.setenv("PORTUNUS_DISABLE_SPLICE", "1")  # read per new connection
     else:
         monkeypatch.delenv("PORTUNUS_DISABLE_SPLICE", raising=False)
+    if request.param == "splice":  # splice from the first byte, so these small messages take that path
+        monkeypatch.setattr(pump, "SPLICE_AFTER", 0)
     x = LoopThread()
     yield x
     x.close()
