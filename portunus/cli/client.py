@@ -56,7 +56,7 @@ def main(argv: list[str]) -> int:
         return client_main(argv[1:])
     if argv and argv[0] == "enroll":
         args = _enroll_parser().parse_args(argv[1:])
-        from ..control.agent import enroll
+        from ..control.redeem import enroll
         from ..control.enrollment import default_bundle_path
         out = args.out or default_bundle_path()
         bundle = enroll(args.uri, out)

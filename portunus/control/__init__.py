@@ -10,7 +10,7 @@ Thread: the loop thread. Blocking work (the registry's database calls) goes thro
 ``offload.Offload`` and comes back on the loop; HTTP threads reach the hub only through
 ``Hub.call`` / ``Hub.post_update`` (posted to the loop).
 
-Entry points: ``hub.Hub`` (server end), ``agent.Agent`` and ``agent.enroll`` (client end);
+Entry points: ``hub.Hub`` (server end), ``agent.Agent`` and ``redeem.enroll`` (client end);
 sans-IO: ``frames`` (length-prefixed JSON), ``messages`` (schemas and constructors),
 ``stats_report`` (what a report may say), ``enrollment`` (URI and bundle).
 """

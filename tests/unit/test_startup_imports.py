@@ -86,6 +86,19 @@ def test_client_start_and_enroll_import_no_server_side_module(tmp_path):
         assert "urllib.request" not in mods
 
 
+def test_enroll_imports_neither_the_agent_nor_the_relay(tmp_path):
+    """Redeeming a URI is one TLS exchange: ``control.redeem``, not the agent and its data plane."""
+    mods = imported(tmp_path, "client", "enroll", "portunus://127.0.0.1:1/enroll")  # stops at the URI check
+    assert "portunus.control.redeem" in mods
+    assert sorted(m for m in mods if m == "portunus.control.agent" or m.startswith(("portunus.relay", "portunus.client"))
+                  or m in {"portunus.loop", "portunus.netio", "portunus.control.channel"}) == []
+
+
+def test_the_agent_still_exports_enroll():
+    from portunus.control import agent, redeem
+    assert agent.enroll is redeem.enroll
+
+
 def test_client_start_and_enroll_do_not_import_cryptography(tmp_path):
     bundle = tmp_path / "bad.json"
     bundle.write_text("{}")
