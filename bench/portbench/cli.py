@@ -91,6 +91,22 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="time cap per UDP run (default 3; quick 1)")
     ap.add_argument("--udp-flows", type=int, default=256, help="source sockets for the N-flow run")
     ap.add_argument("--udp-window", type=int, default=128, help="datagrams in flight (all flows)")
+    ap.add_argument("--udp-tools", default="echo,iperf3",
+                    help="comma list of the UDP tests: echo (the bench's closed-loop round "
+                         "trip) and iperf3 (iperf3 -u -l 64, one way, the 0 %%-loss rate)")
+    ap.add_argument("--udp-iperf-secs", type=int, default=None,
+                    help="iperf3 -t of one probe of the 0 %%-loss search (default 2; quick 1)")
+    ap.add_argument("--udp-iperf-probes", type=int, default=None,
+                    help="most probes per 0 %%-loss search (default 7; quick 2)")
+    ap.add_argument("--udp-iperf-start", type=float, default=50000.0,
+                    help="first offered rate of the search, datagrams/s (later repeats start "
+                         "at 0.9x the path's last 0 %%-loss offer); default %(default)g")
+    ap.add_argument("--udp-iperf-window", default="2M",
+                    help="iperf3 -w (socket buffers of iperf3's own sockets, both ends; the "
+                         "proxy's are its own business); default %(default)s")
+    ap.add_argument("--udp-loss-max-pct", type=float, default=0.0,
+                    help="loss that still counts as clean in the iperf3 search (default 0: "
+                         "not one datagram lost)")
     ap.add_argument("--haproxy-threads", type=int, default=None,
                     help="nbthread of the `haproxy` path (default: none, i.e. haproxy's own "
                          "default of one thread per CPU); haproxy-1t and haproxy-splice always "
@@ -116,6 +132,17 @@ def parse_args(argv=None):
     a.rtt_count = a.rtt_count or (300 if q else 2000)
     a.udp_count = a.udp_count or (20000 if q else 1000000)
     a.udp_secs = a.udp_secs or (1.0 if q else 3.0)
+    a.udp_iperf_secs = a.udp_iperf_secs or (1 if q else 2)
+    a.udp_iperf_probes = a.udp_iperf_probes or (2 if q else 7)
+    a.udp_tools = [x.strip() for x in a.udp_tools.split(",") if x.strip()]
+    for x in a.udp_tools:
+        if x not in ("echo", "iperf3"):
+            ap.error(f"--udp-tools: unknown test {x!r} (echo, iperf3)")
+    if a.udp_iperf_secs < 1 or a.udp_iperf_probes < 1:
+        ap.error("--udp-iperf-secs and --udp-iperf-probes must be >= 1")
+    if "iperf3" in a.udp_tools and not 2 <= a.udp_flows <= 2 * 128:
+        ap.error("--udp-flows must be 2..256 with the iperf3 test (two iperf3 client/server "
+                 "pairs of at most 128 streams each; or --udp-tools echo)")
     if a.max_total_secs is None:
         a.max_total_secs = 55 if q else 1800
     a.only = [x.strip() for x in a.only.split(",") if x.strip()]
@@ -239,7 +266,8 @@ def _build_paths(a, workdir: Path, runner: Runner, meta: dict, standalone_argv, 
 
 def _start_backends(a, procs: Procs, meta: dict, workdir: Path) -> Backends:
     """The backends, shared by every path (iperf3's is started per test)."""
-    be = Backends(free_port(), free_port(), free_port())
+    iperf_udp = "udp" in a.only and "iperf3" in a.udp_tools
+    be = Backends(free_port(), free_port(), free_port(), free_port() if iperf_udp else 0)
     me = [sys.executable, str(RUN_PY)]
     if "http" in a.only or "tcp" in a.only:
         if a.origin == "nginx":
@@ -247,11 +275,11 @@ def _start_backends(a, procs: Procs, meta: dict, workdir: Path) -> Backends:
         else:
             origin = procs.spawn("http-origin", me + ["_http-origin", str(be.http)])
             wait_ready([be.http], [], origin, timeout=10)
-    if "udp" in a.only:
+    if "udp" in a.only and "echo" in a.udp_tools:
         echo = procs.spawn("udp-echo", me + ["_udp-echo", str(be.udp)])
         wait_ready([], [be.udp], echo, timeout=10)
     meta["backends"] = {"iperf": be.iperf, "http": be.http, "udp": be.udp,
-                        "http_origin": a.origin}
+                        "iperf_b": be.iperf_b, "http_origin": a.origin}
     return be
 
 

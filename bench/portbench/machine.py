@@ -81,3 +81,49 @@ def print_machine_load(secs: float = 1.0) -> dict:
     print(f"machine load: loadavg {' '.join(f'{x:.2f}' for x in load['loadavg'])}, host busy "
           f"{'?' if busy is None else f'{busy:.0f}'} % over {secs:g} s ({load['cores']} cores)", flush=True)
     return load
+
+
+def parse_udp_snmp(text: str) -> dict[str, int]:
+    """The `Udp:` counters of /proc/net/snmp (header line, then values) as a dict."""
+    rows = [ln.split() for ln in text.splitlines() if ln.startswith("Udp:")]
+    if len(rows) < 2:
+        return {}
+    try:
+        return dict(zip(rows[0][1:], (int(x) for x in rows[1][1:])))
+    except ValueError:
+        return {}
+
+
+def udp_snmp() -> dict[str, int]:
+    """Host-wide UDP counters now (RcvbufErrors: datagrams dropped because a receiving
+    socket's buffer was full), {} where /proc/net/snmp cannot be read."""
+    try:
+        with open("/proc/net/snmp") as f:
+            return parse_udp_snmp(f.read())
+    except OSError:
+        return {}
+
+
+def parse_udp_drops(text: str, ports: set[int]) -> dict[int, int]:
+    """Per local port in `ports`: the summed `drops` column of /proc/net/udp sockets bound to
+    it (cumulative over each socket's life)."""
+    out: dict[int, int] = {}
+    for ln in text.splitlines()[1:]:
+        f = ln.split()
+        if len(f) < 13 or ":" not in f[1]:
+            continue
+        try:
+            port, drops = int(f[1].rsplit(":", 1)[1], 16), int(f[12])
+        except ValueError:
+            continue
+        if port in ports:
+            out[port] = out.get(port, 0) + drops
+    return out
+
+
+def udp_drops(ports: set[int]) -> dict[int, int]:
+    try:
+        with open("/proc/net/udp") as f:
+            return parse_udp_drops(f.read(), ports)
+    except OSError:
+        return {}

@@ -21,11 +21,21 @@ from .procs import ChildProcess, Procs, wait_ready
 
 @dataclass
 class Backends:
-    """The three TCP/UDP ports of a set of servers: the backends themselves, or the
-    front ports a path listens on for them (0: the path has no such port)."""
+    """The TCP/UDP ports of a set of servers: the backends themselves, or the front ports
+    a path listens on for them (0: the path has no such port).
+
+    iperf: the iperf3 server (TCP bulk; with iperf_b set also UDP on the same port, since
+    iperf3's control connection is TCP on its UDP data port); iperf_b: a second iperf3
+    server, TCP and UDP, for the N-flow iperf3 UDP test (iperf3 3.12 caps -P at 128:
+    256 flows are two client/server pairs at once); 0 when no iperf3 UDP test runs."""
     iperf: int
     http: int
     udp: int
+    iperf_b: int = 0
+
+    def iperf_pairs(self, be: "Backends") -> list[tuple[int, int]]:
+        """(front, backend) of both iperf3 ports, these being the fronts of `be`."""
+        return [(self.iperf, be.iperf), (self.iperf_b, be.iperf_b)]
 
 
 BODY = b"hello, world\n"

@@ -28,7 +28,7 @@ from .logscan import log_events, scan_json_log
 from .origins import Backends
 from .procs import (ChildProcess, Procs, exit_problems, free_port, listener_addrs,
                     proc_peak_rss_mib, session_cpu_secs, session_pids, wait_ready)
-from .product import splice_env, standalone_config
+from .product import iperf_udp_rules, splice_env, standalone_config
 
 
 class PathBase:
@@ -81,6 +81,20 @@ class PathBase:
                 if v is not None:
                     total, any_ = total + v, True
         return round(total, 2) if any_ else None
+
+
+def udp_fronts(be: Backends) -> Backends:
+    """Fresh front ports of a UDP-capable path; a second iperf port when `be` has one."""
+    return Backends(free_port(), free_port(), free_port(), free_port() if be.iperf_b else 0)
+
+
+def ready_ports(f: Backends) -> tuple[list[int], list[int]]:
+    """(TCP, UDP) ports a UDP-capable path listens on once it is up."""
+    tcp, udp = [f.iperf, f.http], [f.udp]
+    if f.iperf_b:
+        tcp.append(f.iperf_b)
+        udp += [f.iperf, f.iperf_b]
+    return tcp, udp
 
 
 class DirectPath(PathBase):
@@ -162,7 +176,9 @@ def nginx_stream_config(f: Backends, be: Backends, prefix: Path,
 
     UDP: a session per client address (source port); `proxy_responses` is left unset
     (no limit: an echo flow answers every datagram and keeps going) and `proxy_timeout
-    10s` ends idle flows, so the 256 flows of one run do not pile up across runs."""
+    10s` ends idle flows, so the 256 flows of one run do not pile up across runs.
+    With a second iperf port in `f`: `listen P udp` beside `listen P` on both iperf ports
+    (iperf3 UDP), socket buffers left at nginx's (the kernel's) defaults."""
     lines = []
     if module:
         lines.append(f"load_module {module};")
@@ -179,8 +195,15 @@ def nginx_stream_config(f: Backends, be: Backends, prefix: Path,
         f"    server {{ listen {LOOPBACK}:{f.http} backlog=4096; proxy_pass {LOOPBACK}:{be.http}; }}",
         f"    server {{ listen {LOOPBACK}:{f.udp} udp; proxy_pass {LOOPBACK}:{be.udp}; "
         "proxy_timeout 10s; }",
-        "}",
     ]
+    for _, fp, bp, proto in iperf_udp_rules(f, be):     # iperf3 UDP: control TCP, data UDP
+        if proto == "tcp":
+            lines.append(f"    server {{ listen {LOOPBACK}:{fp} backlog=4096; proxy_pass "
+                         f"{LOOPBACK}:{bp}; }}")
+        else:
+            lines.append(f"    server {{ listen {LOOPBACK}:{fp} udp; proxy_pass {LOOPBACK}:{bp}; "
+                         "proxy_timeout 10s; }")
+    lines.append("}")
     return "\n".join(lines) + "\n"
 
 
@@ -221,13 +244,13 @@ class NginxPath(PathBase):
         self.prefix = workdir / "nginx-stream"
 
     def start(self, be, procs):
-        f = Backends(free_port(), free_port(), free_port())
+        f = udp_fronts(be)
         self.prefix.mkdir(exist_ok=True)
         conf = self.prefix / "nginx.conf"
         conf.write_text(nginx_stream_config(f, be, self.prefix))
         t0 = time.monotonic()
         self.proc = procs.spawn(self.name, nginx_argv(self.prefix, conf))
-        wait_ready([f.iperf, f.http], [f.udp], self.proc, timeout=15)
+        wait_ready(*ready_ports(f), self.proc, timeout=15)
         self.fronts = f
         return f, time.monotonic() - t0
 
@@ -370,13 +393,13 @@ class PortunusPath(PathBase):
         self.log_level = log_level
 
     def start(self, be, procs):
-        f = Backends(free_port(), free_port(), free_port())
+        f = udp_fronts(be)
         cfg = self.workdir / f"{self.name}.toml"
         cfg.write_text(standalone_config(f, be, self.listen_host, self.drain, self.log_level))
         t0 = time.monotonic()
         self.proc = procs.spawn(self.name, self.argv + ["--config", str(cfg)],
                                 env=splice_env(self.splice), cwd=str(REPO))
-        wait_ready([f.iperf, f.http], [f.udp], self.proc, timeout=30)
+        wait_ready(*ready_ports(f), self.proc, timeout=30)
         took = time.monotonic() - t0
         self.fronts = f
         if self.listen_host:
@@ -425,6 +448,14 @@ class ClientPath(PathBase):
              "udp_max_flows": 4096},
         ]
 
+    @staticmethod
+    def iperf_rules(f: Backends, be: Backends) -> list[dict]:
+        """The iperf3 UDP test's extra rules (iperf_udp_rules), as pushed rules."""
+        common = {"client": Deployment.CLIENT_NAME, "listen_host": LOOPBACK}
+        return [{**common, "listen_port": fp, "target": f"{LOOPBACK}:{bp}", "protocol": proto,
+                 **({"udp_max_flows": 4096} if proto == "udp" else {})}
+                for _, fp, bp, proto in iperf_udp_rules(f, be)]
+
     def _deployment(self, procs: Procs) -> Deployment:
         self.tmp = tempfile.mkdtemp(prefix=f"portunus-bench-{self.name}-")
         server_env = dict(os.environ)
@@ -447,7 +478,7 @@ class ClientPath(PathBase):
             raise BenchError(f"POST /v1/rules {body} -> {status} (wanted 201): {res}")
 
     def start(self, be, procs):
-        f = Backends(free_port(), free_port(), free_port())
+        f = udp_fronts(be)
         self.dep = dep = self._deployment(procs)
         t0 = time.monotonic()
         try:
@@ -464,8 +495,10 @@ class ClientPath(PathBase):
             for body in self.rules(f, be):
                 self._push(dep, body)
             t4 = time.monotonic()
+            for body in self.iperf_rules(f, be):     # not in the 3-rule push timing
+                self._push(dep, body)
             # the 201 means the client activated the rule; check the sockets anyway
-            wait_ready([f.iperf, f.http], [f.udp], self.proc, timeout=5)
+            wait_ready(*ready_ports(f), self.proc, timeout=5)
         except (RuntimeError, OSError) as e:
             raise BenchError(f"{type(e).__name__}: {e}") from None
         self.timings = {"server_start_s": round(t1 - t0, 3), "enroll_s": round(t2 - t1, 3),

@@ -72,7 +72,8 @@ def portunus_commands(argv: list[str]) -> tuple[list[str] | None, list[str] | No
 
 def standalone_config(f: Backends, be: Backends, listen_host: str | None, drain: int,
                       log_level: str = "info") -> str:
-    """The TOML of a standalone path: three rules, fronts `f` -> backends `be`."""
+    """The TOML of a standalone path: three rules, fronts `f` -> backends `be`; three more
+    (iperf_udp_rules) when `f` has a second iperf port."""
     lh = f'listen_host = "{listen_host}"\n' if listen_host else ""
     return (
         "[global]\n"
@@ -96,7 +97,24 @@ def standalone_config(f: Backends, be: Backends, listen_host: str | None, drain:
         f"{lh}listen_port = {f.udp}\n"
         f'target = "{LOOPBACK}:{be.udp}"\n'
         "udp_max_flows = 4096\n"
-    )
+    ) + "".join(
+        "\n[[rule]]\n"
+        f'name = "bench-{nm}-{proto}"\n'
+        f'protocol = "{proto}"\n'
+        f"{lh}listen_port = {fp}\n"
+        f'target = "{LOOPBACK}:{bp}"\n'
+        + ("udp_max_flows = 4096\n" if proto == "udp" else "")
+        for nm, fp, bp, proto in iperf_udp_rules(f, be))
+
+
+def iperf_udp_rules(f: Backends, be: Backends) -> list[tuple[str, int, int, str]]:
+    """The extra rules of the iperf3 UDP test, (name, front, backend, protocol): UDP beside
+    TCP on the iperf port, TCP and UDP on the second iperf port (SPEC §2.4: a TCP and a UDP
+    rule may share a listen port). None when `f` has no second iperf port."""
+    if not f.iperf_b:
+        return []
+    return [("iperf", f.iperf, be.iperf, "udp"), ("iperf-b", f.iperf_b, be.iperf_b, "tcp"),
+            ("iperf-b", f.iperf_b, be.iperf_b, "udp")]
 
 
 def splice_env(splice: bool) -> dict:
@@ -130,7 +148,7 @@ def probe_portunus(procs: Procs, argv: list[str], workdir: Path) -> tuple[str | 
         info["version"] = (out.strip() or err.strip()).splitlines()[-1:] or None
     except BenchError as e:
         info["version"] = f"error: {e}"
-    dummy = Backends(free_port(), free_port(), free_port())
+    dummy = Backends(free_port(), free_port(), free_port(), free_port())
     for lh in (LOOPBACK, None):
         cfg = workdir / "probe.toml"
         cfg.write_text(standalone_config(dummy, dummy, lh, 1, "warn"))

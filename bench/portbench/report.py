@@ -32,9 +32,13 @@ METRICS: dict[str, tuple[str, str, str, bool, str]] = {
     "http_close_p99_ms":      ("http", "ms",    "lower",  False,  "  latency p99"),
     "http_idle_rtt_p50_us":   ("http", "us",    "lower",  True,  "Idle request RTT p50 (1 conn)"),
     "http_idle_rtt_p99_us":   ("http", "us",    "lower",  False,  "Idle request RTT p99 (1 conn)"),
-    "udp_1flow_pps":          ("udp", "pkt/s",  "higher", True,  "UDP echo, 1 flow"),
+    "udp_iperf_1flow_pps":    ("udp", "pkt/s",  "higher", True,  "UDP 64 B, 1 flow (iperf3)"),
+    "udp_iperf_1flow_loss_pct": ("udp", "%",    "lower",  True,  "  loss at that rate"),
+    "udp_iperf_manyflow_pps": ("udp", "pkt/s",  "higher", True,  "UDP 64 B, N flows (iperf3)"),
+    "udp_iperf_manyflow_loss_pct": ("udp", "%", "lower",  True,  "  loss at that rate"),
+    "udp_1flow_pps":          ("udp", "pkt/s",  "higher", True,  "UDP echo, round trip, 1 flow"),
     "udp_1flow_loss_pct":     ("udp", "%",      "lower",  True,  "  loss"),
-    "udp_manyflow_pps":       ("udp", "pkt/s",  "higher", True,  "UDP echo, N flows"),
+    "udp_manyflow_pps":       ("udp", "pkt/s",  "higher", True,  "UDP echo, round trip, N flows"),
     "udp_manyflow_loss_pct":  ("udp", "%",      "lower",  True,  "  loss"),
     # informational only (never compared), except CPU per unit of work (compared: it is
     # what the hot-path work changes, and less sensitive to other load than the rates)
@@ -47,20 +51,33 @@ METRICS: dict[str, tuple[str, str, str, bool, str]] = {
     "http_keepalive_proxy_cpu_us_per_req": ("http", "us", "lower", True, "Proxy CPU per keep-alive req"),
     "http_close_proxy_cpu_pct": ("http", "%",   "lower",  False, "Proxy CPU during new-conn"),
     "http_close_proxy_cpu_us_per_req": ("http", "us", "lower", True, "Proxy CPU per new connection"),
-    "udp_1flow_proxy_cpu_pct": ("udp", "%",     "lower",  False, "Proxy CPU during UDP 1 flow"),
-    "udp_manyflow_proxy_cpu_pct": ("udp", "%",  "lower",  False, "Proxy CPU during UDP N flows"),
-    "udp_1flow_proxy_cpu_us_per_dgram": ("udp", "us", "lower", True, "Proxy CPU per UDP dgram, 1 flow"),
+    "udp_1flow_proxy_cpu_pct": ("udp", "%",     "lower",  False, "Proxy CPU during UDP echo 1 flow"),
+    "udp_manyflow_proxy_cpu_pct": ("udp", "%",  "lower",  False, "Proxy CPU during UDP echo N flows"),
+    "udp_1flow_proxy_cpu_us_per_dgram": ("udp", "us", "lower", True,
+                                         "Proxy CPU per dgram, echo 1 flow"),
     "udp_manyflow_proxy_cpu_us_per_dgram": ("udp", "us", "lower", True,
-                                            "Proxy CPU per UDP dgram, N flows"),
+                                            "Proxy CPU per dgram, echo N flows"),
+    # iperf3: at the 0 %-loss probe of the search (one way: each datagram crosses once)
+    "udp_iperf_1flow_proxy_cpu_pct": ("udp", "%", "lower", False, "Proxy CPU, UDP iperf3 1 flow"),
+    "udp_iperf_manyflow_proxy_cpu_pct": ("udp", "%", "lower", False,
+                                         "Proxy CPU, UDP iperf3 N flows"),
+    "udp_iperf_1flow_proxy_cpu_us_per_dgram": ("udp", "us", "lower", True,
+                                               "Proxy CPU per dgram, iperf3 1 flow"),
+    "udp_iperf_manyflow_proxy_cpu_us_per_dgram": ("udp", "us", "lower", True,
+                                                  "Proxy CPU per dgram, iperf3 N flows"),
+    "udp_iperf_1flow_probes": ("udp", "n",      "lower",  False, "  iperf3 probes, 1 flow search"),
+    "udp_iperf_manyflow_probes": ("udp", "n",   "lower",  False, "  iperf3 probes, N flows search"),
     # derived from the medians by derive(): path p50 - direct p50
     "http_idle_rtt_added_p50_us": ("http", "us", "lower", False, "Idle RTT p50 added over direct"),
 }
 # Loss is a percentage that is often 0 in the baseline; a relative threshold
 # alone would flag 0.0 -> 0.01. It must also be this many points worse.
-ABS_SLACK = {"udp_1flow_loss_pct": 1.0, "udp_manyflow_loss_pct": 1.0}
+ABS_SLACK = {"udp_1flow_loss_pct": 1.0, "udp_manyflow_loss_pct": 1.0,
+             "udp_iperf_1flow_loss_pct": 1.0, "udp_iperf_manyflow_loss_pct": 1.0}
 # rates shown as path/direct ratios
 RATIO_METRICS = ("tcp_bulk_gbps", "tcp_bulk_rev_gbps", "http_keepalive_rps", "http_close_rps",
-                 "udp_1flow_pps", "udp_manyflow_pps")
+                 "udp_iperf_1flow_pps", "udp_iperf_manyflow_pps", "udp_1flow_pps",
+                 "udp_manyflow_pps")
 # SPEC §11: TCP bulk through portunus >= 60 % of direct
 SPEC_TARGETS = {"portunus-splice/direct:tcp_bulk_gbps": 0.60,
                 "client-splice/direct:tcp_bulk_gbps": 0.60}
@@ -110,6 +127,8 @@ def fmt(v: float | None, unit: str) -> str:
     if unit in ("us",):
         return f"{v:.0f}"
     if unit == "%":
+        return f"{v:.1f}"
+    if unit == "n":
         return f"{v:.1f}"
     return f"{v:.2f}"
 
@@ -202,7 +221,9 @@ def compare(current: dict, baseline: dict, threshold_pct: float) -> tuple[list[d
 # options that change what a figure means: a baseline recorded with other values is not
 # comparable (compare still runs; the differences are printed as a warning)
 COMPARABLE_OPTIONS = ("quick", "repeat", "tcp_secs", "wrk_secs", "wrk_threads", "wrk_conns",
-                      "udp_flows", "udp_window", "udp_secs", "origin", "portunus_log_level")
+                      "udp_flows", "udp_window", "udp_secs", "origin", "portunus_log_level",
+                      "udp_iperf_secs", "udp_iperf_probes", "udp_iperf_window",
+                      "udp_loss_max_pct")
 
 
 def option_mismatch(baseline_options: dict, current_options: dict) -> list[str]:
@@ -285,9 +306,14 @@ FIGURES: list[tuple[str, str, str, float, int, str | None]] = [
     ("bulk", "TCP bulk, Gbit/s", "tcp_bulk_gbps", 1.0, 1, None),
     ("keepalive", "keep-alive, k req/s", "http_keepalive_rps", 1e-3, 1, None),
     ("newconn", "new connections, k/s", "http_close_rps", 1e-3, 2, None),
-    ("udp1", "UDP 64 B, 1 flow, k datagrams/s", "udp_1flow_pps", 1e-3, 1, "udp_1flow_loss_pct"),
-    ("udpn", "UDP 64 B, {flows} flows, k datagrams/s", "udp_manyflow_pps", 1e-3, 1,
-     "udp_manyflow_loss_pct"),
+    ("udp1_iperf", "UDP 64 B, 1 flow (iperf3), k datagrams/s", "udp_iperf_1flow_pps", 1e-3, 1,
+     "udp_iperf_1flow_loss_pct"),
+    ("udpn_iperf", "UDP 64 B, {flows} flows (iperf3), k datagrams/s", "udp_iperf_manyflow_pps",
+     1e-3, 1, "udp_iperf_manyflow_loss_pct"),
+    ("udp1", "UDP 64 B echo, round trip, 1 flow, k datagrams/s", "udp_1flow_pps", 1e-3, 1,
+     "udp_1flow_loss_pct"),
+    ("udpn", "UDP 64 B echo, round trip, {flows} flows, k datagrams/s", "udp_manyflow_pps", 1e-3,
+     1, "udp_manyflow_loss_pct"),
     ("rtt50", "idle RTT p50, µs", "http_idle_rtt_p50_us", 1.0, 0, None),
     ("rtt99", "idle RTT p99, µs", "http_idle_rtt_p99_us", 1.0, 0, None),
     ("rttadd", "added idle RTT p50 over direct, µs", "http_idle_rtt_added_p50_us", 1.0, 0, None),
@@ -295,10 +321,14 @@ FIGURES: list[tuple[str, str, str, float, int, str | None]] = [
      None),
     ("cpu_conn", "CPU per new connection, µs", "http_close_proxy_cpu_us_per_req", 1.0, 0, None),
     ("cpu_gb", "CPU per GB bulk, ms", "tcp_bulk_proxy_cpu_ms_per_gb", 1.0, 0, None),
-    ("cpu_udp1", "CPU per UDP datagram, 1 flow, µs", "udp_1flow_proxy_cpu_us_per_dgram", 1.0, 1,
-     None),
-    ("cpu_udpn", "CPU per UDP datagram, {flows} flows, µs", "udp_manyflow_proxy_cpu_us_per_dgram",
+    ("cpu_udp1_iperf", "CPU per UDP datagram, 1 flow (iperf3), µs",
+     "udp_iperf_1flow_proxy_cpu_us_per_dgram", 1.0, 2, None),
+    ("cpu_udpn_iperf", "CPU per UDP datagram, {flows} flows (iperf3), µs",
+     "udp_iperf_manyflow_proxy_cpu_us_per_dgram", 1.0, 2, None),
+    ("cpu_udp1", "CPU per UDP datagram, echo 1 flow, µs", "udp_1flow_proxy_cpu_us_per_dgram",
      1.0, 1, None),
+    ("cpu_udpn", "CPU per UDP datagram, echo {flows} flows, µs",
+     "udp_manyflow_proxy_cpu_us_per_dgram", 1.0, 1, None),
 ]
 ZERO_LOSS_PCT = 0.005       # shows as 0.00 %: "0 % loss"
 
@@ -417,10 +447,10 @@ GOALS: list[tuple[str, str, str | None, str, float, str | None]] = [
     ("new connections/s ≥ 1.0× haproxy-1t", "http_close_rps", "haproxy-1t", ">=", 1.0, None),
     ("CPU per new connection ≤ haproxy's", "http_close_proxy_cpu_us_per_req", "haproxy", "<=",
      1.0, None),
-    ("UDP 1 flow ≥ 2× nginx, 0 % loss", "udp_1flow_pps", "nginx", ">=", 2.0,
-     "udp_1flow_loss_pct"),
-    ("UDP N flows ≥ 1.5× nginx, 0 % loss", "udp_manyflow_pps", "nginx", ">=", 1.5,
-     "udp_manyflow_loss_pct"),
+    ("UDP 1 flow (iperf3) ≥ 2× nginx, 0 % loss", "udp_iperf_1flow_pps", "nginx", ">=", 2.0,
+     "udp_iperf_1flow_loss_pct"),
+    ("UDP N flows (iperf3) ≥ 1.5× nginx, 0 % loss", "udp_iperf_manyflow_pps", "nginx", ">=",
+     1.5, "udp_iperf_manyflow_loss_pct"),
     ("TCP bulk ≥ 1.3× best peer", "tcp_bulk_gbps", "best-peer", ">=", 1.3, None),
     ("added idle RTT p50 ≤ 30 µs", "http_idle_rtt_added_p50_us", None, "abs<=", 30.0, None),
 ]
@@ -480,7 +510,7 @@ def format_goals(marks: list[dict], flows: int) -> list[str]:
             detail = "no figure" if m["value"] is None else "no reference"
         if m.get("loss_pct") is not None and m["loss_pct"] >= ZERO_LOSS_PCT:
             detail += f", {m['loss_pct']:.2f}% loss"
-        lines.append(f"  {verdict:<7}{m['path']:<20}{goal:<44}{detail}")
+        lines.append(f"  {verdict:<7}{m['path']:<20}{goal:<48}{detail}")
     return lines
 
 

@@ -7,11 +7,12 @@ import time
 from pathlib import Path
 
 from . import BenchError, log
-from .machine import busy_pct_between, stat_snap
+from .machine import busy_pct_between, stat_snap, udp_drops, udp_snmp
 from .origins import BODY, Backends
 from .paths import PathBase
 from .procs import Procs
-from .tools import http_get, idle_rtt, iperf_once, udp_load, udp_probe, wrk_once
+from .tools import (http_get, idle_rtt, iperf_once, iperf_udp_once, udp_load, udp_probe, wrk_once,
+                    zero_loss_search)
 
 
 def _cpu_note(cpu: float | None) -> str:
@@ -29,6 +30,7 @@ class Runner:
         self.skipped_for_time = False
         self.last_host_busy: float | None = None
         self.last_cpu_secs: float | None = None
+        self.udp_seed: dict[tuple[str, str], float] = {}    # (path, key) -> last 0 %-loss offer
 
     def add(self, path: str, metric: str, value) -> None:
         if value is None:
@@ -88,7 +90,10 @@ class Runner:
             if "http" in a.only:
                 self._http(path, fronts, detail)
             if "udp" in a.only and path.supports_udp:
-                self._udp(path, fronts, detail)
+                if "echo" in a.udp_tools:
+                    self._udp(path, fronts, detail)
+                if "iperf3" in a.udp_tools:
+                    self._udp_iperf(path, fronts, be, detail)
         except (BenchError, OSError) as e:
             self.note_error(n, f"{type(e).__name__}: {e}")
         finally:
@@ -101,7 +106,8 @@ class Runner:
             resp = http_get(fronts.http)
             if not resp.startswith(b"HTTP/1.1 200") or not resp.endswith(BODY):
                 raise BenchError(f"sanity GET through {n} returned {resp[:120]!r}")
-        if "udp" in a.only and path.supports_udp and not udp_probe(fronts.udp):
+        if ("udp" in a.only and path.supports_udp and "echo" in a.udp_tools
+                and not udp_probe(fronts.udp)):
             raise BenchError(f"sanity UDP echo through {n} got no reply")
 
     def _finish(self, path: PathBase, detail: dict) -> None:
@@ -208,3 +214,60 @@ class Runner:
                                     "host_busy_pct": self.last_host_busy}
             log(f"  {n:<19} udp_{key:<18} {r['pps']:.0f} pkt/s  sent {r['sent']} recv "
                 f"{r['received']} loss {r['loss_pct']:.2f}%  stalls {r['stalls']}" + _cpu_note(cpu))
+
+    def _iperf_udp_probe(self, path: PathBase, pairs, flows: int):
+        """probe(pps) for zero_loss_search: one iperf3 -u test, with the proxy's CPU over it
+        and where the kernel dropped datagrams (host-wide RcvbufErrors; the drops of the
+        path's front UDP sockets)."""
+        a = self.a
+        fronts = {fp for fp, bp in pairs if fp != bp}
+
+        def probe(pps: float) -> dict:
+            s0, d0 = udp_snmp(), udp_drops(fronts)
+            r, cpu = self.cpu_pct(path, lambda: iperf_udp_once(
+                self.procs, pairs, flows, pps, a.udp_iperf_secs, 64, a.udp_iperf_window))
+            s1, d1 = udp_snmp(), udp_drops(fronts)
+            r["proxy_cpu_pct"], r["proxy_cpu_secs"] = cpu, self.last_cpu_secs
+            r["host_busy_pct"] = self.last_host_busy
+            if "RcvbufErrors" in s0 and "RcvbufErrors" in s1:
+                r["host_rcvbuf_errors"] = s1["RcvbufErrors"] - s0["RcvbufErrors"]
+            if fronts:
+                r["front_socket_drops"] = sum(d1.values()) - sum(d0.get(p, 0) for p in d1)
+            log(f"    {path.name:<17} iperf3 -u {flows:>3} flow(s) offered {pps:,.0f}/s: recv "
+                f"{r['pps']:,.0f}/s lost {r['lost']} ({r['loss_pct']:.3f}%) sent "
+                f"{r['sent_pps']:,.0f}/s" + _cpu_note(cpu))
+            return r
+        return probe
+
+    def _udp_iperf(self, path, f, be, detail):
+        """UDP 64 B with iperf3 (a C generator, one way): per flow count, the highest
+        received rate at 0 % loss (iperf3's lost_packets), by zero_loss_search."""
+        a, n = self.a, path.name
+        pairs_all = f.iperf_pairs(be)
+        for key, flows, pairs in (("1flow", 1, pairs_all[:1]),
+                                  ("manyflow", a.udp_flows, pairs_all)):
+            if self.out_of_time():
+                return
+            seed = self.udp_seed.get((n, key))
+            start = 0.9 * seed if seed else a.udp_iperf_start
+            try:
+                res = zero_loss_search(self._iperf_udp_probe(path, pairs, flows), start,
+                                       a.udp_iperf_probes, max_loss_pct=a.udp_loss_max_pct)
+            except BenchError as e:
+                self.note_error(n, f"udp_iperf_{key}: {e}")
+                continue
+            b = res["best"]
+            m = f"udp_iperf_{key}"
+            self.add(n, f"{m}_pps", res["pps"])
+            self.add(n, f"{m}_loss_pct", res["loss_pct"])
+            self.add(n, f"{m}_probes", res["probes"])
+            self.add(n, f"{m}_proxy_cpu_pct", b.get("proxy_cpu_pct"))
+            if b.get("proxy_cpu_secs") is not None and b.get("received"):
+                self.add(n, f"{m}_proxy_cpu_us_per_dgram",
+                         b["proxy_cpu_secs"] * 1e6 / b["received"])
+            if res["loss_pct"] <= a.udp_loss_max_pct:
+                self.udp_seed[(n, key)] = res["offered_pps"]
+            detail[m] = {"flows": flows, "pairs": len(pairs), **res}
+            log(f"  {n:<19} {m:<22} {res['pps']:,.0f} pkt/s at {res['loss_pct']:.3f}% loss "
+                f"({res['probes']} probes, ended by {res['limit']})"
+                + _cpu_note(b.get("proxy_cpu_pct")))

@@ -318,3 +318,198 @@ def tcp_roundtrip_ok(port: int) -> bool:
             return c.recv(1) == b"x"
         except OSError:
             return False
+
+
+# --------------------------------------------------------------------------
+# iperf3 UDP: a C generator, unidirectional, and a search for the 0 %-loss rate
+# --------------------------------------------------------------------------
+
+IPERF_UDP_HEADER = 12       # iperf3's per-datagram header (sec, usec, 32-bit seq) in the -l bytes
+
+
+def parse_iperf_udp(out: str, rc: int = 0, err: str = "") -> dict:
+    """`iperf3 -u -J` client output -> the receiver's view of one test.
+
+    iperf3 3.12 puts the server's figures in end.sum_received: `packets` is the highest
+    sequence number seen, `lost_packets` the gaps below it (datagrams dropped on the
+    way, less the late ones that arrived out of order). sum_sent.packets is what the
+    client sent. A datagram after the last one received (dropped at the very end, or
+    still queued when the server stopped reading) is not in lost_packets; `tail` counts
+    those (sent - packets), reported beside the loss, never as loss."""
+    try:
+        j = json.loads(out)
+    except ValueError:
+        raise BenchError(f"iperf3 -u output not JSON (rc={rc}): {out[:300]} {err[:300]}") from None
+    if not isinstance(j, dict):
+        raise BenchError(f"iperf3 -u output not a JSON object (rc={rc}): {out[:300]}")
+    if j.get("error"):
+        raise BenchError(f"iperf3 -u: {j['error']}")
+    try:
+        end = j["end"]
+        recv, sent = end["sum_received"], end["sum_sent"]
+        packets, lost = int(recv["packets"]), int(recv["lost_packets"])
+        secs = float(recv["seconds"])
+        sent_packets = int(sent["packets"])
+        sent_secs = float(sent.get("seconds", secs))
+    except (KeyError, TypeError, ValueError):
+        raise BenchError("iperf3 -u output has no end.sum_received / end.sum_sent packet counts "
+                         f"(rc={rc}; not a UDP test?): {out[-300:]}") from None
+    if packets < 0 or lost < 0 or lost > packets or secs <= 0:
+        raise BenchError(f"iperf3 -u output has impossible counts: packets {packets}, lost "
+                         f"{lost}, seconds {secs}")
+    cpu = end.get("cpu_utilization_percent") or {}
+    return {"sent": sent_packets, "packets": packets, "lost": lost,
+            "received": packets - lost, "tail": max(0, sent_packets - packets),
+            "seconds": secs, "sent_seconds": sent_secs,
+            "client_cpu_pct": cpu.get("host_total"), "server_cpu_pct": cpu.get("remote_total")}
+
+
+def combine_udp(results: list[dict]) -> dict:
+    """The tests of several iperf3 client/server pairs run at once, as one: counts summed,
+    over the longest of their durations; pps = received datagrams per second, loss_pct =
+    lost / packets (iperf3's own loss), sent_pps = what the clients managed to send."""
+    if not results:
+        raise BenchError("no iperf3 -u results to combine")
+    keys = ("sent", "packets", "lost", "received", "tail")
+    tot = {k: sum(r[k] for r in results) for k in keys}
+    secs = max(r["seconds"] for r in results)
+    sent_secs = max(r["sent_seconds"] for r in results)
+    tot.update(seconds=secs, pps=tot["received"] / secs,
+               sent_pps=tot["sent"] / max(sent_secs, 1e-6),
+               loss_pct=100.0 * tot["lost"] / tot["packets"] if tot["packets"] else 0.0,
+               client_cpu_pct=[r["client_cpu_pct"] for r in results],
+               server_cpu_pct=[r["server_cpu_pct"] for r in results], pairs=len(results))
+    return tot
+
+
+def iperf_udp_argv(front: int, streams: int, stream_pps: float, secs: int, size: int,
+                   window: str | None) -> list[str]:
+    """One iperf3 UDP client: `streams` flows (-P) of `size`-byte datagrams, each paced
+    at `stream_pps` (iperf3's -b is per stream, in payload bits per second)."""
+    bps = max(1, int(round(stream_pps * size * 8)))
+    argv = ["iperf3", "-c", LOOPBACK, "-p", str(front), "-u", "-l", str(size), "-b", str(bps),
+            "-t", str(secs), "-P", str(streams), "-J", "--connect-timeout", "3000"]
+    if window:
+        argv += ["-w", window]
+    return argv
+
+
+IPERF_MAX_STREAMS = 128     # iperf3 3.12 refuses -P above this
+
+
+def split_flows(flows: int, pairs: int) -> list[int]:
+    """Streams per iperf3 client for `flows` flows over `pairs` client/server pairs, as
+    even as possible; every share within 1..IPERF_MAX_STREAMS."""
+    if flows < 1 or pairs < 1:
+        raise BenchError(f"cannot split {flows} flows over {pairs} iperf3 pairs")
+    out = [flows // pairs + (1 if i < flows % pairs else 0) for i in range(pairs)]
+    if out[-1] < 1 or out[0] > IPERF_MAX_STREAMS:
+        raise BenchError(f"{flows} flows over {pairs} iperf3 pairs: {out} streams per client "
+                         f"(iperf3 allows 1..{IPERF_MAX_STREAMS})")
+    return out
+
+
+def iperf_udp_once(procs: Procs, pairs: list[tuple[int, int]], flows: int, pps: float,
+                   secs: int, size: int = 64, window: str | None = "2M") -> dict:
+    """One unidirectional UDP test at an offered `pps` in total, over `flows` flows spread
+    on the (front, backend) pairs: a one-shot iperf3 server per backend, then every client
+    at once. Returns combine_udp() of the clients' results, plus `offered_pps`."""
+    shares = split_flows(flows, len(pairs))
+    servers = []
+    try:
+        for _, backend in pairs:
+            servers.append(spawn_iperf_server(procs, backend))
+        clients = []
+        for (front, _), n in zip(pairs, shares):
+            clients.append(procs.spawn("iperf3-udp-client",
+                                       iperf_udp_argv(front, n, pps / flows, secs, size, window),
+                                       capture=True))
+        results = []
+        deadline = time.monotonic() + secs + 20
+        for c in clients:
+            try:
+                out, _ = c.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise BenchError(f"iperf3 -u client timed out after {secs + 20}s") from None
+            err = c.log_path.read_text(errors="replace")
+            results.append(parse_iperf_udp(out.decode(errors="replace"), c.returncode, err))
+        for s in servers:
+            try:
+                s.wait(timeout=5)       # -1: the server exits after its one test
+            except subprocess.TimeoutExpired:
+                pass
+        res = combine_udp(results)
+        res["offered_pps"] = pps
+        return res
+    finally:
+        for p in list(procs.live):
+            if p.name == "iperf3-udp-client" and p.poll() is None:
+                procs.stop(p, grace=2)
+        for s in servers:
+            procs.stop(s, grace=2)
+
+
+def zero_loss_search(probe, start_pps: float, max_probes: int, *, max_loss_pct: float = 0.0,
+                     factor: float = 2.0, resolution: float = 0.1,
+                     min_pps: float = 1000.0, sender_slack: float = 0.9) -> dict:
+    """The highest received rate with at most `max_loss_pct` loss (0: not one datagram
+    lost), by a short search over the offered rate. Pure: `probe(pps) -> dict` with at
+    least pps (received per second), sent_pps and loss_pct runs one test.
+
+    Ramp: from start_pps, multiply by `factor` while a probe is clean. A clean probe whose
+    sender fell short of the offered rate (sent_pps < sender_slack x offered) ends the
+    ramp: the generator, not the path, is the limit there ("sender"). A lossy probe
+    turns the ramp into a bisection between the best clean and the lowest lossy offer,
+    until they are within `resolution` (relative) or `max_probes` ran. When even the
+    first probe loses, the offer halves until one is clean or min_pps is passed.
+
+    Returns {"pps", "loss_pct", "offered_pps", "probes", "limit", "trace", "best"}: the
+    best clean probe's received rate (or, if none was clean, the least lossy probe, its
+    loss > max_loss_pct saying so), how many probes ran, what ended the search
+    ("sender", "loss" = a lossy probe bounds it within the resolution, "probes" = the
+    budget ran out, "no-clean-rate"), and every probe's (offered, result)."""
+    if max_probes < 1 or start_pps <= 0:
+        raise BenchError(f"bad rate search: start {start_pps} pps, {max_probes} probes")
+    trace: list[tuple[float, dict]] = []
+    best: tuple[float, dict] | None = None       # the clean probe with the highest pps
+    good: float | None = None                    # the highest clean offer
+    lossy: float | None = None                   # the lowest offer that lost
+    offer, limit = start_pps, "probes"
+    while len(trace) < max_probes:
+        r = probe(offer)
+        trace.append((offer, r))
+        if r["loss_pct"] <= max_loss_pct:
+            good = offer if good is None else max(good, offer)
+            if best is None or r["pps"] > best[1]["pps"]:
+                best = (offer, r)
+            if r["sent_pps"] < sender_slack * offer:
+                limit = "sender"
+                break
+        else:
+            lossy = offer if lossy is None else min(lossy, offer)
+        if good is None:                        # nothing clean yet: go down
+            if offer / factor < min_pps:
+                limit = "no-clean-rate"
+                break
+            offer = offer / factor
+        elif lossy is None or lossy <= good:    # still ramping (or a lossy probe was noise)
+            offer = good * factor
+        elif lossy <= good * (1 + resolution):
+            limit = "loss"
+            break
+        else:
+            offer = (good + lossy) / 2
+    if best is None:
+        least = min(trace, key=lambda t: t[1]["loss_pct"])
+        chosen, limit = least, "no-clean-rate"
+    else:
+        chosen = best
+    return {"pps": chosen[1]["pps"], "loss_pct": chosen[1]["loss_pct"], "offered_pps": chosen[0],
+            "probes": len(trace), "limit": limit, "best": chosen[1],
+            "trace": [{"offered_pps": o, **{k: r[k] for k in TRACE_KEYS if k in r}}
+                      for o, r in trace]}
+
+
+# what each probe of a search keeps in its trace (the probe may add more than the search needs)
+TRACE_KEYS = ("pps", "sent_pps", "loss_pct", "lost", "tail", "proxy_cpu_pct", "host_busy_pct",
+              "host_rcvbuf_errors", "front_socket_drops")

@@ -18,10 +18,10 @@ from portbench.report import (ALL_PATHS, DEFAULT_PATHS, NOT_APPLICABLE, PEER_PAT
 # medians of the issue's table (k scaled back), plus CPU and RTT figures
 ISSUE = {
     "direct": {"tcp_bulk_gbps": 23.1, "http_keepalive_rps": 139e3, "http_close_rps": 19.4e3,
-               "udp_1flow_pps": 286e3, "udp_1flow_loss_pct": 0.0, "http_idle_rtt_p50_us": 40.0},
+               "udp_iperf_1flow_pps": 286e3, "udp_iperf_1flow_loss_pct": 0.0, "http_idle_rtt_p50_us": 40.0},
     "portunus-splice": {"tcp_bulk_gbps": 18.4, "http_keepalive_rps": 54.3e3,
-                        "http_close_rps": 7.5e3, "udp_1flow_pps": 81.3e3,
-                        "udp_1flow_loss_pct": 0.0, "http_idle_rtt_p50_us": 65.0,
+                        "http_close_rps": 7.5e3, "udp_iperf_1flow_pps": 81.3e3,
+                        "udp_iperf_1flow_loss_pct": 0.0, "http_idle_rtt_p50_us": 65.0,
                         "http_close_proxy_cpu_us_per_req": 163.0,
                         "http_keepalive_proxy_cpu_us_per_req": 15.0},
     "haproxy": {"tcp_bulk_gbps": 8.5, "http_keepalive_rps": 65.9e3, "http_close_rps": 13.0e3,
@@ -31,7 +31,7 @@ ISSUE = {
                    "http_close_proxy_cpu_us_per_req": 90.0,
                    "http_keepalive_proxy_cpu_us_per_req": 16.0},
     "nginx": {"tcp_bulk_gbps": 10.9, "http_keepalive_rps": 64.3e3, "http_close_rps": 12.4e3,
-              "udp_1flow_pps": 80.1e3, "udp_1flow_loss_pct": 0.0},
+              "udp_iperf_1flow_pps": 80.1e3, "udp_iperf_1flow_loss_pct": 0.0},
     "rinetd": {"tcp_bulk_gbps": 8.1, "http_keepalive_rps": 63.0e3, "http_close_rps": 12.6e3},
     "socat": {"tcp_bulk_gbps": 6.3, "http_keepalive_rps": 30.2e3, "http_close_rps": 2.5e3},
 }
@@ -62,8 +62,8 @@ def test_best_peer_is_the_best_non_portunus_non_direct_path_by_direction():
     assert best_peer(s, "http_keepalive_rps") == ("haproxy", 65.9e3)
     assert best_peer(s, "http_close_rps") == ("haproxy-1t", 13.1e3)
     assert best_peer(s, "http_close_proxy_cpu_us_per_req") == ("haproxy-1t", 90.0)  # lower wins
-    assert best_peer(s, "udp_1flow_pps") == ("nginx", 80.1e3)
-    assert best_peer(s, "udp_manyflow_pps") is None
+    assert best_peer(s, "udp_iperf_1flow_pps") == ("nginx", 80.1e3)
+    assert best_peer(s, "udp_iperf_manyflow_pps") is None
 
 
 def test_side_by_side_ratios_to_direct_and_to_the_best_peer():
@@ -81,7 +81,7 @@ def test_side_by_side_ratios_to_direct_and_to_the_best_peer():
 
 def test_side_by_side_table_cells_na_error_loss_and_best_peer_column():
     med = {k: dict(v) for k, v in ISSUE.items()}
-    med["portunus-splice"]["udp_1flow_loss_pct"] = 0.4
+    med["portunus-splice"]["udp_iperf_1flow_loss_pct"] = 0.4
     s = _summary(med)
     sbs = side_by_side(s, SHOWN + ["client-splice"])
     lines = format_side_by_side(sbs, SHOWN + ["client-splice"], NOT_APPLICABLE,
@@ -92,13 +92,13 @@ def test_side_by_side_table_cells_na_error_loss_and_best_peer_column():
     rows = {ln.split(" | ")[0][2:]: ln for ln in lines[2:]}
     assert rows["TCP bulk, Gbit/s"] == ("| TCP bulk, Gbit/s | 23.1 | 18.4 | 8.5 | 10.0 | 10.9 | "
                                         "8.1 | 6.3 | error | nginx 10.9 |")
-    assert rows["UDP 64 B, 1 flow, k datagrams/s"] == (
-        "| UDP 64 B, 1 flow, k datagrams/s | 286.0 | 81.3 (0.40% loss) | n/a | n/a | 80.1 | "
+    assert rows["UDP 64 B, 1 flow (iperf3), k datagrams/s"] == (
+        "| UDP 64 B, 1 flow (iperf3), k datagrams/s | 286.0 | 81.3 (0.40% loss) | n/a | n/a | 80.1 | "
         "n/a | n/a | error | nginx 80.1 |")
     assert rows["new connections, k/s"].startswith("| new connections, k/s | 19.40 | 7.50 |")
     assert rows["CPU per new connection, µs"] == (
         "| CPU per new connection, µs | – | 163 | 95 | 90 | – | – | – | error | haproxy-1t 90 |")
-    assert "UDP 64 B, 256 flows, k datagrams/s" not in rows          # nobody measured it
+    assert "UDP 64 B, 256 flows (iperf3), k datagrams/s" not in rows          # nobody measured it
 
 
 def test_ratio_table_columns_per_path_and_best_peer_for_portunus():
@@ -133,13 +133,13 @@ def test_goal_marks_on_the_issue_figures():
 
 def test_goal_met_rate_is_missed_when_it_was_lossy():
     med = {k: dict(v) for k, v in ISSUE.items()}
-    med["portunus-splice"].update(udp_1flow_pps=200e3, udp_1flow_loss_pct=0.0)
+    med["portunus-splice"].update(udp_iperf_1flow_pps=200e3, udp_iperf_1flow_loss_pct=0.0)
     assert _goal(goal_marks(_summary(med), SHOWN), "UDP 1 flow")["met"] is True
-    med["portunus-splice"]["udp_1flow_loss_pct"] = 0.1
+    med["portunus-splice"]["udp_iperf_1flow_loss_pct"] = 0.1
     row = _goal(goal_marks(_summary(med), SHOWN), "UDP 1 flow")
     assert row["met"] is False and row["loss_pct"] == 0.1
     assert format_goals([row], 256) == [
-        "  MISSED portunus-splice     UDP 1 flow ≥ 2× nginx, 0 % loss             "
+        "  MISSED portunus-splice     UDP 1 flow (iperf3) ≥ 2× nginx, 0 % loss        "
         "2.50× nginx, 0.10% loss"]
 
 

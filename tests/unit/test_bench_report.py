@@ -56,7 +56,7 @@ def test_table_rows_cells_spread_and_missing_markers():
     head, rule, row = text.splitlines()
     assert head.startswith("metric") and head.split()[2:] == paths
     assert rule == "-" * len(head)
-    assert row.startswith("UDP echo, 1 flow") and row.split()[4:] == [
+    assert row.startswith("UDP echo, round trip, 1 flow") and row.split()[6:] == [
         "pkt/s", "100,000", "±10%", "50,000", "n/a", "error", "-"]
 
 
