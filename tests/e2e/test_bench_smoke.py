@@ -32,10 +32,14 @@ EVERY_PATH = ["direct", "portunus-splice", "portunus-userspace", "client-splice"
 TCP_FIGURES = ["tcp_bulk_gbps", "http_keepalive_rps", "http_close_rps", "http_idle_rtt_p50_us",
                "http_idle_rtt_p99_us"]
 UDP_FIGURES = ["udp_1flow_pps", "udp_1flow_loss_pct", "udp_manyflow_pps",
-               "udp_manyflow_loss_pct"]
+               "udp_manyflow_loss_pct", "udp_iperf_1flow_pps", "udp_iperf_1flow_loss_pct",
+               "udp_iperf_manyflow_pps", "udp_iperf_manyflow_loss_pct", "udp_iperf_1flow_probes",
+               "udp_iperf_manyflow_probes"]
 CPU_FIGURES = ["proxy_startup_s", "proxy_peak_rss_mib", "tcp_bulk_proxy_cpu_ms_per_gb", "http_keepalive_proxy_cpu_us_per_req",
                "http_close_proxy_cpu_us_per_req"]
-UDP_CPU_FIGURES = ["udp_1flow_proxy_cpu_us_per_dgram", "udp_manyflow_proxy_cpu_us_per_dgram"]
+UDP_CPU_FIGURES = ["udp_1flow_proxy_cpu_us_per_dgram", "udp_manyflow_proxy_cpu_us_per_dgram",
+                   "udp_iperf_1flow_proxy_cpu_us_per_dgram",
+                   "udp_iperf_manyflow_proxy_cpu_us_per_dgram"]
 
 
 def _bin() -> str:
@@ -53,7 +57,7 @@ def _require_peers() -> None:
         pytest.skip(msg)
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(200)
 def test_quick_bench_over_every_path_yields_figures_and_the_issue_tables(tmp_path):
     _require_peers()
     assert EVERY_PATH == DEFAULT_PATHS         # the smoke covers the whole default run
@@ -61,11 +65,11 @@ def test_quick_bench_over_every_path_yields_figures_and_the_issue_tables(tmp_pat
     argv = [sys.executable, str(RUN_PY), "--quick", "--bin", _bin(), "--out", str(out),
             "--paths", ",".join(EVERY_PATH), "--tcp-secs", "1", "--wrk-secs", "1",
             "--rtt-count", "50", "--udp-count", "2000", "--udp-secs", "0.5", "--udp-flows", "16",
-            "--max-total-secs", "120"]
+            "--udp-iperf-start", "5000", "--max-total-secs", "150"]
     p = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, start_new_session=True)
     try:
-        stdout, stderr = p.communicate(timeout=140)
+        stdout, stderr = p.communicate(timeout=190)
     finally:
         if p.poll() is None:           # the runner stops its own children on SIGTERM
             os.killpg(p.pid, signal.SIGTERM)
@@ -104,13 +108,18 @@ def test_quick_bench_over_every_path_yields_figures_and_the_issue_tables(tmp_pat
             assert summary[path][m]["median"] > 0, (path, m)
         if udp:
             assert summary[path]["udp_1flow_pps"]["median"] > 0, path
+            _check_iperf_udp(path, summary[path], doc["details"][path][0])
         else:
             assert "udp_1flow_pps" not in summary[path]
+            assert not any(m.startswith("udp_iperf") for m in summary[path])
     # every path appears in the side-by-side rows it can carry; the peers have a best one
     sbs = doc["side_by_side"]
     assert set(sbs) == {f[0] for f in FIGURES}
     assert set(sbs["bulk"]["values"]) == set(EVERY_PATH)
     assert set(sbs["udp1"]["values"]) == {"direct", "nginx"} | PORTUNUS_PATHS
+    assert set(sbs["udp1_iperf"]["values"]) == {"direct", "nginx"} | PORTUNUS_PATHS
+    assert set(sbs["udpn_iperf"]["values"]) == {"direct", "nginx"} | PORTUNUS_PATHS
+    assert sbs["udp1_iperf"]["best_peer"][0] == "nginx"
     assert sbs["bulk"]["best_peer"][0] in {"haproxy", "haproxy-1t", "nginx", "rinetd", "socat"}
     assert sbs["udp1"]["best_peer"][0] == "nginx"
     assert set(sbs["bulk"]["x_best_peer"]) == PORTUNUS_PATHS
@@ -120,3 +129,24 @@ def test_quick_bench_over_every_path_yields_figures_and_the_issue_tables(tmp_pat
     head = [ln for ln in stdout.splitlines() if ln.startswith("| figure | direct")][0]
     assert head.strip("| ").split(" | ") == ["figure"] + EVERY_PATH + ["best peer"]
     assert "goals of issue 15" in stdout
+    assert "| UDP 64 B, 1 flow (iperf3), k datagrams/s |" in stdout
+    assert "| UDP 64 B, 16 flows (iperf3), k datagrams/s |" in stdout
+
+
+def _check_iperf_udp(path: str, figures: dict, detail: dict) -> None:
+    """The iperf3 rows of one UDP path are sane: a positive received rate that some probe
+    of its search measured, a loss in 0..100 %, at most --quick's 2 probes, and each probe
+    delivered what iperf3 says it sent less what it lost."""
+    for key, flows in (("1flow", 1), ("manyflow", 16)):
+        m = f"udp_iperf_{key}"
+        pps, loss = figures[f"{m}_pps"]["median"], figures[f"{m}_loss_pct"]["median"]
+        assert pps > 0 and 0 <= loss <= 100, (path, m, pps, loss)
+        assert 1 <= figures[f"{m}_probes"]["median"] <= 2, (path, m)
+        d = detail[m]
+        assert d["flows"] == flows and d["pairs"] == (1 if flows == 1 else 2)
+        assert d["limit"] in ("sender", "loss", "probes", "no-clean-rate")
+        assert pps in [t["pps"] for t in d["trace"]]
+        b = d["best"]
+        assert b["received"] == b["packets"] - b["lost"] and b["sent"] >= b["received"] > 0
+        if path != "direct":
+            assert figures[f"{m}_proxy_cpu_us_per_dgram"]["median"] > 0, (path, m)
