@@ -338,15 +338,16 @@ class Loop:
         return True
 
     def _run_once(self, max_wait: float | None = None) -> None:
-        timeout = None
         if self._ready or self._threadsafe:
             timeout = 0
         elif self._timers:
-            timeout = max(0.0, self._timers[0][0] - self.time())
-        if max_wait is not None:
-            timeout = max_wait if timeout is None else min(timeout, max_wait)
-        if timeout is None:
+            timeout = self._timers[0][0] - self.time()
+            if timeout < 0:
+                timeout = 0
+        else:
             timeout = -1
+        if max_wait is not None:
+            timeout = max_wait if timeout < 0 else min(timeout, max_wait)
         if self._pending_del:
             self._flush_pending_del()
         try:
@@ -354,15 +355,15 @@ class Loop:
         except InterruptedError:
             events = ()
         if events:
-            handlers = self._handlers
+            get = self._handlers.get
             dropped = self._dropped
             self._dispatching = True
             try:
                 for fd, ev in events:
-                    h = handlers.get(fd)
+                    h = get(fd)
                     if h is None or (dropped and fd in dropped):
                         continue
-                    ok = True
+                    failed = None
                     if ev & _READ_EVENTS:
                         cb = h.reader
                         if cb is not None:
@@ -370,7 +371,7 @@ class Loop:
                                 cb()
                             except Exception as exc:
                                 self._report(cb, exc)
-                                ok = False
+                                failed = cb
                     if ev & _WRITE_EVENTS:
                         cb = h.writer
                         if cb is not None:
@@ -378,24 +379,27 @@ class Loop:
                                 cb()
                             except Exception as exc:
                                 self._report(cb, exc)
-                                ok = False
-                    if not ok and handlers.get(fd) is h:
+                                failed = cb
+                    if failed is not None and get(fd) is h:
                         self.forget(fd)  # a level-triggered fd whose handler raises would spin forever
             finally:
                 self._dispatching = False
                 dropped.clear()
-        now = self.time()
         timers = self._timers
-        while timers and timers[0][0] <= now:
-            t = heapq.heappop(timers)[2]
-            if not t.cancelled:
-                cb, args = t.callback, t.args
-                t.cancel()
-                self._invoke(cb, *args)
+        if timers:
+            now = self.time()
+            while timers and timers[0][0] <= now:
+                t = heapq.heappop(timers)[2]
+                if not t.cancelled:
+                    cb, args = t.callback, t.args
+                    t.cancel()
+                    self._invoke(cb, *args)
         # Only the callbacks queued before this point run now; new ones wait a turn.
-        for _ in range(len(self._ready)):
-            cb, args = self._ready.popleft()
-            self._invoke(cb, *args)
+        ready = self._ready
+        if ready:
+            for _ in range(len(ready)):
+                cb, args = ready.popleft()
+                self._invoke(cb, *args)
 
     @staticmethod
     def _invoke(cb: Callable, *args) -> bool:
