@@ -47,7 +47,8 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Portunus benchmark: direct vs portunus (standalone and client mode, "
                     "splice/userspace) vs haproxy, nginx stream, rinetd and socat, side by side.")
     ap.add_argument("--quick", action="store_true",
-                    help="smoke run: 1 s tests, repeat 1 (unless --repeat given); < 1 min")
+                    help="smoke run: 1 s tests, repeat 1 (unless --repeat given), one iperf3 UDP "
+                         "probe per search; about 1 min")
     ap.add_argument("--only", default="tcp,http,udp", help="comma list of tcp,http,udp")
     ap.add_argument("--paths", default=",".join(DEFAULT_PATHS),
                     help=f"comma list of {','.join(ALL_PATHS)} (default: all but haproxy-splice)")
@@ -97,7 +98,7 @@ def _build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--udp-iperf-secs", type=int, default=None,
                     help="iperf3 -t of one probe of the 0 %%-loss search (default 2; quick 1)")
     ap.add_argument("--udp-iperf-probes", type=int, default=None,
-                    help="most probes per 0 %%-loss search (default 7; quick 2)")
+                    help="most probes per 0 %%-loss search (default 7; quick 1)")
     ap.add_argument("--udp-iperf-start", type=float, default=50000.0,
                     help="first offered rate of the search, datagrams/s (later repeats start "
                          "at 0.9x the path's last 0 %%-loss offer); default %(default)g")
@@ -117,7 +118,7 @@ def _build_parser() -> argparse.ArgumentParser:
                          "check proxy.splice_selected; nothing is logged per connection)")
     ap.add_argument("--max-total-secs", type=float, default=None,
                     help="overall time budget; remaining tests are skipped after it "
-                         "(default 1800; 55 with --quick)")
+                         "(default 1800; 85 with --quick)")
     ap.add_argument("--keep-logs", action="store_true", help="keep child logs even on success")
     return ap
 
@@ -133,7 +134,7 @@ def parse_args(argv=None):
     a.udp_count = a.udp_count or (20000 if q else 1000000)
     a.udp_secs = a.udp_secs or (1.0 if q else 3.0)
     a.udp_iperf_secs = a.udp_iperf_secs or (1 if q else 2)
-    a.udp_iperf_probes = a.udp_iperf_probes or (2 if q else 7)
+    a.udp_iperf_probes = a.udp_iperf_probes or (1 if q else 7)
     a.udp_tools = [x.strip() for x in a.udp_tools.split(",") if x.strip()]
     for x in a.udp_tools:
         if x not in ("echo", "iperf3"):
@@ -144,7 +145,7 @@ def parse_args(argv=None):
         ap.error("--udp-flows must be 2..256 with the iperf3 test (two iperf3 client/server "
                  "pairs of at most 128 streams each; or --udp-tools echo)")
     if a.max_total_secs is None:
-        a.max_total_secs = 55 if q else 1800
+        a.max_total_secs = 85 if q else 1800
     a.only = [x.strip() for x in a.only.split(",") if x.strip()]
     a.paths = [x.strip() for x in a.paths.split(",") if x.strip()]
     for x in a.only:

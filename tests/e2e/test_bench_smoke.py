@@ -65,7 +65,7 @@ def test_quick_bench_over_every_path_yields_figures_and_the_issue_tables(tmp_pat
     argv = [sys.executable, str(RUN_PY), "--quick", "--bin", _bin(), "--out", str(out),
             "--paths", ",".join(EVERY_PATH), "--tcp-secs", "1", "--wrk-secs", "1",
             "--rtt-count", "50", "--udp-count", "2000", "--udp-secs", "0.5", "--udp-flows", "16",
-            "--udp-iperf-start", "5000", "--max-total-secs", "150"]
+            "--udp-iperf-start", "5000", "--udp-iperf-probes", "2", "--max-total-secs", "150"]
     p = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, start_new_session=True)
     try:

@@ -295,7 +295,8 @@ def test_ready_ports_include_the_iperf_udp_sockets():
 
 def test_quick_defaults_and_option_checks(capsys):
     q = parse_args(["--quick"])
-    assert (q.udp_iperf_secs, q.udp_iperf_probes, q.udp_tools) == (1, 2, ["echo", "iperf3"])
+    assert (q.udp_iperf_secs, q.udp_iperf_probes, q.udp_tools) == (1, 1, ["echo", "iperf3"])
+    assert q.max_total_secs == 85
     full = parse_args([])
     assert (full.udp_iperf_secs, full.udp_iperf_probes, full.udp_loss_max_pct) == (2, 7, 0.0)
     assert parse_args(["--udp-tools", "echo", "--udp-flows", "1000"]).udp_flows == 1000
