@@ -265,6 +265,10 @@ class Batch:
         self.rx_cursor = 0          # next free reply slot
         self.flush_scheduled = False
         self.now = time.monotonic  # batch_for: the context loop's clock
+        # a run of one datagram goes upstream with one write(2) on the flow's connected socket:
+        # (fd, buffer) -> bytes sent or OSError, as os.write (a C call, ~0.4 us less than sendmmsg
+        # through ctypes, and no header to lay out); an attribute so tests can wrap it
+        self.send_one = os.write
 
     def disable(self) -> None:
         self.enabled = False

@@ -181,8 +181,9 @@ class Flow:
                 relay.targets.record_success(self.target_state)
 
     # ---- the batched path (relay.batch is an mmsg.Batch) ---------------------------------
-    def forward_batch(self, b: mmsg.Batch, u32, k: int, j: int) -> int:
-        """Send inbound slots ``k..j-1`` (all from this flow's source) upstream in one sendmmsg.
+    def forward_batch(self, b: mmsg.Batch, lens: list, k: int, j: int) -> int:
+        """Send inbound slots ``k..j-1`` (all from this flow's source; ``lens``: the round's
+        datagram lengths) upstream in one sendmmsg.
         Returns the slot to go on from: ``j``, or after an ICMP eviction the slot after the one
         that met it (the rest of the run then makes a new flow, as datagram by datagram)."""
         ticket = self.ticket
@@ -190,7 +191,7 @@ class Flow:
         if self.pending is not None:  # the target name is still resolving: copies are held
             data = b.inbound.data
             for i in range(k, j):
-                n = u32[i * _HDR_U32 + _LEN_WORD]
+                n = lens[i]
                 if not gate or self.passes("in", n):
                     self.send_upstream(data(i, n))
             return j
@@ -198,7 +199,7 @@ class Flow:
         iov, addrs, origin = tx.iov, b.inbound.addrs, b.origin
         c = total = 0
         for i in range(k, j):
-            n = u32[i * _HDR_U32 + _LEN_WORD]
+            n = lens[i]
             if gate and not self.passes("in", n):
                 continue
             iov[2 * c] = addrs[i]
@@ -228,6 +229,16 @@ class Flow:
         if firsts is None:
             firsts, counts = [0], [1]
         return self._send_rest(b, c, firsts, counts, r, j)
+
+    def send_one_failed(self, exc: OSError, j: int) -> int:
+        """The write of a run of one (``_batch_receiver``) failed: an ICMP error evicts the flow,
+        anything else (EAGAIN: the socket is full; EPERM from a filter...) drops and counts the
+        datagram. Returns the slot to go on from (``j``, the next one)."""
+        if exc.errno in _ICMP_ERRNOS:
+            self.relay.evict_icmp(self, exc)
+        else:
+            self.relay.counters.send_dropped += 1
+        return j
 
     def _send_rest(self, b: mmsg.Batch, c: int, firsts: list, counts: list, r: int, j: int) -> int:
         """After a partial or failed sendmmsg: go on message by message (forward_batch)."""
@@ -421,14 +432,15 @@ class UdpRuleRelay:
         v6 = fam == socket.AF_INET6
         names_q, qstep, name_key = b.names_q, mmsg.NAME_STRIDE // 8, b.name_key
         by_key = self._by_key.setdefault(port, {})
+        get = by_key.get
         loop = self.ctx.loop
         dontwait = mmsg.MSG_DONTWAIT
-        tx = b.up_tx
-        iov, words, iov_addr, tx_ptr = tx.iov, tx.words, tx.iov_addr, tx.ptr
-        addrs, origin = b.inbound.addrs, b.origin
+        inview, ssize = b.inbound.view, b.inbound.size
+        pc = self.counters.ports[port]  # every flow of this port counts here (Flow.pc)
+        hu, lw = _HDR_U32, _LEN_WORD
 
         def on_datagrams() -> None:
-            sendmmsg = b.sendmmsg  # looked up per event: tests wrap it
+            send_one = b.send_one  # looked up per event: tests wrap it
             if not b.enabled:
                 self.fall_back()
                 self._receiver(lsock, port)()
@@ -442,45 +454,46 @@ class UdpRuleRelay:
                             self.fall_back(err)
                     return
                 now = loop.time()
+                # the round's lengths and source keys, each read off the arrays in one C call
+                lens = u32[lw:lw + r * hu:hu].tolist()
+                keys = [name_key(fam, i) for i in range(r)] if v6 else names_q[0:r * qstep:qstep].tolist()
+                din = bin_ = 0  # runs of one: this port's counters, added once per round
                 k = 0
-                while k < r:
-                    key = name_key(fam, k) if v6 else names_q[k * qstep]
-                    flow = by_key.get(key)
-                    if flow is None:
-                        flow = self._new_batch_flow(port, lsock, fam, k, key)
-                        if flow is None or flow.closed:
-                            k += 1
-                            continue
-                    j = k + 1
-                    if v6:
-                        while j < r and name_key(fam, j) == key:
+                try:
+                    while k < r:
+                        key = keys[k]
+                        flow = get(key)
+                        if flow is None:
+                            flow = self._new_batch_flow(port, lsock, fam, k, key)
+                            if flow is None or flow.closed:
+                                k += 1
+                                continue
+                        j = k + 1
+                        while j < r and keys[j] == key:
                             j += 1
-                    else:
-                        while j < r and names_q[j * qstep] == key:
-                            j += 1
-                    flow.last_seen = now
-                    ticket = flow.ticket
-                    if j == k + 1 and flow.pending is None and flow.quota is None \
-                            and (ticket is None or not ticket.bandwidth_capped):
-                        # one datagram of one flow (many flows, one in flight each): inline
-                        n = u32[k * _HDR_U32 + _LEN_WORD]
-                        iov[0] = addrs[k]
-                        iov[1] = n
-                        words[_IOV_WORD] = iov_addr
-                        words[_IOVLEN_WORD] = 1
-                        words[_CTRLLEN_WORD] = 0
-                        sr = sendmmsg(flow.fd, tx_ptr, 1, 0)
-                        if sr == 1:
-                            pc = flow.pc
-                            pc.datagrams_in += 1
-                            pc.bytes_in += n
-                            flow.target_state.bytes_in += n
-                            k = j
-                        else:
-                            origin[0] = k
-                            k = flow._send_rest(b, 1, [0], [1], sr, j)
-                        continue
-                    k = flow.forward_batch(b, u32, k, j)
+                        flow.last_seen = now
+                        if j == k + 1 and flow.pending is None and flow.quota is None:
+                            ticket = flow.ticket
+                            if ticket is None or not ticket.bandwidth_capped:
+                                # one datagram of one flow (many flows, one in flight each): a
+                                # write(2) straight from its receive slot
+                                n = lens[k]
+                                off = k * ssize
+                                try:
+                                    send_one(flow.fd, inview[off:off + n])
+                                except OSError as exc:
+                                    k = flow.send_one_failed(exc, j)
+                                    continue
+                                din += 1
+                                bin_ += n
+                                flow.target_state.bytes_in += n
+                                k = j
+                                continue
+                        k = flow.forward_batch(b, lens, k, j)
+                finally:
+                    if din:
+                        pc.datagrams_in += din
+                        pc.bytes_in += bin_
                 if r < slots:
                     return  # drained
         return on_datagrams

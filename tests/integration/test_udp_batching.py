@@ -47,6 +47,23 @@ class Spy:
         return r
 
 
+class WriteSpy:
+    """Wraps a Batch's ``send_one`` (os.write of a run of one) and records (fd, bytes) per call;
+    ``script`` entries ("errno", e) make a call raise that OSError instead of sending."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.calls: list[tuple[int, bytes]] = []
+        self.script: list = []
+
+    def __call__(self, fd, data):
+        step = self.script.pop(0) if self.script else None
+        self.calls.append((fd, bytes(data)))
+        if step is not None:
+            raise OSError(step[1], "scripted")
+        return self.fn(fd, data)
+
+
 class Rig:
     def __init__(self, path: str, target_port: int | None = None, **rule):
         self.loop = Loop()
@@ -63,6 +80,7 @@ class Rig:
                 self.batch.gso_max = mmsg.GSO_OFF
             self.batch.recvmmsg = self.recv_spy = Spy(self.batch.recvmmsg)
             self.batch.sendmmsg = self.send_spy = Spy(self.batch.sendmmsg)
+            self.batch.send_one = self.write_spy = WriteSpy(self.batch.send_one)
         self.target = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.target.bind(("127.0.0.1", target_port or 0))
         self.target.setblocking(False)
@@ -155,12 +173,16 @@ def test_interleaved_sources_in_one_batch_stay_apart_in_order_and_counted(rigs, 
     snap = rig.snap()
     assert snap["active_flows"] == 3 and snap["bytes_in"] == sum(len(d) for _, d in pattern)
     if path != "per_datagram":
-        # one recvmmsg read all ten; each run of one source went upstream in one sendmmsg
+        # one recvmmsg read all ten; each run of one source went upstream in one sendmmsg,
+        # each lone datagram in one write(2)
         assert rig.recv_spy.calls[0][2] == 10
         # runs a1 a2 | b1 | c1 c2 | a3 | b2 b3 | c3 | a4xx: a message per datagram, or with GSO
-        # one per run of equal sizes
-        want = [2, 1, 2, 1, 2, 1, 1] if path == "batched" else [1, 1, 1, 1, 1, 1, 1]
+        # one per run of equal sizes; b1, a3, c3 and a4xx went by write, from their flows' sockets
+        want = [2, 2, 2] if path == "batched" else [1, 1, 1]
         assert [r for _, _, r in rig.send_spy.calls] == want
+        fds = {src: f.fd for (_, src), f in rig.relay.flows.items()}
+        assert rig.write_spy.calls == [(fds[b.getsockname()], b"b1"), (fds[a.getsockname()], b"a3"),
+                                       (fds[c.getsockname()], b"c3"), (fds[a.getsockname()], b"a4xx")]
         rig.send_spy.calls.clear()
     for data, src in got:
         rig.target.sendto(b"R" + data, src)
@@ -357,6 +379,53 @@ def test_a_one_off_send_error_drops_that_datagram_only_and_keeps_batching(rigs):
     assert rig.snap()["send_dropped"] == 1
     assert [d for d, _ in rig.target_drain()] == [b"y1", b"y2", b"y3"]
     assert rig.batch.enabled and rig.relay.batch is rig.batch
+
+
+@needs_batch
+@pytest.mark.parametrize("err", [errno.EAGAIN, errno.EPERM])
+def test_a_lone_datagram_whose_write_fails_is_dropped_and_counted_and_the_batch_goes_on(rigs, err):
+    """Sources interleaved (runs of one, each a write(2) on its flow's socket): the write that
+    meets a full socket (EAGAIN) or a refusal loses that datagram alone, counted; the others of
+    the same batch go, each counted once, and the flow stays."""
+    rig = rigs("batched")
+    cs = [rig.client() for _ in range(3)]
+    for c in cs:
+        c.sendto(b"hello", ("127.0.0.1", rig.listen))
+    rig.run_until(lambda: rig.snap()["datagrams_in"] == 3, "three flows up")
+    rig.target_drain()
+    rig.write_spy.calls.clear()
+    rig.write_spy.script = [None, ("errno", err)]  # the second write of the batch fails
+    for i in range(2):
+        for k, c in enumerate(cs):
+            c.sendto(b"%d-%d" % (k, i), ("127.0.0.1", rig.listen))
+    rig.run_until(lambda: rig.snap()["datagrams_in"] == 3 + 5, "five more upstream")
+    snap = rig.snap()
+    assert snap["send_dropped"] == 1 and snap["bytes_in"] == 15 + 5 * 3 and snap["active_flows"] == 3
+    assert len(rig.write_spy.calls) == 6 and rig.send_spy.calls == []
+    got = sorted(d for d, _ in rig.target_drain())
+    assert got == [b"0-0", b"0-1", b"1-1", b"2-0", b"2-1"]
+    assert rig.batch.enabled and not any(f.closed for f in rig.relay.flows.values())
+
+
+@needs_batch
+def test_an_icmp_error_met_by_a_lone_write_evicts_that_flow_and_counts_nothing_else(rigs):
+    rig = rigs("batched")
+    a, b = rig.client(), rig.client()
+    for c in (a, b):
+        c.sendto(b"hello", ("127.0.0.1", rig.listen))
+    rig.run_until(lambda: rig.snap()["datagrams_in"] == 2, "two flows up")
+    rig.target_drain()
+    first = rig.relay.flows[(rig.listen, a.getsockname())]
+    rig.write_spy.script = [("errno", errno.ECONNREFUSED)]
+    a.sendto(b"a1", ("127.0.0.1", rig.listen))
+    b.sendto(b"b1", ("127.0.0.1", rig.listen))
+    rig.run_until(lambda: rig.snap()["datagrams_in"] == 3, "b1 upstream")
+    snap = rig.snap()
+    assert first.closed and snap["flows_evicted_icmp"] == 1 and snap["send_dropped"] == 0
+    assert snap["active_flows"] == 1 and [d for d, _ in rig.target_drain()] == [b"b1"]
+    a.sendto(b"a2", ("127.0.0.1", rig.listen))  # a new flow for the evicted source
+    rig.run_until(lambda: rig.snap()["datagrams_in"] == 4, "a2 upstream on a new flow")
+    assert rig.snap()["active_flows"] == 2 and [d for d, _ in rig.target_drain()] == [b"a2"]
 
 
 @needs_batch
