@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 from portunus.errors import PortunusError
 from portunus.log import log
 
-# ``cryptography`` (~50-90 ms to import) is loaded only where a certificate is made or read
-# (the server); the client and ``enroll`` pin, fingerprint and build contexts with ssl/hashlib alone.
+# ``cryptography`` (~35-90 ms to import) is loaded only where an existing certificate is read (a
+# server restart, rotate-cert, an operator's pair); a first start makes its pair with the standard
+# library (``selfsigned``), and the client and ``enroll`` pin, fingerprint and build contexts with
+# ssl/hashlib alone.
 
 CERT_VALIDITY_DAYS = 3650
 CERT_COMMON_NAME = "portunus"
@@ -190,9 +192,9 @@ def _sans_of(cert: x509.Certificate) -> tuple[list[str], list[str]]:
     return dns, ips
 
 
-def _san_names(extra_hosts: list[str]) -> list[x509.GeneralName]:
-    from cryptography import x509
-    names: list[x509.GeneralName] = []
+def _san_names(extra_hosts: list[str]) -> list[tuple[str, str]]:
+    """The SAN entries of a generated certificate, in order: ("dns", name) or ("ip", address)."""
+    names: list[tuple[str, str]] = []
     seen: set[str] = set()
 
     def add(host: str) -> None:
@@ -206,14 +208,14 @@ def _san_names(extra_hosts: list[str]) -> list[x509.GeneralName]:
         except ValueError:
             ip = None
         if ip is not None:
-            key, name = f"ip:{ip}", x509.IPAddress(ip)
+            key, name = f"ip:{ip}", ("ip", str(ip))
         else:
             if not host.isascii() or any(c.isspace() or c in "/:@" for c in host):
                 # an odd hostname must not stop first-run startup; the caller validates the seed endpoint itself
                 log.warn("tls.san_host_skipped", host=host,
                          reason="not a DNS name (A-label) or an IP address")
                 return
-            key, name = f"dns:{host.lower()}", x509.DNSName(host)
+            key, name = f"dns:{host.lower()}", ("dns", host)
         if key not in seen:
             seen.add(key)
             names.append(name)
@@ -224,42 +226,24 @@ def _san_names(extra_hosts: list[str]) -> list[x509.GeneralName]:
 
 
 def _generate_pair(cert_path: str, key_path: str, extra_hosts: list[str]) -> CertInfo:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    """A new self-signed P-256 pair, written key first. Made with the standard library
+    (``selfsigned``): a first start does not pay for importing ``cryptography``'s x509 stack."""
+    from .selfsigned import pem, self_signed
     sans = _san_names(extra_hosts)
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CERT_COMMON_NAME)])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))  # tolerate a peer's clock running behind
-        .not_valid_after(now + datetime.timedelta(days=CERT_VALIDITY_DAYS))
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
-                                     key_encipherment=False, data_encipherment=False,
-                                     key_agreement=False, key_cert_sign=False, crl_sign=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
+    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    cert_der, key_der = self_signed(CERT_COMMON_NAME, sans,
+                                    not_before=now - datetime.timedelta(minutes=5),  # a peer's clock running behind
+                                    not_after=now + datetime.timedelta(days=CERT_VALIDITY_DAYS))
     for path in (cert_path, key_path):
         parent = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(parent):
             os.makedirs(parent, mode=0o700, exist_ok=True)
     # key first: a crash in between leaves "key without cert", which startup reports as incomplete
-    write_atomic(key_path, key_pem, 0o600)
-    write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    return _info_from_cert(cert, cert_path, key_path, generated=True)
+    write_atomic(key_path, pem("PRIVATE KEY", key_der), 0o600)
+    write_atomic(cert_path, pem("CERTIFICATE", cert_der), 0o644)
+    return CertInfo(cert_path=cert_path, key_path=key_path, fingerprint=fingerprint_der(cert_der),
+                    sans_dns=[v for k, v in sans if k == "dns"], sans_ip=[v for k, v in sans if k == "ip"],
+                    generated=True)
 
 
 PREVIOUS_SUFFIX = ".prev"

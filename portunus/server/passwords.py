@@ -22,8 +22,6 @@ import secrets
 import threading
 from dataclasses import dataclass
 
-from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
-
 from ..errors import PortunusError
 
 # OWASP's minimum for Argon2id (m=19 MiB, t=2, p=1); a stored hash with other values gets re-hashed
@@ -49,6 +47,18 @@ _PHC = re.compile(r"\$argon2id\$v=([1-9][0-9]{0,2})\$m=([1-9][0-9]{0,7}),t=([1-9
                   r"\$([A-Za-z0-9+/]+)\$([A-Za-z0-9+/]+)")
 
 _hash_slots = threading.BoundedSemaphore(MAX_CONCURRENT_HASHES)
+
+# cryptography's Argon2id class, imported at the first in-process hash: serve hashes in its children
+# (hashworkers) and makes its first certificate without cryptography, so its start does not pay the import
+Argon2id = None
+
+
+def _argon2id():
+    global Argon2id
+    if Argon2id is None:
+        from cryptography.hazmat.primitives.kdf.argon2 import Argon2id as cls
+        Argon2id = cls
+    return Argon2id
 
 
 class InvalidPasswordHash(ValueError):
@@ -161,7 +171,7 @@ def _derive(password: str, memory_kib: int, iterations: int, lanes: int, salt: b
             digest = workers.derive(secret, memory_kib, iterations, lanes, salt, length)
             if digest is not None:
                 return digest
-        return Argon2id(salt=salt, length=length, iterations=iterations, lanes=lanes,
+        return _argon2id()(salt=salt, length=length, iterations=iterations, lanes=lanes,
                         memory_cost=memory_kib).derive(secret)
 
 

@@ -106,11 +106,38 @@ def test_client_start_and_enroll_do_not_import_cryptography(tmp_path):
     assert "cryptography" not in imported(tmp_path, "client", "enroll", "portunus://127.0.0.1:1/enroll")
 
 
-def test_serve_imports_cryptography_only_because_it_makes_the_certificate(tmp_path):
-    """The server does need it (first start generates the pair); this pins that the server side
-    still works through it, so the lazy imports above are not hiding a broken path."""
+def test_gen_token_imports_neither_cryptography_nor_sqlite(tmp_path):
     mods = imported(tmp_path, "server", "gen-token")
     assert "cryptography" not in mods and "sqlite3" not in mods
+
+
+FIRST_START = """
+import json, sys
+from portunus.control import tls
+import portunus.server.app
+from portunus.server import passwords
+d = sys.argv[1]
+info = tls.ensure_server_cert(d + "/server.crt", d + "/server.key")
+tls.server_context(info)
+passwords.start_hash_workers()
+passwords.stop_hash_workers()
+after_first = sorted(sys.modules)
+again = tls.ensure_server_cert(d + "/server.crt", d + "/server.key")   # a restart reads the pair back
+assert again.fingerprint == info.fingerprint
+json.dump({"first": after_first, "restart": sorted(sys.modules)}, open(d + "/m.json", "w"))
+"""
+
+
+def test_a_first_start_makes_its_certificate_without_importing_cryptography(tmp_path):
+    """serve's wiring and a new self-signed pair (control/selfsigned.py) need no cryptography; reading
+    an existing pair back (a restart, an operator's files) still goes through it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTUNUS_")}
+    subprocess.run([sys.executable, "-c", FIRST_START, str(tmp_path)], cwd=tmp_path, env=dict(env, PYTHONPATH=str(REPO)),
+                   check=True, timeout=60)
+    mods = json.loads((tmp_path / "m.json").read_text())
+    assert [m for m in mods["first"] if m == "cryptography" or m.startswith("cryptography.")] == []
+    assert "portunus.control.selfsigned" in mods["first"]
+    assert "cryptography.x509" in mods["restart"]
 
 
 def test_main_spells_the_same_exit_codes_as_the_error_table():
