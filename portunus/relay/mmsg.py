@@ -226,6 +226,7 @@ class Slots:
         self.view = memoryview(self.mem)
         base = ctypes.addressof(ctypes.c_char.from_buffer(self.mem))
         self.addrs = [base + i * size for i in range(count)]
+        self.views = [self.view[i * size:(i + 1) * size] for i in range(count)]  # slot i, whole
 
     def data(self, i: int, n: int) -> memoryview:
         off = i * self.size

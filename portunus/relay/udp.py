@@ -66,7 +66,8 @@ _ICMP_ERRNOS = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH)
 
 class Flow:
     __slots__ = ("relay", "listen_port", "src", "lsock", "up", "last_seen", "pending", "closed", "target_state",
-                 "answered", "ticket", "quota", "fd", "key", "name_buf", "name_addr", "name_len", "gso_max", "pc")
+                 "answered", "ticket", "quota", "fd", "key", "name_buf", "name_addr", "name_len", "gso_max", "pc",
+                 "direct")
 
     def __init__(self, relay: "UdpRuleRelay", listen_port: int, src, lsock: socket.socket, ticket=None, quota=None):
         self.relay = relay
@@ -88,6 +89,7 @@ class Flow:
         self.name_len = 0
         self.gso_max = 0  # the batched path: segment sizes that may go as one GSO send (mmsg.GSO_OFF)
         self.pc = relay.counters.ports[listen_port]  # this port's counters (the relay keeps them)
+        self.direct = False  # connected and no quota: the batched path's lone datagrams skip the gates
 
     def passes(self, direction: str, size: int) -> bool:
         """Whether one datagram may go: the bandwidth cap, then the quota (each all or nothing).
@@ -119,6 +121,7 @@ class Flow:
             raise
         self.up = up
         self.fd = up.fileno()
+        self.direct = self.quota is None
         reader = self.on_upstream_batch if self.relay.batch is not None else self.on_upstream_readable
         self.relay.ctx.loop.add_reader(self.fd, reader)
         pending, self.pending = self.pending, None
@@ -230,15 +233,19 @@ class Flow:
             firsts, counts = [0], [1]
         return self._send_rest(b, c, firsts, counts, r, j)
 
-    def send_one_failed(self, exc: OSError, j: int) -> int:
+    def capped(self) -> bool:
+        """Whether a bandwidth cap binds this flow now (its ticket's chain)."""
+        ticket = self.ticket
+        return ticket is not None and ticket.bandwidth_capped
+
+    def send_one_failed(self, exc: OSError) -> None:
         """The write of a run of one (``_batch_receiver``) failed: an ICMP error evicts the flow,
         anything else (EAGAIN: the socket is full; EPERM from a filter...) drops and counts the
-        datagram. Returns the slot to go on from (``j``, the next one)."""
+        datagram."""
         if exc.errno in _ICMP_ERRNOS:
             self.relay.evict_icmp(self, exc)
         else:
             self.relay.counters.send_dropped += 1
-        return j
 
     def _send_rest(self, b: mmsg.Batch, c: int, firsts: list, counts: list, r: int, j: int) -> int:
         """After a partial or failed sendmmsg: go on message by message (forward_batch)."""
@@ -354,6 +361,7 @@ class Flow:
             self.up.close()
             self.up = None
         self.fd = -1
+        self.direct = False
 
 
 class UdpRuleRelay:
@@ -435,7 +443,7 @@ class UdpRuleRelay:
         get = by_key.get
         loop = self.ctx.loop
         dontwait = mmsg.MSG_DONTWAIT
-        inview, ssize = b.inbound.view, b.inbound.size
+        views = b.inbound.views
         pc = self.counters.ports[port]  # every flow of this port counts here (Flow.pc)
         hu, lw = _HDR_U32, _LEN_WORD
 
@@ -457,6 +465,8 @@ class UdpRuleRelay:
                 # the round's lengths and source keys, each read off the arrays in one C call
                 lens = u32[lw:lw + r * hu:hu].tolist()
                 keys = [name_key(fam, i) for i in range(r)] if v6 else names_q[0:r * qstep:qstep].tolist()
+                keys.append(None)  # the sentinel after the last: keys[k + 1] always exists
+                uncapped = not self.maybe_capped()  # then no flow of this rule has a bandwidth cap
                 din = bin_ = 0  # runs of one: this port's counters, added once per round
                 k = 0
                 try:
@@ -468,27 +478,26 @@ class UdpRuleRelay:
                             if flow is None or flow.closed:
                                 k += 1
                                 continue
-                        j = k + 1
-                        while j < r and keys[j] == key:
-                            j += 1
                         flow.last_seen = now
-                        if j == k + 1 and flow.pending is None and flow.quota is None:
-                            ticket = flow.ticket
-                            if ticket is None or not ticket.bandwidth_capped:
-                                # one datagram of one flow (many flows, one in flight each): a
-                                # write(2) straight from its receive slot
-                                n = lens[k]
-                                off = k * ssize
-                                try:
-                                    send_one(flow.fd, inview[off:off + n])
-                                except OSError as exc:
-                                    k = flow.send_one_failed(exc, j)
-                                    continue
-                                din += 1
-                                bin_ += n
-                                flow.target_state.bytes_in += n
-                                k = j
+                        k1 = k + 1
+                        if keys[k1] != key and flow.direct and (uncapped or not flow.capped()):
+                            # one datagram of one flow (many flows, one in flight each): a write(2)
+                            # on its connected socket straight from the receive slot
+                            n = lens[k]
+                            try:
+                                send_one(flow.fd, views[k][:n])
+                            except OSError as exc:
+                                flow.send_one_failed(exc)
+                                k = k1
                                 continue
+                            din += 1
+                            bin_ += n
+                            flow.target_state.bytes_in += n
+                            k = k1
+                            continue
+                        j = k1
+                        while keys[j] == key:  # the sentinel ends the run at r
+                            j += 1
                         k = flow.forward_batch(b, lens, k, j)
                 finally:
                     if din:
@@ -497,6 +506,24 @@ class UdpRuleRelay:
                 if r < slots:
                     return  # drained
         return on_datagrams
+
+    def maybe_capped(self) -> bool:
+        """Whether a bandwidth cap may bind a flow of this rule now; when not, the batched path
+        skips ``Ticket.bandwidth_capped`` (~0.15 us) per datagram. Asked once per recvmmsg round.
+
+        Every ticket of this rule holds the rule's limiter (the book's current one, or one retired
+        with the rule, whose buckets are gone: it caps nothing) and, when that limiter has an owner,
+        that owner's current envelope (``Ticket.chain``). So when neither the current limiter nor
+        its owner's envelope has a bandwidth cap, no flow here is capped. An unknown limiter
+        (the rule is leaving the book) answers True: each flow is asked."""
+        book = self.ctx.enforcer.limits
+        lim = book.rules.get(self.rule.rule_id)
+        if lim is None or lim.has_bandwidth_cap:
+            return True
+        if not lim.owner:
+            return False
+        env = book.owner_limiter(lim.owner)
+        return env is not None and env.has_bandwidth_cap
 
     def _new_batch_flow(self, port: int, lsock, fam: int, k: int, key) -> Flow | None:
         raw = self.batch.raw_name(fam, k)

@@ -17,6 +17,7 @@ from harness import LogCapture
 from portunus.control import messages as m
 from portunus.loop import Loop
 from portunus.model import Rule
+from portunus.ratelimit import RateLimit
 from portunus.relay import mmsg
 from portunus.relay.context import RelayContext
 from portunus.relay.runtime import RuleRuntime
@@ -329,6 +330,56 @@ def test_a_bandwidth_cap_passes_or_drops_each_datagram_of_a_batch_whole(rigs, pa
     snap = rig.rt.snapshot("u")
     assert snap["datagrams_in"] in (2, 3) and snap["bytes_in"] == 400 * snap["datagrams_in"]
     assert len(rig.target_drain()) == snap["datagrams_in"]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("where", ["rule", "owner"])
+def test_a_bandwidth_cap_installed_after_admission_binds_lone_datagrams_of_many_flows(rigs, path, where):
+    """Interleaved sources (runs of one, which skip the per-datagram cap check while no cap can
+    bind; an owner's flows carry its quota, so they are gated anyway): a cap hot-installed on the
+    rule, or on its owner's envelope, binds the flows admitted before it from the next batch on;
+    each datagram passes or drops whole and is counted."""
+    if path != "per_datagram" and mmsg._libc_calls() is None:
+        pytest.skip("no recvmmsg here")
+    rig = rigs(path, **({"owner": "alice"} if where == "owner" else {}))
+    cs = [rig.client() for _ in range(4)]
+    for c in cs:
+        for _ in range(2):
+            c.sendto(b"u" * 100, ("127.0.0.1", rig.listen))
+    rig.run_until(lambda: rig.snap()["datagrams_in"] == 8, "8 upstream, uncapped")
+    rig.target_drain()
+    cap = RateLimit.from_dict({"bandwidth_in_bps": 1000})
+    if where == "rule":
+        rule = Rule.from_dict({**rig.rule.to_dict(), "rate_limit": cap.to_dict()})
+        assert rig.rt.activate(rule).state == "active" and rig.relay.flows  # a hot update: flows stay
+    else:
+        rig.rt.set_owner_cap("alice", cap)
+    for _ in range(5):
+        for c in cs:
+            c.sendto(b"c" * 400, ("127.0.0.1", rig.listen))
+    dropped = lambda: rig.rt.snapshot("u")["rate_limit"]["bandwidth_dropped_in"]
+    rig.run_until(lambda: rig.snap()["datagrams_in"] + dropped() == 8 + 20, "20 decided")
+    passed = rig.snap()["datagrams_in"] - 8
+    assert 1 <= passed <= 3 and dropped() == 20 - passed  # a 1000 B/s bucket: two or three 400 B
+    assert rig.snap()["bytes_in"] == 800 + 400 * passed and rig.snap()["active_flows"] == 4
+    assert len(rig.target_drain()) == passed
+
+
+def test_maybe_capped_answers_for_the_rule_limiter_and_its_owners_envelope(rigs):
+    rig = rigs("per_datagram", owner="bob")
+    relay = rig.relay
+    assert relay.maybe_capped() is False  # no cap anywhere
+    rig.rt.set_owner_cap("bob", RateLimit.from_dict({"concurrent_connections": 5}))
+    assert relay.maybe_capped() is False  # an envelope without a bandwidth cap
+    rig.rt.set_owner_cap("bob", RateLimit.from_dict({"bandwidth_out_bps": 10_000}))
+    assert relay.maybe_capped() is True
+    rig.rt.set_owner_cap("bob", None)
+    assert relay.maybe_capped() is False
+    rule = Rule.from_dict({**rig.rule.to_dict(), "rate_limit": {"bandwidth_in_bps": 1000}})
+    assert rig.rt.activate(rule).state == "active"
+    assert relay.maybe_capped() is True
+    rig.ctx.enforcer.limits.rules.pop("u")  # the rule leaving the book: each flow is asked
+    assert relay.maybe_capped() is True
 
 
 @pytest.mark.parametrize("path", PATHS)
