@@ -114,7 +114,7 @@ class TcpSession:
             fam, ip = self.addrs.pop(0)
             try:
                 self.dial = Connect(self.ctx.loop, ip, self.target_port, self.ctx.connect_timeout,
-                                    self._on_dialed, family=fam)
+                                    self._on_dialed, family=fam, plain=True)
             except OSError as exc:
                 log.limited("warn", "proxy.upstream_socket_failed", key=self.relay.rule.rule_id,
                             every=REPEAT_LOG_EVERY, rule=self.relay.rule.rule_id, errno_name=errno_name(exc))

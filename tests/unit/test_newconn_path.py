@@ -1,0 +1,165 @@
+"""The new-connection path's lean pieces hold the behaviour of what they replaced.
+
+- ``Enforcer.splice_allowed`` reads PORTUNUS_DISABLE_SPLICE through os.environ's own store: the
+  same answer as ``splice.splice_disabled_by_env()`` for every value, set and unset at any time.
+- ``Acceptor`` hands over C-level socket objects (``socket.SocketType``) built from the raw fd:
+  non-blocking, the listener's family, every method the relay calls working on a real peer.
+- ``Connect(..., plain=True)`` dials the same way and hands over the same kind of socket.
+
+Real loopback sockets on a real loop.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from portunus.loop import Loop
+from portunus.model import Rule
+from portunus.netio import Acceptor, Connect
+from portunus.relay import enforce
+from portunus.relay.enforce import Enforcer
+from portunus.relay.splice import splice_disabled_by_env
+
+pytestmark = pytest.mark.timeout(10)
+WAIT = 2.0  # upper bound for run_until: only reached when the behaviour is broken
+
+
+@pytest.fixture
+def loop():
+    lp = Loop()
+    yield lp
+    lp.close()
+
+
+@pytest.fixture
+def listener():
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(("127.0.0.1", 0))
+    s.listen(16)
+    s.setblocking(False)
+    yield s
+    s.close()
+
+
+@pytest.mark.parametrize("value", [None, "1", "0", "", "true", "1 ", " 1", "11"])
+def test_the_cached_splice_switch_answers_as_the_environment_does(value, monkeypatch):
+    monkeypatch.setattr(enforce, "_LINUX_SPLICE", True)
+    enf = Enforcer(Loop())
+    plain = Rule.from_dict({"rule_id": "p", "listen_port": 18000, "target": "127.0.0.1:80"})
+    try:
+        assert enf.splice_allowed(plain)  # made before the variable changes: nothing is read at start
+        if value is None:
+            monkeypatch.delenv("PORTUNUS_DISABLE_SPLICE", raising=False)
+        else:
+            monkeypatch.setenv("PORTUNUS_DISABLE_SPLICE", value)
+        assert enf.splice_allowed(plain) is (not splice_disabled_by_env())
+        assert enf.splice_allowed(plain) is (value != "1")
+        os.environ.pop("PORTUNUS_DISABLE_SPLICE", None)  # and back, on the same enforcer
+        assert enf.splice_allowed(plain)
+    finally:
+        enf.loop.close()
+
+
+def test_the_plain_environment_read_is_the_fallback(monkeypatch):
+    monkeypatch.setattr(enforce, "_LINUX_SPLICE", True)
+    monkeypatch.setattr(enforce, "_ENV_STORE", None)  # a Python whose os.environ has no _data
+    enf = Enforcer(Loop())
+    plain = Rule.from_dict({"rule_id": "p", "listen_port": 18000, "target": "127.0.0.1:80"})
+    try:
+        monkeypatch.setenv("PORTUNUS_DISABLE_SPLICE", "1")
+        assert not enf.splice_allowed(plain)
+        monkeypatch.delenv("PORTUNUS_DISABLE_SPLICE")
+        assert enf.splice_allowed(plain)
+    finally:
+        enf.loop.close()
+
+
+def test_accepted_sockets_are_non_blocking_c_sockets_that_carry_bytes_both_ways(loop, listener):
+    accepted = []
+    acc = Acceptor(loop, listener, lambda s, a: accepted.append((s, a)))
+    acc.start()
+    peer = socket.create_connection(listener.getsockname(), timeout=2)
+    try:
+        assert loop.run_until(lambda: accepted, WAIT)
+        (s, addr), = accepted
+        assert type(s) is socket.SocketType
+        assert s.getblocking() is False and s.family == socket.AF_INET and s.type == socket.SOCK_STREAM
+        assert addr == peer.getsockname() and s.getpeername() == peer.getsockname()
+        assert s.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE) == socket.SOCK_STREAM
+        peer.sendall(b"ping")
+        assert loop.run_until(lambda: _readable(s), WAIT)
+        assert s.recv(16) == b"ping"
+        assert s.send(b"pong") == 4
+        assert peer.recv(16) == b"pong"
+        s.shutdown(socket.SHUT_WR)  # the half-close the pumps use
+        assert peer.recv(16) == b""
+        peer.sendall(b"after")  # the other direction stays open
+        assert loop.run_until(lambda: _readable(s), WAIT)
+        assert s.recv(16) == b"after"
+        fd = s.fileno()
+        s.close()
+        assert s.fileno() == -1
+        with pytest.raises(OSError):
+            os.fstat(fd)  # the descriptor is gone, not leaked
+    finally:
+        peer.close()
+        for s, _ in accepted:
+            s.close()
+
+
+def _readable(s) -> bool:
+    try:
+        return bool(s.recv(16, socket.MSG_PEEK))  # consumes nothing
+    except BlockingIOError:
+        return False
+
+
+def test_a_batch_of_accepts_hands_over_each_connection_once(loop, listener):
+    accepted = []
+    acc = Acceptor(loop, listener, lambda s, a: accepted.append(s))
+    acc.start()
+    peers = [socket.create_connection(listener.getsockname(), timeout=2) for _ in range(5)]
+    try:
+        assert loop.run_until(lambda: len(accepted) == 5, WAIT)
+        assert sorted(s.getpeername() for s in accepted) == sorted(p.getsockname() for p in peers)
+        assert len({s.fileno() for s in accepted}) == 5
+    finally:
+        for s in peers + accepted:
+            s.close()
+
+
+@pytest.mark.parametrize("plain", [True, False])
+def test_a_plain_dial_connects_like_the_wrapped_one(loop, listener, plain):
+    got = []
+    Connect(loop, "127.0.0.1", listener.getsockname()[1], 2.0, lambda s, r: got.append((s, r)), plain=plain)
+    try:
+        assert loop.run_until(lambda: got, WAIT)
+        (sock, reason), = got
+        assert reason is None
+        assert (type(sock) is socket.SocketType) is plain
+        assert isinstance(sock, socket.SocketType) and sock.getblocking() is False
+        server, _ = listener.accept()
+        try:
+            assert sock.send(b"x") == 1
+            server.settimeout(2)
+            assert server.recv(1) == b"x"
+        finally:
+            server.close()
+    finally:
+        for s, _ in got:
+            if s is not None:
+                s.close()
+
+
+def test_a_plain_dial_to_a_closed_port_reports_the_refusal(loop):
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # bound then closed: nothing listens there
+    got = []
+    Connect(loop, "127.0.0.1", port, 2.0, lambda s, r: got.append((s, r)), plain=True)
+    assert loop.run_until(lambda: got, WAIT)
+    assert got == [(None, "ECONNREFUSED")]
