@@ -231,6 +231,7 @@ class Limiter:
     def __init__(self, client_id: str, rule_id: str | None, owner: str | None, cap: RateLimit | None, now: float):
         self.client_id, self.rule_id, self.owner = client_id, rule_id, owner
         self.cap: RateLimit | None = None
+        self.bw_capped = False              # cap.has_bandwidth_cap, kept with cap (asked per userspace read)
         self.bandwidth: dict[str, TokenBucket | None] = dict.fromkeys(DIRECTIONS)
         self.new_connections: TokenBucket | None = None
         self.concurrent = 0                 # live connections / flows (rule scopes)
@@ -243,7 +244,7 @@ class Limiter:
 
     @property
     def has_bandwidth_cap(self) -> bool:
-        return self.cap is not None and self.cap.has_bandwidth_cap
+        return self.bw_capped
 
     def labels(self) -> dict:
         """Metric labels (SPEC §8.1): owner aggregate rows use ``rule=""``."""
@@ -255,6 +256,7 @@ class Limiter:
         kept) and of a kept bucket whose rate or burst changed (their timer was armed for the old
         rate; it goes stale and they park again, arming a new one)."""
         self.cap = cap
+        self.bw_capped = cap is not None and cap.has_bandwidth_cap
         c = cap or RateLimit()
         woken = []
         for direction, rate, burst in (("in", c.bandwidth_in_bps, c.bandwidth_in_burst),
@@ -346,11 +348,18 @@ class Ticket:
 
     @property
     def bandwidth_capped(self) -> bool:
-        for lim in self.chain:  # asked per userspace read: no generator
-            cap = lim.cap
-            if cap is not None and cap.has_bandwidth_cap:
-                return True
-        return False
+        """Whether a scope of the chain caps bandwidth now. Asked per userspace read: the rule's
+        flag, then (an owned rule) its owner's current envelope; no chain tuple, no loop."""
+        if self.rule.bw_capped:
+            return True
+        scope = self._owner_scope
+        if scope is None:
+            for lim in self._chain:
+                if lim.bw_capped:
+                    return True
+            return False
+        owner = scope.owner_limiter(self._owner) if self._owner else None
+        return owner is not None and owner.bw_capped
 
     def allowance(self, direction: str, want: int, now: float) -> int:
         """TCP: how many of ``want`` bytes the next read may move now (nothing is taken yet).

@@ -163,3 +163,29 @@ def test_a_plain_dial_to_a_closed_port_reports_the_refusal(loop):
     Connect(loop, "127.0.0.1", port, 2.0, lambda s, r: got.append((s, r)), plain=True)
     assert loop.run_until(lambda: got, WAIT)
     assert got == [(None, "ECONNREFUSED")]
+
+
+def test_a_tickets_bandwidth_flag_follows_every_hot_update_of_its_rule_and_owner():
+    from portunus.model import RateLimit
+    from portunus.relay.limiter_book import LimiterBook
+    bw = RateLimit.from_dict({"bandwidth_in_bps": 1000})
+    conns = RateLimit.from_dict({"concurrent_connections": 5})
+    book = LimiterBook("edge")
+    book.set_rule("free", owner=None, cap=None, now=0.0)   # admitted on the uncapped, ownerless fast path
+    book.set_rule("owned", owner="alice", cap=None, now=0.0)
+    free, owned = book.admit("free", "tcp", 0.0), book.admit("owned", "tcp", 0.0)
+    assert not free.bandwidth_capped and not owned.bandwidth_capped
+    book.set_rule("free", owner=None, cap=bw, now=1.0)
+    assert free.bandwidth_capped
+    book.set_rule("free", owner=None, cap=conns, now=2.0)  # a cap without bandwidth: not capped
+    assert not free.bandwidth_capped
+    book.set_owner_cap("alice", bw, 3.0)                   # an envelope installed after admission
+    assert owned.bandwidth_capped and not free.bandwidth_capped
+    book.set_owner_cap("alice", conns, 4.0)
+    assert not owned.bandwidth_capped
+    book.set_owner_cap("alice", bw, 5.0)
+    book.remove_owner_cap("alice", 6.0)
+    assert not owned.bandwidth_capped
+    book.set_rule("owned", owner="alice", cap=bw, now=7.0)
+    assert owned.bandwidth_capped
+    assert [lim.has_bandwidth_cap for lim in (book.rules["free"], book.rules["owned"])] == [False, True]
