@@ -57,8 +57,32 @@ class RelayContext:
         self.shared_listeners: dict[tuple[str, int], object] = {}
         # relay/mmsg.batch_for: False until the first UDP rule asks, then its Batch or None (per datagram)
         self.udp_batch = False
+        # upstream sockets whose keepalive is still to be switched on (keepalive_later)
+        self.keepalive_pending: set = set()
+        self._keepalive_timer = None
+
+    def keepalive_later(self, sock: socket.socket) -> None:
+        """Switch TCP keepalive on for ``sock`` (a dialed upstream) within ``KEEPALIVE_DEFER`` s,
+        in one sweep for every connection dialed meanwhile; the owner discards it from
+        ``keepalive_pending`` when it closes first. Keepalive only ever acts after 300 s idle, so a
+        connection shorter than the deferral never needed it: a short connection saves the four
+        setsockopt calls, a long one gets the same probes a second late at most."""
+        self.keepalive_pending.add(sock)
+        if self._keepalive_timer is None:
+            self._keepalive_timer = self.loop.call_later(KEEPALIVE_DEFER, self._keepalive_sweep)
+
+    def _keepalive_sweep(self) -> None:
+        self._keepalive_timer = None
+        pending, self.keepalive_pending = self.keepalive_pending, set()
+        for sock in pending:
+            if sock.fileno() >= 0:
+                set_keepalive(sock)
 
     def close(self) -> None:
+        if self._keepalive_timer is not None:
+            self._keepalive_timer.cancel()
+            self._keepalive_timer = None
+        self.keepalive_pending = set()
         for listener in list(self.shared_listeners.values()):
             listener.close()
         self.pipes.close()
@@ -66,12 +90,21 @@ class RelayContext:
 
 
 KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 300, 30, 4
+KEEPALIVE_DEFER = 1.0  # an upstream's keepalive is on within this long of its connect (keepalive_later)
 
 
 def tune_stream_socket(sock: socket.socket) -> None:
     """No Nagle delay on forwarded bytes; keepalive finds peers that vanished (~7 min)."""
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):
+        return
+    set_keepalive(sock)
+
+
+def set_keepalive(sock: socket.socket) -> None:
+    """TCP keepalive: the first probe after 300 s idle, then every 30 s, 4 probes."""
+    try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)

@@ -19,7 +19,7 @@ from functools import partial
 from ..log import log
 from ..model import Rule
 from ..netio import Acceptor, Connect, errno_name
-from .context import REPEAT_LOG_EVERY, BindError, RelayContext, bind_socket, tune_stream_socket
+from .context import REPEAT_LOG_EVERY, BindError, RelayContext, bind_socket
 from .enforce import QUOTA_REFUSED
 from . import proxy_protocol
 from .rule_relay import RuntimeSettings
@@ -29,6 +29,7 @@ from .targets import TargetSet
 from .stats import RuleCounters
 
 PROXY_HEADER_TIMEOUT = 3.0
+IPPROTO_TCP, TCP_NODELAY = socket.IPPROTO_TCP, socket.TCP_NODELAY
 _LINGER_RST = struct.pack("ii", 1, 0)
 
 
@@ -135,7 +136,13 @@ class TcpSession:
 
     def _established(self) -> None:
         up, cs = self.up, self.csock
-        tune_stream_socket(up)  # the accepted side inherited the listener's options
+        # the accepted side inherited the listener's options; the upstream gets TCP_NODELAY now and
+        # its keepalive within a second (a short connection never pays for it: ctx.keepalive_later)
+        try:
+            up.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
+        except OSError:
+            pass
+        self.ctx.keepalive_later(up)
         state = self.target_state
         self.relay.targets.record_success(state)
         state.connections += 1
@@ -234,6 +241,7 @@ class TcpSession:
         loop.forget(cs.fileno(), closing=True)  # closed at once, never dup'd: no epoll_ctl
         cs.close()
         if up is not None:
+            self.ctx.keepalive_pending.discard(up)
             loop.forget(up.fileno(), closing=True)
             up.close()
         self.counters.active_connections -= 1
