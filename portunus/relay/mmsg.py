@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+from array import array
 import mmap
 import os
 import socket
@@ -85,6 +86,14 @@ CMSG_SPACE_U16 = (CMSG_LEN_U16 + PTR - 1) // PTR * PTR             # CMSG_SPACE(
 _HW = HDR_SIZE // PTR
 _HU = HDR_SIZE // 4
 assert HDR_SIZE % PTR == 0 and HDR_SIZE % 4 == 0 and IOV_SIZE == 2 * PTR
+_ARRAY_CODE = next(c for c in "QLI" if array(c).itemsize == PTR)   # the array of pointer-sized words
+assert memoryview(array(_ARRAY_CODE)).format == PTR_FMT or PTR_FMT == "Q" and _ARRAY_CODE == "L"
+
+
+def words(values) -> memoryview:
+    """``values`` (ints) as pointer-sized words: what a strided slice of ``Headers.iov`` or
+    ``Headers.words`` takes in one assignment."""
+    return memoryview(array(_ARRAY_CODE, values)).cast("B").cast(PTR_FMT)
 
 
 def _libc_calls():
@@ -144,6 +153,10 @@ class Headers:
         self.words = raw.cast(PTR_FMT)       # msg_name at i * HDR_SIZE/PTR + _NAME_WORD
         self.iov = memoryview(self.iovs).cast("B").cast(PTR_FMT)  # base at 2i, len at 2i+1
         self.iov_addr = ctypes.addressof(self.iovs)
+        # pack_messages' one-datagram-a-message layout, written with strided slices
+        self.iov_ptrs = words([self.iov_addr + i * IOV_SIZE for i in range(count)])
+        self.ones = words([1] * count)
+        self.zeros = words([0] * count)
         self.cmsgs = None
         if cmsg:
             self.cmsgs = (ctypes.c_char * (count * CMSG_SPACE_U16))()
@@ -174,7 +187,68 @@ def pack_messages(tx: Headers, start: int, end: int, gso_max: int, owners=None) 
     be shorter) up to ``gso_max`` bytes each and one destination becomes one GSO message; any
     other datagram is a message of its own. ``owners[i]`` (replies: the flow of datagram i,
     with ``name_addr``/``name_len``/``gso_max``) splits runs and names each message.
-    Returns (first datagram, datagram count) per message."""
+    Returns (first datagram, datagram count) per message.
+
+    Without owners, the two common shapes are laid out without a Python step per datagram:
+    every size equal (the last may be shorter) within ``gso_max`` (one GSO message per
+    ``GSO_MAX_SEGMENTS``), and GSO off (a message per datagram, by strided slices)."""
+    if owners is None and end > start:
+        n = end - start
+        if n == 1 or gso_max <= 0:
+            return _one_a_message(tx, start, end)
+        sizes = tx.iov[2 * start + 1:2 * end:2].tolist()
+        size = sizes[0]
+        if 0 < size <= gso_max:
+            eq = sizes.count(size)
+            if eq == n or (eq == n - 1 and 0 < sizes[-1] < size):
+                if GSO_MAX_BYTES // size < 2:
+                    return _one_a_message(tx, start, end)  # no two of this size fit one GSO send
+                return _equal_runs(tx, start, end, size, start + eq)
+    return _pack_general(tx, start, end, gso_max, owners)
+
+
+def _one_a_message(tx: Headers, start: int, end: int) -> tuple[list, list]:
+    n = end - start
+    words = tx.words
+    words[_IOV_WORD:_IOV_WORD + n * _HW:_HW] = tx.iov_ptrs[start:end]
+    words[_IOVLEN_WORD:_IOVLEN_WORD + n * _HW:_HW] = tx.ones[:n]
+    words[_CTRLLEN_WORD:_CTRLLEN_WORD + n * _HW:_HW] = tx.zeros[:n]
+    return list(range(start, end)), [1] * n
+
+
+def _equal_runs(tx: Headers, start: int, end: int, size: int, eq_end: int) -> tuple[list, list]:
+    """Datagrams start..eq_end-1 of ``size`` bytes, then (eq_end == end - 1) one shorter: as
+    ``_pack_general`` lays them out (the shorter one joins the last message of two or more that
+    has room for it, else goes alone)."""
+    per = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // size)
+    words, iov_addr, cm = tx.words, tx.iov_addr, tx.cm_u16
+    firsts: list[int] = []
+    counts: list[int] = []
+    m = 0
+    x = start
+    while x < end:
+        if x < eq_end:
+            y = min(x + per, eq_end)
+            if y == eq_end < end and y - x > 1 and x + per > eq_end:
+                y = end  # the shorter last one joins this message
+        else:
+            y = end
+        base = m * _HW
+        words[base + _IOV_WORD] = iov_addr + x * IOV_SIZE
+        words[base + _IOVLEN_WORD] = y - x
+        if y - x > 1:
+            words[base + _CTRLLEN_WORD] = CMSG_SPACE_U16
+            cm[m * _CM_STEP + _CM_OFF] = size
+        else:
+            words[base + _CTRLLEN_WORD] = 0
+        firsts.append(x)
+        counts.append(y - x)
+        m += 1
+        x = y
+    return firsts, counts
+
+
+def _pack_general(tx: Headers, start: int, end: int, gso_max: int, owners) -> tuple[list, list]:
     iov, words = tx.iov, tx.words
     firsts: list[int] = []
     counts: list[int] = []
@@ -226,6 +300,7 @@ class Slots:
         self.view = memoryview(self.mem)
         base = ctypes.addressof(ctypes.c_char.from_buffer(self.mem))
         self.addrs = [base + i * size for i in range(count)]
+        self.addr_words = words(self.addrs)  # the same as words, for strided iov_base writes
         self.views = [self.view[i * size:(i + 1) * size] for i in range(count)]  # slot i, whole
 
     def data(self, i: int, n: int) -> memoryview:

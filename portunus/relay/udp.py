@@ -199,11 +199,29 @@ class Flow:
                     self.send_upstream(data(i, n))
             return j
         tx = b.up_tx
+        if not gate:
+            # the run as it lies: iovec x carries receive slot x (k..j-1); bases and lengths are
+            # written in one C call each, and pack_messages lays a run of equal sizes out whole
+            run = lens[k:j]
+            iov = tx.iov
+            iov[2 * k:2 * j:2] = b.inbound.addr_words[k:j]
+            iov[2 * k + 1:2 * j:2] = mmsg.words(run)
+            firsts, counts = mmsg.pack_messages(tx, k, j, self.gso_max)
+            nm = len(firsts)
+            r = b.sendmmsg(self.fd, tx.ptr, nm, 0)
+            if r == nm:  # the common case: all of them went
+                total = sum(run)
+                pc = self.pc
+                pc.datagrams_in += j - k
+                pc.bytes_in += total
+                self.target_state.bytes_in += total
+                return j
+            return self._send_rest(b, j, firsts, counts, r, j, None)
         iov, addrs, origin = tx.iov, b.inbound.addrs, b.origin
         c = total = 0
         for i in range(k, j):
             n = lens[i]
-            if gate and not self.passes("in", n):
+            if not self.passes("in", n):
                 continue
             iov[2 * c] = addrs[i]
             iov[2 * c + 1] = n
@@ -212,7 +230,7 @@ class Flow:
             total += n
         if not c:
             return j
-        if c == 1:  # one datagram (many flows, a datagram each): header 0 as a plain message
+        if c == 1:  # one datagram: header 0 as a plain message
             words = tx.words
             words[_IOV_WORD] = tx.iov_addr
             words[_IOVLEN_WORD] = 1
@@ -231,7 +249,7 @@ class Flow:
             return j
         if firsts is None:
             firsts, counts = [0], [1]
-        return self._send_rest(b, c, firsts, counts, r, j)
+        return self._send_rest(b, c, firsts, counts, r, j, origin)
 
     def capped(self) -> bool:
         """Whether a bandwidth cap binds this flow now (its ticket's chain)."""
@@ -247,8 +265,10 @@ class Flow:
         else:
             self.relay.counters.send_dropped += 1
 
-    def _send_rest(self, b: mmsg.Batch, c: int, firsts: list, counts: list, r: int, j: int) -> int:
-        """After a partial or failed sendmmsg: go on message by message (forward_batch)."""
+    def _send_rest(self, b: mmsg.Batch, c: int, firsts: list, counts: list, r: int, j: int, origin) -> int:
+        """After a partial or failed sendmmsg: go on message by message (forward_batch). The
+        datagrams are iovecs ``firsts[0]..c-1`` of ``b.up_tx``; ``origin[x]`` is the receive slot
+        of iovec x (None: slot x itself)."""
         relay = self.relay
         counters = relay.counters
         tx = b.up_tx
@@ -272,7 +292,7 @@ class Flow:
                 if err in _ICMP_ERRNOS:
                     self._count_in(sent, sent_bytes)
                     relay.evict_icmp(self, _oserror(err))
-                    return b.origin[d0] + 1
+                    return (d0 if origin is None else origin[d0]) + 1
                 if cnt > 1 and err in mmsg.GSO_REFUSED_ERRNOS:
                     # this path takes no GSO (of this size): the rest again, one message each
                     size = iov[2 * d0 + 1]
