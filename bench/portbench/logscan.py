@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 PROBLEM_LEVELS = ("warn", "warning", "error", "critical", "fatal")
 
@@ -25,18 +26,32 @@ def log_events(path: Path) -> dict[str, int]:
     return ev
 
 
-def scan_json_log(path: Path, limit: int = 30) -> list[str]:
+def scan_json_log(path: Path, limit: int = 30,
+                  benign: Callable[[dict], bool] | None = None) -> list[str]:
     """Warn/error events and non-JSON lines (tracebacks) from a JSON-lines log."""
     try:
         text = path.read_text(errors="replace")
     except OSError:
         return []
-    return scan_json_lines(text, limit)
+    return scan_json_lines(text, limit, benign)
 
 
-def scan_json_lines(text: str, limit: int = 30) -> list[str]:
+def iperf_udp_icmp(targets: set[str]) -> Callable[[dict], bool]:
+    """The benign warning of the iperf3 UDP test: a one-shot iperf3 server exits at the
+    end of its test while the last datagrams are still on their way, the kernel answers
+    them with ICMP port unreachable, and the product evicts the flow and logs
+    rule.target_failed (SPEC §2.4). Only for those targets."""
+    def benign(rec: dict) -> bool:
+        return (rec.get("event") == "rule.target_failed" and rec.get("reason") == "ICMP error"
+                and rec.get("target") in targets)
+    return benign
+
+
+def scan_json_lines(text: str, limit: int = 30,
+                    benign: Callable[[dict], bool] | None = None) -> list[str]:
     """One line per warn/error event kind (count and first example), then the
-    first `limit` lines that are not a JSON object, joined."""
+    first `limit` lines that are not a JSON object, joined. An event for which
+    `benign(record)` is true is not a problem."""
     counts: dict[str, int] = {}
     examples: dict[str, str] = {}
     raw: list[str] = []
@@ -53,7 +68,7 @@ def scan_json_lines(text: str, limit: int = 30) -> list[str]:
                 raw.append(line)
             continue
         lvl = str(rec.get("level", "")).lower()
-        if lvl in PROBLEM_LEVELS:
+        if lvl in PROBLEM_LEVELS and not (benign is not None and benign(rec)):
             key = f"{lvl}:{rec.get('event')}"
             counts[key] = counts.get(key, 0) + 1
             examples.setdefault(key, line[:400])

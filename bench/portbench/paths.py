@@ -24,7 +24,7 @@ from pathlib import Path
 
 from . import LOOPBACK, REPO, BenchError, log
 from .deployment import Deployment
-from .logscan import log_events, scan_json_log
+from .logscan import iperf_udp_icmp, log_events, scan_json_log
 from .origins import Backends
 from .procs import (ChildProcess, Procs, exit_problems, free_port, listener_addrs,
                     proc_peak_rss_mib, session_cpu_secs, session_pids, wait_ready)
@@ -40,6 +40,7 @@ class PathBase:
         self.problems: list[str] = []
         self.fronts: Backends | None = None
         self.tcp_used = True        # whether a TCP test runs (the splice check needs one)
+        self.benign_targets: set[str] = set()   # iperf3 UDP targets (see iperf_udp_icmp)
 
     def start(self, be: Backends, procs: Procs) -> tuple[Backends, float | None]:
         raise NotImplementedError
@@ -86,6 +87,11 @@ class PathBase:
 def udp_fronts(be: Backends) -> Backends:
     """Fresh front ports of a UDP-capable path; a second iperf port when `be` has one."""
     return Backends(free_port(), free_port(), free_port(), free_port() if be.iperf_b else 0)
+
+
+def iperf_udp_targets(be: Backends) -> set[str]:
+    """The targets of the iperf3 UDP rules (whose end-of-test ICMP warning is benign)."""
+    return {f"{LOOPBACK}:{bp}" for _, _, bp, proto in iperf_udp_rules(be, be) if proto == "udp"}
 
 
 def ready_ports(f: Backends) -> tuple[list[int], list[int]]:
@@ -394,6 +400,7 @@ class PortunusPath(PathBase):
 
     def start(self, be, procs):
         f = udp_fronts(be)
+        self.benign_targets = iperf_udp_targets(be)
         cfg = self.workdir / f"{self.name}.toml"
         cfg.write_text(standalone_config(f, be, self.listen_host, self.drain, self.log_level))
         t0 = time.monotonic()
@@ -414,7 +421,7 @@ class PortunusPath(PathBase):
         info, problems = stop_product_process(procs, p, "process", self.drain,
                                               f"shutdown_drain_secs={self.drain}")
         self.problems += problems
-        self.problems += scan_json_log(p.log_path)
+        self.problems += scan_json_log(p.log_path, benign=iperf_udp_icmp(self.benign_targets))
         info["log"] = str(p.log_path)
         ev = log_events(p.log_path)
         info["events"] = ev
@@ -479,6 +486,7 @@ class ClientPath(PathBase):
 
     def start(self, be, procs):
         f = udp_fronts(be)
+        self.benign_targets = iperf_udp_targets(be)
         self.dep = dep = self._deployment(procs)
         t0 = time.monotonic()
         try:
@@ -498,7 +506,7 @@ class ClientPath(PathBase):
             for body in self.iperf_rules(f, be):     # not in the 3-rule push timing
                 self._push(dep, body)
             # the 201 means the client activated the rule; check the sockets anyway
-            wait_ready(*ready_ports(f), self.proc, timeout=5)
+            wait_ready(*ready_ports(f), self.proc, timeout=15)
         except (RuntimeError, OSError) as e:
             raise BenchError(f"{type(e).__name__}: {e}") from None
         self.timings = {"server_start_s": round(t1 - t0, 3), "enroll_s": round(t2 - t1, 3),
@@ -517,7 +525,8 @@ class ClientPath(PathBase):
         info, problems = stop_product_process(procs, p, "client", self.drain,
                                               f"--shutdown-drain-timeout-secs {self.drain}")
         self.problems += problems
-        self.problems += ["client: " + x for x in scan_json_log(p.log_path)]
+        self.problems += ["client: " + x for x in scan_json_log(
+            p.log_path, benign=iperf_udp_icmp(self.benign_targets))]
         ev = log_events(p.log_path)
         info["events"], info["log"] = ev, str(p.log_path)
         self.problems += splice_problems(self.splice, ev.get("proxy.splice_selected", 0),

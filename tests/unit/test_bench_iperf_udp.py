@@ -305,3 +305,24 @@ def test_quick_defaults_and_option_checks(capsys):
         with pytest.raises(SystemExit):
             parse_args(bad)
     capsys.readouterr()
+
+
+def test_the_end_of_test_icmp_warning_of_an_iperf3_udp_target_is_not_a_problem():
+    from portbench.logscan import iperf_udp_icmp, scan_json_lines
+    from portbench.paths import iperf_udp_targets
+    targets = iperf_udp_targets(BACKENDS)
+    assert targets == {"127.0.0.1:42001", "127.0.0.1:42004"}
+    lines = [{"level": "warn", "event": "rule.target_failed", "rule": "bench-iperf-udp",
+              "target": "127.0.0.1:42001", "index": 0, "reason": "ICMP error"},
+             {"level": "warn", "event": "rule.target_failed", "rule": "bench-udp",
+              "target": "127.0.0.1:42003", "index": 0, "reason": "ICMP error"},   # the echo
+             {"level": "warn", "event": "rule.target_failed", "rule": "bench-iperf-udp",
+              "target": "127.0.0.1:42004", "index": 0, "reason": "timeout"},
+             {"level": "info", "event": "rule.activated"}]
+    text = "\n".join(json.dumps(x) for x in lines)
+    assert scan_json_lines(text)[0].startswith("warn:rule.target_failed x3: ")
+    kept = scan_json_lines(text, benign=iperf_udp_icmp(targets))
+    assert len(kept) == 1 and kept[0].startswith("warn:rule.target_failed x2: ")
+    assert '"127.0.0.1:42003"' in kept[0]
+    assert scan_json_lines(text, benign=iperf_udp_icmp(iperf_udp_targets(Backends(1, 2, 3)))) \
+        == scan_json_lines(text)
