@@ -24,7 +24,7 @@ from .machine import host_busy_pct, machine_info
 from .origins import Backends, serve_http_origin, serve_udp_echo, spawn_nginx_origin
 from .paths import (NGINX_STREAM_MODULE, ClientPath, DirectPath, HaproxyPath, NginxPath, PathBase,
                     PortunusPath, RinetdPath, SocatPath)
-from .procs import Procs, free_port, wait_ready
+from .procs import Procs, free_fixed_port, free_port, wait_ready
 from .product import portunus_commands, probe_portunus, resolve_bin
 from .report import (ALL_GROUPS, ALL_PATHS, DEFAULT_PATHS, NOT_APPLICABLE, PORTUNUS_PATHS,
                      compare, format_compare, format_header, format_issues, format_ratios,
@@ -268,7 +268,9 @@ def _build_paths(a, workdir: Path, runner: Runner, meta: dict, standalone_argv, 
 def _start_backends(a, procs: Procs, meta: dict, workdir: Path) -> Backends:
     """The backends, shared by every path (iperf3's is started per test)."""
     iperf_udp = "udp" in a.only and "iperf3" in a.udp_tools
-    be = Backends(free_port(), free_port(), free_port(), free_port() if iperf_udp else 0)
+    # the iperf3 servers come and go: their ports lie outside the ephemeral range
+    be = Backends(free_fixed_port(), free_port(), free_port(),
+                  free_fixed_port() if iperf_udp else 0)
     me = [sys.executable, str(RUN_PY)]
     if "http" in a.only or "tcp" in a.only:
         if a.origin == "nginx":

@@ -104,26 +104,45 @@ def udp_snmp() -> dict[str, int]:
         return {}
 
 
-def parse_udp_drops(text: str, ports: set[int]) -> dict[int, int]:
+def parse_udp_drops(text: str, ports: set[int], column: str = "drops") -> dict[int, int]:
     """Per local port in `ports`: the summed `drops` column of /proc/net/udp sockets bound to
-    it (cumulative over each socket's life)."""
+    it (cumulative over each socket's life); column="rx_queue": the bytes queued to read."""
     out: dict[int, int] = {}
     for ln in text.splitlines()[1:]:
         f = ln.split()
-        if len(f) < 13 or ":" not in f[1]:
+        if len(f) < 13 or ":" not in f[1] or ":" not in f[4]:
             continue
         try:
-            port, drops = int(f[1].rsplit(":", 1)[1], 16), int(f[12])
+            port = int(f[1].rsplit(":", 1)[1], 16)
+            v = int(f[12]) if column == "drops" else int(f[4].split(":")[1], 16)
         except ValueError:
             continue
         if port in ports:
-            out[port] = out.get(port, 0) + drops
+            out[port] = out.get(port, 0) + v
     return out
 
 
-def udp_drops(ports: set[int]) -> dict[int, int]:
+def udp_drops(ports: set[int], column: str = "drops") -> dict[int, int]:
     try:
         with open("/proc/net/udp") as f:
-            return parse_udp_drops(f.read(), ports)
+            return parse_udp_drops(f.read(), ports, column)
     except OSError:
         return {}
+
+
+def wait_udp_drained(ports: set[int], timeout: float = 3.0, quiet: float = 0.1) -> float:
+    """Wait until no datagram is queued on the UDP sockets of `ports` for `quiet` seconds
+    (a proxy still forwarding the previous test's backlog would feed it to the next
+    one-shot iperf3 server, which takes a stale datagram for a new stream); at most
+    `timeout`. Returns seconds waited."""
+    t0 = time.monotonic()
+    calm_since = None
+    while True:
+        now = time.monotonic()
+        if any(udp_drops(ports, "rx_queue").values()):
+            calm_since = None
+        elif calm_since is None:
+            calm_since = now
+        if (calm_since is not None and now - calm_since >= quiet) or now - t0 > timeout:
+            return now - t0
+        time.sleep(0.02)

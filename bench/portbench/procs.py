@@ -123,6 +123,42 @@ def free_port() -> int:
     raise BenchError("could not find a free port on 127.0.0.1")
 
 
+def ephemeral_range() -> tuple[int, int]:
+    """The kernel's ip_local_port_range (where autobind picks ports), or Linux's default."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = (int(x) for x in f.read().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_fixed_port() -> int:
+    """A port free for both TCP and UDP on 127.0.0.1 and OUTSIDE the ephemeral range, never
+    handed out twice by this process: for a server that comes and goes on one port (the
+    one-shot iperf3 servers). An ephemeral port can be taken by any socket's autobind while
+    its server is down — e.g. the upstream socket of a proxy flow created for a late
+    datagram after the previous iperf3 server exited — and the next server then fails with
+    "Address already in use"."""
+    lo, hi = ephemeral_range()
+    ranges = [(r0, r1) for r0, r1 in ((10000, lo), (hi + 1, 65536)) if r1 - r0 > 100]
+    for _ in range(500):
+        r0, r1 = random.choice(ranges) if ranges else (1024, 65536)
+        port = random.randrange(r0, r1)
+        if port in _USED_PORTS:
+            continue
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t, \
+                    socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                t.bind((LOOPBACK, port))
+                u.bind((LOOPBACK, port))
+        except OSError:
+            continue
+        _USED_PORTS.add(port)
+        return port
+    raise BenchError("could not find a free fixed port on 127.0.0.1")
+
+
 def free_block(n: int) -> int:
     """First port of `n` consecutive TCP ports free on every address (a rule pushed
     without listen_host binds 0.0.0.0, the product default)."""

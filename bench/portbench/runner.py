@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from . import BenchError, log
-from .machine import busy_pct_between, stat_snap, udp_drops, udp_snmp
+from .machine import busy_pct_between, stat_snap, udp_drops, udp_snmp, wait_udp_drained
 from .origins import BODY, Backends
 from .paths import PathBase
 from .procs import Procs
@@ -223,12 +223,14 @@ class Runner:
         fronts = {fp for fp, bp in pairs if fp != bp}
 
         def probe(pps: float) -> dict:
+            waited = wait_udp_drained(fronts) if fronts else 0.0
             s0, d0 = udp_snmp(), udp_drops(fronts)
             r, cpu = self.cpu_pct(path, lambda: iperf_udp_once(
                 self.procs, pairs, flows, pps, a.udp_iperf_secs, 64, a.udp_iperf_window))
             s1, d1 = udp_snmp(), udp_drops(fronts)
             r["proxy_cpu_pct"], r["proxy_cpu_secs"] = cpu, self.last_cpu_secs
             r["host_busy_pct"] = self.last_host_busy
+            r["drain_wait_s"] = round(waited, 3)
             if "RcvbufErrors" in s0 and "RcvbufErrors" in s1:
                 r["host_rcvbuf_errors"] = s1["RcvbufErrors"] - s0["RcvbufErrors"]
             if fronts:

@@ -326,3 +326,24 @@ def test_the_end_of_test_icmp_warning_of_an_iperf3_udp_target_is_not_a_problem()
     assert '"127.0.0.1:42003"' in kept[0]
     assert scan_json_lines(text, benign=iperf_udp_icmp(iperf_udp_targets(Backends(1, 2, 3)))) \
         == scan_json_lines(text)
+
+
+def test_fixed_ports_for_the_iperf3_servers_lie_outside_the_ephemeral_range():
+    import socket
+    from portbench.procs import ephemeral_range, free_fixed_port
+    lo, hi = ephemeral_range()
+    ports = [free_fixed_port() for _ in range(20)]
+    assert len(set(ports)) == 20                       # never handed out twice
+    for p in ports:
+        assert not lo <= p <= hi and p >= 1024
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.bind(("127.0.0.1", p))                   # still free for UDP (and TCP)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+            t.bind(("127.0.0.1", p))
+
+
+def test_queued_bytes_per_local_port():
+    text = PROC_NET_UDP.replace("00000000:00000000 00:00000000 00000000  1000        0 4289",
+                                "00000000:00000340 00:00000000 00000000  1000        0 4289")
+    assert parse_udp_drops(text, {0xB22A}, "rx_queue") == {0xB22A: 0x340}
+    assert parse_udp_drops(PROC_NET_UDP, {0xB22A}, "rx_queue") == {0xB22A: 0}
