@@ -90,9 +90,10 @@ class TcpSession:
         target = state.target
         rule = self.relay.rule
         self.target_port = target.port + (self.listen_port - rule.listen_port)
-        if state.literal is not None:  # an IP literal: no resolver round, no closure
-            self.addrs = list(state.literal)
-            self._dial_next_addr()
+        literal = state.literal
+        if literal is not None:  # an IP literal: its one address, no resolver round, no closure
+            self.addrs = []
+            self._dial(*literal[0])
             return
         self.ctx.resolver.resolve(target.host, rule.prefer_ipv6,
                                   lambda addrs, err: self._on_resolved(state, addrs, err))
@@ -112,18 +113,21 @@ class TcpSession:
 
     def _dial_next_addr(self) -> None:
         if self.addrs:
-            fam, ip = self.addrs.pop(0)
-            try:
-                self.dial = Connect(self.ctx.loop, ip, self.target_port, self.ctx.connect_timeout,
-                                    self._on_dialed, family=fam, plain=True)
-            except OSError as exc:
-                log.limited("warn", "proxy.upstream_socket_failed", key=self.relay.rule.rule_id,
-                            every=REPEAT_LOG_EVERY, rule=self.relay.rule.rule_id, errno_name=errno_name(exc))
-                self.close()
+            self._dial(*self.addrs.pop(0))
             return
         # every address of this target failed: that is one failed connect for its health
         self.relay.targets.record_failure(self.target_state)
         self._next_target()
+
+    def _dial(self, fam: int, ip: str) -> None:
+        ctx = self.ctx
+        try:
+            self.dial = Connect(ctx.loop, ip, self.target_port, ctx.connect_timeout, self._on_dialed,
+                                family=fam, plain=True)
+        except OSError as exc:
+            log.limited("warn", "proxy.upstream_socket_failed", key=self.relay.rule.rule_id,
+                        every=REPEAT_LOG_EVERY, rule=self.relay.rule.rule_id, errno_name=errno_name(exc))
+            self.close()
 
     def _on_dialed(self, up: socket.socket | None, reason: str | None) -> None:
         self.dial = None
@@ -247,7 +251,8 @@ class TcpSession:
         self.counters.active_connections -= 1
         if self.ticket is not None:
             self.ticket.release(loop.time())
-            self.ctx.enforcer.leave(self.quota, self)
+            if self.quota is not None:
+                self.ctx.enforcer.leave(self.quota, self)
         self.relay.session_closed(self)
 
 
@@ -300,15 +305,15 @@ class TcpRuleRelay:
         self.targets.update(rule)
 
     def _on_accept_for(self, port: int):
-        return partial(self._admit, port=port)
+        return partial(self._admit, port)  # positional: no keyword dict per call
 
     def adopt(self, csock: socket.socket, caddr, port: int, replay: bytes, sni_result: str | None) -> None:
         """A connection the shared SNI listener routed here (``sni_result`` None: the port is plain now)."""
         if sni_result is not None:
             self.counters.sni_routes[sni_result] += 1
-        self._admit(csock, caddr, port, replay)
+        self._admit(port, csock, caddr, replay)
 
-    def _admit(self, csock: socket.socket, caddr, port: int, replay: bytes = b"") -> None:
+    def _admit(self, port: int, csock: socket.socket, caddr, replay: bytes = b"") -> None:
         """Quota, owner envelope, then the rule's caps; a refusal is accept-then-RST."""
         verdict = self.ctx.enforcer.admit(self.rule, "tcp")
         if isinstance(verdict, str):
@@ -318,7 +323,8 @@ class TcpRuleRelay:
             return
         ticket, quota = verdict
         session = TcpSession(self, csock, caddr, port, replay, ticket, quota)
-        self.ctx.enforcer.join(quota, session)
+        if quota is not None:
+            self.ctx.enforcer.join(quota, session)
         self.sessions.add(session)
         session.start()
 
