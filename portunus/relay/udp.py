@@ -61,6 +61,18 @@ def _load_mmsg():
 def _oserror(err: int) -> OSError:
     return OSError(err, os.strerror(err))
 PENDING_MAX = 8  # datagrams held while a new flow's target name resolves
+# The kernel queue of a listen socket (one per port, whatever the flows): the default (~208 KiB,
+# ~250 small datagrams, 5 ms at 50 k/s) overflows whenever the reactor is off the CPU for a few
+# ms on a busy host. Asked for, not forced: the kernel caps it at net.core.rmem_max.
+LISTEN_RCVBUF = 2 * 1024 * 1024
+
+
+def _grow_rcvbuf(sock: socket.socket) -> None:
+    try:
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < 2 * LISTEN_RCVBUF:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, LISTEN_RCVBUF)
+    except OSError:
+        pass
 _ICMP_ERRNOS = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH)
 
 
@@ -407,7 +419,8 @@ class UdpRuleRelay:
         bound: dict[int, socket.socket] = {}
         try:
             for port in self.rule.listen_ports:
-                bound[port] = bind_socket(socket.SOCK_DGRAM, self.rule.listen_host, port)
+                bound[port] = sock = bind_socket(socket.SOCK_DGRAM, self.rule.listen_host, port)
+                _grow_rcvbuf(sock)
         except BindError:
             for s in bound.values():
                 s.close()

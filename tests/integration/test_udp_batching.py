@@ -691,3 +691,20 @@ def test_an_icmp_error_met_by_a_lone_datagram_of_a_batch_evicts_only_its_flow(ri
     assert first.closed and snap["flows_evicted_icmp"] == 1 and snap["send_dropped"] == 0
     assert snap["datagrams_in"] == 3 and snap["active_flows"] == 2
     assert {src for _, src in relay.flows} == {a.getsockname(), b.getsockname()}
+
+
+def test_a_listen_socket_asks_for_a_bigger_kernel_queue_than_the_default_capped_by_rmem_max(rigs):
+    from portunus.relay import udp
+
+    rig = rigs("per_datagram")
+    sock = rig.relay.sockets[rig.listen]
+    got = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    try:
+        with open("/proc/sys/net/core/rmem_max") as f:
+            rmem_max = int(f.read())
+    except OSError:
+        pytest.skip("no /proc/sys/net/core/rmem_max")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as plain:
+        default = plain.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    # Linux doubles the asked size (bookkeeping overhead) after capping it at rmem_max
+    assert got == max(default, 2 * min(udp.LISTEN_RCVBUF, rmem_max))
