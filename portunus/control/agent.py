@@ -86,6 +86,9 @@ class Agent:
         self.enforcer.set_client_id(self.client_id)
         self.enforcer.exhaustion_hooks.append(self._quota_exhausted)
         self._exhaustion_unsent: set[str] = set()  # users whose exhaustion happened while offline
+        # rules pushed on this connection before its replay_done: the replay's list was read from the
+        # store before they were stored, so it does not name them, and they must not be removed for that
+        self._pushed_before_replay: set[str] | None = None
 
     # ---- connecting -------------------------------------------------------
     def start(self) -> None:
@@ -153,6 +156,7 @@ class Agent:
         if t == "welcome":
             self.connected = True
             self.attempt = 0
+            self._pushed_before_replay = set()
             self.stats_interval = float(msg.get("stats_interval_secs") or self.stats_interval)
             settings = self.runtime.settings
             settings.udp_max_flows = int(msg.get("udp_max_flows_per_rule") or settings.udp_max_flows)
@@ -166,7 +170,10 @@ class Agent:
         elif t == "rule_update":
             self._on_rule_update(ch, msg)
         elif t == "replay_done":
-            keep = set(msg["rule_ids"])
+            # the replay names the stored rules; a push that overtook it (stored after the replay read the
+            # store, sent while it loaded) is the server's too: removing it would drop an acked rule
+            keep = set(msg["rule_ids"]) | (self._pushed_before_replay or set())
+            self._pushed_before_replay = None
             for rule_id in [rid for rid in self.runtime.rules if rid not in keep]:
                 self.runtime.remove(rule_id)
         elif t == "ping":
@@ -183,6 +190,11 @@ class Agent:
     def _on_rule_update(self, ch: Channel, msg: dict) -> None:
         request_id = msg.get("request_id")
         rule_id = msg["rule_id"]
+        if self._pushed_before_replay is not None:
+            if msg["action"] == "remove":
+                self._pushed_before_replay.discard(rule_id)
+            else:
+                self._pushed_before_replay.add(rule_id)
         if msg["action"] == "remove":
             log.info("rule.received", rule=rule_id, action="remove", request_id=request_id)
             self.runtime.remove(rule_id)
