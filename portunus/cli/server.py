@@ -14,7 +14,17 @@ import sys
 
 from ..errors import PortunusError
 from .api_client import operator_api, operator_api_url, quote
-from .output import print_json, table
+
+
+# output.py (and decimal, through units.py) only for the commands that print tables: not at serve's start
+def print_json(obj) -> None:
+    from .output import print_json as _print_json
+    _print_json(obj)
+
+
+def table(*args, **kwargs) -> None:
+    from .output import table as _table
+    _table(*args, **kwargs)
 
 
 # ---------------------------------------------------------------- commands

@@ -196,3 +196,41 @@ def test_an_error_of_a_role_still_reaches_the_operator_as_its_code_and_exit_code
     from portunus.errors import ERRORS
     assert res.returncode == ERRORS["io_error"].exit_code != 0
     assert res.stderr.startswith("error: io_error: data dir ") and "Traceback" not in res.stderr
+
+
+ONE_SHOT = """
+import sys
+import portunus.__main__ as entry
+def role_main(role, args):
+    print("enrolled as edge (piped, so block-buffered)")
+    print("to stderr too", file=sys.stderr)
+    return 0
+entry._role_main = role_main
+import atexit
+atexit.register(lambda: print("ATEXIT RAN"))
+sys.argv = ["portunus"] + sys.argv[1:]
+code = entry.main(None if sys.argv[1:2] == ["client"] else sys.argv)
+print("main returned", code)
+"""
+
+
+@pytest.mark.parametrize("argv, fast", [(["client", "enroll", "portunus://x"], True),
+                                        (["client", "--bundle", "b.json"], False)])
+def test_client_enroll_ends_without_interpreter_teardown_and_loses_no_output(tmp_path, argv, fast):
+    """`client enroll` as the program: its output is flushed, then the process ends at once
+    (os._exit: no finalization, no atexit); any other command returns from main as before."""
+    res = subprocess.run([sys.executable, "-c", ONE_SHOT, *argv], cwd=tmp_path, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("enrolled as edge (piped, so block-buffered)\n")
+    assert "to stderr too" in res.stderr
+    assert ("main returned" in res.stdout, "ATEXIT RAN" in res.stdout) == ((False, False) if fast else (True, True))
+
+
+def test_main_with_an_explicit_argv_never_exits_the_caller(tmp_path):
+    out = tmp_path / "o.txt"
+    code = ("import portunus.__main__ as e\ne._role_main = lambda role, args: 0\n"
+            f"r = e.main(['portunus', 'client', 'enroll', 'x'])\nopen({str(out)!r}, 'w').write(str(r))\n")
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                   check=True, timeout=60)
+    assert out.read_text() == "0"
