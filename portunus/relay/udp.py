@@ -202,7 +202,8 @@ class Flow:
         Returns the slot to go on from: ``j``, or after an ICMP eviction the slot after the one
         that met it (the rest of the run then makes a new flow, as datagram by datagram)."""
         ticket = self.ticket
-        gate = self.quota is not None or (ticket is not None and ticket.bandwidth_capped)
+        gate = self.quota is not None \
+            or (ticket is not None and self.relay.maybe_capped() and ticket.bandwidth_capped)
         if self.pending is not None:  # the target name is still resolving: copies are held
             data = b.inbound.data
             for i in range(k, j):
@@ -361,7 +362,8 @@ class Flow:
                 return
             self.last_seen = b.now()
             ticket = self.ticket
-            gate = self.quota is not None or (ticket is not None and ticket.bandwidth_capped)
+            gate = self.quota is not None \
+                or (ticket is not None and relay.maybe_capped() and ticket.bandwidth_capped)
             q = b.q_n
             for i in range(cur, cur + r):
                 n = u32[i * _HDR_U32 + _LEN_WORD]
