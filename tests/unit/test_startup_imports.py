@@ -183,7 +183,7 @@ def test_the_serve_only_parser_imports_no_other_command_module(tmp_path):
                    check=True, timeout=60)
     mods = set(json.loads(out.read_text()))
     assert not mods & {"portunus.cli.caps", "portunus.cli.identity", "portunus.cli.quota", "portunus.cli.rules",
-                       "portunus.doctor.cli", "sqlite3", "cryptography"}
+                       "portunus.doctor.cli", "sqlite3", "cryptography", "portunus.cli.output", "decimal"}
 
 
 def test_an_error_of_a_role_still_reaches_the_operator_as_its_code_and_exit_code(tmp_path):
