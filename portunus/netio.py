@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import struct
 from typing import Callable
 
 # running out of these leaves the connection in the backlog: the listener stays readable
@@ -23,6 +24,11 @@ ACCEPT_BATCH = 64
 ACCEPT_BACKOFF = 0.1
 TIMEOUT = "timeout"  # the reason ``Connect`` reports when the deadline passes
 _STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
+# Linux: getsockopt(TCP_INFO) on a listener reports its accept queue length in tcpi_unacked (what
+# ``ss`` shows as Recv-Q), a u32 at offset 24 of struct tcp_info; 28 bytes are enough.
+_TCP_INFO = getattr(socket, "TCP_INFO", None) if hasattr(socket, "IPPROTO_TCP") else None
+_TCP_INFO_LEN, _QUEUED_AT, _TCP_LISTEN = 28, 24, 10
+_U32 = struct.Struct("=I").unpack_from
 
 
 def family_of(host: str) -> int:
@@ -142,10 +148,15 @@ class Acceptor:
     constructor still calls ``getsockname`` on a given fd to validate it; ``accept4`` with
     ``SOCK_NONBLOCK`` through ctypes would save the ``ioctl`` of ``setblocking`` but costs more
     user time in the ctypes call than the syscall it saves).
+
+    On Linux a wakeup first reads the listener's accept queue length (``TCP_INFO``) and accepts
+    that many (at most ``batch``) instead of accepting until EAGAIN: the same number of syscalls,
+    but no ``BlockingIOError`` raised and caught per wakeup (~7 000 instructions, against ~3 100
+    for the getsockopt). What arrives meanwhile wakes the level-triggered listener again.
     """
 
     __slots__ = ("loop", "lsock", "fd", "on_accept", "on_error", "batch", "backoff", "running", "_resume",
-                 "_raw", "_kind")
+                 "_raw", "_kind", "_queued")
 
     def __init__(self, loop, lsock: socket.socket, on_accept: Callable[[socket.socket, object], None],
                  on_error: Callable[[OSError, float | None], None] | None = None, *,
@@ -162,6 +173,7 @@ class Acceptor:
         # a real socket: accept the raw fd, skipping socket.accept's wrapper and enum round trips
         self._raw = getattr(lsock, "_accept", None)
         self._kind = (int(lsock.family), int(lsock.type), lsock.proto) if self._raw is not None else None
+        self._queued = self._raw is not None and _queue_length(lsock) is not None
 
     def start(self) -> None:
         self.running = True
@@ -177,12 +189,20 @@ class Acceptor:
 
     def _on_readable(self) -> None:
         raw, on_accept = self._raw, self.on_accept
+        batch = self.batch
         if raw is None:
             accept = self.lsock.accept  # a scripted stand-in (tests): what it returns is the socket
         else:
             make = socket.SocketType
             family, kind, proto = self._kind
-        for _ in range(self.batch):
+            if self._queued:
+                try:
+                    queued = _U32(self.lsock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LEN), _QUEUED_AT)[0]
+                except OSError:
+                    queued = batch
+                if queued < batch:
+                    batch = queued or 1  # 0: a race with the wakeup; one accept finds out (EAGAIN)
+        for _ in range(batch):
             try:
                 if raw is not None:
                     fd, addr = raw()
@@ -217,3 +237,16 @@ class Acceptor:
         self._resume = None
         if self.running:
             self.loop.add_reader(self.fd, self._on_readable)
+
+
+def _queue_length(lsock) -> int | None:
+    """The accept queue length of a listening TCP socket (Linux TCP_INFO), None where unknown."""
+    if _TCP_INFO is None:
+        return None
+    try:
+        info = lsock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LEN)
+    except (OSError, TypeError, ValueError):
+        return None
+    if len(info) < _TCP_INFO_LEN or info[0] != _TCP_LISTEN:
+        return None
+    return _U32(info, _QUEUED_AT)[0]

@@ -5,6 +5,9 @@
 - ``Acceptor`` hands over C-level socket objects (``socket.SocketType``) built from the raw fd:
   non-blocking, the listener's family, every method the relay calls working on a real peer.
 - ``Connect(..., plain=True)`` dials the same way and hands over the same kind of socket.
+- On Linux a wakeup accepts what the listener's accept queue holds (TCP_INFO), never an accept
+  that can only fail with EAGAIN; without TCP_INFO it accepts until EAGAIN as before.
+- ``Ticket.bandwidth_capped`` follows every hot update of the rule's and the owner's caps.
 
 Real loopback sockets on a real loop.
 """
@@ -13,12 +16,14 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import pytest
 
 from portunus.loop import Loop
 from portunus.model import Rule
-from portunus.netio import Acceptor, Connect
+from portunus import netio
+from portunus.netio import Acceptor, Connect, _queue_length
 from portunus.relay import enforce
 from portunus.relay.enforce import Enforcer
 from portunus.relay.splice import splice_disabled_by_env
@@ -189,3 +194,84 @@ def test_a_tickets_bandwidth_flag_follows_every_hot_update_of_its_rule_and_owner
     book.set_rule("owned", owner="alice", cap=bw, now=7.0)
     assert owned.bandwidth_capped
     assert [lim.has_bandwidth_cap for lim in (book.rules["free"], book.rules["owned"])] == [False, True]
+
+
+class CountingListener(socket.socket):
+    """A real listening socket that counts the raw accepts the Acceptor makes."""
+
+    def _accept(self):
+        self.accepts = getattr(self, "accepts", 0) + 1
+        return super()._accept()
+
+
+@pytest.fixture
+def counting_listener():
+    s = CountingListener(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(("127.0.0.1", 0))
+    s.listen(16)
+    s.setblocking(False)
+    yield s
+    s.close()
+
+
+def queue_filled(lsock, n: int) -> bool:
+    return _queue_length(lsock) == n
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_INFO"), reason="the accept queue length is read on Linux")
+@pytest.mark.parametrize("batch, per_wakeup", [(64, [5]), (2, [2, 2, 1])])
+def test_a_wakeup_accepts_what_the_queue_holds_without_a_failing_accept(counting_listener, batch, per_wakeup):
+    lsock = counting_listener
+    accepted = []
+    acc = Acceptor(FakeLoop(), lsock, lambda s, a: accepted.append(s), batch=batch)
+    acc.start()
+    assert acc._queued and _queue_length(lsock) == 0
+    peers = [socket.create_connection(lsock.getsockname(), timeout=2) for _ in range(5)]
+    try:
+        deadline = time.monotonic() + WAIT
+        while not queue_filled(lsock, 5) and time.monotonic() < deadline:
+            time.sleep(0.01)  # the handshakes complete in the kernel
+        assert queue_filled(lsock, 5)
+        seen = []
+        for _ in per_wakeup:
+            before = len(accepted)
+            acc._on_readable()  # what the loop calls when the listener is readable
+            seen.append(len(accepted) - before)
+        assert seen == per_wakeup
+        assert lsock.accepts == 5  # never an accept that could only fail with EAGAIN
+        assert sorted(s.getpeername() for s in accepted) == sorted(p.getsockname() for p in peers)
+        acc._on_readable()  # a wakeup that finds the queue empty: one accept finds out, quietly
+        assert lsock.accepts == 6 and len(accepted) == 5
+    finally:
+        for s in peers + accepted:
+            s.close()
+
+
+def test_without_the_queue_length_a_wakeup_accepts_until_eagain(counting_listener, monkeypatch):
+    monkeypatch.setattr(netio, "_TCP_INFO", None)  # as where TCP_INFO is missing
+    lsock = counting_listener
+    accepted = []
+    acc = Acceptor(FakeLoop(), lsock, lambda s, a: accepted.append(s))
+    acc.start()
+    assert not acc._queued
+    peers = [socket.create_connection(lsock.getsockname(), timeout=2) for _ in range(3)]
+    try:
+        deadline = time.monotonic() + WAIT
+        while len(accepted) < 3 and time.monotonic() < deadline:
+            acc._on_readable()
+            time.sleep(0.01)
+        assert len(accepted) == 3
+        assert all(type(s) is socket.SocketType and s.getblocking() is False for s in accepted)
+    finally:
+        for s in peers + accepted:
+            s.close()
+
+
+class FakeLoop:
+    """Only what an Acceptor asks of its loop outside a back-off."""
+
+    def add_reader(self, fd, cb):
+        pass
+
+    def remove_reader(self, fd):
+        pass
