@@ -3,10 +3,36 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+
+
+class _Formatter(argparse.HelpFormatter):
+    """argparse's formatter with the terminal width found the way shutil.get_terminal_size finds it:
+    argparse imports shutil (and with it zlib, bz2, lzma) for that alone, at every parser's first
+    add_argument, which the client and `enroll` paid at each start for help they never print."""
+
+    def __init__(self, prog, **kwargs):
+        kwargs.setdefault("width", _terminal_columns() - 2)
+        super().__init__(prog, **kwargs)
+
+
+def _terminal_columns() -> int:
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns if columns > 0 else 80
+
 
 def _run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="portunus-client",
+        prog="portunus-client", formatter_class=_Formatter,
         description="Edge agent: connects to a Portunus server over pinned TLS, receives rules and forwards "
                     "the ports. First run `portunus-client enroll '<uri>'` with the command the server printed.",
     )
@@ -29,7 +55,7 @@ def _run_parser() -> argparse.ArgumentParser:
 
 
 def _enroll_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="portunus-client enroll",
+    p = argparse.ArgumentParser(prog="portunus-client enroll", formatter_class=_Formatter,
                                 description="Redeem a one-time enrollment URI and write the client bundle (0600).")
     p.add_argument("uri", help="portunus://HOST:PORT/enroll?pin=sha256:…&code=…")
     p.add_argument("--out", metavar="PATH", help="where to write the bundle (default: "

@@ -84,6 +84,7 @@ def test_client_start_and_enroll_import_no_server_side_module(tmp_path):
         assert not {m for m in mods if m in SERVER_SIDE or m.startswith(("portunus.server", "portunus.store",
                                                                            "portunus.http"))}
         assert "urllib.request" not in mods
+        assert not mods & {"shutil", "bz2", "lzma"}  # argparse's terminal-width lookup (cli/client._Formatter)
 
 
 def test_enroll_imports_neither_the_agent_nor_the_relay(tmp_path):
@@ -234,3 +235,17 @@ def test_main_with_an_explicit_argv_never_exits_the_caller(tmp_path):
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(REPO)),
                    check=True, timeout=60)
     assert out.read_text() == "0"
+
+
+@pytest.mark.parametrize("columns", ["60", "132"])
+def test_the_client_help_is_as_wide_as_argparse_would_make_it(monkeypatch, columns):
+    """cli/client._Formatter finds the width as shutil.get_terminal_size would (COLUMNS first)."""
+    import argparse
+    import shutil
+    from portunus.cli import client as cli_client
+    monkeypatch.setenv("COLUMNS", columns)
+    ours = cli_client._run_parser().format_help()
+    parser = cli_client._run_parser()
+    parser.formatter_class = argparse.HelpFormatter
+    assert shutil.get_terminal_size().columns == int(columns)
+    assert ours == parser.format_help() and "--bundle" in ours
