@@ -14,7 +14,6 @@ import os
 import re
 import stat
 from dataclasses import dataclass, field
-from urllib.parse import quote, unquote
 
 from portunus.control.tls import write_atomic
 from portunus.errors import PortunusError
@@ -140,6 +139,7 @@ def make_uri(host: str, port: int, fingerprint: str, code: str) -> str:
     pin = normalize_fingerprint(fingerprint)
     if not isinstance(code, str) or not code or not _code_ok(code):
         raise _uri_error("code <redacted> must be a non-empty string of printable, non-space characters")
+    from urllib.parse import quote  # here: the client's start reads its bundle and never parses a URI
     return f"{SCHEME}://{host}:{port}{ENROLL_PATH}?pin={PIN_PREFIX}{pin}&code={quote(code, safe='-._~')}"
 
 
@@ -199,6 +199,7 @@ def parse_uri(uri: str) -> EnrollmentURI:
         raise _uri_error("missing code (expected code=<one-time code>)")
     if not _CODE_RAW.fullmatch(raw_code):
         raise _uri_error("code <redacted> contains characters that are not allowed in a URI")
+    from urllib.parse import unquote
     try:
         code = unquote(raw_code, errors="strict")
     except UnicodeDecodeError:

@@ -85,6 +85,8 @@ def test_client_start_and_enroll_import_no_server_side_module(tmp_path):
                                                                            "portunus.http"))}
         assert "urllib.request" not in mods
         assert not mods & {"shutil", "bz2", "lzma"}  # argparse's terminal-width lookup (cli/client._Formatter)
+    assert "urllib.parse" not in run      # the bundle is JSON; only enroll parses a URI
+    assert "typing" not in enroll
 
 
 def test_enroll_imports_neither_the_agent_nor_the_relay(tmp_path):
