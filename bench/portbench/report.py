@@ -65,6 +65,9 @@ METRICS: dict[str, tuple[str, str, str, bool, str]] = {
                                                "Proxy CPU per dgram, iperf3 1 flow"),
     "udp_iperf_manyflow_proxy_cpu_us_per_dgram": ("udp", "us", "lower", True,
                                                   "Proxy CPU per dgram, iperf3 N flows"),
+    "udp_iperf_1flow_max_pps": ("udp", "pkt/s", "higher", False, "  most received, any loss, 1 flow"),
+    "udp_iperf_manyflow_max_pps": ("udp", "pkt/s", "higher", False,
+                                   "  most received, any loss, N flows"),
     "udp_iperf_1flow_probes": ("udp", "n",      "lower",  False, "  iperf3 probes, 1 flow search"),
     "udp_iperf_manyflow_probes": ("udp", "n",   "lower",  False, "  iperf3 probes, N flows search"),
     # derived from the medians by derive(): path p50 - direct p50

@@ -263,6 +263,7 @@ class Runner:
             self.add(n, f"{m}_pps", res["pps"])
             self.add(n, f"{m}_loss_pct", res["loss_pct"])
             self.add(n, f"{m}_probes", res["probes"])
+            self.add(n, f"{m}_max_pps", res["max_pps"])
             self.add(n, f"{m}_proxy_cpu_pct", b.get("proxy_cpu_pct"))
             if b.get("proxy_cpu_secs") is not None and b.get("received"):
                 self.add(n, f"{m}_proxy_cpu_us_per_dgram",

@@ -463,11 +463,14 @@ def zero_loss_search(probe, start_pps: float, max_probes: int, *, max_loss_pct: 
     until they are within `resolution` (relative) or `max_probes` ran. When even the
     first probe loses, the offer halves until one is clean or min_pps is passed.
 
-    Returns {"pps", "loss_pct", "offered_pps", "probes", "limit", "trace", "best"}: the
+    Returns {"pps", "loss_pct", "offered_pps", "probes", "limit", "trace", "best",
+    "max_pps", "max_pps_loss_pct"}: the
     best clean probe's received rate (or, if none was clean, the least lossy probe, its
     loss > max_loss_pct saying so), how many probes ran, what ended the search
     ("sender", "loss" = a lossy probe bounds it within the resolution, "probes" = the
-    budget ran out, "no-clean-rate"), and every probe's (offered, result)."""
+    budget ran out, "no-clean-rate"), every probe's (offered, result), and the highest
+    received rate of any probe, lossy or not, with its loss (what the path forwarded at
+    most: informational)."""
     if max_probes < 1 or start_pps <= 0:
         raise BenchError(f"bad rate search: start {start_pps} pps, {max_probes} probes")
     trace: list[tuple[float, dict]] = []
@@ -504,8 +507,10 @@ def zero_loss_search(probe, start_pps: float, max_probes: int, *, max_loss_pct: 
         chosen, limit = least, "no-clean-rate"
     else:
         chosen = best
+    top = max(trace, key=lambda t: t[1]["pps"])
     return {"pps": chosen[1]["pps"], "loss_pct": chosen[1]["loss_pct"], "offered_pps": chosen[0],
             "probes": len(trace), "limit": limit, "best": chosen[1],
+            "max_pps": top[1]["pps"], "max_pps_loss_pct": top[1]["loss_pct"],
             "trace": [{"offered_pps": o, **{k: r[k] for k in TRACE_KEYS if k in r}}
                       for o, r in trace]}
 

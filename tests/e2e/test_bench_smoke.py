@@ -142,6 +142,7 @@ def _check_iperf_udp(path: str, figures: dict, detail: dict) -> None:
         pps, loss = figures[f"{m}_pps"]["median"], figures[f"{m}_loss_pct"]["median"]
         assert pps > 0 and 0 <= loss <= 100, (path, m, pps, loss)
         assert 1 <= figures[f"{m}_probes"]["median"] <= 2, (path, m)
+        assert figures[f"{m}_max_pps"]["median"] >= pps, (path, m)
         d = detail[m]
         assert d["flows"] == flows and d["pairs"] == (1 if flows == 1 else 2)
         assert d["limit"] in ("sender", "loss", "probes", "no-clean-rate")

@@ -148,6 +148,8 @@ def test_ramp_then_bisection_brackets_the_clean_rate_within_the_resolution():
     assert r["trace"][0] == {"offered_pps": 50_000, "pps": 50_000, "sent_pps": 50_000,
                              "loss_pct": 0.0, "lost": 0, "tail": 0}
     assert r["best"]["pps"] == r["pps"] and r["offered_pps"] <= 130_000
+    assert r["max_pps"] == pytest.approx(0.99 * 200_000)          # the lossy 200k probe
+    assert r["max_pps_loss_pct"] == pytest.approx(1.0)
 
 
 def test_a_sender_that_falls_short_ends_the_search_as_the_limit():
