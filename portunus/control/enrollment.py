@@ -13,7 +13,6 @@ import json
 import os
 import re
 import stat
-from dataclasses import dataclass, field
 
 from portunus.control.tls import write_atomic
 from portunus.errors import PortunusError
@@ -106,12 +105,35 @@ def _check_host(host: str, error) -> None:
 
 # ------------------------------------------------------------------ URI
 
-@dataclass(frozen=True)
 class EnrollmentURI:
-    host: str
-    port: int
-    fingerprint: str  # lowercase 64-hex SHA-256 of the server's leaf certificate
-    code: str = field(repr=False)  # one-time secret
+    """A parsed enrollment URI; immutable, compared by value, and its repr never shows the code.
+    (A plain class: the client and `enroll` need no dataclasses import for it.)"""
+    __slots__ = ("host", "port", "fingerprint", "code")
+
+    def __init__(self, host: str, port: int, fingerprint: str, code: str):
+        set_ = object.__setattr__
+        set_(self, "host", host)
+        set_(self, "port", port)
+        set_(self, "fingerprint", fingerprint)  # lowercase 64-hex SHA-256 of the server's leaf certificate
+        set_(self, "code", code)  # one-time secret
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name):
+        raise AttributeError(f"cannot delete field {name!r}")
+
+    def _key(self) -> tuple:
+        return (self.host, self.port, self.fingerprint, self.code)
+
+    def __eq__(self, other):
+        return self._key() == other._key() if other.__class__ is self.__class__ else NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"EnrollmentURI(host={self.host!r}, port={self.port!r}, fingerprint={self.fingerprint!r})"
 
     @property
     def endpoint(self) -> str:

@@ -10,7 +10,6 @@ field and the bad value (never a token's value).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from collections.abc import Callable
 
 from .frames import short_repr
@@ -50,10 +49,17 @@ def _is_number(v) -> bool:
     return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
 
 
-@dataclass(frozen=True)
 class _Kind:
-    name: str  # "must be <name>"
-    accepts: Callable[[object], bool]
+    # plain classes, not dataclasses: a @dataclass costs ~1.5 M instructions to create, and importing
+    # dataclasses ~43 M, about a sixth of `client enroll` (issue 15, startup)
+    __slots__ = ("name", "accepts")
+
+    def __init__(self, name: str, accepts: Callable[[object], bool]):
+        self.name = name  # "must be <name>"
+        self.accepts = accepts
+
+    def __repr__(self) -> str:
+        return f"_Kind({self.name!r})"
 
 
 _STR = _Kind("a string", lambda v: isinstance(v, str))
@@ -65,14 +71,20 @@ _STR_LIST = _Kind("a list of strings", lambda v: isinstance(v, list) and all(isi
 _OBJECT_LIST = _Kind("a list of objects", lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v))
 
 
-@dataclass(frozen=True)
 class _Field:
-    name: str
-    kind: _Kind
-    required: bool = True  # optional fields may be absent or null; validate() fills them with None
-    choices: tuple[str, ...] | None = None
-    # (field, value) of a sibling: this optional field becomes required (non-null) when it matches
-    required_when: tuple[str, str] | None = None
+    __slots__ = ("name", "kind", "required", "choices", "required_when")
+
+    def __init__(self, name: str, kind: _Kind, required: bool = True, choices: tuple[str, ...] | None = None,
+                 required_when: tuple[str, str] | None = None):
+        self.name = name
+        self.kind = kind
+        self.required = required  # optional fields may be absent or null; validate() fills them with None
+        self.choices = choices
+        # (field, value) of a sibling: this optional field becomes required (non-null) when it matches
+        self.required_when = required_when
+
+    def __repr__(self) -> str:
+        return f"_Field({self.name!r}, {self.kind!r}, required={self.required})"
 
 
 def _req(name: str, kind: _Kind, choices: tuple[str, ...] | None = None) -> _Field:

@@ -16,7 +16,6 @@ import re
 import socket
 import ssl
 import stat
-from dataclasses import dataclass, field
 
 from portunus.errors import PortunusError
 from portunus.log import log
@@ -31,14 +30,31 @@ CERT_COMMON_NAME = "portunus"
 _SAN_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 
 
-@dataclass
 class CertInfo:
-    cert_path: str
-    key_path: str
-    fingerprint: str  # lowercase hex SHA-256 of the leaf DER
-    sans_dns: list[str] = field(default_factory=list)
-    sans_ip: list[str] = field(default_factory=list)
-    generated: bool = False
+    """The server certificate in use. (A plain class: the client and `enroll` import this module and
+    need no dataclasses import for it.)"""
+    __slots__ = ("cert_path", "key_path", "fingerprint", "sans_dns", "sans_ip", "generated")
+
+    def __init__(self, cert_path: str, key_path: str, fingerprint: str, sans_dns: list[str] | None = None,
+                 sans_ip: list[str] | None = None, generated: bool = False):
+        self.cert_path = cert_path
+        self.key_path = key_path
+        self.fingerprint = fingerprint  # lowercase hex SHA-256 of the leaf DER
+        self.sans_dns = [] if sans_dns is None else sans_dns
+        self.sans_ip = [] if sans_ip is None else sans_ip
+        self.generated = generated
+
+    def _key(self) -> tuple:
+        return (self.cert_path, self.key_path, self.fingerprint, self.sans_dns, self.sans_ip, self.generated)
+
+    def __eq__(self, other):
+        return self._key() == other._key() if other.__class__ is self.__class__ else NotImplemented
+
+    __hash__ = None  # mutable, like the dataclass it was
+
+    def __repr__(self) -> str:
+        return (f"CertInfo(cert_path={self.cert_path!r}, key_path={self.key_path!r}, fingerprint={self.fingerprint!r}, "
+                f"sans_dns={self.sans_dns!r}, sans_ip={self.sans_ip!r}, generated={self.generated!r})")
 
 
 # ------------------------------------------------------------------ fingerprints
