@@ -37,6 +37,7 @@ import time
 SLOTS = 32               # datagrams per recvmmsg/sendmmsg
 SLOT_SIZE = 65536        # a whole UDP datagram always fits: never MSG_TRUNC
 NAME_STRIDE = 32         # bytes per sockaddr slot (sockaddr_in6 is 28)
+_NAME_U32 = NAME_STRIDE // 4
 MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0x40)
 UNSUPPORTED_ERRNOS = (errno.ENOSYS, errno.EPERM)   # the call itself is refused: fall back
 ENV_DISABLE = "PORTUNUS_DISABLE_UDP_BATCH"
@@ -321,6 +322,7 @@ class Batch:
         self.names = (ctypes.c_char * (slots * NAME_STRIDE))()
         self.names_view = memoryview(self.names).cast("B")
         self.names_q = self.names_view.cast("Q")   # IPv4 key: family, port, address (8 bytes)
+        self.names_u32 = self.names_view.cast("I")  # IPv6 key: the 7 words of a sockaddr_in6
         names = ctypes.addressof(self.names)
         # end users -> us: with source addresses (namelen is rewritten by the kernel, and is
         # constant per family: one array per family keeps it right without a reset per call)
@@ -354,11 +356,21 @@ class Batch:
 
     # ---- sockaddr helpers (per flow, not per datagram) -------------------------------
     def name_key(self, family: int, i: int):
-        """The dict key of slot ``i``'s source address: an int (IPv4) or 28 bytes (IPv6)."""
+        """The dict key of slot ``i``'s source address: an int (IPv4: family, port, address) or
+        (IPv6) the tuple of the 7 native u32 words of its 28-byte sockaddr_in6."""
         if family == socket.AF_INET6:
-            off = i * NAME_STRIDE
-            return bytes(self.names_view[off:off + 28])
+            off = i * _NAME_U32
+            return tuple(self.names_u32[off:off + 7])
         return self.names_q[i * (NAME_STRIDE // 8)]
+
+    def keys(self, family: int, r: int) -> list:
+        """``name_key`` of slots ``0..r-1`` (after a recvmmsg that got ``r``), read off the array
+        in a few C calls: no Python step per datagram."""
+        if family == socket.AF_INET6:
+            u, step = self.names_u32, _NAME_U32
+            return list(zip(*(u[w:w + r * step:step].tolist() for w in range(7))))
+        step = NAME_STRIDE // 8
+        return self.names_q[0:r * step:step].tolist()
 
     def raw_name(self, family: int, i: int) -> bytes:
         off = i * NAME_STRIDE
@@ -379,7 +391,7 @@ def decode_sockaddr(raw: bytes):
 def key_of_raw(raw: bytes):
     """``Batch.name_key`` of a sockaddr given as bytes (the same key, computed off the arrays)."""
     if len(raw) >= 28 and int.from_bytes(raw[0:2], sys.byteorder) == socket.AF_INET6:
-        return bytes(raw[:28])
+        return tuple(memoryview(bytes(raw[:28])).cast("I"))
     return int.from_bytes(raw[:8], sys.byteorder)
 
 

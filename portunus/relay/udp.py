@@ -473,7 +473,7 @@ class UdpRuleRelay:
         rx_addr, u32 = rx.ptr, rx.u32
         recvmmsg, slots, fd = b.recvmmsg, b.n, lsock.fileno()
         v6 = fam == socket.AF_INET6
-        names_q, qstep, name_key = b.names_q, mmsg.NAME_STRIDE // 8, b.name_key
+        names_q, qstep = b.names_q, mmsg.NAME_STRIDE // 8
         by_key = self._by_key.setdefault(port, {})
         get = by_key.get
         loop = self.ctx.loop
@@ -499,7 +499,7 @@ class UdpRuleRelay:
                 now = loop.time()
                 # the round's lengths and source keys, each read off the arrays in one C call
                 lens = u32[lw:lw + r * hu:hu].tolist()
-                keys = [name_key(fam, i) for i in range(r)] if v6 else names_q[0:r * qstep:qstep].tolist()
+                keys = b.keys(fam, r) if v6 else names_q[0:r * qstep:qstep].tolist()
                 keys.append(None)  # the sentinel after the last: keys[k + 1] always exists
                 uncapped = not self.maybe_capped()  # then no flow of this rule has a bandwidth cap
                 din = bin_ = 0  # runs of one: this port's counters, added once per round

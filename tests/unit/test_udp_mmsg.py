@@ -100,8 +100,24 @@ def test_ipv6_decode_and_key(ip, port, flow, scope):
                                          port, flow, scope)
     b = mmsg.Batch((None, None), slots=2, slot_size=1024)
     b.names_view[0:28] = raw
-    assert b.name_key(socket.AF_INET6, 0) == mmsg.key_of_raw(raw) == raw
+    assert b.name_key(socket.AF_INET6, 0) == mmsg.key_of_raw(raw) == tuple(memoryview(raw).cast("I"))
+    assert b.keys(socket.AF_INET6, 1) == [mmsg.key_of_raw(raw)]
     assert b.raw_name(socket.AF_INET6, 0) == raw
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
+def test_a_rounds_keys_read_in_c_are_each_slots_name_key(family):
+    b = mmsg.Batch((None, None), slots=8, slot_size=1024)
+    make = sockaddr_in6 if family == socket.AF_INET6 else sockaddr_in
+    host = "2001:db8::7" if family == socket.AF_INET6 else "10.0.0.7"
+    for i, port in enumerate([5, 5, 6, 7, 5, 65535, 1, 6]):
+        b.names_view[i * mmsg.NAME_STRIDE:i * mmsg.NAME_STRIDE + len(make(host, port))] = make(host, port)
+    for r in (1, 3, 8):
+        keys = b.keys(family, r)
+        assert keys == [b.name_key(family, i) for i in range(r)]
+        assert keys == [mmsg.key_of_raw(b.raw_name(family, i)) for i in range(r)]
+    keys = b.keys(family, 8)
+    assert keys[0] == keys[1] == keys[4] != keys[2] == keys[7] and len(set(keys)) == 5
 
 
 def test_keys_differ_by_port_and_address():
