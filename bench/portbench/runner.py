@@ -229,6 +229,8 @@ class Runner:
                 self.procs, pairs, flows, pps, a.udp_iperf_secs, 64, a.udp_iperf_window))
             s1, d1 = udp_snmp(), udp_drops(fronts)
             r["proxy_cpu_pct"], r["proxy_cpu_secs"] = cpu, self.last_cpu_secs
+            if self.last_cpu_secs is not None and r["received"]:
+                r["proxy_cpu_us_per_dgram"] = self.last_cpu_secs * 1e6 / r["received"]
             r["host_busy_pct"] = self.last_host_busy
             r["drain_wait_s"] = round(waited, 3)
             if "RcvbufErrors" in s0 and "RcvbufErrors" in s1:
