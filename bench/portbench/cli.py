@@ -101,7 +101,8 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="most probes per 0 %%-loss search (default 7; quick 1)")
     ap.add_argument("--udp-iperf-start", type=float, default=50000.0,
                     help="first offered rate of the search, datagrams/s (later repeats start "
-                         "at 0.9x the path's last 0 %%-loss offer); default %(default)g")
+                         "at 0.9x the path's last 0 %%-loss offer, unless --udp-iperf-probes "
+                         "is 1: then every probe runs at this rate); default %(default)g")
     ap.add_argument("--udp-iperf-window", default="2M",
                     help="iperf3 -w (socket buffers of iperf3's own sockets, both ends; the "
                          "proxy's are its own business); default %(default)s")

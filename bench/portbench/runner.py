@@ -253,7 +253,8 @@ class Runner:
             if self.out_of_time():
                 return
             seed = self.udp_seed.get((n, key))
-            start = 0.9 * seed if seed else a.udp_iperf_start
+            # a later repeat searches from near the last result; one probe is a fixed rate
+            start = 0.9 * seed if seed and a.udp_iperf_probes > 1 else a.udp_iperf_start
             try:
                 res = zero_loss_search(self._iperf_udp_probe(path, pairs, flows), start,
                                        a.udp_iperf_probes, max_loss_pct=a.udp_loss_max_pct)
