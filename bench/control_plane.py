@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -108,6 +109,24 @@ def start_server_and_wait(d: Deployment, timeout: float = 30) -> None:
         time.sleep(POLL)
 
 
+def enroll_and_wait(d: Deployment, timeout: float = 60) -> Path:
+    """Deployment.enroll, but waiting for `client enroll` with a blocking waitpid (and a timer that kills
+    it after ``timeout``): Popen.wait(timeout) polls with a doubling sleep (0.5 ms ... 50 ms), so a
+    ~65 ms enroll was seen at 113 ms, a bimodal +50 ms on the step."""
+    _, res = d.call("POST", "/v1/client-enrollments", {"name": d.CLIENT_NAME})
+    bundle = d.dir / "bundle.json"
+    p = d._start("client-enroll", d.cmd + ["client", "enroll", res["enrollment_uri"], "--out", str(bundle)])
+    killer = threading.Timer(timeout, p.kill)
+    killer.start()
+    try:
+        rc = p.wait()
+    finally:
+        killer.cancel()
+    if rc != 0:
+        raise RuntimeError(f"client enroll failed or timed out (exit {rc}); see {p.log_path}")
+    return bundle
+
+
 def start_client_and_wait(d: Deployment, bundle: Path, timeout: float = 30) -> None:
     """Deployment.start_client, but waiting on the client's own log line ``control.connected``
     (a 1 ms look at the file's size) before asking the API, instead of a GET /v1/clients every
@@ -156,7 +175,7 @@ def measure_deploy(cmd) -> dict:
             start_server_and_wait(d)
             t1 = time.perf_counter()
             out["cold_server_start_s"] = t1 - t0                # spawn -> serve.json written
-            bundle = d.enroll()
+            bundle = enroll_and_wait(d)
             t_enrolled = time.perf_counter()
             out["cold_enroll_s"] = t_enrolled - t1              # create enrollment + `client enroll` run
             start_client_and_wait(d, bundle)
