@@ -31,6 +31,9 @@ from .procs import (ChildProcess, Procs, exit_problems, free_port, listener_addr
 from .product import iperf_udp_rules, splice_env, standalone_config
 
 
+NGINX_UDP_RCVBUF = "2m"  # = portunus relay/udp.py LISTEN_RCVBUF (2 MiB asked for)
+
+
 class PathBase:
     name = "?"
     supports_udp = True
@@ -184,7 +187,9 @@ def nginx_stream_config(f: Backends, be: Backends, prefix: Path,
     (no limit: an echo flow answers every datagram and keeps going) and `proxy_timeout
     10s` ends idle flows, so the 256 flows of one run do not pile up across runs.
     With a second iperf port in `f`: `listen P udp` beside `listen P` on both iperf ports
-    (iperf3 UDP), socket buffers left at nginx's (the kernel's) defaults."""
+    (iperf3 UDP). Every UDP listener gets `rcvbuf=2m`, the receive queue Portunus asks for on
+    its UDP listen sockets (relay/udp.py LISTEN_RCVBUF): like for like, the row compares the
+    proxies, not their default queue depth."""
     lines = []
     if module:
         lines.append(f"load_module {module};")
@@ -199,7 +204,8 @@ def nginx_stream_config(f: Backends, be: Backends, prefix: Path,
         "stream {",
         f"    server {{ listen {LOOPBACK}:{f.iperf} backlog=4096; proxy_pass {LOOPBACK}:{be.iperf}; }}",
         f"    server {{ listen {LOOPBACK}:{f.http} backlog=4096; proxy_pass {LOOPBACK}:{be.http}; }}",
-        f"    server {{ listen {LOOPBACK}:{f.udp} udp; proxy_pass {LOOPBACK}:{be.udp}; "
+        f"    server {{ listen {LOOPBACK}:{f.udp} udp rcvbuf={NGINX_UDP_RCVBUF}; "
+        f"proxy_pass {LOOPBACK}:{be.udp}; "
         "proxy_timeout 10s; }",
     ]
     for _, fp, bp, proto in iperf_udp_rules(f, be):     # iperf3 UDP: control TCP, data UDP
@@ -207,7 +213,8 @@ def nginx_stream_config(f: Backends, be: Backends, prefix: Path,
             lines.append(f"    server {{ listen {LOOPBACK}:{fp} backlog=4096; proxy_pass "
                          f"{LOOPBACK}:{bp}; }}")
         else:
-            lines.append(f"    server {{ listen {LOOPBACK}:{fp} udp; proxy_pass {LOOPBACK}:{bp}; "
+            lines.append(f"    server {{ listen {LOOPBACK}:{fp} udp rcvbuf={NGINX_UDP_RCVBUF}; "
+                         f"proxy_pass {LOOPBACK}:{bp}; "
                          "proxy_timeout 10s; }")
     lines.append("}")
     return "\n".join(lines) + "\n"

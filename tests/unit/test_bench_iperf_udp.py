@@ -276,12 +276,15 @@ def test_client_rules_push_the_same_extra_rules_apart_from_the_timed_three():
 
 def test_nginx_listens_tcp_and_udp_on_both_iperf_ports(tmp_path):
     lines = nginx_stream_config(FRONTS, BACKENDS, tmp_path).splitlines()
-    assert ("    server { listen 127.0.0.1:41001 udp; proxy_pass 127.0.0.1:42001; "
+    assert ("    server { listen 127.0.0.1:41001 udp rcvbuf=2m; proxy_pass 127.0.0.1:42001; "
             "proxy_timeout 10s; }") in lines
     assert "    server { listen 127.0.0.1:41004 backlog=4096; proxy_pass 127.0.0.1:42004; }" in lines
-    assert ("    server { listen 127.0.0.1:41004 udp; proxy_pass 127.0.0.1:42004; "
+    assert ("    server { listen 127.0.0.1:41004 udp rcvbuf=2m; proxy_pass 127.0.0.1:42004; "
             "proxy_timeout 10s; }") in lines
-    assert lines[-1] == "}" and not any("rcvbuf" in ln for ln in lines)   # nginx defaults
+    assert lines[-1] == "}"
+    udp = [ln for ln in lines if " udp" in ln]
+    assert udp and all("rcvbuf=2m" in ln for ln in udp)  # the queue portunus asks for: like for like
+    assert not any("rcvbuf" in ln for ln in lines if " udp" not in ln)
     plain = nginx_stream_config(Backends(1, 2, 3), Backends(4, 5, 6), tmp_path)
     assert plain.count("server {") == 3
 

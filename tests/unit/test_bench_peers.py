@@ -41,7 +41,7 @@ def test_nginx_stream_config_tcp_and_udp_on_loopback_one_worker(tmp_path):
     assert f"error_log {tmp_path / 'error.log'} warn;" in lines
     assert "    server { listen 127.0.0.1:41001 backlog=4096; proxy_pass 127.0.0.1:42001; }" in lines
     assert "    server { listen 127.0.0.1:41002 backlog=4096; proxy_pass 127.0.0.1:42002; }" in lines
-    assert ("    server { listen 127.0.0.1:41003 udp; proxy_pass 127.0.0.1:42003; "
+    assert ("    server { listen 127.0.0.1:41003 udp rcvbuf=2m; proxy_pass 127.0.0.1:42003; "
             "proxy_timeout 10s; }") in lines
     assert "access_log" not in text          # the stream module logs nothing unless told
     assert "proxy_responses" not in text     # an echo flow: no limit on replies per datagram
