@@ -89,6 +89,9 @@ class Loop:
         self._wake_pending = False
         self.add_reader(self._wake_r, self._drain_wakeup)
         self._signals: dict[int, tuple] = {}
+        # the epoll mask that woke the writer callback now running (read it only from inside a
+        # writer callback: a dialer learns "connected" from a plain EPOLLOUT without asking SO_ERROR)
+        self.write_events = 0
 
     # ---- time -------------------------------------------------------------
     time = staticmethod(time.monotonic)  # loop.time() is the C call itself (read several times per event)
@@ -375,6 +378,7 @@ class Loop:
                     if ev & _WRITE_EVENTS:
                         cb = h.writer
                         if cb is not None:
+                            self.write_events = ev  # what woke this writer (see write_events)
                             try:
                                 cb()
                             except Exception as exc:

@@ -12,6 +12,7 @@ most ``portunus.errors``/``portunus.log``). Everything here runs on the loop thr
 from __future__ import annotations
 
 import errno
+import select
 import socket
 import struct
 from typing import Callable
@@ -24,6 +25,7 @@ ACCEPT_BATCH = 64
 ACCEPT_BACKOFF = 0.1
 TIMEOUT = "timeout"  # the reason ``Connect`` reports when the deadline passes
 _STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
+_CONNECT_TROUBLE = select.EPOLLERR | select.EPOLLHUP  # beside EPOLLOUT: the connect failed (or died)
 # Linux: getsockopt(TCP_INFO) on a listener reports its accept queue length in tcpi_unacked (what
 # ``ss`` shows as Recv-Q), a u32 at offset 24 of struct tcp_info; 28 bytes are enough.
 _TCP_INFO = getattr(socket, "TCP_INFO", None) if hasattr(socket, "IPPROTO_TCP") else None
@@ -86,7 +88,10 @@ class Connect:
 
     def _on_writable(self) -> None:
         sock = self.sock
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        # A failed connect wakes with EPOLLERR/EPOLLHUP beside EPOLLOUT; a plain EPOLLOUT is an
+        # established connection, so SO_ERROR is read only when the kernel flagged a problem.
+        trouble = self.loop.write_events & _CONNECT_TROUBLE
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if trouble else 0
         if err or self.done:
             self._finish(None if err == 0 else errno_name(err))
             return

@@ -7,6 +7,7 @@ recording fake loop where the test has to decide when time passes.
 from __future__ import annotations
 
 import errno
+import select
 import socket
 
 import pytest
@@ -54,6 +55,7 @@ class FakeLoop:
 
     def __init__(self):
         self.readers, self.writers, self.timers, self.soon = {}, {}, [], []
+        self.write_events = select.EPOLLOUT  # what the real loop sets before a writer runs
 
     def add_reader(self, fd, cb):
         self.readers[fd] = cb
@@ -152,6 +154,33 @@ def test_connect_success_cancels_its_deadline(listener):
         assert fake.writers == {}
     finally:
         sock.close()
+
+
+def test_a_plain_epollout_hands_over_without_reading_so_error(listener):
+    fake = FakeLoop()
+    got = []
+    c = Connect(fake, "127.0.0.1", listener.getsockname()[1], 3.0, lambda s, r: got.append((s, r)))
+    calls = []
+
+    class Spy:
+        """The dialed socket, with getsockopt recorded (SO_ERROR must not be asked)."""
+        def __init__(self, sock):
+            self._s = sock
+
+        def getsockopt(self, *a):
+            calls.append(a)
+            return self._s.getsockopt(*a)
+
+        def __getattr__(self, name):
+            return getattr(self._s, name)
+    real = c.sock
+    c.sock = Spy(real)
+    fake.writers[real.fileno()]()
+    (sock, reason), = got
+    try:
+        assert reason is None and calls == []
+    finally:
+        real.close()
 
 
 def test_cancelled_connect_never_calls_back_and_frees_its_socket(loop, listener):
