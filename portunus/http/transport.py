@@ -23,6 +23,7 @@ import json
 import os
 import resource
 import socket
+import socketserver
 import threading
 import time
 from dataclasses import dataclass
@@ -134,6 +135,14 @@ class APIServer(ThreadingHTTPServer):
         self._conn_lock = threading.Lock()
         self._open: dict[socket.socket, _Connection] = {}
         super().__init__(address, handler)
+
+    def server_bind(self):
+        """Bind without ``HTTPServer.server_bind``'s ``socket.getfqdn`` of the bind address: that
+        reverse lookup stalls ``serve`` for the resolver's timeout on a host whose resolver is slow
+        and whose /etc/hosts lacks the address; ``server_name`` is only used by CGI handlers."""
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = host, port
 
     # ---- the connection cap -------------------------------------------------------
     def process_request(self, request, client_address):

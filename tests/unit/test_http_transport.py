@@ -124,3 +124,16 @@ def test_the_fd_ceiling_sits_below_the_soft_limit():
     import resource
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     assert transport.fd_ceiling() == max(soft - transport.FD_RESERVE, 0)
+
+
+def test_binding_asks_no_reverse_lookup_of_the_address(monkeypatch):
+    """HTTPServer.server_bind would call socket.getfqdn(host): a resolver round trip (its timeout
+    on a host with a slow resolver) before serve is ready. The API's listeners never ask."""
+    asked = []
+    monkeypatch.setattr(socket, "getfqdn", lambda *a: asked.append(a) or "x")
+    srv = APIServer(("127.0.0.1", 0), DeadlineRequestHandler, family=socket.AF_INET, limits=Limits())
+    try:
+        assert asked == []
+        assert srv.server_name == "127.0.0.1" and srv.server_port == srv.server_address[1] > 0
+    finally:
+        srv.server_close()
