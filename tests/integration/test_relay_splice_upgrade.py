@@ -4,6 +4,7 @@ splices from its first big read on, and no byte is lost, reordered or miscounted
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
@@ -14,7 +15,7 @@ import pytest
 from conftest import free_port, wait_until
 from portunus.relay import pump
 from portunus.relay.splice import splice_available
-from test_relay_close_order import live_sessions, read_to_eof
+from test_relay_close_order import live_sessions, read_to_eof, relayed_pair
 from test_runtime import LoopThread, tcp_rule
 
 pytestmark = [pytest.mark.timeout(60),
@@ -37,6 +38,22 @@ def pump_modes(lt, rule_id: str) -> tuple[bool, bool]:
     return lt.call(read)
 
 
+@contextlib.contextmanager
+def one_session(lt, rule_id: str):
+    """A rule to a fresh target, one relayed connection: (client side, target side)."""
+    listen, target = free_port(), free_port()
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", target))
+    srv.listen()
+    try:
+        lt.call(lt.runtime.activate, tcp_rule(rule_id, listen, target))
+        c, s = relayed_pair(lt, listen, srv)
+        wait_until(lambda: live_sessions(lt, rule_id) == 1, timeout=5, what="the session")
+        yield c, s
+    finally:
+        srv.close()
+
+
 def recv_exact(s: socket.socket, n: int) -> bytes:
     s.settimeout(10)
     got = bytearray()
@@ -48,15 +65,7 @@ def recv_exact(s: socket.socket, n: int) -> bytes:
 
 
 def test_small_messages_copy_then_bulk_splices_and_every_byte_arrives_in_order(lt):
-    listen, target = free_port(), free_port()
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", target))
-    srv.listen()
-    try:
-        lt.call(lt.runtime.activate, tcp_rule("up", listen, target))
-        c = socket.create_connection(("127.0.0.1", listen), timeout=10)
-        s, _ = srv.accept()
-        wait_until(lambda: live_sessions(lt, "up") == 1, timeout=5, what="the session")
+    with one_session(lt, "up") as (c, s):
         for i in range(20):  # request/response sized messages: both pumps stay in userspace
             c.sendall(b"GET /%d\r\n" % i)
             assert recv_exact(s, len(b"GET /%d\r\n" % i)) == b"GET /%d\r\n" % i
@@ -92,46 +101,24 @@ def test_small_messages_copy_then_bulk_splices_and_every_byte_arrives_in_order(l
         small_out = sum(len(b"200 %d\r\n" % i) for i in range(20))
         assert snap["bytes_in"] == small_in + len(up_bulk) + 5
         assert snap["bytes_out"] == small_out + len(down_bulk) + 3
-    finally:
-        srv.close()
 
 
 def test_a_threshold_of_zero_splices_from_the_first_byte(lt, monkeypatch):
     monkeypatch.setattr(pump, "SPLICE_AFTER", 0)
-    listen, target = free_port(), free_port()
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", target))
-    srv.listen()
-    try:
-        lt.call(lt.runtime.activate, tcp_rule("zero", listen, target))
-        c = socket.create_connection(("127.0.0.1", listen), timeout=10)
-        s, _ = srv.accept()
-        wait_until(lambda: live_sessions(lt, "zero") == 1, timeout=5, what="the session")
+    with one_session(lt, "zero") as (c, s):
         assert pump_modes(lt, "zero") == (True, True)
         c.sendall(b"x")
         assert recv_exact(s, 1) == b"x"
         c.close()
         s.close()
-    finally:
-        srv.close()
 
 
 def test_without_splice_a_big_read_stays_in_userspace(lt, monkeypatch):
     monkeypatch.setenv("PORTUNUS_DISABLE_SPLICE", "1")
-    listen, target = free_port(), free_port()
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", target))
-    srv.listen()
-    try:
-        lt.call(lt.runtime.activate, tcp_rule("nosplice", listen, target))
-        c = socket.create_connection(("127.0.0.1", listen), timeout=10)
-        s, _ = srv.accept()
-        wait_until(lambda: live_sessions(lt, "nosplice") == 1, timeout=5, what="the session")
+    with one_session(lt, "nosplice") as (c, s):
         blob = os.urandom(1 << 20)
         c.sendall(blob)
         assert hashlib.sha256(recv_exact(s, len(blob))).digest() == hashlib.sha256(blob).digest()
         assert pump_modes(lt, "nosplice") == (False, False)
         c.close()
         s.close()
-    finally:
-        srv.close()

@@ -28,25 +28,9 @@ from portunus.relay import enforce
 from portunus.relay.enforce import Enforcer
 from portunus.relay.splice import splice_disabled_by_env
 
+from test_netio import WAIT, listener, loop  # noqa: F401  (the same real-loop and listener fixtures)
+
 pytestmark = pytest.mark.timeout(10)
-WAIT = 2.0  # upper bound for run_until: only reached when the behaviour is broken
-
-
-@pytest.fixture
-def loop():
-    lp = Loop()
-    yield lp
-    lp.close()
-
-
-@pytest.fixture
-def listener():
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.bind(("127.0.0.1", 0))
-    s.listen(16)
-    s.setblocking(False)
-    yield s
-    s.close()
 
 
 @pytest.mark.parametrize("value", [None, "1", "0", "", "true", "1 ", " 1", "11"])
