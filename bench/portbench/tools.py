@@ -26,16 +26,22 @@ def percentile(values: list[float], p: float) -> float:
 # iperf3
 # --------------------------------------------------------------------------
 
-def parse_iperf(out: str, rc: int = 0, err: str = "") -> dict:
-    """`iperf3 -J` output -> receiver's rate and bytes, sender's retransmits, CPU."""
+def _iperf_json(out: str, rc: int, err: str, what: str) -> dict:
+    """The JSON object of an `iperf3 -J` run, or a BenchError that says what came instead."""
     try:
         j = json.loads(out)
     except ValueError:
-        raise BenchError(f"iperf3 output not JSON (rc={rc}): {out[:300]} {err[:300]}") from None
+        raise BenchError(f"{what} output not JSON (rc={rc}): {out[:300]} {err[:300]}") from None
     if not isinstance(j, dict):
-        raise BenchError(f"iperf3 output not a JSON object (rc={rc}): {out[:300]}")
+        raise BenchError(f"{what} output not a JSON object (rc={rc}): {out[:300]}")
     if j.get("error"):
-        raise BenchError(f"iperf3: {j['error']}")
+        raise BenchError(f"{what}: {j['error']}")
+    return j
+
+
+def parse_iperf(out: str, rc: int = 0, err: str = "") -> dict:
+    """`iperf3 -J` output -> receiver's rate and bytes, sender's retransmits, CPU."""
+    j = _iperf_json(out, rc, err, "iperf3")
     try:
         recv = j["end"]["sum_received"]
         gbps = recv["bits_per_second"] / 1e9
@@ -336,14 +342,7 @@ def parse_iperf_udp(out: str, rc: int = 0, err: str = "") -> dict:
     client sent. A datagram after the last one received (dropped at the very end, or
     still queued when the server stopped reading) is not in lost_packets; `tail` counts
     those (sent - packets), reported beside the loss, never as loss."""
-    try:
-        j = json.loads(out)
-    except ValueError:
-        raise BenchError(f"iperf3 -u output not JSON (rc={rc}): {out[:300]} {err[:300]}") from None
-    if not isinstance(j, dict):
-        raise BenchError(f"iperf3 -u output not a JSON object (rc={rc}): {out[:300]}")
-    if j.get("error"):
-        raise BenchError(f"iperf3 -u: {j['error']}")
+    j = _iperf_json(out, rc, err, "iperf3 -u")
     try:
         end = j["end"]
         recv, sent = end["sum_received"], end["sum_sent"]
