@@ -17,7 +17,6 @@ One ``Enforcer`` per ``RelayContext`` (one per client or standalone process).
 
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 from ..log import log
@@ -28,14 +27,6 @@ from .quota import QuotaBook, QuotaHandle
 from .splice import splice_available, splice_disabled_by_env
 
 _LINUX_SPLICE = splice_available()  # the platform does not change while the process runs
-# splice_disabled_by_env() on the hot path: os.environ.get costs ~0.8 µs (a Python-level Mapping.get, a
-# KeyError when unset); its own store (``_data``, what os.environ[...] = / del / monkeypatch update) is one
-# dict lookup with exactly the same answer. Other Pythons take the plain function.
-_ENV_STORE = getattr(os.environ, "_data", None)
-try:
-    _SPLICE_ENV_KEY, _ONE = os.environ.encodekey("PORTUNUS_DISABLE_SPLICE"), os.environ.encodevalue("1")
-except AttributeError:
-    _ENV_STORE = None
 QUOTA_REFUSED = "quota_exhausted"  # not a rate-limit reason: counted as the rule's quota_refused
 
 
@@ -73,9 +64,7 @@ class Enforcer:
         if not _LINUX_SPLICE:
             return False
         owner_cap = self.limits.owner_cap(rule.owner) if rule.owner else None
-        store = _ENV_STORE
-        disabled = store.get(_SPLICE_ENV_KEY) == _ONE if store is not None else splice_disabled_by_env()
-        return splice_allowed(rule, owner_cap, linux=True, disabled=disabled)
+        return splice_allowed(rule, owner_cap, linux=True, disabled=splice_disabled_by_env())
 
     # ---- admission -----------------------------------------------------------
     def quota(self, rule: Rule) -> QuotaHandle | None:

@@ -348,16 +348,16 @@ class Ticket:
 
     @property
     def bandwidth_capped(self) -> bool:
-        """Whether a scope of the chain caps bandwidth now. Asked per userspace read: the rule's
-        flag, then (an owned rule) its owner's current envelope; no chain tuple, no loop."""
-        if self.rule.bw_capped:
-            return True
+        """Whether a scope of the chain caps bandwidth now. Asked per userspace read: the flags of
+        the fixed chain, or the rule's and then its owner's current envelope; no chain tuple built."""
         scope = self._owner_scope
         if scope is None:
             for lim in self._chain:
                 if lim.bw_capped:
                     return True
             return False
+        if self.rule.bw_capped:
+            return True
         owner = scope.owner_limiter(self._owner) if self._owner else None
         return owner is not None and owner.bw_capped
 

@@ -1,7 +1,8 @@
 """The new-connection path's lean pieces hold the behaviour of what they replaced.
 
-- ``Enforcer.splice_allowed`` reads PORTUNUS_DISABLE_SPLICE through os.environ's own store: the
-  same answer as ``splice.splice_disabled_by_env()`` for every value, set and unset at any time.
+- ``splice.splice_disabled_by_env`` (asked by ``Enforcer.splice_allowed`` per new connection) reads
+  PORTUNUS_DISABLE_SPLICE through os.environ's own store: the same answer as
+  ``os.environ.get(...) == "1"`` for every value, set and unset at any time.
 - ``Acceptor`` hands over C-level socket objects (``socket.SocketType``) built from the raw fd:
   non-blocking, the listener's family, every method the relay calls working on a real peer.
 - ``Connect(..., plain=True)`` dials the same way and hands over the same kind of socket.
@@ -24,7 +25,7 @@ from portunus.loop import Loop
 from portunus.model import Rule
 from portunus import netio
 from portunus.netio import Acceptor, Connect, _queue_length
-from portunus.relay import enforce
+from portunus.relay import enforce, splice
 from portunus.relay.enforce import Enforcer
 from portunus.relay.splice import splice_disabled_by_env
 
@@ -44,7 +45,7 @@ def test_the_cached_splice_switch_answers_as_the_environment_does(value, monkeyp
             monkeypatch.delenv("PORTUNUS_DISABLE_SPLICE", raising=False)
         else:
             monkeypatch.setenv("PORTUNUS_DISABLE_SPLICE", value)
-        assert enf.splice_allowed(plain) is (not splice_disabled_by_env())
+        assert splice_disabled_by_env() is (os.environ.get("PORTUNUS_DISABLE_SPLICE") == "1")
         assert enf.splice_allowed(plain) is (value != "1")
         os.environ.pop("PORTUNUS_DISABLE_SPLICE", None)  # and back, on the same enforcer
         assert enf.splice_allowed(plain)
@@ -54,7 +55,7 @@ def test_the_cached_splice_switch_answers_as_the_environment_does(value, monkeyp
 
 def test_the_plain_environment_read_is_the_fallback(monkeypatch):
     monkeypatch.setattr(enforce, "_LINUX_SPLICE", True)
-    monkeypatch.setattr(enforce, "_ENV_STORE", None)  # a Python whose os.environ has no _data
+    monkeypatch.setattr(splice, "_ENV_STORE", None)  # a Python whose os.environ has no _data
     enf = Enforcer(Loop())
     plain = Rule.from_dict({"rule_id": "p", "listen_port": 18000, "target": "127.0.0.1:80"})
     try:
