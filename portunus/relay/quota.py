@@ -115,6 +115,34 @@ class QuotaHandle:
         self.debit(size)
         return True
 
+    def admit_datagrams(self, sizes, total: int | None = None) -> int:
+        """UDP, a batch: how many of ``sizes`` (datagram lengths, in order) pass, debited in one
+        step — the same answer, debit, exhaustion and listener call as ``admit_datagram`` asked
+        for each in turn. What passes is always a prefix: the first datagram that does not fit
+        (or any after the budget reached 0) ends the budget, and every later one is refused too.
+        ``total``: ``sum(sizes)`` when the caller has it."""
+        if total is None:
+            total = sum(sizes)
+        if self.remaining is None:
+            self.debit(total)
+            return len(sizes)
+        if self.exhausted:
+            return 0
+        left = self.remaining
+        if total < left:  # the common case: all of them, and the budget does not reach 0
+            self.debit(total)
+            return len(sizes)
+        taken = k = 0
+        for size in sizes:
+            if (taken and taken == left) or size > left - taken:
+                break
+            taken += size
+            k += 1
+        self.debit(taken)       # exhausts here if the budget reached 0 exactly
+        if k < len(sizes):
+            self._exhaust()     # the first refused one ends the budget (no-op if it did already)
+        return k
+
     # ---------------------------------------------------------------- state from the server
 
     def apply_state(self, state: QuotaState) -> None:
