@@ -9,6 +9,7 @@ Modules, lowest first (each imports only the ones above it):
   machine     /proc/stat host load, machine and tool versions
   logscan     JSON-lines log scanning (warn/error events, tracebacks, event counts)
   mmsg        batched UDP I/O (recvmmsg/sendmmsg via ctypes) for the generator and echo
+  syscount    --syscalls: perf stat -e raw_syscalls:sys_enter on the proxy over a window
   origins     the backends: nginx / Python HTTP origin, UDP echo, iperf3 server, TCP echo
   tools       iperf3 / wrk / UDP load runners and their pure output parsers
   deployment  a real server plus one enrolled client (client paths, control_plane.py)
@@ -16,7 +17,8 @@ Modules, lowest first (each imports only the ones above it):
   paths       the forwarding paths under test (direct, portunus, client, haproxy,
               nginx, rinetd, socat) and their generated configs
   report      metric table, summary, side-by-side table, best peer, ratios, goals,
-              baseline comparison and gate (pure formatting)
+              where the CPU goes (user/kernel/syscalls), baseline comparison and gate
+              (pure formatting)
   runner      measures one path: sanity check, then tcp/http/udp groups
   cli         argparse and `main` (entry point: bench/run.py)
 

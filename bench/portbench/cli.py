@@ -27,8 +27,8 @@ from .paths import (NGINX_STREAM_MODULE, ClientPath, DirectPath, HaproxyPath, Ng
 from .procs import Procs, free_fixed_port, free_port, wait_ready
 from .product import portunus_commands, probe_portunus, resolve_bin
 from .report import (ALL_GROUPS, ALL_PATHS, DEFAULT_PATHS, NOT_APPLICABLE, PORTUNUS_PATHS,
-                     compare, format_compare, format_header, format_issues, format_ratios,
-                     format_table,
+                     compare, cpu_split, format_compare, format_cpu_split, format_header,
+                     format_issues, format_ratios, format_table,
                      derive, gate_exit_code, issue_tables, option_mismatch, ratios, summarize)
 from .runner import Runner
 
@@ -121,6 +121,13 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="overall time budget; remaining tests are skipped after it "
                          "(default 1800; 85 with --quick)")
     ap.add_argument("--keep-logs", action="store_true", help="keep child logs even on success")
+    ap.add_argument("--syscalls", action="store_true",
+                    help="also count the proxy's syscalls per request / connection / GB / "
+                         "datagram (perf stat -e raw_syscalls:sys_enter attached to its "
+                         "processes for each test's window). Off by default: counting adds a "
+                         "little kernel time to every syscall, so take the other figures from "
+                         "a run without it. Without perf (or when it is refused) the run goes "
+                         "on and says so once")
     return ap
 
 
@@ -336,11 +343,20 @@ def _report(a, meta: dict, runner: Runner, paths: list[PathBase], interrupted: b
         print("\n".join(format_ratios(rat)))
     sbs, goals, text = issue_tables(summary, shown, runner.errors, a.udp_flows)
     print("\n" + text)
+    split = cpu_split(summary, shown)
+    note = runner.syscalls_off if a.syscalls else None
+    meta["syscalls"] = {"asked": a.syscalls, "counted": a.syscalls and note is None,
+                        "why_not": note}
+    split_lines = format_cpu_split(split, shown, a.udp_flows, note)
+    if split_lines:
+        print("\n" + "\n".join(split_lines))
+    elif note:
+        print(f"\nsyscalls not counted: {note}")
     issues = format_issues(runner.errors, runner.problems)
     if issues:
         print("\n".join(issues))
     return {"meta": meta, "summary": summary, "ratios": rat, "side_by_side": sbs,
-            "goals": goals, "errors": runner.errors,
+            "goals": goals, "where_cpu_goes": split, "errors": runner.errors,
             "problems": runner.problems, "details": runner.details, "table": table,
             "issue_tables": text,
             "interrupted": interrupted}
@@ -387,7 +403,12 @@ def render(path: str) -> int:
           f"{meta.get('loadavg_end', ['?'])[0]}; host busy before "
           f"{meta.get('host_busy_pct_before', '?')} %"
           + (f"; note: {machine['note']}" if machine.get("note") else ""))
-    print("\n" + issue_tables(derive(summary), shown, doc.get("errors", {}), flows)[2])
+    summary = derive(summary)
+    print("\n" + issue_tables(summary, shown, doc.get("errors", {}), flows)[2])
+    note = (meta.get("syscalls") or {}).get("why_not") if opts.get("syscalls") else None
+    split_lines = format_cpu_split(cpu_split(summary, shown), shown, flows, note)
+    if split_lines:
+        print("\n" + "\n".join(split_lines))
     return 0
 
 

@@ -27,7 +27,7 @@ from .deployment import Deployment
 from .logscan import iperf_udp_icmp, log_events, scan_json_log
 from .origins import Backends
 from .procs import (ChildProcess, Procs, exit_problems, free_port, listener_addrs,
-                    proc_peak_rss_mib, session_cpu_secs, session_pids, wait_ready)
+                    proc_peak_rss_mib, session_cpu_split, session_pids, wait_ready)
 from .product import iperf_udp_rules, splice_env, standalone_config
 
 
@@ -65,16 +65,26 @@ class PathBase:
         child as a session leader): their CPU is the path's CPU."""
         return [self.proc.pid] if self.proc is not None else []
 
-    def cpu_secs(self) -> float | None:
-        """Proxy CPU seconds so far: every process of its sessions, live and reaped
-        (nginx master + worker, socat parents + forked children). None without a proxy."""
+    def cpu_split(self) -> tuple[float, float] | None:
+        """Proxy (user, kernel) CPU seconds so far: every process of its sessions, live and
+        reaped (nginx master + worker, socat parents + forked children). None without a
+        proxy."""
         leaders = self.session_leaders()
         if not leaders:
             return None
-        vals = [session_cpu_secs(pid) for pid in leaders]
+        vals = [session_cpu_split(pid) for pid in leaders]
         if any(v is None for v in vals):
             return None
-        return sum(vals)
+        return sum(v[0] for v in vals), sum(v[1] for v in vals)
+
+    def cpu_secs(self) -> float | None:
+        """Proxy CPU seconds so far (user + kernel; see cpu_split)."""
+        split = self.cpu_split()
+        return None if split is None else sum(split)
+
+    def pids(self) -> list[int]:
+        """Every live process of the proxy's sessions (what --syscalls attaches perf to)."""
+        return [pid for sid in self.session_leaders() for pid in session_pids(sid)]
 
     def peak_rss_mib(self) -> float | None:
         """Peak RSS summed over the proxy's live processes (VmHWM of each)."""

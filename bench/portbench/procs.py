@@ -243,38 +243,56 @@ def proc_cpu_secs(pid: int) -> float | None:
         return None
 
 
+def stat_fields_of(text: str) -> list[str] | None:
+    """The fields of a /proc/PID/stat line after the command name (index 0 = state, 3 =
+    session, 11 utime, 12 stime, 13 cutime, 14 cstime; in clock ticks) (pure). The name
+    is in parentheses and may itself hold spaces and parentheses ("(nginx: worker
+    process)"), so the split is at the last ")". None for a line without one."""
+    head, sep, rest = text.rpartition(")")
+    return rest.split() if sep else None
+
+
 def _stat_fields(pid: int) -> list[str] | None:
     """Fields of /proc/PID/stat after the command name (index 0 = state)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+            return stat_fields_of(f.read())
+    except OSError:
         return None
 
 
-def tree_cpu_secs_from(stats: list[list[str]], sid: int) -> float:
-    """CPU seconds of every process of session `sid`, from /proc/PID/stat fields (pure).
+def tree_cpu_split_from(stats: list[list[str]], sid: int) -> tuple[float, float]:
+    """(user, kernel) CPU seconds of every process of session `sid`, from /proc/PID/stat
+    fields (pure).
 
-    Per process: utime + stime (itself) + cutime + cstime (its children that exited and
-    were waited for: socat's forked children, nginx workers that were replaced). A live
-    child is counted by its own line; once reaped its time moves into its parent's
-    cutime, so the sum grows monotonically. Children reaped by a process outside the
-    session are lost (none of the bench's proxies does that)."""
-    total = 0
+    Per process: utime (+ cutime) is user time, stime (+ cstime) kernel time: itself and
+    its children that exited and were waited for (socat's forked children, nginx workers
+    that were replaced). A live child is counted by its own line; once reaped its time
+    moves into its parent's cutime/cstime, so both sums grow monotonically. Children
+    reaped by a process outside the session are lost (none of the bench's proxies does
+    that). A process's line covers all its threads (haproxy's)."""
+    user = kern = 0
     for f in stats:
         try:
             if int(f[3]) != sid:
                 continue
-            total += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
+            u, k = int(f[11]) + int(f[13]), int(f[12]) + int(f[14])
         except (IndexError, ValueError):
             continue
-    return total / _CLK
+        user, kern = user + u, kern + k
+    return user / _CLK, kern / _CLK
 
 
-def session_cpu_secs(sid: int) -> float | None:
-    """CPU seconds of the whole session `sid` (a child started by Procs.spawn leads its own
-    session, so its pid is the sid): itself, live descendants, reaped descendants.
-    None when the leader is gone."""
+def tree_cpu_secs_from(stats: list[list[str]], sid: int) -> float:
+    """CPU seconds (user + kernel) of every process of session `sid` (pure); see
+    tree_cpu_split_from."""
+    return sum(tree_cpu_split_from(stats, sid))
+
+
+def session_cpu_split(sid: int) -> tuple[float, float] | None:
+    """(user, kernel) CPU seconds of the whole session `sid` (a child started by Procs.spawn
+    leads its own session, so its pid is the sid): itself, live descendants, reaped
+    descendants. None when the leader is gone."""
     if _stat_fields(sid) is None:
         return None
     stats = []
@@ -283,7 +301,13 @@ def session_cpu_secs(sid: int) -> float | None:
             f = _stat_fields(int(name))
             if f is not None:
                 stats.append(f)
-    return tree_cpu_secs_from(stats, sid)
+    return tree_cpu_split_from(stats, sid)
+
+
+def session_cpu_secs(sid: int) -> float | None:
+    """CPU seconds (user + kernel) of the whole session `sid`; see session_cpu_split."""
+    split = session_cpu_split(sid)
+    return None if split is None else sum(split)
 
 
 def session_pids(sid: int) -> list[int]:

@@ -73,6 +73,45 @@ METRICS: dict[str, tuple[str, str, str, bool, str]] = {
     # derived from the medians by derive(): path p50 - direct p50
     "http_idle_rtt_added_p50_us": ("http", "us", "lower", False, "Idle RTT p50 added over direct"),
 }
+
+# "where the CPU goes": every CPU-per-unit figure split into the proxy's user time (utime)
+# and kernel time (stime), and with --syscalls the syscalls it entered per unit
+# (perf stat -e raw_syscalls:sys_enter). Informational (compared: False): the split moves
+# with the kernel's tick sampling, and perf's counting perturbs the run it is taken in.
+# key, label, metric prefix, suffix, unit, decimals (the syscall row: one more)
+CPU_SPLIT: list[tuple[str, str, str, str, str, int]] = [
+    ("keepalive", "keep-alive, per request", "http_keepalive", "us_per_req", "us", 1),
+    ("newconn", "new connection, per connection", "http_close", "us_per_req", "us", 1),
+    ("udp1_iperf", "UDP 1 flow (iperf3), per datagram", "udp_iperf_1flow", "us_per_dgram",
+     "us", 2),
+    ("udpn_iperf", "UDP {flows} flows (iperf3), per datagram", "udp_iperf_manyflow",
+     "us_per_dgram", "us", 2),
+    ("udp1", "UDP echo 1 flow, per datagram", "udp_1flow", "us_per_dgram", "us", 2),
+    ("udpn", "UDP echo {flows} flows, per datagram", "udp_manyflow", "us_per_dgram", "us", 2),
+    ("bulk", "TCP bulk, per GB", "tcp_bulk", "ms_per_gb", "ms/GB", 0),
+]
+_SPLIT_PARTS = (("user", "user (utime)"), ("sys", "kernel (stime)"))
+
+
+def split_metric(prefix: str, part: str, suffix: str) -> str:
+    """`part` = cpu (the total) | user | sys | syscalls (a count: the suffix loses its unit,
+    http_close_proxy_syscalls_per_req beside http_close_proxy_user_us_per_req)."""
+    if part == "syscalls":
+        suffix = suffix[suffix.index("per_"):]
+    return f"{prefix}_proxy_{part}_{suffix}"
+
+
+SPLIT_METRICS: set[str] = set()
+for _key, _label, _prefix, _suffix, _unit, _dec in CPU_SPLIT:
+    _group = _prefix.split("_")[0]
+    for _part, _what in _SPLIT_PARTS:
+        SPLIT_METRICS.add(split_metric(_prefix, _part, _suffix))
+        METRICS[split_metric(_prefix, _part, _suffix)] = (
+            _group, _unit, "lower", False, f"  proxy {_what}, {_label.format(flows='N')}")
+    SPLIT_METRICS.add(split_metric(_prefix, "syscalls", _suffix))
+    METRICS[split_metric(_prefix, "syscalls", _suffix)] = (
+        _group, "n", "lower", False, f"  proxy syscalls, {_label.format(flows='N')}")
+
 # Loss is a percentage that is often 0 in the baseline; a relative threshold
 # alone would flag 0.0 -> 0.01. It must also be this many points worse.
 ABS_SLACK = {"udp_1flow_loss_pct": 1.0, "udp_manyflow_loss_pct": 1.0,
@@ -155,8 +194,8 @@ def format_table(summary: dict, paths: list[str], na: dict[str, set], errors: di
     head = f"{'metric':<36}{'unit':<8}" + "".join(f"{p:>{colw}}" for p in paths)
     lines = [head, "-" * len(head)]
     for m, (group, unit, better, compared, label) in METRICS.items():
-        if not any(m in summary.get(p, {}) for p in paths):
-            continue
+        if m in SPLIT_METRICS or not any(m in summary.get(p, {}) for p in paths):
+            continue            # the split rows have their own table (format_cpu_split)
         row = f"{label:<36}{unit:<8}"
         for p in paths:
             missing = "n/a" if group in na.get(p, set()) else ("error" if p in errors else "-")
@@ -226,7 +265,7 @@ def compare(current: dict, baseline: dict, threshold_pct: float) -> tuple[list[d
 COMPARABLE_OPTIONS = ("quick", "repeat", "tcp_secs", "wrk_secs", "wrk_threads", "wrk_conns",
                       "udp_flows", "udp_window", "udp_secs", "origin", "portunus_log_level",
                       "udp_iperf_secs", "udp_iperf_probes", "udp_iperf_window",
-                      "udp_loss_max_pct")
+                      "udp_loss_max_pct", "syscalls")
 
 
 def option_mismatch(baseline_options: dict, current_options: dict) -> list[str]:
@@ -531,3 +570,66 @@ def issue_tables(summary: dict, shown: list[str], errors: dict,
         text += ["", "goals of issue 15 (haproxy's = the better of the haproxy paths):"]
         text += goal_lines
     return sbs, goals, "\n".join(text)
+
+
+# --------------------------------------------------------------------------
+# where the CPU goes: user vs kernel time and syscalls per unit of work
+# --------------------------------------------------------------------------
+
+def cpu_split(summary: dict, paths: list[str]) -> dict:
+    """figure key -> {"unit", "total", "user", "kernel", "syscalls"}: each {path: median},
+    for the CPU_SPLIT figures some path has a split of (direct has no proxy)."""
+    out = {}
+    for key, label, prefix, suffix, unit, dec in CPU_SPLIT:
+        row = {"unit": unit}
+        for name, part in (("total", "cpu"), ("user", "user"), ("kernel", "sys"),
+                           ("syscalls", "syscalls")):
+            m = split_metric(prefix, part, suffix)
+            row[name] = {p: v for p in paths if p != "direct"
+                         and (v := median_of(summary, p, m)) is not None}
+        if row["user"] or row["syscalls"]:
+            out[key] = row
+    return out
+
+
+def format_cpu_split(split: dict, paths: list[str], flows: int,
+                     syscalls_note: str | None = None) -> list[str]:
+    """The "where the CPU goes" table (markdown): per figure, rows user µs, kernel µs (and
+    the kernel's share), syscalls per unit; columns = the proxy paths."""
+    cols = [p for p in paths if p != "direct"
+            and any(p in row[k] for row in split.values() for k in ("user", "syscalls"))]
+    if not split or not cols:
+        return []
+    lines = ["where the CPU goes (medians; proxy user time = utime, kernel time = stime of "
+             "its processes, /proc/PID/stat; syscalls = perf raw_syscalls:sys_enter):",
+             "| figure | " + " | ".join(cols) + " |",
+             "| --- |" + " ---: |" * len(cols)]
+    dec_of = {key: dec for key, _, _, _, _, dec in CPU_SPLIT}
+    label_of = {key: label for key, label, *_ in CPU_SPLIT}
+    for key, row in split.items():
+        label, dec = label_of[key].format(flows=flows), dec_of[key]
+        unit = "µs" if row["unit"] == "us" else "ms"
+
+        def cells(part: str, d: int, share: bool = False) -> list[str]:
+            out = []
+            for p in cols:
+                v = row[part].get(p)
+                if v is None:
+                    out.append("–")
+                    continue
+                text = f"{v:,.{d}f}"
+                tot = row["user"].get(p, 0.0) + row["kernel"].get(p, 0.0)
+                if share and tot > 0:
+                    text += f" ({100 * v / tot:.0f} %)"
+                out.append(text)
+            return out
+        if row["user"]:
+            lines.append(f"| {label}: user {unit} | " + " | ".join(cells("user", dec)) + " |")
+            lines.append(f"| {label}: kernel {unit} | "
+                         + " | ".join(cells("kernel", dec, share=True)) + " |")
+        if row["syscalls"]:
+            lines.append(f"| {label}: syscalls | "
+                         + " | ".join(cells("syscalls", dec + 1 if dec else 0)) + " |")
+    if syscalls_note:
+        lines.append(f"syscalls not counted: {syscalls_note}")
+    return lines

@@ -11,6 +11,8 @@ from .machine import busy_pct_between, stat_snap, udp_drops, udp_snmp, wait_udp_
 from .origins import BODY, Backends
 from .paths import PathBase
 from .procs import Procs
+from .report import split_metric
+from .syscount import SyscallCounter, perf_unavailable
 from .tools import (http_get, idle_rtt, iperf_once, iperf_udp_once, udp_load, udp_probe, wrk_once,
                     zero_loss_search)
 
@@ -30,6 +32,12 @@ class Runner:
         self.skipped_for_time = False
         self.last_host_busy: float | None = None
         self.last_cpu_secs: float | None = None
+        self.last_cpu_split: tuple[float, float] | None = None     # (user, kernel) seconds
+        self.last_syscalls: int | None = None
+        # --syscalls: None = counting; else why not (said once, in the log and the report)
+        self.syscalls_off: str | None = None if args.syscalls else "not asked (--syscalls)"
+        self.syscalls_checked = False
+        self.n_windows = 0
         self.udp_seed: dict[tuple[str, str], float] = {}    # (path, key) -> last 0 %-loss offer
 
     def add(self, path: str, metric: str, value) -> None:
@@ -49,22 +57,85 @@ class Runner:
             return True
         return False
 
+    def syscalls_disabled(self, why: str) -> None:
+        """Stop counting syscalls for the rest of the run; say why once (never an error)."""
+        if self.syscalls_off is None:
+            self.syscalls_off = why
+            log(f"  --syscalls: syscalls not counted from here on: {why}")
+
+    def _syscall_counter(self, path: PathBase) -> SyscallCounter | None:
+        """A started perf counter on the proxy's processes, or None (not asked, perf
+        unavailable, or it failed: then counting is off for the rest of the run)."""
+        if not self.syscalls_checked and self.syscalls_off is None:
+            self.syscalls_checked = True
+            why = perf_unavailable(self.procs)
+            if why is not None:
+                self.syscalls_disabled(why)
+        if self.syscalls_off is not None:
+            return None
+        self.n_windows += 1
+        counter = SyscallCounter(self.procs, self.workdir, path.pids(),
+                                 f"{path.name}-{self.n_windows}")
+        try:
+            counter.start()
+        except (BenchError, OSError) as e:
+            counter.close()
+            self.syscalls_disabled(f"perf stat on {path.name}: {e}")
+            return None
+        return counter
+
     def cpu_pct(self, path: PathBase, fn):
-        """Run fn(); return (result, proxy CPU %). Whole-host busy % during fn()
-        is left in self.last_host_busy (100 % = every core busy)."""
-        c0 = path.cpu_secs()
-        h0 = stat_snap()
-        t0 = time.monotonic()
-        r = fn()
-        self.last_host_busy = busy_pct_between(h0, stat_snap())
-        self.last_cpu_secs = None
-        if c0 is None:
+        """Run fn(); return (result, proxy CPU %). The proxy's CPU seconds of the window are
+        left in self.last_cpu_secs, split (user, kernel) in self.last_cpu_split, and with
+        --syscalls the syscalls it entered in self.last_syscalls (else None). Whole-host
+        busy % during fn() is left in self.last_host_busy (100 % = every core busy)."""
+        self.last_cpu_secs = self.last_cpu_split = self.last_syscalls = None
+        counter = self._syscall_counter(path) if path.proc is not None else None
+        try:
+            c0 = path.cpu_split()
+            h0 = stat_snap()
+            t0 = time.monotonic()
+            r = fn()
+            self.last_host_busy = busy_pct_between(h0, stat_snap())
+            c1 = path.cpu_split() if c0 is not None else None
+            elapsed = time.monotonic() - t0
+            if counter is not None:
+                try:
+                    self.last_syscalls = counter.stop()
+                except (BenchError, OSError) as e:
+                    self.syscalls_disabled(f"perf stat on {path.name}: {e}")
+        finally:
+            if counter is not None:
+                counter.close()
+        if c0 is None or c1 is None:
             return r, None
-        c1 = path.cpu_secs()
-        if c1 is None:
-            return r, None
-        self.last_cpu_secs = c1 - c0
-        return r, 100.0 * (c1 - c0) / max(time.monotonic() - t0, 1e-6)
+        self.last_cpu_split = (c1[0] - c0[0], c1[1] - c0[1])
+        self.last_cpu_secs = sum(self.last_cpu_split)
+        return r, 100.0 * self.last_cpu_secs / max(elapsed, 1e-6)
+
+    def add_per_unit(self, n: str, prefix: str, suffix: str, units: float | None,
+                     scale: float, window: dict | None = None) -> None:
+        """Record a window's proxy CPU per unit of work: `{prefix}_proxy_cpu_{suffix}`
+        (total), `_user_` and `_sys_` (its utime and stime parts) and, with --syscalls,
+        `{prefix}_proxy_syscalls_per_...` (not scaled; split_metric). `scale` turns CPU seconds per unit
+        into the figure's unit (1e6: µs). The window is the last cpu_pct one, or a probe's
+        result (`window`: proxy_cpu_secs, proxy_cpu_split_secs, proxy_syscalls)."""
+        if window is None:
+            cpu_secs, split, syscalls = (self.last_cpu_secs, self.last_cpu_split,
+                                         self.last_syscalls)
+        else:
+            cpu_secs, split, syscalls = (window.get("proxy_cpu_secs"),
+                                         window.get("proxy_cpu_split_secs"),
+                                         window.get("proxy_syscalls"))
+        if not units:
+            return
+        if cpu_secs is not None:
+            self.add(n, split_metric(prefix, "cpu", suffix), cpu_secs * scale / units)
+        if split is not None:
+            self.add(n, split_metric(prefix, "user", suffix), split[0] * scale / units)
+            self.add(n, split_metric(prefix, "sys", suffix), split[1] * scale / units)
+        if syscalls is not None:
+            self.add(n, split_metric(prefix, "syscalls", suffix), syscalls / units)
 
     def run_path(self, path: PathBase, be: Backends, rep: int) -> None:
         a, n = self.a, path.name
@@ -151,9 +222,8 @@ class Runner:
             if not rev:
                 self.add(n, "tcp_bulk_proxy_cpu_pct", cpu)
                 self.add(n, "tcp_bulk_host_busy_pct", self.last_host_busy)
-                if self.last_cpu_secs is not None and r.get("bytes"):
-                    self.add(n, "tcp_bulk_proxy_cpu_ms_per_gb",
-                             self.last_cpu_secs * 1e3 / (r["bytes"] / 1e9))
+                if r.get("bytes"):
+                    self.add_per_unit(n, "tcp_bulk", "ms_per_gb", r["bytes"] / 1e9, 1e3)
             detail[metric] = {**r, "proxy_cpu_pct": cpu, "host_busy_pct": self.last_host_busy}
             log(f"  {n:<19} {metric:<22} {r['gbps']:.2f} Gbit/s" + _cpu_note(cpu))
 
@@ -186,9 +256,7 @@ class Runner:
         self.add(n, f"http_{kind}_p50_ms", r.get("p50_ms"))
         self.add(n, f"http_{kind}_p99_ms", r.get("p99_ms"))
         self.add(n, f"http_{kind}_proxy_cpu_pct", cpu)
-        if self.last_cpu_secs is not None and r.get("requests"):
-            self.add(n, f"http_{kind}_proxy_cpu_us_per_req",
-                     self.last_cpu_secs * 1e6 / r["requests"])
+        self.add_per_unit(n, f"http_{kind}", "us_per_req", r.get("requests"), 1e6)
         detail[f"http_{kind}"] = {**r, "proxy_cpu_pct": cpu, "host_busy_pct": self.last_host_busy}
         errs = sum(r["socket_errors"].values()) if r["socket_errors"] else 0
         if errs or r["non_2xx"]:
@@ -207,9 +275,7 @@ class Runner:
             self.add(n, f"udp_{key}_pps", r["pps"])
             self.add(n, f"udp_{key}_loss_pct", r["loss_pct"])
             self.add(n, f"udp_{key}_proxy_cpu_pct", cpu)
-            if self.last_cpu_secs is not None and r.get("received"):
-                self.add(n, f"udp_{key}_proxy_cpu_us_per_dgram",
-                         self.last_cpu_secs * 1e6 / r["received"])
+            self.add_per_unit(n, f"udp_{key}", "us_per_dgram", r.get("received"), 1e6)
             detail[f"udp_{key}"] = {**r, "flows": flows, "proxy_cpu_pct": cpu,
                                     "host_busy_pct": self.last_host_busy}
             log(f"  {n:<19} udp_{key:<18} {r['pps']:.0f} pkt/s  sent {r['sent']} recv "
@@ -229,8 +295,11 @@ class Runner:
                 self.procs, pairs, flows, pps, a.udp_iperf_secs, 64, a.udp_iperf_window))
             s1, d1 = udp_snmp(), udp_drops(fronts)
             r["proxy_cpu_pct"], r["proxy_cpu_secs"] = cpu, self.last_cpu_secs
+            r["proxy_cpu_split_secs"], r["proxy_syscalls"] = self.last_cpu_split, self.last_syscalls
             if self.last_cpu_secs is not None and r["received"]:
                 r["proxy_cpu_us_per_dgram"] = self.last_cpu_secs * 1e6 / r["received"]
+            if self.last_syscalls is not None and r["received"]:
+                r["proxy_syscalls_per_dgram"] = self.last_syscalls / r["received"]
             r["host_busy_pct"] = self.last_host_busy
             r["drain_wait_s"] = round(waited, 3)
             if "RcvbufErrors" in s0 and "RcvbufErrors" in s1:
@@ -268,9 +337,7 @@ class Runner:
             self.add(n, f"{m}_probes", res["probes"])
             self.add(n, f"{m}_max_pps", res["max_pps"])
             self.add(n, f"{m}_proxy_cpu_pct", b.get("proxy_cpu_pct"))
-            if b.get("proxy_cpu_secs") is not None and b.get("received"):
-                self.add(n, f"{m}_proxy_cpu_us_per_dgram",
-                         b["proxy_cpu_secs"] * 1e6 / b["received"])
+            self.add_per_unit(n, m, "us_per_dgram", b.get("received"), 1e6, window=b)
             if res["loss_pct"] <= a.udp_loss_max_pct:
                 self.udp_seed[(n, key)] = res["offered_pps"]
             detail[m] = {"flows": flows, "pairs": len(pairs), **res}

@@ -516,4 +516,5 @@ def zero_loss_search(probe, start_pps: float, max_probes: int, *, max_loss_pct: 
 
 # what each probe of a search keeps in its trace (the probe may add more than the search needs)
 TRACE_KEYS = ("pps", "sent_pps", "loss_pct", "lost", "tail", "proxy_cpu_pct", "host_busy_pct",
-              "host_rcvbuf_errors", "front_socket_drops", "drain_wait_s", "proxy_cpu_us_per_dgram")
+              "host_rcvbuf_errors", "front_socket_drops", "drain_wait_s", "proxy_cpu_us_per_dgram",
+              "proxy_syscalls_per_dgram")
