@@ -24,8 +24,8 @@ RUN_PY = ROOT / "bench" / "run.py"
 sys.path.insert(0, str(ROOT / "bench"))
 
 from portbench.paths import NGINX_STREAM_MODULE  # noqa: E402
-from portbench.report import (DEFAULT_PATHS, GOALS, FIGURES, NOT_APPLICABLE,  # noqa: E402
-                              PORTUNUS_PATHS)
+from portbench.report import (CPU_SPLIT, DEFAULT_PATHS, GOALS, FIGURES,  # noqa: E402
+                              NOT_APPLICABLE, PORTUNUS_PATHS, split_metric)
 
 EVERY_PATH = ["direct", "portunus-splice", "portunus-userspace", "client-splice",
               "client-userspace", "haproxy", "haproxy-1t", "nginx", "rinetd", "socat"]
@@ -40,6 +40,11 @@ CPU_FIGURES = ["proxy_startup_s", "proxy_peak_rss_mib", "tcp_bulk_proxy_cpu_ms_p
 UDP_CPU_FIGURES = ["udp_1flow_proxy_cpu_us_per_dgram", "udp_manyflow_proxy_cpu_us_per_dgram",
                    "udp_iperf_1flow_proxy_cpu_us_per_dgram",
                    "udp_iperf_manyflow_proxy_cpu_us_per_dgram"]
+# every CPU figure also comes split into the proxy's user and kernel time
+CPU_FIGURES += [split_metric(prefix, part, suffix) for _, _, prefix, suffix, _, _ in CPU_SPLIT
+                if not prefix.startswith("udp") for part in ("user", "sys")]
+UDP_CPU_FIGURES += [split_metric(prefix, part, suffix) for _, _, prefix, suffix, _, _ in CPU_SPLIT
+                    if prefix.startswith("udp") for part in ("user", "sys")]
 
 
 def _bin() -> str:
@@ -82,7 +87,7 @@ def test_quick_bench_over_every_path_yields_figures_and_the_issue_tables(tmp_pat
 
     doc = json.loads(out.read_text())
     assert {"meta", "summary", "ratios", "side_by_side", "goals", "errors", "problems",
-            "details", "table", "issue_tables", "interrupted"} <= set(doc)
+            "details", "table", "issue_tables", "interrupted", "where_cpu_goes"} <= set(doc)
     assert doc["errors"] == {} and doc["interrupted"] is False
     # a rotten path shows as a bad exit, a traceback or a fast path not taken; wrk socket
     # errors on a loaded machine are tolerated here
@@ -131,6 +136,14 @@ def test_quick_bench_over_every_path_yields_figures_and_the_issue_tables(tmp_pat
     assert "goals of issue 15" in stdout
     assert "| UDP 64 B, 1 flow (iperf3), k datagrams/s |" in stdout
     assert "| UDP 64 B, 16 flows (iperf3), k datagrams/s |" in stdout
+    # where the CPU goes: user and kernel time per unit for every proxy path, no syscalls
+    # (not asked)
+    split = doc["where_cpu_goes"]
+    assert set(split["keepalive"]["user"]) == set(EVERY_PATH) - {"direct"}
+    assert set(split["udp1_iperf"]["kernel"]) == {"nginx"} | PORTUNUS_PATHS
+    assert not any(row["syscalls"] for row in split.values())
+    assert doc["meta"]["syscalls"]["asked"] is False
+    assert "| keep-alive, per request: kernel µs |" in stdout and ": syscalls |" not in stdout
 
 
 def _check_iperf_udp(path: str, figures: dict, detail: dict) -> None:
@@ -151,3 +164,47 @@ def _check_iperf_udp(path: str, figures: dict, detail: dict) -> None:
         assert b["received"] == b["packets"] - b["lost"] and b["sent"] >= b["received"] > 0
         if path != "direct":
             assert figures[f"{m}_proxy_cpu_us_per_dgram"]["median"] > 0, (path, m)
+
+
+@pytest.mark.timeout(100)
+def test_quick_bench_with_syscalls_counts_them_or_says_why_not(tmp_path):
+    """--syscalls on two paths, http only: syscalls per request and per connection for the
+    proxy path when perf can count here; otherwise the run still succeeds and says why once.
+    Either way the user/kernel split is there and direct (no proxy) has neither."""
+    for tool in ("wrk", "nginx"):
+        require_tool(tool)
+    out = tmp_path / "syscalls.json"
+    argv = [sys.executable, str(RUN_PY), "--quick", "--bin", _bin(), "--out", str(out),
+            "--only", "http", "--paths", "direct,portunus-splice", "--syscalls",
+            "--wrk-secs", "1", "--rtt-count", "50", "--max-total-secs", "60"]
+    p = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    try:
+        stdout, stderr = p.communicate(timeout=90)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    assert p.returncode == 0, f"rc={p.returncode}\n{stdout[-3000:]}\n{stderr[-3000:]}"
+    doc = json.loads(out.read_text())
+    assert doc["errors"] == {} and doc["meta"]["options"]["syscalls"] is True
+    s = doc["summary"]["portunus-splice"]
+    for kind in ("keepalive", "close"):
+        for part in ("user", "sys"):
+            assert s[f"http_{kind}_proxy_{part}_us_per_req"]["compared"] is False
+        assert s[f"http_{kind}_proxy_user_us_per_req"]["median"] >= 0
+    assert not any("_proxy_" in m for m in doc["summary"]["direct"])
+    info = doc["meta"]["syscalls"]
+    if info["counted"]:
+        for kind in ("keepalive", "close"):
+            v = s[f"http_{kind}_proxy_syscalls_per_req"]
+            assert v["median"] > 1 and v["compared"] is False, (kind, v)
+        assert "| keep-alive, per request: syscalls |" in stdout
+        assert "syscalls not counted" not in stdout
+    else:
+        assert info["why_not"] and not any("syscalls" in m for m in s)
+        assert stdout.count("syscalls not counted") == 1
