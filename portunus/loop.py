@@ -92,6 +92,7 @@ class Loop:
         # the epoll mask that woke the writer callback now running (read it only from inside a
         # writer callback: a dialer learns "connected" from a plain EPOLLOUT without asking SO_ERROR)
         self.write_events = 0
+        self._now = time.monotonic()  # the clock after the last turn's poll (timeouts of the next poll)
 
     # ---- time -------------------------------------------------------------
     time = staticmethod(time.monotonic)  # loop.time() is the C call itself (read several times per event)
@@ -325,85 +326,112 @@ class Loop:
         self._stopping = False
         self._thread_id = threading.get_ident()
         try:
-            while not self._stopping:
-                self._run_once()
+            self._turns(None, 0.0, None)
         finally:
             self._running = False
 
     def run_until(self, predicate: Callable[[], bool], timeout: float) -> bool:
         """Run until ``predicate()`` is true or ``timeout`` elapses (tests and drains)."""
-        deadline = self.time() + timeout
         self._thread_id = threading.get_ident()
-        while not predicate():
-            if self.time() >= deadline:
-                return False
-            self._run_once(max_wait=min(0.05, deadline - self.time()))
-        return True
+        return self._turns(predicate, self.time() + timeout, None)
 
     def _run_once(self, max_wait: float | None = None) -> None:
-        if self._ready or self._threadsafe:
-            timeout = 0
-        elif self._timers:
-            timeout = self._timers[0][0] - self.time()
-            if timeout < 0:
+        """One turn: poll (at most ``max_wait`` seconds), dispatch, due timers, ready callbacks."""
+        self._turns(None, 0.0, max_wait, once=True)
+
+    def _turns(self, predicate: Callable[[], bool] | None, deadline: float, max_wait: float | None,
+               once: bool = False) -> bool:
+        """The loop's turns. ``predicate`` None: until ``stop()`` (or one turn with ``once``); else
+        until ``predicate()`` holds (True) or ``deadline`` passes (False), polling at most 50 ms.
+
+        Everything a turn touches is bound to a local once, here, not per turn: the per-turn cost
+        is the poll, the dispatch and a clock read."""
+        poll = self._epoll.poll
+        get = self._handlers.get
+        timers, ready, dropped, threadsafe = self._timers, self._ready, self._dropped, self._threadsafe
+        clock = self.time
+        heappop = heapq.heappop
+        self._now = clock()
+        while True:
+            if predicate is None:
+                if self._stopping and not once:
+                    return True
+            else:
+                if predicate():
+                    return True
+                now = clock()
+                if now >= deadline:
+                    return False
+                max_wait = min(0.05, deadline - now)
+            if ready or threadsafe:
                 timeout = 0
-        else:
-            timeout = -1
-        if max_wait is not None:
-            timeout = max_wait if timeout < 0 else min(timeout, max_wait)
-        if self._pending_del:
-            self._flush_pending_del()
-        try:
-            events = self._epoll.poll(timeout)
-        except InterruptedError:
-            events = ()
-        if events:
-            get = self._handlers.get
-            dropped = self._dropped
-            self._dispatching = True
+            elif timers:
+                # the clock as of the end of the previous turn (read after its events, and again
+                # after its timers and callbacks if any ran): no clock read of its own per poll
+                timeout = timers[0][0] - self._now
+                if timeout < 0:
+                    timeout = 0
+            else:
+                timeout = -1
+            if max_wait is not None:
+                timeout = max_wait if timeout < 0 else min(timeout, max_wait)
+            if self._pending_del:
+                self._flush_pending_del()
             try:
-                for fd, ev in events:
-                    h = get(fd)
-                    if h is None or (dropped and fd in dropped):
-                        continue
-                    failed = None
-                    if ev & _READ_EVENTS:
-                        cb = h.reader
-                        if cb is not None:
-                            try:
-                                cb()
-                            except Exception as exc:
-                                self._report(cb, exc)
-                                failed = cb
-                    if ev & _WRITE_EVENTS:
-                        cb = h.writer
-                        if cb is not None:
-                            self.write_events = ev  # what woke this writer (see write_events)
-                            try:
-                                cb()
-                            except Exception as exc:
-                                self._report(cb, exc)
-                                failed = cb
-                    if failed is not None and get(fd) is h:
-                        self.forget(fd)  # a level-triggered fd whose handler raises would spin forever
-            finally:
-                self._dispatching = False
-                dropped.clear()
-        timers = self._timers
-        if timers:
-            now = self.time()
-            while timers and timers[0][0] <= now:
-                t = heapq.heappop(timers)[2]
-                if not t.cancelled:
-                    cb, args = t.callback, t.args
-                    t.cancel()
+                events = poll(timeout)
+            except InterruptedError:
+                events = ()
+            if events:
+                self._dispatching = True
+                try:
+                    for fd, ev in events:
+                        h = get(fd)
+                        if h is None or (dropped and fd in dropped):
+                            continue
+                        failed = None
+                        if ev & _READ_EVENTS:
+                            cb = h.reader
+                            if cb is not None:
+                                try:
+                                    cb()
+                                except Exception as exc:
+                                    self._report(cb, exc)
+                                    failed = cb
+                        if ev & _WRITE_EVENTS:
+                            cb = h.writer
+                            if cb is not None:
+                                self.write_events = ev  # what woke this writer (see write_events)
+                                try:
+                                    cb()
+                                except Exception as exc:
+                                    self._report(cb, exc)
+                                    failed = cb
+                        if failed is not None and get(fd) is h:
+                            self.forget(fd)  # a level-triggered fd whose handler raises would spin forever
+                finally:
+                    self._dispatching = False
+                    if dropped:
+                        dropped.clear()
+            self._now = now = clock()
+            ran = False
+            if timers and timers[0][0] <= now:
+                ran = True
+                while timers and timers[0][0] <= now:
+                    t = heappop(timers)[2]
+                    if not t.cancelled:
+                        cb, args = t.callback, t.args
+                        t.cancel()
+                        self._invoke(cb, *args)
+            # Only the callbacks queued before this point run now; new ones wait a turn.
+            if ready:
+                ran = True
+                for _ in range(len(ready)):
+                    cb, args = ready.popleft()
                     self._invoke(cb, *args)
-        # Only the callbacks queued before this point run now; new ones wait a turn.
-        ready = self._ready
-        if ready:
-            for _ in range(len(ready)):
-                cb, args = ready.popleft()
-                self._invoke(cb, *args)
+            if ran:
+                self._now = clock()  # the next timeout counts from after these callbacks
+            if once:
+                return True
 
     @staticmethod
     def _invoke(cb: Callable, *args) -> bool:

@@ -9,6 +9,12 @@ from __future__ import annotations
 from ..model import RateLimit, Rule
 from .limits import DIRECTIONS, Limiter, Ticket, splice_allowed
 
+# Bumped by every book whenever a cap may have changed (a rule's or an owner envelope's caps set,
+# updated or removed, or the client id the envelopes are keyed by): a reader that caches an answer
+# of ``Ticket.bandwidth_capped`` (the TCP pump, asked per read) asks again when this moved. One
+# counter per process: a change in one book makes the others' readers ask once more, nothing else.
+CAP_EPOCH = [0]
+
 
 class LimiterBook:
     """Every limiter of one client (or one standalone process): a Limiter per live rule and per
@@ -16,13 +22,22 @@ class LimiterBook:
     ``owner_rate_limit_update``; an owner cap goes when its owner's last rule here goes."""
 
     def __init__(self, client_id: str = ""):
-        self.client_id = client_id
+        self._client_id = client_id
         self.rules: dict[str, Limiter] = {}
         self.owners: dict[tuple[str, str], Limiter] = {}
         self._owner_live: dict[str, int] = {}   # owner -> live connections over all its rules here
 
+    @property
+    def client_id(self) -> str:
+        return self._client_id
+
+    @client_id.setter
+    def client_id(self, value: str) -> None:
+        self._client_id = value  # the owner envelopes' keys follow it
+        CAP_EPOCH[0] += 1
+
     def _owner_key(self, owner: str | None) -> tuple[str, str] | None:
-        return (self.client_id, owner) if owner else None
+        return (self._client_id, owner) if owner else None
 
     def owner_limiter(self, owner: str | None) -> Limiter | None:
         key = self._owner_key(owner)
@@ -34,14 +49,16 @@ class LimiterBook:
 
     def set_rule(self, rule_id: str, *, owner: str | None, cap: RateLimit | None, now: float) -> list:
         """Add a rule's limiter or hot-update its caps (bucket state kept). Returns waiters to resume."""
+        CAP_EPOCH[0] += 1
         lim = self.rules.get(rule_id)
         if lim is None:
-            self.rules[rule_id] = Limiter(self.client_id, rule_id, owner, cap, now)
+            self.rules[rule_id] = Limiter(self._client_id, rule_id, owner, cap, now)
             return []
         return lim.update(cap, now)
 
     def remove_rule(self, rule_id: str, now: float) -> list:
         """Release a removed rule's limiter, and its owner's cap when that was the owner's last rule."""
+        CAP_EPOCH[0] += 1
         lim = self.rules.pop(rule_id, None)
         if lim is None:
             return []
@@ -53,14 +70,16 @@ class LimiterBook:
     def set_owner_cap(self, owner: str, cap: RateLimit, now: float) -> list:
         """Install or hot-update the owner envelope (the live connection count of the owner's rules
         carries over, so a lowered concurrency cap refuses new connections and closes none)."""
+        CAP_EPOCH[0] += 1
         key = self._owner_key(owner)
         lim = self.owners.get(key)
         if lim is None:
-            self.owners[key] = Limiter(self.client_id, None, owner, cap, now)
+            self.owners[key] = Limiter(self._client_id, None, owner, cap, now)
             return []
         return lim.update(cap, now)
 
     def remove_owner_cap(self, owner: str, now: float) -> list:
+        CAP_EPOCH[0] += 1
         lim = self.owners.pop(self._owner_key(owner), None)
         return lim.retire(now) if lim else []
 

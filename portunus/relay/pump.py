@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from ..log import log
 from ..netio import errno_name
 from .context import REPEAT_LOG_EVERY
+from .limiter_book import CAP_EPOCH
 from .splice import SPLICE_FLAGS, UNSUPPORTED_ERRNOS
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ SHORT_READ = 64 * 1024  # a read shorter than this usually emptied the socket
 # from the first byte). Below it a copy through the shared buffer is cheaper than splice in + out.
 SPLICE_AFTER = 16 * 1024
 _ROUNDS = range(SPLICE_ROUNDS)
+write = os.write
 
 
 class Pump:
@@ -44,7 +46,7 @@ class Pump:
 
     __slots__ = ("session", "src", "dst", "sfd", "dfd", "counters", "tcounters", "inbound", "splice",
                  "pipe", "in_pipe", "pending", "eof", "done", "loop", "direction", "ticket", "quota", "throttled",
-                 "pool", "upgrade", "view")
+                 "pool", "upgrade", "view", "capped", "cap_epoch")
 
     def __init__(self, session: "TcpSession", src: socket.socket, dst: socket.socket,
                  counters: PortCounters, inbound: bool, splice: bool):
@@ -68,6 +70,10 @@ class Pump:
         self.done = False
         self.direction = "in" if inbound else "out"
         self.ticket = session.ticket  # rate-limit scopes (None: unlimited, e.g. in unit tests)
+        # the ticket's bandwidth_capped as of CAP_EPOCH cap_epoch (-1: not asked yet): asked again
+        # only after a cap changed somewhere, not on every read
+        self.capped = False
+        self.cap_epoch = -1
         self.quota = session.quota    # the owner's traffic quota handle (None: no owner)
         self.throttled = False
 
@@ -187,16 +193,22 @@ class Pump:
 
     def _copy_read(self) -> None:
         view = self.view
-        want = len(view)
+        want = 0  # recv_into's "the whole buffer"
         quota, ticket = self.quota, self.ticket
         if quota is not None:
-            want = quota.allow(want)
+            want = quota.allow(len(view))
             if want == 0:
                 self._quota_dry()
                 return
-        capped = ticket is not None and ticket.bandwidth_capped
+        if ticket is None:
+            capped = False
+        elif self.cap_epoch == CAP_EPOCH[0]:
+            capped = self.capped
+        else:
+            self.cap_epoch = CAP_EPOCH[0]
+            capped = self.capped = ticket.bandwidth_capped
         if capped:
-            want = ticket.allowance(self.direction, want, self.loop.time())
+            want = ticket.allowance(self.direction, want or len(view), self.loop.time())
             if want == 0:
                 self._throttle()
                 return
@@ -215,7 +227,7 @@ class Pump:
         if quota is not None:
             quota.debit(n)  # may exhaust: the enforcer cuts the pair's connections from the loop
         try:
-            sent = self.dst.send(view[:n])
+            sent = write(self.dfd, view[:n])  # os.write: no argument-tuple parsing, unlike socket.send
         except BlockingIOError:
             sent = 0
         except OSError as exc:

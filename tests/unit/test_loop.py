@@ -994,3 +994,61 @@ def test_an_fd_closed_without_forget_after_its_interest_went_then_reused_is_watc
     finally:
         for s in (b, c, d):
             s.close()
+
+
+class _RecordingEpoll:
+    """Stands in for the loop's epoll in a clock test: records each poll's timeout, no events."""
+
+    def __init__(self, real):
+        self.real, self.timeouts = real, []
+
+    def poll(self, timeout):
+        self.timeouts.append(timeout)
+        return []
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+@pytest.mark.parametrize("callback_kind", ["ready", "timer"])
+def test_the_poll_timeout_counts_from_after_the_turns_callbacks(loop, callback_kind):
+    """One clock read per turn (after the events), and one more only when timers or callbacks ran:
+    a slow callback must not make the next poll sleep past a deadline."""
+    now = [100.0]
+    loop.time = lambda: now[0]
+    rec = loop._epoll = _RecordingEpoll(loop._epoll)
+    fired = []
+    loop.call_at(110.0, fired.append, "deadline")
+
+    def slow():
+        now[0] += 4.0  # the callback took 4 s of the fake clock
+    if callback_kind == "ready":
+        loop.call_soon(slow)
+    else:
+        loop.call_at(100.0, slow)
+    try:
+        loop._run_once()
+        loop._run_once()  # the deadline is 6 s away from the clock after slow(), not 10
+        now[0] = 110.0
+        loop._run_once()
+    finally:
+        loop._epoll = rec.real
+    assert rec.timeouts[1] == pytest.approx(6.0)
+    assert rec.timeouts[0] == (0 if callback_kind == "ready" else 0.0)
+    assert fired == ["deadline"]
+
+
+def test_a_loop_idle_for_long_times_its_first_poll_from_now(loop):
+    """Every entry (run, run_until, one turn) reads the clock afresh: a loop whose last turn was
+    long ago does not time its next poll from that turn's clock."""
+    now = [5.0]
+    loop.time = lambda: now[0]
+    rec = loop._epoll = _RecordingEpoll(loop._epoll)
+    try:
+        loop._run_once()
+        now[0] = 500.0  # a long time without a turn
+        loop.call_later(1.0, lambda: None)
+        loop._run_once()
+    finally:
+        loop._epoll = rec.real
+    assert rec.timeouts == [-1, pytest.approx(1.0)]  # from a stale clock it would be 496 s
