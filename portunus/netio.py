@@ -25,11 +25,15 @@ ACCEPT_BATCH = 64
 ACCEPT_BACKOFF = 0.1
 TIMEOUT = "timeout"  # the reason ``Connect`` reports when the deadline passes
 _STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
+_SET_NONBLOCK = _STREAM_NONBLOCK == socket.SOCK_STREAM  # no SOCK_NONBLOCK here: a second call
+_PLAIN = socket.SocketType
+_DIALING = (0, errno.EINPROGRESS)  # connect_ex results of a dial under way (or done at once)
 _CONNECT_TROUBLE = select.EPOLLERR | select.EPOLLHUP  # beside EPOLLOUT: the connect failed (or died)
 # Linux: getsockopt(TCP_INFO) on a listener reports its accept queue length in tcpi_unacked (what
 # ``ss`` shows as Recv-Q), a u32 at offset 24 of struct tcp_info; 28 bytes are enough.
 _TCP_INFO = getattr(socket, "TCP_INFO", None) if hasattr(socket, "IPPROTO_TCP") else None
 _TCP_INFO_LEN, _QUEUED_AT, _TCP_LISTEN = 28, 24, 10
+_IPPROTO_TCP = getattr(socket, "IPPROTO_TCP", 6)
 _U32 = struct.Struct("=I").unpack_from
 
 
@@ -70,16 +74,15 @@ class Connect:
     def __init__(self, loop, ip: str, port: int, timeout: float,
                  on_done: Callable[[socket.socket | None, str | None], None], *, family: int | None = None,
                  plain: bool = False):
-        make = socket.SocketType if plain else socket.socket
-        sock = make(family or family_of(ip), _STREAM_NONBLOCK)  # one syscall, not two
-        if _STREAM_NONBLOCK == socket.SOCK_STREAM:
+        sock = (_PLAIN if plain else socket.socket)(family or family_of(ip), _STREAM_NONBLOCK)  # one syscall
+        if _SET_NONBLOCK:
             sock.setblocking(False)
         self.loop = loop
         self.sock = sock
         self.on_done = on_done
         self.done = False
         rc = sock.connect_ex((ip, port))
-        if rc in (0, errno.EINPROGRESS):
+        if rc in _DIALING:
             self.timer = loop.call_coarse(timeout, self._finish, TIMEOUT)
             loop.add_writer(sock.fileno(), self._on_writable)
         else:
@@ -198,11 +201,11 @@ class Acceptor:
         if raw is None:
             accept = self.lsock.accept  # a scripted stand-in (tests): what it returns is the socket
         else:
-            make = socket.SocketType
+            make = _PLAIN
             family, kind, proto = self._kind
             if self._queued:
                 try:
-                    queued = _U32(self.lsock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LEN), _QUEUED_AT)[0]
+                    queued = _U32(self.lsock.getsockopt(_IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LEN), _QUEUED_AT)[0]
                 except OSError:
                     queued = batch
                 if queued < batch:

@@ -66,7 +66,11 @@ class RelayContext:
         in one sweep for every connection dialed meanwhile; the owner discards it from
         ``keepalive_pending`` when it closes first. Keepalive only ever acts after 300 s idle, so a
         connection shorter than the deferral never needed it: a short connection saves the four
-        setsockopt calls, a long one gets the same probes a second late at most."""
+        setsockopt calls, a long one gets the same probes a second late at most.
+
+        While ``keepalive_pending`` is not empty its sweep is armed (only this method fills an
+        empty set, and the sweep empties it as it fires), so a caller that finds it non-empty may
+        just add to it."""
         self.keepalive_pending.add(sock)
         if self._keepalive_timer is None:
             self._keepalive_timer = self.loop.call_later(KEEPALIVE_DEFER, self._keepalive_sweep)

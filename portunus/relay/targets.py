@@ -80,12 +80,9 @@ class TargetSet:
         self.wall_clock = wall_clock
         self.states = [TargetState(i, t) for i, t in enumerate(rule.targets)]
         self._order = [self.states[i] for i, _ in rule.ordered_targets()]
+        self.multi = len(self.states) > 1  # kept with states (read per new connection)
         self._probe_timer = None
         self._probing = False
-
-    @property
-    def multi(self) -> bool:
-        return len(self.states) > 1
 
     def update(self, rule: Rule) -> None:
         """Keep health of targets that stayed the same (same host, port, priority index)."""
@@ -101,6 +98,7 @@ class TargetSet:
             states.append(s)
         self.states = states
         self._order = [self.states[i] for i, _ in rule.ordered_targets()]
+        self.multi = len(states) > 1
         if self._probe_timer is not None:
             self.stop_probes()
             self.start_probes()
@@ -113,9 +111,12 @@ class TargetSet:
         has succeeded the target stays in its priority place until it either
         fails again or reaches the 2 successes that make it healthy, so passive
         recovery takes one trial interval, not two.
+
+        The caller only reads the list: with one target it is the set's own order (``update``
+        replaces that list, never changes it), not a copy per connection.
         """
         if not self.multi:
-            return list(self._order)
+            return self._order
         now = self.clock()
         first, failed = [], []
         for s in self._order:
@@ -149,7 +150,8 @@ class TargetSet:
         s.consecutive_failures = 0
         s.consecutive_successes += 1
         s.last_success_at = self.wall_clock()
-        s.failure_times.clear()
+        if s.failure_times:
+            s.failure_times.clear()
         if not s.healthy and s.consecutive_successes >= RECOVER_AFTER:
             s.healthy = True
             if self.multi:

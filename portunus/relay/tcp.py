@@ -43,57 +43,60 @@ def reset_and_close(sock: socket.socket) -> None:
 
 
 class TcpSession:
-    """One accepted connection and its upstream."""
+    """One accepted connection and its upstream.
 
-    __slots__ = ("relay", "ctx", "csock", "caddr", "listen_port", "counters", "up", "candidates",
+    Built by the relay once the connection is admitted, and that is all the relay does: the
+    constructor joins the owner's quota members and the relay's live sessions, counts the
+    connection and starts dialing (one call per connection, not three). ``candidates`` is an
+    iterator over the target set's order (a list the set replaces, never mutates)."""
+
+    __slots__ = ("relay", "ctx", "csock", "listen_port", "counters", "up", "candidates",
                  "addrs", "target_port", "dial", "pumps", "closed", "target_state", "header_left",
                  "header_timer", "replay", "ticket", "quota")
 
-    def __init__(self, relay: "TcpRuleRelay", csock: socket.socket, caddr, listen_port: int, replay: bytes = b"",
+    def __init__(self, relay: "TcpRuleRelay", csock: socket.socket, listen_port: int, replay: bytes = b"",
                  ticket=None, quota=None):
         self.relay = relay
-        self.ctx = relay.ctx
+        ctx = self.ctx = relay.ctx
         self.csock = csock
-        self.caddr = caddr
         self.listen_port = listen_port
-        self.counters = relay.counters.ports[listen_port]
+        counters = self.counters = relay.counters.ports[listen_port]
         self.up: socket.socket | None = None
-        self.candidates: list = []
-        self.addrs: list = []
-        self.target_port = 0
-        self.target_state = None
         self.dial: Connect | None = None
         self.header_timer = None
         self.header_left = 0
         self.pumps: tuple = ()
         self.closed = False
+        self.target_state = None
         self.replay = replay  # bytes the SNI listener read from the client: the upstream gets them first
         self.ticket = ticket  # limits.Ticket of the admission (None: not admitted through the enforcer)
         self.quota = quota    # the owner's quota.QuotaHandle (None: no owner)
-
-    def start(self) -> None:
-        counters = self.counters
+        if quota is not None:
+            ctx.enforcer.join(quota, self)  # before anything can close it (close leaves)
+        relay.sessions.add(self)
         counters.active_connections += 1
         counters.connections_total += 1
-        self.candidates = self.relay.targets.candidates()
+        self.candidates = iter(relay.targets.candidates())
         self._next_target()
 
     # ---- dialing ----------------------------------------------------------
     def _next_target(self) -> None:
         if self.closed:
             return
-        if not self.candidates:
+        state = next(self.candidates, None)
+        if state is None:
             self.close()
             return
-        state = self.candidates.pop(0)
         self.target_state = state
         target = state.target
-        rule = self.relay.rule
+        relay = self.relay
+        rule = relay.rule
         self.target_port = target.port + (self.listen_port - rule.listen_port)
         literal = state.literal
         if literal is not None:  # an IP literal: its one address, no resolver round, no closure
-            self.addrs = []
-            self._dial(*literal[0])
+            self.addrs = ()
+            fam, ip = literal[0]
+            self._dial(fam, ip)
             return
         self.ctx.resolver.resolve(target.host, rule.prefer_ipv6,
                                   lambda addrs, err: self._on_resolved(state, addrs, err))
@@ -112,8 +115,9 @@ class TcpSession:
         self._dial_next_addr()
 
     def _dial_next_addr(self) -> None:
-        if self.addrs:
-            self._dial(*self.addrs.pop(0))
+        addrs = self.addrs
+        if addrs:
+            self._dial(*addrs.pop(0))
             return
         # every address of this target failed: that is one failed connect for its health
         self.relay.targets.record_failure(self.target_state)
@@ -130,51 +134,56 @@ class TcpSession:
             self.close()
 
     def _on_dialed(self, up: socket.socket | None, reason: str | None) -> None:
+        """The dial ended: fail over to the next address / target, or start relaying."""
         self.dial = None
         if up is None:
             self.relay.counters.connect_failures += 1
             self._dial_next_addr()
             return
         self.up = up
-        self._established()
-
-    def _established(self) -> None:
-        up, cs = self.up, self.csock
+        cs, ctx, relay = self.csock, self.ctx, self.relay
         # the accepted side inherited the listener's options; the upstream gets TCP_NODELAY now and
         # its keepalive within a second (a short connection never pays for it: ctx.keepalive_later)
         try:
             up.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
         except OSError:
             pass
-        self.ctx.keepalive_later(up)
+        pending = ctx.keepalive_pending
+        if pending:
+            pending.add(up)  # not empty: its sweep is armed (RelayContext.keepalive_later)
+        else:
+            ctx.keepalive_later(up)
         state = self.target_state
-        self.relay.targets.record_success(state)
+        relay.targets.record_success(state)
         state.connections += 1
-        splice = self.ctx.enforcer.splice_allowed(self.relay.rule)  # per new connection: hot updates count
-        if splice and self.relay.rule.rule_id not in self.ctx.splice_selected_rules:
-            self.ctx.splice_selected_rules.add(self.relay.rule.rule_id)
-            log.info("proxy.splice_selected", rule=self.relay.rule.rule_id)
-        inbound = Pump(self, cs, up, self.counters, True, splice)
-        outbound = Pump(self, up, cs, self.counters, False, splice)
+        rule = relay.rule
+        splice = ctx.enforcer.splice_allowed(rule)  # per new connection: hot updates count
+        if splice and rule.rule_id not in ctx.splice_selected_rules:
+            ctx.splice_selected_rules.add(rule.rule_id)
+            log.info("proxy.splice_selected", rule=rule.rule_id)
+        counters = self.counters
+        inbound = Pump(self, cs, up, counters, True, splice)
+        outbound = Pump(self, up, cs, counters, False, splice)
         self.pumps = (inbound, outbound)
+        replay = self.replay
         version = state.target.proxy_protocol
         if version:
             header = self._proxy_header(version)
             if header is None:
                 return
-            inbound.pending = header + self.replay
+            inbound.pending = header + replay
             self.header_left = len(header)
-            self.header_timer = self.ctx.loop.call_later(PROXY_HEADER_TIMEOUT, self._header_timeout)
-        else:
-            inbound.pending = self.replay
-        if self.replay:  # the ClientHello an SNI listener read: end-user bytes like any other
+            self.header_timer = ctx.loop.call_later(PROXY_HEADER_TIMEOUT, self._header_timeout)
+        elif replay:
+            inbound.pending = replay
+        if replay:  # the ClientHello an SNI listener read: end-user bytes like any other
             if self.ticket is not None and self.ticket.bandwidth_capped:
-                self.ticket.spend("in", len(self.replay), self.ctx.loop.time())
+                self.ticket.spend("in", len(replay), ctx.loop.time())
             if self.quota is not None:
-                self.quota.debit(len(self.replay))
-        self.replay = b""
-        for p in self.pumps:
-            p.start()
+                self.quota.debit(len(replay))
+            self.replay = b""
+        inbound.start()
+        outbound.start()
 
     def _proxy_header(self, version: str) -> bytes | None:
         try:
@@ -240,20 +249,28 @@ class TcpSession:
         for p in self.pumps:
             p.release(clean)
         self.pumps = ()  # the pumps point back here: without the cycle, refcounting frees both
-        loop = self.ctx.loop
+        ctx = self.ctx
+        loop = ctx.loop
         cs, up = self.csock, self.up
-        loop.forget(cs.fileno(), closing=True)  # closed at once, never dup'd: no epoll_ctl
+        forget = loop.forget
+        forget(cs.fileno(), True)  # closing: closed at once, never dup'd, so no epoll_ctl
         cs.close()
         if up is not None:
-            self.ctx.keepalive_pending.discard(up)
-            loop.forget(up.fileno(), closing=True)
+            ctx.keepalive_pending.discard(up)
+            forget(up.fileno(), True)
             up.close()
         self.counters.active_connections -= 1
-        if self.ticket is not None:
-            self.ticket.release(loop.time())
-            if self.quota is not None:
-                self.ctx.enforcer.leave(self.quota, self)
-        self.relay.session_closed(self)
+        ticket = self.ticket
+        if ticket is not None:
+            ticket.release(loop.time())
+        if self.quota is not None:
+            ctx.enforcer.leave(self.quota, self)
+        # relay.session_closed(self), inline: once per connection
+        relay = self.relay
+        sessions = relay.sessions
+        sessions.discard(self)
+        if not sessions and not relay.accepting and relay.on_idle is not None:
+            relay.went_idle()
 
 
 class TcpRuleRelay:
@@ -321,12 +338,7 @@ class TcpRuleRelay:
                 self.counters.quota_refused += 1
             reset_and_close(csock)
             return
-        ticket, quota = verdict
-        session = TcpSession(self, csock, caddr, port, replay, ticket, quota)
-        if quota is not None:
-            self.ctx.enforcer.join(quota, session)
-        self.sessions.add(session)
-        session.start()
+        TcpSession(self, csock, port, replay, *verdict)  # (ticket, quota); it joins, registers and dials
 
     def _on_accept_error_for(self, port: int):
         def on_error(exc: OSError, backoff: float | None) -> None:
@@ -338,9 +350,15 @@ class TcpRuleRelay:
         return on_error
 
     def session_closed(self, session: TcpSession) -> None:
+        """A session ended (``TcpSession.close`` does this inline)."""
         self.sessions.discard(session)
         if not self.sessions and not self.accepting and self.on_idle is not None:
-            cb, self.on_idle = self.on_idle, None
+            self.went_idle()
+
+    def went_idle(self) -> None:
+        """Draining and the last session ended: tell the runtime once."""
+        cb, self.on_idle = self.on_idle, None
+        if cb is not None:
             cb()
 
     def close_listeners(self) -> None:
