@@ -73,16 +73,18 @@ class Runner:
                 self.syscalls_disabled(why)
         if self.syscalls_off is not None:
             return None
-        self.n_windows += 1
-        counter = SyscallCounter(self.procs, self.workdir, path.pids(),
-                                 f"{path.name}-{self.n_windows}")
-        try:
-            counter.start()
-        except (BenchError, OSError) as e:
-            counter.close()
-            self.syscalls_disabled(f"perf stat on {path.name}: {e}")
-            return None
-        return counter
+        for attempt in (1, 2):      # again with fresh pids: one may have exited meanwhile
+            self.n_windows += 1     # (socat's per-connection children come and go)
+            counter = SyscallCounter(self.procs, self.workdir, path.pids(),
+                                     f"{path.name}-{self.n_windows}")
+            try:
+                counter.start()
+                return counter
+            except (BenchError, OSError) as e:
+                counter.close()
+                if attempt == 2:
+                    self.syscalls_disabled(f"perf stat on {path.name}: {e}")
+        return None
 
     def cpu_pct(self, path: PathBase, fn):
         """Run fn(); return (result, proxy CPU %). The proxy's CPU seconds of the window are
@@ -117,8 +119,8 @@ class Runner:
                      scale: float, window: dict | None = None) -> None:
         """Record a window's proxy CPU per unit of work: `{prefix}_proxy_cpu_{suffix}`
         (total), `_user_` and `_sys_` (its utime and stime parts) and, with --syscalls,
-        `{prefix}_proxy_syscalls_per_...` (not scaled; split_metric). `scale` turns CPU seconds per unit
-        into the figure's unit (1e6: µs). The window is the last cpu_pct one, or a probe's
+        `{prefix}_proxy_syscalls_per_...` (a count, not scaled; split_metric). `scale` turns
+        CPU seconds per unit into the figure's unit (1e6: µs). The window is the last cpu_pct one, or a probe's
         result (`window`: proxy_cpu_secs, proxy_cpu_split_secs, proxy_syscalls)."""
         if window is None:
             cpu_secs, split, syscalls = (self.last_cpu_secs, self.last_cpu_split,
@@ -136,6 +138,14 @@ class Runner:
             self.add(n, split_metric(prefix, "sys", suffix), split[1] * scale / units)
         if syscalls is not None:
             self.add(n, split_metric(prefix, "syscalls", suffix), syscalls / units)
+
+    def _window_detail(self) -> dict:
+        """The last window's raw figures for details[path][i]: proxy CPU seconds (user,
+        kernel) and, with --syscalls, the syscall count."""
+        out: dict = {"proxy_cpu_split_secs": self.last_cpu_split}
+        if self.last_syscalls is not None:
+            out["proxy_syscalls"] = self.last_syscalls
+        return out
 
     def run_path(self, path: PathBase, be: Backends, rep: int) -> None:
         a, n = self.a, path.name
@@ -224,7 +234,8 @@ class Runner:
                 self.add(n, "tcp_bulk_host_busy_pct", self.last_host_busy)
                 if r.get("bytes"):
                     self.add_per_unit(n, "tcp_bulk", "ms_per_gb", r["bytes"] / 1e9, 1e3)
-            detail[metric] = {**r, "proxy_cpu_pct": cpu, "host_busy_pct": self.last_host_busy}
+            detail[metric] = {**r, "proxy_cpu_pct": cpu, "host_busy_pct": self.last_host_busy,
+                              **self._window_detail()}
             log(f"  {n:<19} {metric:<22} {r['gbps']:.2f} Gbit/s" + _cpu_note(cpu))
 
     def _http(self, path, f, detail):
@@ -257,7 +268,8 @@ class Runner:
         self.add(n, f"http_{kind}_p99_ms", r.get("p99_ms"))
         self.add(n, f"http_{kind}_proxy_cpu_pct", cpu)
         self.add_per_unit(n, f"http_{kind}", "us_per_req", r.get("requests"), 1e6)
-        detail[f"http_{kind}"] = {**r, "proxy_cpu_pct": cpu, "host_busy_pct": self.last_host_busy}
+        detail[f"http_{kind}"] = {**r, "proxy_cpu_pct": cpu, "host_busy_pct": self.last_host_busy,
+                                  **self._window_detail()}
         errs = sum(r["socket_errors"].values()) if r["socket_errors"] else 0
         if errs or r["non_2xx"]:
             self.problems.setdefault(n, []).append(
@@ -277,7 +289,8 @@ class Runner:
             self.add(n, f"udp_{key}_proxy_cpu_pct", cpu)
             self.add_per_unit(n, f"udp_{key}", "us_per_dgram", r.get("received"), 1e6)
             detail[f"udp_{key}"] = {**r, "flows": flows, "proxy_cpu_pct": cpu,
-                                    "host_busy_pct": self.last_host_busy}
+                                    "host_busy_pct": self.last_host_busy,
+                                    **self._window_detail()}
             log(f"  {n:<19} udp_{key:<18} {r['pps']:.0f} pkt/s  sent {r['sent']} recv "
                 f"{r['received']} loss {r['loss_pct']:.2f}%  stalls {r['stalls']}" + _cpu_note(cpu))
 
