@@ -158,6 +158,7 @@ class Headers:
         self.iov_ptrs = words([self.iov_addr + i * IOV_SIZE for i in range(count)])
         self.ones = words([1] * count)
         self.zeros = words([0] * count)
+        self.namelens: dict[int, memoryview] = {}  # pack_named_singles: msg_namelen x count
         self.cmsgs = None
         if cmsg:
             self.cmsgs = (ctypes.c_char * (count * CMSG_SPACE_U16))()
@@ -215,6 +216,19 @@ def _one_a_message(tx: Headers, start: int, end: int) -> tuple[list, list]:
     words[_IOVLEN_WORD:_IOVLEN_WORD + n * _HW:_HW] = tx.ones[:n]
     words[_CTRLLEN_WORD:_CTRLLEN_WORD + n * _HW:_HW] = tx.zeros[:n]
     return list(range(start, end)), [1] * n
+
+
+def pack_named_singles(tx: Headers, n: int, name_addrs: list, name_len: int) -> tuple[list, list]:
+    """Lay datagram iovecs ``0..n-1`` of ``tx`` out as one message each, message i to the
+    sockaddr at ``name_addrs[i]`` (all ``name_len`` bytes long: one listen socket, one family):
+    the replies of many flows, one each, without a Python step per datagram."""
+    firsts, counts = _one_a_message(tx, 0, n)
+    tx.words[_NAME_WORD:_NAME_WORD + n * _HW:_HW] = words(name_addrs)
+    lens = tx.namelens.get(name_len)
+    if lens is None:
+        lens = tx.namelens[name_len] = memoryview(array("I", [name_len] * tx.count))
+    tx.u32[_NAMELEN_WORD:_NAMELEN_WORD + n * _HU:_HU] = lens[:n]
+    return firsts, counts
 
 
 def _equal_runs(tx: Headers, start: int, end: int, size: int, eq_end: int) -> tuple[list, list]:
@@ -341,7 +355,10 @@ class Batch:
         self.q_n = 0
         self.origin = [0] * slots   # up_tx entry -> the inbound slot it carries
         self.rx_cursor = 0          # next free reply slot
+        self.reply_views = self.replies.views
+        self.q_runs = False         # some flow queued two or more in a row: GSO may apply
         self.flush_scheduled = False
+        self.turn_now = 0.0         # the clock when this loop turn's first reply was read
         self.now = time.monotonic  # batch_for: the context loop's clock
         # a run of one datagram goes upstream with one write(2) on the flow's connected socket:
         # (fd, buffer) -> bytes sent or OSError, as os.write (a C call, ~0.4 us less than sendmmsg

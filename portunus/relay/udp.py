@@ -34,12 +34,14 @@ from ..model import Rule
 from ..netio import errno_name
 from .context import REPEAT_LOG_EVERY, BindError, RelayContext, bind_socket
 from .enforce import QUOTA_REFUSED
+from .limiter_book import CAP_EPOCH
 from .rule_relay import RuntimeSettings
 from .stats import RuleCounters
 from .targets import TargetSet
 
 RECV_BATCH = 64
 BATCH_ROUNDS = 2  # recvmmsg calls per readiness event (2 x mmsg.SLOTS = RECV_BATCH datagrams)
+BURST_GAP = 0.001  # a flow whose replies are read more often than this drains them with recvmmsg
 _AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK)
 # relay/mmsg.py (and ctypes, ~2 ms) is imported with the first UDP rule, not at startup; these
 # word indexes of its arrays (ABI constants, not state) are bound then by _load_mmsg()
@@ -59,6 +61,9 @@ def _load_mmsg():
         _get_errno = ctypes.get_errno
         mmsg = m
     return mmsg
+
+
+_NO_QUOTA = object()  # the round's quota handle when it may run dry: no flow's, so all are gated
 
 
 def _oserror(err: int) -> OSError:
@@ -82,7 +87,7 @@ _ICMP_ERRNOS = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH)
 class Flow:
     __slots__ = ("relay", "listen_port", "src", "lsock", "up", "last_seen", "pending", "closed", "target_state",
                  "answered", "ticket", "quota", "fd", "key", "name_buf", "name_addr", "name_len", "gso_max", "pc",
-                 "direct")
+                 "direct", "burst", "rtime")
 
     def __init__(self, relay: "UdpRuleRelay", listen_port: int, src, lsock: socket.socket, ticket=None, quota=None):
         self.relay = relay
@@ -105,6 +110,8 @@ class Flow:
         self.gso_max = 0  # the batched path: segment sizes that may go as one GSO send (mmsg.GSO_OFF)
         self.pc = relay.counters.ports[listen_port]  # this port's counters (the relay keeps them)
         self.direct = False  # connected and no quota: the batched path's lone datagrams skip the gates
+        self.burst = True    # the batched path: replies drain with recvmmsg (else: one recv_into)
+        self.rtime = -BURST_GAP  # the batched path: the turn clock when its replies were last read
 
     def passes(self, direction: str, size: int) -> bool:
         """Whether one datagram may go: the bandwidth cap, then the quota (each all or nothing).
@@ -199,14 +206,25 @@ class Flow:
                 relay.targets.record_success(self.target_state)
 
     # ---- the batched path (relay.batch is an mmsg.Batch) ---------------------------------
-    def forward_batch(self, b: mmsg.Batch, lens: list, k: int, j: int) -> int:
+    def forward_batch(self, b: mmsg.Batch, lens: list, k: int, j: int, rq=None) -> int:
         """Send inbound slots ``k..j-1`` (all from this flow's source; ``lens``: the round's
         datagram lengths) upstream in one sendmmsg.
         Returns the slot to go on from: ``j``, or after an ICMP eviction the slot after the one
-        that met it (the rest of the run then makes a new flow, as datagram by datagram)."""
+        that met it (the rest of the run then makes a new flow, as datagram by datagram).
+
+        ``rq``: the quota handle this recvmmsg round knows cannot run dry in it (the round's
+        bytes are less than its budget); when it is this flow's and no cap binds, the run is
+        not gated and what it took is added to ``relay.round_debt``, debited once per round."""
         ticket = self.ticket
-        gate = self.quota is not None \
-            or (ticket is not None and self.relay.maybe_capped() and ticket.bandwidth_capped)
+        capped = ticket is not None and self.relay.maybe_capped() and ticket.bandwidth_capped
+        quota = self.quota
+        if quota is None or capped or quota is not rq:
+            return self._forward_run(b, lens, k, j, capped or quota is not None)
+        end = self._forward_run(b, lens, k, j, False)
+        self.relay.round_debt += sum(lens[k:end])
+        return end
+
+    def _forward_run(self, b: mmsg.Batch, lens: list, k: int, j: int, gate: bool) -> int:
         if self.pending is not None:  # the target name is still resolving: copies are held
             data = b.inbound.data
             for i in range(k, j):
@@ -332,7 +350,15 @@ class Flow:
             self.target_state.bytes_in += size
 
     def on_upstream_batch(self) -> None:
-        """Replies: one recvmmsg into the free reply slots, queued for the turn's sendmmsg."""
+        """Replies: read into the free reply slots, queued for the turn's one sendmmsg
+        (``flush_replies``, with the replies of every other flow of this listen socket).
+
+        A flow that had one reply waiting when it was last read and was not read within the last
+        ``BURST_GAP`` seconds (request/response traffic, many flows with one in flight each) reads
+        the next with one ``recv_into`` (a C call, ~0.8 us less than recvmmsg through ctypes) and
+        leaves a second one to the next turn (the socket is level-triggered); a flow read more
+        often than that, or that had more than one waiting, drains with recvmmsg (``burst``) until
+        a read finds one alone."""
         if self.closed:  # an event of this turn after the flow went (its fd may be reused already)
             return
         relay = self.relay
@@ -342,16 +368,56 @@ class Flow:
             if not self.closed and self.up is not None:
                 self.on_upstream_readable()
             return
-        if b.q_sock is not None and b.q_sock is not self.lsock:
-            flush_replies(b)  # the queue is per listen socket
+        if b.q_sock is not self.lsock and b.q_sock is not None:
+            send_queued(b)  # the queue is per listen socket
+        if not b.flush_scheduled:  # the turn's first reply: its clock, and the flush after its events
+            b.flush_scheduled = True
+            b.turn_now = b.now()
+            relay.ctx.loop.call_soon(flush_replies, b)
+        now = b.turn_now
+        if self.burst or now - self.rtime < BURST_GAP:
+            self.rtime = now
+            self._drain_replies(relay, b, now)
+            return
+        self.rtime = now
+        cur = b.rx_cursor
+        if cur >= b.n:
+            send_queued(b)
+            cur = 0
+        try:
+            n = self.up.recv_into(b.reply_views[cur])
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if exc.errno in _ICMP_ERRNOS:
+                relay.evict_icmp(self, exc)
+            return
+        self.last_seen = now
+        ticket = self.ticket
+        if (self.quota is not None or (ticket is not None and relay.maybe_capped() and ticket.bandwidth_capped)) \
+                and not self.passes("out", n):
+            return
+        q = b.q_n
+        iov = b.reply_tx.iov
+        iov[2 * q] = b.replies.addrs[cur]
+        iov[2 * q + 1] = n
+        b.q_flows[q] = self
+        b.q_lens[q] = n
+        b.q_n = q + 1
+        b.rx_cursor = cur + 1
+        b.q_sock = self.lsock
+
+    def _drain_replies(self, relay: "UdpRuleRelay", b: mmsg.Batch, now: float) -> None:
+        """``on_upstream_batch`` with recvmmsg: up to BATCH_ROUNDS reads of every free reply slot."""
         rx, tx = b.up_rx, b.reply_tx
         u32, iov = rx.u32, tx.iov
         addrs = b.replies.addrs
         q_flows, q_lens = b.q_flows, b.q_lens
+        got = 0  # read by this event: one alone means the next read is a recv_into
         for _ in range(BATCH_ROUNDS):
             cur = b.rx_cursor
             if cur >= b.n:
-                flush_replies(b)
+                send_queued(b)
                 cur = 0
             room = b.n - cur
             r = b.recvmmsg(self.fd, rx.ptrs[cur], room, mmsg.MSG_DONTWAIT, None)
@@ -362,29 +428,47 @@ class Flow:
                         relay.evict_icmp(self, _oserror(err))
                     elif err in mmsg.UNSUPPORTED_ERRNOS:
                         relay.fall_back(err)
+                    elif got == 1:
+                        self.burst = False
                 return
-            self.last_seen = b.now()
+            got += r
+            self.last_seen = now
             ticket = self.ticket
-            gate = self.quota is not None \
-                or (ticket is not None and relay.maybe_capped() and ticket.bandwidth_capped)
+            capped = ticket is not None and relay.maybe_capped() and ticket.bandwidth_capped
             q = b.q_n
-            for i in range(cur, cur + r):
-                n = u32[i * _HDR_U32 + _LEN_WORD]
-                if gate and not self.passes("out", n):
-                    continue
-                iov[2 * q] = addrs[i]
-                iov[2 * q + 1] = n
-                q_flows[q] = self
-                q_lens[q] = n
-                q += 1
+            if capped:  # the cap (then the quota) per datagram: a reply the cap refuses is not debited
+                for i in range(cur, cur + r):
+                    n = u32[i * _HDR_U32 + _LEN_WORD]
+                    if not self.passes("out", n):
+                        continue
+                    iov[2 * q] = addrs[i]
+                    iov[2 * q + 1] = n
+                    q_flows[q] = self
+                    q_lens[q] = n
+                    q += 1
+            else:
+                lens = u32[cur * _HDR_U32 + _LEN_WORD:(cur + r) * _HDR_U32:_HDR_U32].tolist()
+                ok = r
+                quota = self.quota
+                if quota is not None:  # one debit for the read; what does not fit is a prefix's rest
+                    ok = quota.admit_datagrams(lens)
+                    if ok < r:
+                        relay.counters.quota_dropped += r - ok
+                if ok:
+                    iov[2 * q:2 * (q + ok):2] = b.replies.addr_words[cur:cur + ok]
+                    iov[2 * q + 1:2 * (q + ok):2] = mmsg.words(lens[:ok])
+                    q_flows[q:q + ok] = [self] * ok
+                    q_lens[q:q + ok] = lens[:ok]
+                    q += ok
+            if q - b.q_n > 1:
+                b.q_runs = True
             b.q_n = q
             b.rx_cursor = cur + r
             b.q_sock = self.lsock
-            if not b.flush_scheduled:
-                b.flush_scheduled = True
-                relay.ctx.loop.call_soon(flush_replies, b)
             if r < room:
+                self.burst = got > 1
                 return  # drained
+        self.burst = True
 
     def close(self) -> None:
         if self.closed:
@@ -419,6 +503,10 @@ class UdpRuleRelay:
         self.targets = TargetSet(rule, counters, ctx.loop, ctx.resolver)
         self.batch = _load_mmsg().batch_for(ctx)  # None: the per-datagram path
         self._by_key: dict[int, dict] = {}  # the batched path: port -> {source key: flow}
+        self.round_quota = None  # the quota handle of the flows admitted last (None: no owner)
+        self._cap_epoch = -1     # maybe_capped's answer as of CAP_EPOCH _cap_epoch
+        self._may_cap = True
+        self.round_debt = 0      # bytes of runs taken against it in this recvmmsg round
 
     def bind(self) -> None:
         bound: dict[int, socket.socket] = {}
@@ -505,7 +593,12 @@ class UdpRuleRelay:
                 keys = b.keys(fam, r) if v6 else names_q[0:r * qstep:qstep].tolist()
                 keys.append(None)  # the sentinel after the last: keys[k + 1] always exists
                 uncapped = not self.maybe_capped()  # then no flow of this rule has a bandwidth cap
-                din = bin_ = 0  # runs of one: this port's counters, added once per round
+                # the owner's quota (flows of an owned rule: passes() per datagram, unless) ...
+                rq = self.round_quota
+                if rq is not None and rq.remaining is not None \
+                        and (rq.exhausted or rq.remaining <= sum(lens)):
+                    rq = _NO_QUOTA  # ... this round could end the budget: datagram by datagram
+                din = bin_ = qb = 0  # runs of one: this port's counters, added once per round
                 k = 0
                 try:
                     while k < r:
@@ -518,10 +611,13 @@ class UdpRuleRelay:
                                 continue
                         flow.last_seen = now
                         k1 = k + 1
-                        if keys[k1] != key and flow.direct and (uncapped or not flow.capped()):
+                        if keys[k1] != key and (flow.direct or (flow.quota is rq and flow.fd >= 0)) \
+                                and (uncapped or not flow.capped()):
                             # one datagram of one flow (many flows, one in flight each): a write(2)
                             # on its connected socket straight from the receive slot
                             n = lens[k]
+                            if not flow.direct:
+                                qb += n  # the owner's quota, debited once at the end of the round
                             try:
                                 send_one(flow.fd, views[k][:n])
                             except OSError as exc:
@@ -536,18 +632,31 @@ class UdpRuleRelay:
                         j = k1
                         while keys[j] == key:  # the sentinel ends the run at r
                             j += 1
-                        k = flow.forward_batch(b, lens, k, j)
+                        k = flow.forward_batch(b, lens, k, j, rq)
                 finally:
                     if din:
                         pc.datagrams_in += din
                         pc.bytes_in += bin_
+                    qb += self.round_debt
+                    if qb:  # less than the budget (rq's test above): never ends it
+                        self.round_debt = 0
+                        rq.debit(qb)
                 if r < slots:
                     return  # drained
         return on_datagrams
 
     def maybe_capped(self) -> bool:
         """Whether a bandwidth cap may bind a flow of this rule now; when not, the batched path
-        skips ``Ticket.bandwidth_capped`` (~0.15 us) per datagram. Asked once per recvmmsg round.
+        skips ``Ticket.bandwidth_capped`` (~0.15 us) per datagram. Asked once per recvmmsg round
+        and per reply read; the answer is kept until ``CAP_EPOCH`` moves (a cap changed)."""
+        if self._cap_epoch == CAP_EPOCH[0]:
+            return self._may_cap
+        self._cap_epoch = CAP_EPOCH[0]
+        self._may_cap = may = self._maybe_capped()
+        return may
+
+    def _maybe_capped(self) -> bool:
+        """``maybe_capped`` as the book says now.
 
         Every ticket of this rule holds the rule's limiter (the book's current one, or one retired
         with the rule, whose buckets are gone: it caps nothing) and, when that limiter has an owner,
@@ -609,6 +718,7 @@ class UdpRuleRelay:
                 self.counters.quota_refused += 1
             return None  # the datagram that would have created the flow is dropped
         ticket, quota = verdict
+        self.round_quota = quota  # the rule's owner's (the batched path's one debit per round)
         flow = Flow(self, port, src, lsock, ticket, quota)
         self.ctx.enforcer.join(quota, flow)
         self.flows[(port, src)] = flow
@@ -694,15 +804,23 @@ class UdpRuleRelay:
 
 
 def flush_replies(b: mmsg.Batch) -> None:
+    """Send the queued replies now: the end of the loop turn (``call_soon``-ed by the turn's
+    first reply), a fallback, a test."""
+    b.flush_scheduled = False
+    send_queued(b)
+
+
+def send_queued(b: mmsg.Batch) -> None:
     """Send the queued replies through their listen socket: one sendmmsg (more only after a
     partial send), a GSO message per run of one flow's equal-sized replies. A reply that cannot
     go now is dropped and counted on its rule."""
-    b.flush_scheduled = False
     q = b.q_n
     sock = b.q_sock
+    runs = b.q_runs
     b.q_n = 0
     b.rx_cursor = 0
     b.q_sock = None
+    b.q_runs = False
     if not q:
         return
     flows = b.q_flows
@@ -712,13 +830,21 @@ def flush_replies(b: mmsg.Batch) -> None:
             flows[i].relay.counters.send_dropped += 1
         return
     tx = b.reply_tx
-    firsts, counts = mmsg.pack_messages(tx, 0, q, 0, flows)
+    if runs:
+        firsts, counts = mmsg.pack_messages(tx, 0, q, 0, flows)
+        count_out = _count_out
+    else:  # one reply per flow (or no GSO to try): a message each, laid out in a few C calls
+        firsts, counts = mmsg.pack_named_singles(tx, q, [f.name_addr for f in flows[:q]], flows[0].name_len)
+        count_out = _count_out_singles
     nm = len(firsts)
     s = 0
     r = b.sendmmsg(fd, tx.ptr, nm, 0)
+    if r == nm:
+        count_out(b, 0, q)
+        return
     while s < nm:
         if r > 0:
-            _count_out(b, firsts[s], firsts[s + r - 1] + counts[s + r - 1])
+            count_out(b, firsts[s], firsts[s + r - 1] + counts[s + r - 1])
             s += r
         else:
             err = _get_errno() if r < 0 else errno.EAGAIN
@@ -739,6 +865,29 @@ def flush_replies(b: mmsg.Batch) -> None:
             s += 1
         if s < nm:
             r = b.sendmmsg(fd, tx.at(s), nm - s, 0)
+
+
+def _count_out_singles(b: mmsg.Batch, start: int, end: int) -> None:
+    """``_count_out`` of replies that went one message each: the port's counters (one listen
+    socket: one port of one rule) added once."""
+    flows, lens = b.q_flows, b.q_lens
+    pc = flows[start].pc
+    dgrams = tot = 0
+    for i in range(start, end):
+        f = flows[i]
+        n = lens[i]
+        f.target_state.bytes_out += n
+        if f.pc is not pc:  # never, while a queue is one listen socket's: counted exactly anyway
+            f.pc.datagrams_out += 1
+            f.pc.bytes_out += n
+        else:
+            dgrams += 1
+            tot += n
+        if not f.answered:
+            f.answered = True
+            f.relay.targets.record_success(f.target_state)
+    pc.datagrams_out += dgrams
+    pc.bytes_out += tot
 
 
 def _count_out(b: mmsg.Batch, start: int, end: int) -> None:

@@ -1,0 +1,227 @@
+"""UDP replies of many flows and quota-bound rules on the batched path, on real loopback sockets
+with the loop driven from the test (SPEC §2.4, §2.10): the replies of every flow read in one loop
+turn leave the listen socket in one sendmmsg (each to its flow's source), a flow with one reply
+waiting reads it with one recv_into and a flow with more drains with recvmmsg, a full listen
+socket drops and counts (never blocks, never queues), counters and idle timers are exact at the
+end of the turn; an owned rule's lone datagrams are debited once per recvmmsg round, and a round
+that could end the budget is cut exactly where datagram-by-datagram would cut it."""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+import pytest
+
+from portunus.relay import mmsg
+from portunus.relay.quota import QuotaHandle
+from test_udp_batching import PATHS, Rig, needs_batch, quota_set
+
+
+@pytest.fixture
+def rigs():
+    made = []
+
+    def make(path, **kw):
+        r = Rig(path, **kw)
+        made.append(r)
+        return r
+    yield make
+    for r in made:
+        r.close()
+
+
+def up_flows(rig: Rig, n: int, payload=lambda i: b"q%d" % i) -> tuple[list[socket.socket], list[tuple]]:
+    """``n`` clients, one datagram each, through to the target: (clients, their flows' upstream
+    source addresses at the target, in client order)."""
+    clients = [rig.client() for _ in range(n)]
+    base = rig.snap()["datagrams_in"]
+    for i, c in enumerate(clients):
+        c.sendto(payload(i), ("127.0.0.1", rig.listen))
+    rig.run_until(lambda: rig.snap()["datagrams_in"] == base + n, f"{n} datagrams upstream")
+    by_data = {d: src for d, src in rig.target_drain()}
+    return clients, [by_data[payload(i)] for i in range(n)]
+
+
+def flow_of(rig: Rig, c: socket.socket):
+    return rig.relay.flows[(rig.listen, c.getsockname())]
+
+
+def calls_on(spy, fd: int) -> list[tuple[int, int, int]]:
+    return [call for call in spy.calls if call[0] == fd]
+
+
+class Clock:
+    """The Batch's clock (the turn clock of replies: last_seen and the BURST_GAP test), moved by
+    the test: a flow read in one step is not read again within BURST_GAP unless the test says so."""
+
+    def __init__(self, rig: Rig):
+        self.t = rig.loop.time()
+        rig.batch.now = self
+
+    def __call__(self) -> float:
+        return self.t
+
+    def step(self) -> None:
+        self.t += 1.0
+
+
+@needs_batch
+@pytest.mark.parametrize("path", ["batched", "gso"])
+def test_replies_of_many_flows_in_one_turn_leave_in_one_sendmmsg_each_to_its_source(rigs, path):
+    rig = rigs(path)
+    n = 40  # more than one Batch's SLOTS (32): the turn's queue is sent when it fills, then at the end
+    clients, srcs = up_flows(rig, n)
+    lfd = rig.relay.sockets[rig.listen].fileno()
+    clock = Clock(rig)
+    for rnd in range(2):
+        clock.step()
+        rig.send_spy.calls.clear()
+        rig.recv_spy.calls.clear()
+        for f in (flow_of(rig, c) for c in clients):
+            f.last_seen = 0.0  # as if idle for long: a reply must refresh it
+        out0 = rig.snap()["datagrams_out"]
+        for i, src in enumerate(srcs):
+            rig.target.sendto(b"R%d-%d" % (rnd, i), src)
+        rig.run_until(lambda: rig.snap()["datagrams_out"] == out0 + n, f"round {rnd}: {n} replies")
+        for i, c in enumerate(clients):
+            assert rig.drain(c) == [b"R%d-%d" % (rnd, i)]
+        sends = calls_on(rig.send_spy, lfd)
+        assert [r for _, _, r in sends] == [mmsg.SLOTS, n - mmsg.SLOTS]  # all of them in one turn
+        flow_reads = [call for call in rig.recv_spy.calls if call[0] != lfd]
+        if rnd == 0:
+            # a new flow drains with recvmmsg; it found one reply alone: its next read is a recv_into
+            # (the flow that got the last free slot of the queue tries once more: EAGAIN)
+            got = [r for _, _, r in flow_reads if r != -1]
+            assert got == [1] * n and len(flow_reads) <= n + 1
+        else:
+            assert flow_reads == []
+        assert all(flow_of(rig, c).last_seen == clock.t for c in clients)
+        assert all(not flow_of(rig, c).burst for c in clients)
+    snap = rig.snap()
+    assert snap["datagrams_out"] == 2 * n and snap["send_dropped"] == 0
+    assert snap["bytes_out"] == sum(len(b"R%d-%d" % (rnd, i)) for rnd in range(2) for i in range(n))
+    targets = rig.rt.snapshot("u", per_target=True)["per_target"]
+    assert targets[0]["bytes_out"] == snap["bytes_out"]
+
+
+@needs_batch
+def test_a_flow_drains_with_recvmmsg_while_it_has_more_than_one_reply_waiting(rigs):
+    rig = rigs("batched")
+    (a,), (src,) = up_flows(rig, 1)
+    flow = flow_of(rig, a)
+    fd = flow.fd
+    clock = Clock(rig)
+
+    def replies(*data):
+        clock.step()  # within one step the clock stands still: a second read is "often"
+        out0 = rig.snap()["datagrams_out"]
+        rig.recv_spy.calls.clear()
+        for d in data:
+            rig.target.sendto(d, src)
+        rig.run_until(lambda: rig.snap()["datagrams_out"] == out0 + len(data), f"{len(data)} replies")
+        assert rig.drain(a) == list(data)
+        return [r for _, _, r in calls_on(rig.recv_spy, fd)]
+
+    assert replies(b"a", b"b", b"c", b"d", b"e") == [5] and flow.burst  # several waiting: recvmmsg
+    assert replies(b"f") == [1] and not flow.burst                     # one alone: next time recv_into
+    assert replies(b"g") == [] and not flow.burst                      # read by recv_into
+    # three at once: recv_into takes one (level-triggered: the socket stays readable); woken again
+    # within BURST_GAP, the flow drains the other two with one recvmmsg, in order
+    assert replies(b"h", b"i", b"j") == [2] and flow.burst
+    snap = rig.snap()
+    assert snap["datagrams_out"] == 10 and snap["bytes_out"] == 10 and snap["send_dropped"] == 0
+
+
+@needs_batch
+@pytest.mark.parametrize("script", [[("errno", errno.EAGAIN)], [("partial", 5), ("errno", errno.EAGAIN)],
+                                    [("errno", errno.EPERM)]])
+def test_a_full_listen_socket_drops_and_counts_the_replies_of_many_flows_and_the_next_turn_sends(rigs, script):
+    rig = rigs("batched")
+    n = 12
+    clients, srcs = up_flows(rig, n)
+    for i, src in enumerate(srcs):  # a first round: every flow reads by recv_into from then on
+        rig.target.sendto(b"x", src)
+    rig.run_until(lambda: rig.snap()["datagrams_out"] == n, "the first replies")
+    for c in clients:
+        rig.drain(c)
+    rig.send_spy.script = list(script)
+    for i, src in enumerate(srcs):
+        rig.target.sendto(b"y%d" % i, src)
+    sent = script[0][1] if script[0][0] == "partial" else (1 if script[-1][1] == errno.EPERM else 0)
+    # EAGAIN: the rest of the turn's queue goes (dropped, counted); EPERM: that one, the rest goes on
+    dropped = n - sent if script[-1][1] == errno.EAGAIN else 1
+    rig.run_until(lambda: rig.snap()["datagrams_out"] + rig.snap()["send_dropped"] == 2 * n, "decided")
+    snap = rig.snap()
+    assert snap["send_dropped"] == dropped and snap["datagrams_out"] == 2 * n - dropped
+    got = [d for c in clients for d in rig.drain(c)]
+    assert len(got) == n - dropped and snap["bytes_out"] == n + sum(len(d) for d in got)
+    assert rig.batch.q_n == 0 and rig.batch.q_sock is None
+    # nothing was held back: the next replies go out at once
+    for i, src in enumerate(srcs):
+        rig.target.sendto(b"z", src)
+    rig.run_until(lambda: rig.snap()["datagrams_out"] == 3 * n - dropped, "the next replies")
+    assert all(rig.drain(c) == [b"z"] for c in clients)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_quota_cuts_a_drained_read_of_replies_at_the_last_whole_one_that_fits(rigs, path):
+    if path != "per_datagram" and mmsg._libc_calls() is None:
+        pytest.skip("no recvmmsg here")
+    rig = rigs(path, owner="fred")
+    handle = rig.ctx.enforcer.quotas.handle("fred")
+    rig.ctx.enforcer.quotas.apply_update(quota_set("fred", 10_000))
+    (a,), (src,) = up_flows(rig, 1, payload=lambda i: b"q" * 10)
+    assert handle.debited_total == 10
+    handle.mark_reported()
+    rig.ctx.enforcer.quotas.apply_update(quota_set("fred", 250))
+    for i in range(4):
+        rig.target.sendto(bytes([65 + i]) * 100, src)
+    rig.run_until(lambda: rig.snap()["datagrams_out"] + rig.snap()["quota_dropped"] == 4, "4 decided")
+    snap = rig.snap()
+    assert rig.drain(a) == [b"A" * 100, b"B" * 100]  # the third did not fit in the 50 left
+    assert snap["datagrams_out"] == 2 and snap["quota_dropped"] == 2 and snap["bytes_out"] == 200
+    assert handle.exhausted and handle.remaining == 50 and handle.debited_total == 210
+    rig.run_until(lambda: rig.snap()["active_flows"] == 0, "the flow cut")
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("budget", [10_000, 7 * 100 + 50, 7 * 100])
+def test_lone_datagrams_of_an_owned_rule_are_debited_exactly(rigs, path, budget):
+    """Twelve flows, one 100-byte datagram each, in one recvmmsg round: with budget to spare they go
+    by write(2) and the quota is debited once; a round that could end the budget is cut exactly
+    where datagram by datagram cuts it (the 8th does not fit in 50 bytes; 700: the 7th ends it)."""
+    if path != "per_datagram" and mmsg._libc_calls() is None:
+        pytest.skip("no recvmmsg here")
+    rig = rigs(path, owner="fred")
+    rig.ctx.enforcer.quotas.apply_update(quota_set("fred", 100_000))
+    clients, _ = up_flows(rig, 12, payload=lambda i: b"w%02d" % i)
+    handle = rig.ctx.enforcer.quotas.handle("fred")
+    assert handle.debited_total == 12 * 3
+    handle.mark_reported()
+    rig.ctx.enforcer.quotas.apply_update(quota_set("fred", budget))
+    debits = []
+    real = QuotaHandle.debit
+
+    def debit(self, n):
+        debits.append(n)
+        return real(self, n)
+    QuotaHandle.debit = debit
+    try:
+        if rig.batch is not None:
+            rig.write_spy.calls.clear()
+        for i, c in enumerate(clients):
+            c.sendto(bytes([65 + i]) * 100, ("127.0.0.1", rig.listen))
+        rig.run_until(lambda: rig.snap()["datagrams_in"] + rig.snap()["quota_dropped"] == 24, "12 decided")
+    finally:
+        QuotaHandle.debit = real
+    fits = min(12, budget // 100)
+    snap = rig.snap()
+    assert snap["datagrams_in"] == 12 + fits and snap["quota_dropped"] == 12 - fits
+    assert sorted(d for d, _ in rig.target_drain()) == [bytes([65 + i]) * 100 for i in range(fits)]
+    assert handle.debited_total == 12 * 3 + 100 * fits and handle.exhausted == (fits < 12)
+    if rig.batch is not None and budget == 10_000:
+        assert len(rig.write_spy.calls) == 12  # lone datagrams by write(2), not gated
+        assert debits == [1200]                # one debit for the round
+    else:  # a round that could end the budget (or the per-datagram path): one at a time
+        assert debits == [100] * fits
