@@ -225,3 +225,56 @@ def test_lone_datagrams_of_an_owned_rule_are_debited_exactly(rigs, path, budget)
         assert debits == [1200]                # one debit for the round
     else:  # a round that could end the budget (or the per-datagram path): one at a time
         assert debits == [100] * fits
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_runs_of_an_owned_rule_in_a_round_with_budget_to_spare_are_debited_once(rigs, path):
+    if path != "per_datagram" and mmsg._libc_calls() is None:
+        pytest.skip("no recvmmsg here")
+    rig = rigs(path, owner="fred")
+    rig.ctx.enforcer.quotas.apply_update(quota_set("fred", 100_000))
+    (a, b), _ = up_flows(rig, 2)
+    handle = rig.ctx.enforcer.quotas.handle("fred")
+    before = handle.debited_total
+    debits = []
+    real = QuotaHandle.debit
+
+    def debit(self, n):
+        debits.append(n)
+        return real(self, n)
+    QuotaHandle.debit = debit
+    try:
+        for s, data in [(a, b"a" * 10), (a, b"a" * 10), (a, b"a" * 5), (b, b"b" * 7), (a, b"a" * 3)]:
+            s.sendto(data, ("127.0.0.1", rig.listen))
+        rig.run_until(lambda: rig.snap()["datagrams_in"] == 2 + 5, "5 upstream")
+    finally:
+        QuotaHandle.debit = real
+    assert handle.debited_total == before + 35 and not handle.exhausted
+    assert sorted(d for d, _ in rig.target_drain()) == sorted([b"a" * 10, b"a" * 10, b"a" * 5, b"b" * 7, b"a" * 3])
+    assert debits == ([35] if rig.batch is not None else [10, 10, 5, 7, 3])
+
+
+@needs_batch
+def test_a_reply_read_by_recv_into_passes_the_quota_whole_or_not_at_all(rigs):
+    rig = rigs("batched", owner="fred")
+    rig.ctx.enforcer.quotas.apply_update(quota_set("fred", 10_000))
+    (a,), (src,) = up_flows(rig, 1, payload=lambda i: b"q" * 10)
+    flow = flow_of(rig, a)
+    clock = Clock(rig)
+    handle = rig.ctx.enforcer.quotas.handle("fred")
+    for i, size in enumerate([100, 100]):  # the first drains (a new flow) and finds one: recv_into next
+        clock.step()
+        rig.target.sendto(b"r" * size, src)
+        rig.run_until(lambda: rig.snap()["datagrams_out"] == i + 1, "a reply")
+    assert not flow.burst and handle.debited_total == 210
+    handle.mark_reported()
+    rig.ctx.enforcer.quotas.apply_update(quota_set("fred", 150))
+    rig.recv_spy.calls.clear()
+    for i in range(2):  # the second does not fit in the 50 left: dropped whole, the budget ends
+        clock.step()
+        rig.target.sendto(b"s" * 100, src)
+        rig.run_until(lambda: rig.snap()["datagrams_out"] + rig.snap()["quota_dropped"] == 3 + i, "decided")
+    snap = rig.snap()
+    assert calls_on(rig.recv_spy, flow.fd) == []  # both read by recv_into
+    assert snap["datagrams_out"] == 3 and snap["quota_dropped"] == 1
+    assert handle.exhausted and handle.remaining == 50 and rig.drain(a)[-1:] == [b"s" * 100]
