@@ -9,18 +9,23 @@ go through the loop's one shared buffer, so memory does not grow with flows.
 Batching (``relay/mmsg.py``): where ``recvmmsg``/``sendmmsg`` are available, a listen socket is
 read up to ``mmsg.SLOTS`` datagrams per syscall; each run of consecutive datagrams from one source
 goes to its flow's upstream socket in one ``sendmmsg`` (a GSO message per run of equal sizes), a
-lone datagram in one ``write`` (the datagrams never leave the receive slots), and replies read with
-one ``recvmmsg`` per upstream socket are queued and sent back through the listen socket with one
-``sendmmsg`` per loop turn, each with its flow's address. Every datagram still passes the cap and
-quota one at a time (skipped while ``maybe_capped`` says no cap can bind the rule and the flow has
-no quota), is counted (per recvmmsg round for the port counters of lone datagrams) and dropped
-alone, and a flow whose upstream is full or refused never holds up another's. Where the calls are
-missing or refused the per-datagram path below (``recvfrom_into``/``send``/``sendto``) is used
-instead.
+lone datagram in one ``write`` (the datagrams never leave the receive slots). Replies are read
+into the reply slots (one ``recv_into`` for a flow that had one waiting last time and is not read
+more often than ``BURST_GAP``, else one ``recvmmsg``), queued, and sent back through the listen
+socket with one ``sendmmsg`` per loop turn for every flow read in that turn, each message with its
+flow's address. A bandwidth cap is asked per datagram (skipped while ``maybe_capped`` says no cap
+can bind the rule); every datagram is counted (per recvmmsg round, or per turn for replies, for
+the port counters) and dropped alone, and a flow whose upstream is full or refused, or a full
+listen socket, never holds anything up. Where the calls are missing or refused the per-datagram
+path below (``recvfrom_into``/``send``/``sendto``) is used instead.
 
 Caps and quotas (``relay/enforce.py``): a new flow is admitted like a TCP connection (a refusal
 drops the datagram that would have created it); a bandwidth cap passes or drops each datagram
-whole (``bandwidth_dropped_in/out``); the owner's quota is debited per datagram, all or nothing.
+whole (``bandwidth_dropped_in/out``); the owner's quota admits each datagram whole or not at all,
+in order. The batched path debits it in one step where that gives the same answer: once per
+recvmmsg round when the round's bytes are less than the budget left (no datagram of it can be
+refused), per read of replies with ``QuotaHandle.admit_datagrams``; a round that could end the
+budget goes datagram by datagram.
 """
 
 from __future__ import annotations
