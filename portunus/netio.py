@@ -3,7 +3,8 @@
 Below ``relay/`` and ``control/``: imports only the standard library (and at
 most ``portunus.errors``/``portunus.log``). Everything here runs on the loop thread and never blocks.
 
-- ``Connect``: one non-blocking TCP connect with a deadline.
+- ``Dialer`` / ``Connect``: one non-blocking TCP connect with a deadline (a base class / its
+  callback form).
 - ``Acceptor``: the accept loop of one listening socket, with back-off when the
   process runs out of file descriptors.
 - ``family_of``, ``errno_name``: the address-family and errno-naming helpers.
@@ -51,15 +52,21 @@ def errno_name(err: int | OSError | None) -> str:
     return errno.errorcode.get(err, str(err))
 
 
-class Connect:
-    """One non-blocking TCP connect to ``(ip, port)`` with a deadline.
+class Dialer:
+    """One non-blocking TCP connect to ``(ip, port)`` with a deadline, as a base class.
 
-    ``on_done(sock, None)`` hands over the connected non-blocking socket (no
-    longer watched by the loop); ``on_done(None, reason)`` reports an errno name
-    or ``TIMEOUT``, the socket already closed. ``on_done`` runs exactly once,
-    always from the loop (never from inside the constructor), and never after
-    ``cancel()``. Creating the socket can raise ``OSError`` (e.g. EMFILE): the
-    caller decides what running out of descriptors means.
+    ``dial(loop, ip, port, timeout, family, plain)`` starts it; the subclass's
+    ``dialed(sock, reason)`` ends it: ``dialed(sock, None)`` hands over the connected
+    non-blocking socket (no longer watched by the loop), ``dialed(None, reason)`` reports an
+    errno name or ``TIMEOUT``, the socket already closed. ``dialed`` runs exactly once per dial,
+    always from the loop (never from inside ``dial``), and never after ``cancel_dial()``; the
+    next dial may start from inside it. Creating the socket can raise ``OSError`` (e.g.
+    EMFILE): the caller decides what running out of descriptors means. ``dial_done`` is true
+    while no dial is in flight (a subclass sets it before its first dial if it may cancel first).
+
+    ``Connect`` is the callback form. The relay's ``TcpSession`` is a ``Dialer`` itself, so a
+    new connection builds no dialer object and no bound callback of its own, while the dialing
+    logic stays here.
 
     The deadline is a coarse timer (``Loop.call_coarse``: up to 0.1 s late, no heap entry of its
     own), since it is armed for every connection and almost never reached.
@@ -69,59 +76,58 @@ class Connect:
     full wrapper (it goes on to ``ssl``).
     """
 
-    __slots__ = ("loop", "sock", "on_done", "timer", "done")
+    __slots__ = ("loop", "dial_sock", "dial_timer", "dial_done")
 
-    def __init__(self, loop, ip: str, port: int, timeout: float,
-                 on_done: Callable[[socket.socket | None, str | None], None], *, family: int | None = None,
-                 plain: bool = False):
+    def dialed(self, sock: socket.socket | None, reason: str | None) -> None:
+        raise NotImplementedError
+
+    def dial(self, loop, ip: str, port: int, timeout: float, family: int | None = None,
+             plain: bool = False) -> None:
         sock = (_PLAIN if plain else socket.socket)(family or family_of(ip), _STREAM_NONBLOCK)  # one syscall
         if _SET_NONBLOCK:
             sock.setblocking(False)
         self.loop = loop
-        self.sock = sock
-        self.on_done = on_done
-        self.done = False
+        self.dial_sock = sock
+        self.dial_done = False
         rc = sock.connect_ex((ip, port))
         if rc in _DIALING:
-            self.timer = loop.call_coarse(timeout, self._finish, TIMEOUT)
-            loop.add_writer(sock.fileno(), self._on_writable)
+            self.dial_timer = loop.call_coarse(timeout, self._dial_finish, TIMEOUT)
+            loop.add_writer(sock.fileno(), self._dial_writable)
         else:
-            self.timer = None
-            loop.call_soon(self._finish, errno_name(rc))
+            self.dial_timer = None
+            loop.call_soon(self._dial_finish, errno_name(rc))
 
-    def _on_writable(self) -> None:
-        sock = self.sock
+    def _dial_writable(self) -> None:
+        sock = self.dial_sock
         # A failed connect wakes with EPOLLERR/EPOLLHUP beside EPOLLOUT; a plain EPOLLOUT is an
         # established connection, so SO_ERROR is read only when the kernel flagged a problem.
         trouble = self.loop.write_events & _CONNECT_TROUBLE
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if trouble else 0
-        if err or self.done:
-            self._finish(None if err == 0 else errno_name(err))
+        if err or self.dial_done:
+            self._dial_finish(None if err == 0 else errno_name(err))
             return
-        # connected (the common case, once per connection): _finish + _release inline
-        self.done = True
-        timer = self.timer
-        if timer is not None:
-            timer.cancel()
-            self.timer = None
-        self.loop.remove_writer(sock.fileno())  # handed over: see _release
-        self.on_done(sock, None)
+        # connected (the common case, once per connection): _dial_finish + _dial_release inline;
+        # the cancelled timer stays referenced until the next dial (nothing reads it once done)
+        self.dial_done = True
+        self.dial_timer.cancel()
+        self.loop.remove_writer(sock.fileno())  # handed over: see _dial_release
+        self.dialed(sock, None)
 
-    def _finish(self, reason: str | None) -> None:
-        if self.done:
+    def _dial_finish(self, reason: str | None) -> None:
+        if self.dial_done:
             return
-        sock = self._release(closing=reason is not None)
+        sock = self._dial_release(closing=reason is not None)
         if reason is not None:
             sock.close()
             sock = None
-        self.on_done(sock, reason)
+        self.dialed(sock, reason)
 
-    def _release(self, closing: bool) -> socket.socket:
-        self.done = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        sock = self.sock
+    def _dial_release(self, closing: bool) -> socket.socket:
+        self.dial_done = True
+        if self.dial_timer is not None:
+            self.dial_timer.cancel()
+            self.dial_timer = None
+        sock = self.dial_sock
         if closing:
             self.loop.forget(sock.fileno(), closing=True)
         else:
@@ -130,10 +136,31 @@ class Connect:
             self.loop.remove_writer(sock.fileno())
         return sock
 
+    def cancel_dial(self) -> None:
+        """Abandon the dial in flight (if any) and close its socket; ``dialed`` is not called."""
+        if not self.dial_done:
+            self._dial_release(closing=True).close()
+
+
+class Connect(Dialer):
+    """One non-blocking TCP connect to ``(ip, port)`` with a deadline (see ``Dialer``), reported
+    to ``on_done(sock, reason)``: exactly once, always from the loop (never from inside the
+    constructor), never after ``cancel()``."""
+
+    __slots__ = ("on_done",)
+
+    def __init__(self, loop, ip: str, port: int, timeout: float,
+                 on_done: Callable[[socket.socket | None, str | None], None], *, family: int | None = None,
+                 plain: bool = False):
+        self.on_done = on_done
+        self.dial(loop, ip, port, timeout, family, plain)
+
+    def dialed(self, sock: socket.socket | None, reason: str | None) -> None:
+        self.on_done(sock, reason)
+
     def cancel(self) -> None:
         """Abandon the attempt and close its socket; ``on_done`` is not called."""
-        if not self.done:
-            self._release(closing=True).close()
+        self.cancel_dial()
 
 
 class Acceptor:

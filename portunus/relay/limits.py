@@ -350,16 +350,16 @@ class Ticket:
     def bandwidth_capped(self) -> bool:
         """Whether a scope of the chain caps bandwidth now. Asked per userspace read: the flags of
         the fixed chain, or the rule's and then its owner's current envelope; no chain tuple built."""
-        scope = self._owner_scope
-        if scope is None:
-            for lim in self._chain:
-                if lim.bw_capped:
-                    return True
-            return False
         if self.rule.bw_capped:
             return True
-        owner = scope.owner_limiter(self._owner) if self._owner else None
-        return owner is not None and owner.bw_capped
+        owner = self._owner
+        if not owner:
+            return False  # the rule is the whole chain
+        scope = self._owner_scope
+        if scope is None:
+            return self._chain[0].bw_capped  # the fixed chain: the owner envelope (if any) first
+        lim = scope.owner_limiter(owner)
+        return lim is not None and lim.bw_capped
 
     def allowance(self, direction: str, want: int, now: float) -> int:
         """TCP: how many of ``want`` bytes the next read may move now (nothing is taken yet).

@@ -18,7 +18,7 @@ from functools import partial
 
 from ..log import log
 from ..model import Rule
-from ..netio import Acceptor, Connect, errno_name
+from ..netio import Acceptor, Dialer, errno_name
 from .context import REPEAT_LOG_EVERY, BindError, RelayContext, bind_socket
 from .enforce import QUOTA_REFUSED
 from . import proxy_protocol
@@ -42,16 +42,18 @@ def reset_and_close(sock: socket.socket) -> None:
     sock.close()
 
 
-class TcpSession:
+class TcpSession(Dialer):
     """One accepted connection and its upstream.
 
     Built by the relay once the connection is admitted, and that is all the relay does: the
     constructor joins the owner's quota members and the relay's live sessions, counts the
     connection and starts dialing (one call per connection, not three). ``candidates`` is an
-    iterator over the target set's order (a list the set replaces, never mutates)."""
+    iterator over the target set's order (a list the set replaces, never mutates). It dials the
+    upstream itself (``netio.Dialer``: no connect object per connection); ``dialed`` is where
+    the dial ends."""
 
     __slots__ = ("relay", "ctx", "csock", "listen_port", "counters", "up", "candidates",
-                 "addrs", "target_port", "dial", "pumps", "closed", "target_state", "header_left",
+                 "addrs", "target_port", "pumps", "closed", "target_state", "header_left",
                  "header_timer", "replay", "ticket", "quota")
 
     def __init__(self, relay: "TcpRuleRelay", csock: socket.socket, listen_port: int, replay: bytes = b"",
@@ -62,7 +64,7 @@ class TcpSession:
         self.listen_port = listen_port
         counters = self.counters = relay.counters.ports[listen_port]
         self.up: socket.socket | None = None
-        self.dial: Connect | None = None
+        self.dial_done = True  # no dial in flight (netio.Dialer)
         self.header_timer = None
         self.header_left = 0
         self.pumps: tuple = ()
@@ -126,16 +128,14 @@ class TcpSession:
     def _dial(self, fam: int, ip: str) -> None:
         ctx = self.ctx
         try:
-            self.dial = Connect(ctx.loop, ip, self.target_port, ctx.connect_timeout, self._on_dialed,
-                                family=fam, plain=True)
+            self.dial(ctx.loop, ip, self.target_port, ctx.connect_timeout, fam, True)
         except OSError as exc:
             log.limited("warn", "proxy.upstream_socket_failed", key=self.relay.rule.rule_id,
                         every=REPEAT_LOG_EVERY, rule=self.relay.rule.rule_id, errno_name=errno_name(exc))
             self.close()
 
-    def _on_dialed(self, up: socket.socket | None, reason: str | None) -> None:
-        """The dial ended: fail over to the next address / target, or start relaying."""
-        self.dial = None
+    def dialed(self, up: socket.socket | None, reason: str | None) -> None:
+        """The dial ended (``netio.Dialer``): fail over to the next address / target, or relay."""
         if up is None:
             self.relay.counters.connect_failures += 1
             self._dial_next_addr()
@@ -240,9 +240,8 @@ class TcpSession:
         if self.closed:
             return
         self.closed = True
-        if self.dial is not None:
-            self.dial.cancel()
-            self.dial = None
+        if not self.dial_done:
+            self.cancel_dial()
         if self.header_timer is not None:
             self.header_timer.cancel()
             self.header_timer = None

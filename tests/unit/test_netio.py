@@ -134,10 +134,10 @@ def test_connect_timeout_closes_the_socket_and_says_timeout(listener):
     c = Connect(fake, "127.0.0.1", listener.getsockname()[1], 3.0, lambda s, r: got.append((s, r)))
     (timer,) = fake.timers
     assert timer.delay == 3.0
-    assert c.sock.fileno() in fake.writers
+    assert c.dial_sock.fileno() in fake.writers
     timer.fire()
     assert got == [(None, TIMEOUT)]
-    assert c.sock.fileno() == -1  # closed
+    assert c.dial_sock.fileno() == -1  # closed
     assert fake.writers == {}
 
 
@@ -145,7 +145,7 @@ def test_connect_success_cancels_its_deadline(listener):
     fake = FakeLoop()
     got = []
     c = Connect(fake, "127.0.0.1", listener.getsockname()[1], 3.0, lambda s, r: got.append((s, r)))
-    on_writable = fake.writers[c.sock.fileno()]
+    on_writable = fake.writers[c.dial_sock.fileno()]
     on_writable()  # loopback: the handshake is done by now
     (sock, reason), = got
     try:
@@ -173,8 +173,8 @@ def test_a_plain_epollout_hands_over_without_reading_so_error(listener):
 
         def __getattr__(self, name):
             return getattr(self._s, name)
-    real = c.sock
-    c.sock = Spy(real)
+    real = c.dial_sock
+    c.dial_sock = Spy(real)
     fake.writers[real.fileno()]()
     (sock, reason), = got
     try:
@@ -187,7 +187,7 @@ def test_cancelled_connect_never_calls_back_and_frees_its_socket(loop, listener)
     got = []
     c = Connect(loop, "127.0.0.1", listener.getsockname()[1], 5.0, lambda s, r: got.append((s, r)))
     c.cancel()
-    assert c.sock.fileno() == -1
+    assert c.dial_sock.fileno() == -1
     assert loop.run_until(lambda: got, 0.2) is False
     assert loop.watched_fds() == 1
     c.cancel()  # a second cancel is harmless
