@@ -173,6 +173,25 @@ class Loop:
             self._rollback(fd, h, "writer")
             raise
 
+    def set_reader(self, fd, callback: Callable) -> None:
+        """Make reading with ``callback`` the only interest in ``fd``: a writer it had is dropped in
+        the same update (one ``EPOLL_CTL_MOD`` for a dialed socket whose dialer's writer hands over
+        to a reader, where ``remove_writer`` + ``add_reader`` cost a drop and a new registration)."""
+        fd = fd if isinstance(fd, int) else fd.fileno()
+        h = self._handlers.get(fd)
+        if h is None:
+            h = self._new_handlers(fd)
+        had = h.reader is not None
+        h.reader = callback
+        if had and h.writer is None:
+            return  # already reading only: a new callback needs no syscall
+        h.writer = None
+        try:
+            self._update(fd, h)
+        except BaseException:
+            self._rollback(fd, h, "reader")
+            raise
+
     def _rollback(self, fd: int, h: _FdHandlers, which: str) -> None:
         setattr(h, which, None)
         if h.mask() == 0 and self._handlers.get(fd) is h:

@@ -1052,3 +1052,87 @@ def test_a_loop_idle_for_long_times_its_first_poll_from_now(loop):
     finally:
         loop._epoll = rec.real
     assert rec.timeouts == [-1, pytest.approx(1.0)]  # from a stale clock it would be 496 s
+
+
+class _CountingEpoll:
+    """The loop's real epoll, with each interest change recorded (what ``epoll_ctl`` would see)."""
+
+    def __init__(self, real):
+        self.real, self.ops = real, []
+
+    def register(self, fd, mask):
+        self.ops.append(("add", fd, mask))
+        return self.real.register(fd, mask)
+
+    def modify(self, fd, mask):
+        self.ops.append(("mod", fd, mask))
+        return self.real.modify(fd, mask)
+
+    def unregister(self, fd):
+        self.ops.append(("del", fd))
+        return self.real.unregister(fd)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_set_reader_hands_a_writer_over_to_a_reader_in_one_modify(loop, pair):
+    a, b = pair
+    ep = loop._epoll = _CountingEpoll(loop._epoll)
+    try:
+        writes, reads = [], []
+
+        def dialer():  # what a dialer's writer does on "connected": hand the fd to its reader
+            writes.append(1)
+            loop.set_reader(a, lambda: reads.append(a.recv(100)))
+        loop.add_writer(a, dialer)
+        assert loop.run_until(lambda: writes, WAIT)
+        b.send(b"reply")
+        assert loop.run_until(lambda: reads, WAIT)
+        spin(loop)
+        assert writes == [1] and reads == [b"reply"]  # the writer is gone, the reader works
+        assert ep.ops == [("add", a.fileno(), select.EPOLLOUT), ("mod", a.fileno(), select.EPOLLIN)]
+    finally:
+        loop._epoll = ep.real
+
+
+def test_set_reader_on_an_unwatched_fd_is_add_reader_and_a_new_callback_costs_nothing(loop, pair):
+    a, b = pair
+    ep = loop._epoll = _CountingEpoll(loop._epoll)
+    try:
+        got = []
+        loop.set_reader(a, lambda: got.append(("first", a.recv(100))))
+        loop.set_reader(a, lambda: got.append(("second", a.recv(100))))  # replaces the callback
+        b.send(b"x")
+        assert loop.run_until(lambda: got, WAIT)
+        assert got == [("second", b"x")]
+        assert ep.ops == [("add", a.fileno(), select.EPOLLIN)]
+        assert loop.remove_reader(a) is True
+    finally:
+        loop._epoll = ep.real
+
+
+def test_set_reader_on_a_number_dropped_and_reused_in_the_same_turn_watches_the_new_file(loop):
+    """A dialer's fd whose interest was dropped (deferred DEL) and whose number was closed and
+    reused before the next poll: set_reader registers the new file instead of trusting the old mask."""
+    a1, b1 = socket.socketpair()
+    loop.add_writer(a1, lambda: None)
+    loop.remove_writer(a1)  # the DEL waits for the next poll
+    fd = a1.fileno()
+    a1.close()
+    b1.close()
+    a2, b2 = socket.socketpair()
+    try:
+        if a2.fileno() != fd:
+            a2, b2 = b2, a2
+        if a2.fileno() != fd:
+            pytest.skip("the kernel did not reuse the number")
+        got = []
+        loop.set_reader(a2, lambda: got.append(a2.recv(10)))
+        b2.send(b"new")
+        assert loop.run_until(lambda: got, WAIT)
+        assert got == [b"new"]
+        loop.forget(a2)
+    finally:
+        a2.close()
+        b2.close()
