@@ -81,15 +81,20 @@ class Enforcer:
     def admit(self, rule: Rule, protocol: str) -> tuple[Ticket, QuotaHandle | None] | str:
         """At accept / flow creation: the quota first (an exhausted pair refuses everything), then
         the owner envelope and the rule's caps. Returns (ticket, quota) or the refusal reason."""
-        quota = self.quota_for_user(rule.owner) if rule.owner else None
-        if quota is not None and quota.exhausted:
-            return QUOTA_REFUSED
-        if rule.rule_id not in self.limits.rules:
+        owner = rule.owner
+        if owner:
+            quota = self.quota_for_user(owner)
+            if quota.exhausted:
+                return QUOTA_REFUSED
+        else:
+            quota = None
+        limits, rule_id = self.limits, rule.rule_id
+        if rule_id not in limits.rules:
             self.set_rule(rule)
-        verdict = self.limits.admit(rule.rule_id, protocol, self.loop.time())
-        if isinstance(verdict, str):
-            log.limited("info", "rate_limit.rejected", key=f"{rule.rule_id}:{verdict}", every=60.0,
-                        rule=rule.rule_id, reason=verdict)
+        verdict = limits.admit(rule_id, protocol, self.loop.time())
+        if verdict.__class__ is str:  # a reject reason (a Ticket otherwise)
+            log.limited("info", "rate_limit.rejected", key=f"{rule_id}:{verdict}", every=60.0,
+                        rule=rule_id, reason=verdict)
             return verdict
         return verdict, quota
 

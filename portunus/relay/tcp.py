@@ -98,7 +98,11 @@ class TcpSession(Dialer):
         if literal is not None:  # an IP literal: its one address, no resolver round, no closure
             self.addrs = ()
             fam, ip = literal[0]
-            self._dial(fam, ip)
+            ctx = self.ctx
+            try:  # self._dial(fam, ip), inline: once per connection
+                self.dial(ctx.loop, ip, self.target_port, ctx.connect_timeout, fam, True)
+            except OSError as exc:
+                self._no_socket(exc)
             return
         self.ctx.resolver.resolve(target.host, rule.prefer_ipv6,
                                   lambda addrs, err: self._on_resolved(state, addrs, err))
@@ -130,9 +134,13 @@ class TcpSession(Dialer):
         try:
             self.dial(ctx.loop, ip, self.target_port, ctx.connect_timeout, fam, True)
         except OSError as exc:
-            log.limited("warn", "proxy.upstream_socket_failed", key=self.relay.rule.rule_id,
-                        every=REPEAT_LOG_EVERY, rule=self.relay.rule.rule_id, errno_name=errno_name(exc))
-            self.close()
+            self._no_socket(exc)
+
+    def _no_socket(self, exc: OSError) -> None:
+        """No socket for the upstream (e.g. EMFILE): the client's connection ends."""
+        log.limited("warn", "proxy.upstream_socket_failed", key=self.relay.rule.rule_id,
+                    every=REPEAT_LOG_EVERY, rule=self.relay.rule.rule_id, errno_name=errno_name(exc))
+        self.close()
 
     def dialed(self, up: socket.socket | None, reason: str | None) -> None:
         """The dial ended (``netio.Dialer``): fail over to the next address / target, or relay."""

@@ -1,0 +1,229 @@
+"""The relay session dials the upstream itself (``netio.Dialer``) and owns its whole lifecycle.
+
+- ``Dialer``: ``dialed`` once per dial, from the loop; a redial from inside ``dialed`` works;
+  ``cancel_dial`` before any dial or after the hand-over is a no-op, in flight it closes the
+  socket and ``dialed`` never runs.
+- ``TcpSession`` (through a real ``TcpRuleRelay``): a refused address fails over to the next
+  target; no socket for the upstream (EMFILE) ends the client's connection and gives back the
+  session, its count and its admission; the last session of a draining relay calls ``on_idle``
+  once; one target's order is handed out as is and never changed by the sessions using it.
+- ``Ticket.bandwidth_capped`` of a fixed chain (owner envelope, rule) follows the envelope.
+
+Real loopback sockets on a real loop.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from conftest import free_port
+from portunus.loop import Loop
+from portunus.model import Rule
+from portunus.netio import Dialer
+from portunus.relay.context import RelayContext
+from portunus.relay.limits import Limiter, Ticket
+from portunus.relay.stats import RuleCounters
+from portunus.relay.tcp import TcpRuleRelay, TcpSession
+
+from test_netio import WAIT, listener, loop  # noqa: F401  (the same real-loop and listener fixtures)
+
+pytestmark = pytest.mark.timeout(15)
+
+
+class Redialer(Dialer):
+    """Dials each address in turn until one connects (what a session does across targets)."""
+
+    __slots__ = ("lp", "addrs", "outcomes")
+
+    def __init__(self, loop, addrs):
+        self.lp = loop
+        self.addrs = list(addrs)
+        self.outcomes = []
+        self.dial_done = True  # nothing in flight yet
+        self.next()
+
+    def next(self):
+        ip, port = self.addrs.pop(0)
+        self.dial(self.lp, ip, port, 2.0, None, True)
+
+    def dialed(self, sock, reason):
+        self.outcomes.append((sock, reason))
+        if sock is None and self.addrs:
+            self.next()  # from inside dialed: the next dial starts at once
+
+
+def test_a_dialer_reports_each_dial_once_and_may_redial_from_inside_dialed(loop, listener):
+    d = Redialer(loop, [("127.0.0.1", free_port()), ("127.0.0.1", listener.getsockname()[1])])
+    assert d.outcomes == []  # never from inside dial
+    assert loop.run_until(lambda: len(d.outcomes) == 2, WAIT)
+    (none, refused), (sock, ok) = d.outcomes
+    try:
+        assert none is None and refused == "ECONNREFUSED"
+        assert ok is None and sock.getpeername() == listener.getsockname()
+        assert isinstance(sock, socket.SocketType) and sock.getblocking() is False
+        assert loop.watched_fds() == 1  # handed over: only the loop's own wake-up pipe
+        d.cancel_dial()  # after the hand-over: nothing to cancel, the socket stays the owner's
+        assert sock.fileno() >= 0
+    finally:
+        sock.close()
+    loop.run_until(lambda: False, 0.1)
+    assert len(d.outcomes) == 2  # and nothing more arrives
+
+
+def test_cancel_dial_before_any_dial_is_harmless_and_in_flight_closes_without_a_report(loop, listener):
+    class Idle(Dialer):
+        __slots__ = ("got",)
+
+        def dialed(self, sock, reason):
+            self.got.append((sock, reason))
+
+    d = Idle()
+    d.got = []
+    d.dial_done = True
+    d.cancel_dial()  # no dial yet
+    d.dial(loop, "127.0.0.1", listener.getsockname()[1], 2.0)
+    sock = d.dial_sock
+    d.cancel_dial()
+    assert sock.fileno() == -1 and loop.watched_fds() == 1
+    assert loop.run_until(lambda: d.got, 0.2) is False
+    d.cancel_dial()  # twice: still nothing
+
+
+# ---------------------------------------------------------------- sessions on a real relay
+
+@pytest.fixture
+def upstream():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(16)
+    yield s
+    s.close()
+
+
+def make_relay(loop, targets):
+    ctx = RelayContext(loop)
+    rule = Rule.from_dict({"rule_id": "s", "listen_port": free_port(), "listen_host": "127.0.0.1",
+                           "targets": targets})
+    relay = TcpRuleRelay(ctx, rule, RuleCounters(rule.listen_ports))
+    relay.bind()
+    relay.start()
+    return relay
+
+
+def stop(relay):
+    relay.close_listeners()
+    relay.abort_sessions()
+    relay.ctx.close()
+
+
+def recv_all(sock) -> bytes:
+    out = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return out
+        if not chunk:
+            return out
+        out += chunk
+
+
+def test_a_refused_first_target_fails_over_to_the_next_and_the_bytes_flow(loop, upstream):
+    dead = free_port()
+    relay = make_relay(loop, [{"host": "127.0.0.1", "port": dead, "priority": 1},
+                              {"host": "127.0.0.1", "port": upstream.getsockname()[1], "priority": 2}])
+    try:
+        c = socket.create_connection(("127.0.0.1", relay.rule.listen_port), timeout=5)
+        assert loop.run_until(lambda: any(s.pumps for s in relay.sessions), WAIT)
+        srv, _ = upstream.accept()
+        c.sendall(b"ping")
+        srv.settimeout(5)
+        assert loop.run_until(lambda: relay.counters.total("bytes_in") == 4, WAIT)
+        assert srv.recv(16) == b"ping"
+        assert relay.counters.connect_failures == 1
+        c.close()
+        srv.close()
+        assert loop.run_until(lambda: not relay.sessions, WAIT)
+        assert relay.counters.total("active_connections") == 0
+        assert relay.ctx.enforcer.limits.rules["s"].concurrent == 0
+    finally:
+        stop(relay)
+
+
+def test_no_socket_for_the_upstream_ends_the_client_and_gives_everything_back(loop, upstream, monkeypatch):
+    relay = make_relay(loop, [{"host": "127.0.0.1", "port": upstream.getsockname()[1]}])
+
+    def no_fds(self, *args):
+        raise OSError(24, "Too many open files")  # EMFILE, from creating the upstream socket
+    try:
+        monkeypatch.setattr(TcpSession, "dial", no_fds)
+        c = socket.create_connection(("127.0.0.1", relay.rule.listen_port), timeout=5)
+        assert loop.run_until(lambda: relay.counters.total("connections_total") == 1 and not relay.sessions, WAIT)
+        assert recv_all(c) == b""  # closed, nothing relayed
+        c.close()
+        assert relay.counters.total("active_connections") == 0
+        assert relay.ctx.enforcer.limits.rules["s"].concurrent == 0
+        monkeypatch.undo()
+        c = socket.create_connection(("127.0.0.1", relay.rule.listen_port), timeout=5)
+        assert loop.run_until(lambda: any(s.pumps for s in relay.sessions), WAIT)  # and the next one dials
+        c.close()
+    finally:
+        stop(relay)
+
+
+def test_the_last_session_of_a_draining_relay_calls_on_idle_once(loop, upstream):
+    relay = make_relay(loop, [{"host": "127.0.0.1", "port": upstream.getsockname()[1]}])
+    idle = []
+    try:
+        clients = [socket.create_connection(("127.0.0.1", relay.rule.listen_port), timeout=5) for _ in range(3)]
+        assert loop.run_until(lambda: len([s for s in relay.sessions if s.pumps]) == 3, WAIT)
+        servers = [upstream.accept()[0] for _ in range(3)]
+        relay.close_listeners()
+        relay.on_idle = lambda: idle.append(len(relay.sessions))
+        for c, s in zip(clients, servers):
+            c.close()
+            s.close()
+        assert loop.run_until(lambda: idle, WAIT)
+        loop.run_until(lambda: False, 0.1)
+        assert idle == [0] and relay.on_idle is None
+    finally:
+        stop(relay)
+
+
+def test_one_targets_order_is_handed_out_as_is_and_no_session_changes_it(loop, upstream):
+    relay = make_relay(loop, [{"host": "127.0.0.1", "port": upstream.getsockname()[1]}])
+    order = relay.targets.candidates()
+    before = list(order)
+    try:
+        for _ in range(3):
+            c = socket.create_connection(("127.0.0.1", relay.rule.listen_port), timeout=5)
+            assert loop.run_until(lambda: any(s.pumps for s in relay.sessions), WAIT)
+            srv, _ = upstream.accept()
+            c.close()
+            srv.close()
+            assert loop.run_until(lambda: not relay.sessions, WAIT)
+        assert relay.targets.candidates() is order and order == before
+        assert order[0].connections == 3
+    finally:
+        stop(relay)
+
+
+def test_a_fixed_chain_ticket_follows_its_owner_envelope():
+    from portunus.model import RateLimit
+    bw = RateLimit.from_dict({"bandwidth_out_bps": 1000})
+    owner = Limiter("c", None, "alice", None, 0.0)
+    rule = Limiter("c", "r", "alice", None, 0.0)
+    live = {"alice": 1}
+    ticket = Ticket((owner, rule), rule, live)
+    assert not ticket.bandwidth_capped
+    owner.update(bw, 1.0)
+    assert ticket.bandwidth_capped
+    owner.update(None, 2.0)
+    rule.update(bw, 2.0)
+    assert ticket.bandwidth_capped
+    rule.update(None, 3.0)
+    assert not ticket.bandwidth_capped
+    ticket.release(3.0)
+    assert live == {} and rule.concurrent == -1  # the count the book would have raised at admit
