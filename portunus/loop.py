@@ -58,10 +58,10 @@ class Timer:
 class _FdHandlers:
     __slots__ = ("reader", "writer", "kmask")
 
-    def __init__(self):
-        self.reader: Callable | None = None
-        self.writer: Callable | None = None
-        self.kmask = 0  # the mask epoll holds for this fd (0: not registered)
+    def __init__(self, reader: Callable | None = None, writer: Callable | None = None, kmask: int = 0):
+        self.reader = reader
+        self.writer = writer
+        self.kmask = kmask  # the mask epoll holds for this fd (0: not registered)
 
     def mask(self) -> int:
         return (EVENT_READ if self.reader else 0) | (EVENT_WRITE if self.writer else 0)
@@ -98,20 +98,26 @@ class Loop:
     time = staticmethod(time.monotonic)  # loop.time() is the C call itself (read several times per event)
 
     # ---- fd interest ------------------------------------------------------
+    def _drop(self, fd: int, h: _FdHandlers) -> None:
+        """``h`` has no interest left: forget it; the EPOLL_CTL_DEL (if the kernel holds a mask)
+        waits for the next poll, where a new interest in the same fd meanwhile turns it into a MOD."""
+        del self._handlers[fd]
+        kmask = h.kmask
+        if kmask:
+            h.kmask = 0
+            if self._dispatching:
+                self._dropped.add(fd)
+            self._pending_del[fd] = kmask & ~_STALE
+
     def _update(self, fd: int, h: _FdHandlers) -> None:
         mask = (EVENT_READ if h.reader else 0) | (EVENT_WRITE if h.writer else 0)
         kmask = h.kmask
-        if mask == kmask:
-            if mask == 0:
-                del self._handlers[fd]
-            return
         if mask == 0:
-            h.kmask = 0
-            del self._handlers[fd]
-            if self._dispatching:
-                self._dropped.add(fd)
-            self._pending_del[fd] = kmask & ~_STALE  # the EPOLL_CTL_DEL waits for the next poll
-        elif kmask:
+            self._drop(fd, h)
+            return
+        if mask == kmask:
+            return
+        if kmask:
             try:
                 self._epoll.modify(fd, mask)
             except FileNotFoundError:
@@ -134,6 +140,11 @@ class Loop:
         fd = fd if isinstance(fd, int) else fd.fileno()
         h = self._handlers.get(fd)
         if h is None:
+            pending = self._pending_del
+            if not pending or fd not in pending:  # a new fd (once per socket): straight to the kernel
+                self._epoll.register(fd, EVENT_READ)  # raises before anything is recorded
+                self._handlers[fd] = _FdHandlers(callback, None, EVENT_READ)
+                return
             h = self._new_handlers(fd)
         if h.reader is callback:
             return
@@ -153,13 +164,21 @@ class Loop:
         if h is None or h.reader is None:
             return False
         h.reader = None
-        self._update(fd, h)
+        if h.writer is None:
+            self._drop(fd, h)  # the last interest (an EOF, a handed-over dialer): _update's mask-0 case
+        else:
+            self._update(fd, h)
         return True
 
     def add_writer(self, fd, callback: Callable) -> None:
         fd = fd if isinstance(fd, int) else fd.fileno()
         h = self._handlers.get(fd)
         if h is None:
+            pending = self._pending_del
+            if not pending or fd not in pending:  # a new fd: straight to the kernel (see add_reader)
+                self._epoll.register(fd, EVENT_WRITE)
+                self._handlers[fd] = _FdHandlers(None, callback, EVENT_WRITE)
+                return
             h = self._new_handlers(fd)
         if h.writer is callback:
             return
@@ -206,7 +225,10 @@ class Loop:
         if h is None or h.writer is None:
             return False
         h.writer = None
-        self._update(fd, h)
+        if h.reader is None:
+            self._drop(fd, h)
+        else:
+            self._update(fd, h)
         return True
 
     def forget(self, fd, closing: bool = False) -> None:
