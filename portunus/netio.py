@@ -78,6 +78,12 @@ class Dialer:
 
     __slots__ = ("loop", "dial_sock", "dial_timer", "dial_done")
 
+    # True in a subclass: a connected socket is handed to ``dialed`` still watched for writing by
+    # the dialer's callback, and ``dialed`` must replace that interest before it returns (e.g.
+    # ``loop.set_reader``: one EPOLL_CTL_MOD where remove_writer + add_reader drop and re-add).
+    # Left there, a level-triggered writable socket would wake the loop on every turn.
+    hands_over_writer = False
+
     def dialed(self, sock: socket.socket | None, reason: str | None) -> None:
         raise NotImplementedError
 
@@ -110,7 +116,8 @@ class Dialer:
         # the cancelled timer stays referenced until the next dial (nothing reads it once done)
         self.dial_done = True
         self.dial_timer.cancel()
-        self.loop.remove_writer(sock.fileno())  # handed over: see _dial_release
+        if not self.hands_over_writer:
+            self.loop.remove_writer(sock.fileno())  # handed over: see _dial_release
         self.dialed(sock, None)
 
     def _dial_finish(self, reason: str | None) -> None:

@@ -227,3 +227,40 @@ def test_a_fixed_chain_ticket_follows_its_owner_envelope():
     assert not ticket.bandwidth_capped
     ticket.release(3.0)
     assert live == {} and rule.concurrent == -1  # the count the book would have raised at admit
+
+
+def test_a_dialer_that_hands_over_its_writer_leaves_the_interest_to_dialed(loop, listener):
+    """``hands_over_writer``: ``dialed`` gets the socket still watched for writing and replaces
+    that interest itself (``set_reader``); the dialer's callback is never run again."""
+    class Handing(Dialer):
+        __slots__ = ("got", "reads", "wakes")
+        hands_over_writer = True
+
+        def _dial_writable(self):
+            self.wakes += 1
+            super()._dial_writable()
+
+        def dialed(self, sock, reason):
+            self.got.append((sock, reason))
+            if sock is not None:
+                loop.set_reader(sock, lambda: self.reads.append(sock.recv(16)))
+
+    d = Handing()
+    d.got, d.reads, d.wakes = [], [], 0
+    d.dial(loop, "127.0.0.1", listener.getsockname()[1], 2.0, None, True)
+    assert loop.run_until(lambda: d.got, WAIT)
+    (sock, reason), = d.got
+    srv = None
+    try:
+        assert reason is None and loop.watched_fds() == 2  # the wake-up pipe and this socket
+        srv, _ = listener.accept()
+        srv.sendall(b"hello")
+        assert loop.run_until(lambda: d.reads, WAIT)
+        loop.run_until(lambda: False, 0.1)
+        assert d.reads == [b"hello"] and len(d.got) == 1
+        assert d.wakes == 1  # the writable socket no longer wakes the dialer
+    finally:
+        loop.forget(sock, True)
+        sock.close()
+        if srv is not None:
+            srv.close()
