@@ -278,3 +278,30 @@ def test_a_reply_read_by_recv_into_passes_the_quota_whole_or_not_at_all(rigs):
     assert calls_on(rig.recv_spy, flow.fd) == []  # both read by recv_into
     assert snap["datagrams_out"] == 3 and snap["quota_dropped"] == 1
     assert handle.exhausted and handle.remaining == 50 and rig.drain(a)[-1:] == [b"s" * 100]
+
+
+@needs_batch
+def test_an_icmp_error_met_by_the_recv_into_of_a_reply_evicts_only_that_flow(rigs):
+    """A flow that reads its replies by recv_into (one alone last time) whose target went away:
+    the ICMP port unreachable drawn by its next datagram surfaces on that recv and evicts it; a
+    flow of another source, to the same rule, is untouched."""
+    rig = rigs("batched")
+    (a, b), (src_a, src_b) = up_flows(rig, 2)
+    clock = Clock(rig)
+    clock.step()
+    for src in (src_a, src_b):
+        rig.target.sendto(b"r", src)
+    rig.run_until(lambda: rig.snap()["datagrams_out"] == 2, "the first replies")
+    fa = flow_of(rig, a)
+    fd = fa.fd
+    assert not fa.burst
+    port = rig.target.getsockname()[1]
+    rig.target.close()  # the target's port stays unbound: the next datagram draws an ICMP error
+    clock.step()
+    rig.recv_spy.calls.clear()
+    a.sendto(b"gone", ("127.0.0.1", rig.listen))
+    rig.run_until(lambda: rig.snap()["flows_evicted_icmp"] == 1, "the eviction")
+    assert calls_on(rig.recv_spy, fd) == [] and fa.closed  # met by recv_into, not recvmmsg
+    assert (rig.listen, b.getsockname()) in rig.relay.flows and rig.snap()["active_flows"] == 1
+    rig.target = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # for the rig's close
+    rig.target.bind(("127.0.0.1", port))
