@@ -398,8 +398,9 @@ class Flow:
                 relay.evict_icmp(self, exc)
             return
         self.last_seen = now
-        ticket = self.ticket
-        if (self.quota is not None or (ticket is not None and relay.maybe_capped() and ticket.bandwidth_capped)) \
+        # the quota, and the cap (maybe_capped's answer read inline while CAP_EPOCH stands)
+        if (self.quota is not None or ((relay._may_cap or relay._cap_epoch != CAP_EPOCH[0])
+                                       and relay.maybe_capped() and self.capped())) \
                 and not self.passes("out", n):
             return
         q = b.q_n

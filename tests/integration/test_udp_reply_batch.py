@@ -305,3 +305,46 @@ def test_an_icmp_error_met_by_the_recv_into_of_a_reply_evicts_only_that_flow(rig
     assert (rig.listen, b.getsockname()) in rig.relay.flows and rig.snap()["active_flows"] == 1
     rig.target = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # for the rig's close
     rig.target.bind(("127.0.0.1", port))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("where", ["rule", "owner"])
+def test_a_bandwidth_cap_installed_after_admission_binds_replies_read_one_at_a_time(rigs, path, where):
+    """Four flows whose replies are read by recv_into (one waiting each, not read often): an out
+    cap hot-installed on the rule, or on its owner's envelope, binds their next replies; each
+    passes or drops whole and is counted."""
+    if path != "per_datagram" and mmsg._libc_calls() is None:
+        pytest.skip("no recvmmsg here")
+    from portunus.model import Rule
+    from portunus.ratelimit import RateLimit
+    rig = rigs(path, **({"owner": "alice"} if where == "owner" else {}))
+    if where == "owner":
+        rig.ctx.enforcer.quotas.apply_update(quota_set("alice", 1 << 40))
+    clients, srcs = up_flows(rig, 4)
+    clock = Clock(rig) if rig.batch is not None else None
+    if clock:
+        clock.step()
+    for src in srcs:
+        rig.target.sendto(b"r" * 100, src)
+    rig.run_until(lambda: rig.snap()["datagrams_out"] == 4, "4 replies, uncapped")
+    for c in clients:
+        rig.drain(c)
+    cap = RateLimit.from_dict({"bandwidth_out_bps": 1000})
+    if where == "rule":
+        rule = Rule.from_dict({**rig.rule.to_dict(), "rate_limit": cap.to_dict()})
+        assert rig.rt.activate(rule).state == "active" and rig.relay.flows  # a hot update: flows stay
+    else:
+        rig.rt.set_owner_cap("alice", cap)
+    dropped = lambda: rig.rt.snapshot("u")["rate_limit"]["bandwidth_dropped_out"]
+    for rnd in range(5):
+        if clock:
+            clock.step()
+        for src in srcs:
+            rig.target.sendto(b"c" * 400, src)
+        rig.run_until(lambda: rig.snap()["datagrams_out"] + dropped() == 4 + 4 * (rnd + 1), f"round {rnd}")
+    if rig.batch is not None:
+        assert all(not flow_of(rig, c).burst for c in clients)
+    passed = rig.snap()["datagrams_out"] - 4
+    assert 1 <= passed <= 3 and dropped() == 20 - passed  # a 1000 B/s bucket: two or three 400 B
+    assert rig.snap()["bytes_out"] == 400 + 400 * passed
+    assert sum(len(rig.drain(c)) for c in clients) == passed
