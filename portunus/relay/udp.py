@@ -878,20 +878,18 @@ def _count_out_singles(b: mmsg.Batch, start: int, end: int) -> None:
     socket: one port of one rule) added once."""
     flows, lens = b.q_flows, b.q_lens
     pc = flows[start].pc
-    dgrams = tot = 0
+    dgrams, tot = end - start, sum(lens[start:end])
     for i in range(start, end):
         f = flows[i]
-        n = lens[i]
-        f.target_state.bytes_out += n
-        if f.pc is not pc:  # never, while a queue is one listen socket's: counted exactly anyway
-            f.pc.datagrams_out += 1
-            f.pc.bytes_out += n
-        else:
-            dgrams += 1
-            tot += n
+        f.target_state.bytes_out += lens[i]
         if not f.answered:
             f.answered = True
             f.relay.targets.record_success(f.target_state)
+        if f.pc is not pc:  # never, while a queue is one listen socket's: counted exactly anyway
+            f.pc.datagrams_out += 1
+            f.pc.bytes_out += lens[i]
+            dgrams -= 1
+            tot -= lens[i]
     pc.datagrams_out += dgrams
     pc.bytes_out += tot
 
