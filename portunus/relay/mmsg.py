@@ -317,6 +317,10 @@ class Slots:
         self.addrs = [base + i * size for i in range(count)]
         self.addr_words = words(self.addrs)  # the same as words, for strided iov_base writes
         self.views = [self.view[i * size:(i + 1) * size] for i in range(count)]  # slot i, whole
+        # slot i's first cut_len[i] bytes, kept for the next datagram of that length there (a run
+        # of one is written from its slot: sizes repeat, a memoryview slice per datagram does not)
+        self.cuts = list(self.views)
+        self.cut_len = [-1] * count
 
     def data(self, i: int, n: int) -> memoryview:
         off = i * self.size

@@ -576,6 +576,7 @@ class UdpRuleRelay:
         loop = self.ctx.loop
         dontwait = mmsg.MSG_DONTWAIT
         views = b.inbound.views
+        cuts, cut_len = b.inbound.cuts, b.inbound.cut_len
         pc = self.counters.ports[port]  # every flow of this port counts here (Flow.pc)
         hu, lw = _HDR_U32, _LEN_WORD
 
@@ -624,8 +625,11 @@ class UdpRuleRelay:
                             n = lens[k]
                             if not flow.direct:
                                 qb += n  # the owner's quota, debited once at the end of the round
+                            if cut_len[k] != n:  # the slot cut to this length (kept: sizes repeat)
+                                cuts[k] = views[k][:n]
+                                cut_len[k] = n
                             try:
-                                send_one(flow.fd, views[k][:n])
+                                send_one(flow.fd, cuts[k])
                             except OSError as exc:
                                 flow.send_one_failed(exc)
                                 k = k1

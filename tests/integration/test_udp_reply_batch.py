@@ -348,3 +348,21 @@ def test_a_bandwidth_cap_installed_after_admission_binds_replies_read_one_at_a_t
     assert 1 <= passed <= 3 and dropped() == 20 - passed  # a 1000 B/s bucket: two or three 400 B
     assert rig.snap()["bytes_out"] == 400 + 400 * passed
     assert sum(len(rig.drain(c)) for c in clients) == passed
+
+
+@needs_batch
+def test_lone_datagrams_written_from_kept_slot_cuts_carry_each_round_s_own_bytes(rigs):
+    """A run of one is written from its receive slot cut to its length, the cut kept for the next
+    datagram of that length in that slot: rounds of other sizes and contents in the same slots
+    still send exactly what each datagram held."""
+    rig = rigs("batched")
+    clients, _ = up_flows(rig, 3)
+    rounds = [[b"a" * 10, b"b" * 20, b"c" * 10], [b"D" * 20, b"E" * 10, b"F" * 10], [b"g" * 10, b"h" * 10, b""]]
+    for rnd, sizes in enumerate(rounds):
+        base = rig.snap()["datagrams_in"]
+        rig.write_spy.calls.clear()
+        for c, data in zip(clients, sizes):
+            c.sendto(data, ("127.0.0.1", rig.listen))
+        rig.run_until(lambda: rig.snap()["datagrams_in"] == base + 3, f"round {rnd}")
+        assert sorted(d for d, _ in rig.target_drain()) == sorted(sizes)
+        assert sorted(d for _, d in rig.write_spy.calls) == sorted(sizes)  # each by write(2)
