@@ -333,13 +333,12 @@ class Pump:
         session = self.session
         pumps = session.pumps
         if len(pumps) == 2 and pumps[0].done and pumps[1].done:
-            session.pump_done()  # both directions ended: the close that follows sends the FIN
+            session.close()  # both directions ended: the close sends the FIN
             return
         try:
-            self.dst.shutdown(socket.SHUT_WR)  # preserve the half-close
+            self.dst.shutdown(socket.SHUT_WR)  # preserve the half-close; the other direction goes on
         except OSError:
             pass
-        session.pump_done()
 
     def release(self, clean: bool) -> None:
         if self.pipe is not None:
