@@ -4,7 +4,7 @@ Below ``relay/`` and ``control/``: imports only the standard library (and at
 most ``portunus.errors``/``portunus.log``). Everything here runs on the loop thread and never blocks.
 
 - ``Dialer`` / ``Connect``: one non-blocking TCP connect with a deadline (a base class / its
-  callback form).
+  callback form); ``DialDeadlines``: the deadlines of many dialers without a timer each.
 - ``Acceptor``: the accept loop of one listening socket, with back-off when the
   process runs out of file descriptors.
 - ``family_of``, ``errno_name``: the address-family and errno-naming helpers.
@@ -76,7 +76,7 @@ class Dialer:
     full wrapper (it goes on to ``ssl``).
     """
 
-    __slots__ = ("loop", "dial_sock", "dial_timer", "dial_done")
+    __slots__ = ("loop", "dial_sock", "dial_timer", "dial_done", "dial_deadline")
 
     # True in a subclass: a connected socket is handed to ``dialed`` still watched for writing by
     # the dialer's callback, and ``dialed`` must replace that interest before it returns (e.g.
@@ -88,7 +88,9 @@ class Dialer:
         raise NotImplementedError
 
     def dial(self, loop, ip: str, port: int, timeout: float, family: int | None = None,
-             plain: bool = False) -> None:
+             plain: bool = False, deadlines: "DialDeadlines | None" = None) -> None:
+        """Start a dial; with ``deadlines`` its deadline is kept there (no timer object per dial)
+        rather than in a coarse timer of its own."""
         sock = (_PLAIN if plain else socket.socket)(family or family_of(ip), _STREAM_NONBLOCK)  # one syscall
         if _SET_NONBLOCK:
             sock.setblocking(False)
@@ -97,7 +99,12 @@ class Dialer:
         self.dial_done = False
         rc = sock.connect_ex((ip, port))
         if rc in _DIALING:
-            self.dial_timer = loop.call_coarse(timeout, self._dial_finish, TIMEOUT)
+            if deadlines is None:
+                self.dial_timer = loop.call_coarse(timeout, self._dial_finish, TIMEOUT)
+            else:
+                self.dial_timer = None
+                self.dial_deadline = loop.time() + timeout
+                deadlines.add(self)
             loop.add_writer(sock.fileno(), self._dial_writable)
         else:
             self.dial_timer = None
@@ -113,9 +120,11 @@ class Dialer:
             self._dial_finish(None if err == 0 else errno_name(err))
             return
         # connected (the common case, once per connection): _dial_finish + _dial_release inline;
-        # the cancelled timer stays referenced until the next dial (nothing reads it once done)
+        # a cancelled timer stays referenced until the next dial (nothing reads it once done)
         self.dial_done = True
-        self.dial_timer.cancel()
+        timer = self.dial_timer
+        if timer is not None:
+            timer.cancel()
         if not self.hands_over_writer:
             self.loop.remove_writer(sock.fileno())  # handed over: see _dial_release
         self.dialed(sock, None)
@@ -147,6 +156,49 @@ class Dialer:
         """Abandon the dial in flight (if any) and close its socket; ``dialed`` is not called."""
         if not self.dial_done:
             self._dial_release(closing=True).close()
+
+
+class DialDeadlines:
+    """The connect deadlines of many dialers on one loop with no object per dial (``Dialer.dial``
+    with ``deadlines``): a dialer appends itself and keeps its deadline; while any is pending, one
+    timer per ``tick`` scans them and times out each whose current dial is past its deadline
+    (``TIMEOUT``, up to a tick late, never early). A finished dialer is dropped by the next scan,
+    so a dialer stays referenced here at most one tick after its dial ended; one dialing again
+    gets its new deadline (an entry left from its earlier dial reads the current one)."""
+
+    __slots__ = ("loop", "tick", "pending", "timer")
+
+    def __init__(self, loop, tick: float = 0.1):
+        self.loop = loop
+        self.tick = tick
+        self.pending: list[Dialer] = []
+        self.timer = None
+
+    def add(self, dialer: Dialer) -> None:
+        self.pending.append(dialer)
+        if self.timer is None:
+            self.timer = self.loop.call_later(self.tick, self._scan)
+
+    def _scan(self) -> None:
+        self.timer = None
+        now = self.loop.time()
+        scanned, self.pending = self.pending, []
+        keep = self.pending.append
+        for d in scanned:
+            if d.dial_done:
+                continue
+            if now >= d.dial_deadline:
+                d._dial_finish(TIMEOUT)  # may dial again: that appends it anew
+            else:
+                keep(d)
+        if self.pending and self.timer is None:
+            self.timer = self.loop.call_later(self.tick, self._scan)
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.pending = []
 
 
 class Connect(Dialer):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import socket
 
-from ..netio import family_of
+from ..netio import DialDeadlines, family_of
 from .enforce import Enforcer
 from .resolver import Resolver
 from .splice import PipePool
@@ -49,6 +49,7 @@ class RelayContext:
         self.resolver = resolver or Resolver(loop)
         self.pipes = PipePool()
         self.connect_timeout = connect_timeout
+        self.dial_deadlines = DialDeadlines(loop)  # the upstream dials' deadlines: no timer per dial
         self.copy_view = memoryview(bytearray(COPY_CHUNK))
         self.udp_view = memoryview(bytearray(UDP_MAX_DATAGRAM))
         self.splice_selected_rules: set[str] = set()
@@ -87,6 +88,7 @@ class RelayContext:
             self._keepalive_timer.cancel()
             self._keepalive_timer = None
         self.keepalive_pending = set()
+        self.dial_deadlines.close()
         for listener in list(self.shared_listeners.values()):
             listener.close()
         self.pipes.close()

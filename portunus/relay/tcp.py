@@ -100,7 +100,7 @@ class TcpSession(Dialer):
             fam, ip = literal[0]
             ctx = self.ctx
             try:  # self._dial(fam, ip), inline: once per connection
-                self.dial(ctx.loop, ip, self.target_port, ctx.connect_timeout, fam, True)
+                self.dial(ctx.loop, ip, self.target_port, ctx.connect_timeout, fam, True, ctx.dial_deadlines)
             except OSError as exc:
                 self._no_socket(exc)
             return
@@ -132,7 +132,7 @@ class TcpSession(Dialer):
     def _dial(self, fam: int, ip: str) -> None:
         ctx = self.ctx
         try:
-            self.dial(ctx.loop, ip, self.target_port, ctx.connect_timeout, fam, True)
+            self.dial(ctx.loop, ip, self.target_port, ctx.connect_timeout, fam, True, ctx.dial_deadlines)
         except OSError as exc:
             self._no_socket(exc)
 

@@ -102,8 +102,8 @@ def upstream():
     s.close()
 
 
-def make_relay(loop, targets):
-    ctx = RelayContext(loop)
+def make_relay(loop, targets, **ctx_options):
+    ctx = RelayContext(loop, **ctx_options)
     rule = Rule.from_dict({"rule_id": "s", "listen_port": free_port(), "listen_host": "127.0.0.1",
                            "targets": targets})
     relay = TcpRuleRelay(ctx, rule, RuleCounters(rule.listen_ports))
@@ -264,3 +264,174 @@ def test_a_dialer_that_hands_over_its_writer_leaves_the_interest_to_dialed(loop,
         sock.close()
         if srv is not None:
             srv.close()
+
+
+# ---------------------------------------------------------------- DialDeadlines
+
+class Clock:
+    """A loop's time and call_later, moved by hand."""
+
+    def __init__(self):
+        self.now = 100.0
+        self.timers = []
+
+    def time(self):
+        return self.now
+
+    def call_later(self, delay, cb, *args):
+        t = [self.now + delay, cb, args, False]
+        self.timers.append(t)
+
+        class Handle:
+            def cancel(_self):
+                t[3] = True
+        return Handle()
+
+    def advance(self, dt):
+        """Move time and run what falls due (timers armed meanwhile run when they fall due too)."""
+        end = self.now + dt
+        while True:
+            due = sorted((t for t in self.timers if not t[3] and t[0] <= end), key=lambda t: t[0])
+            if not due:
+                break
+            t = due[0]
+            self.timers.remove(t)
+            self.now = max(self.now, t[0])
+            t[1](*t[2])
+        self.now = end
+
+    def armed(self):
+        return [t for t in self.timers if not t[3]]
+
+
+class Stub:
+    """What DialDeadlines reads of a dialer; ``_dial_finish`` records and may dial again."""
+
+    def __init__(self, book, clock, timeout, redial=0):
+        self.book, self.clock, self.timeout, self.redial = book, clock, timeout, redial
+        self.finished = []
+        self.start()
+
+    def start(self):
+        self.dial_done = False
+        self.dial_deadline = self.clock.now + self.timeout
+        self.book.add(self)
+
+    def _dial_finish(self, reason):
+        assert not self.dial_done
+        self.dial_done = True
+        self.finished.append((self.clock.now, reason))
+        if self.redial:
+            self.redial -= 1
+            self.start()
+
+
+def test_a_deadline_fires_at_the_first_scan_at_or_after_it_never_before():
+    from portunus.netio import TIMEOUT, DialDeadlines
+    clock = Clock()
+    book = DialDeadlines(clock, tick=0.1)
+    a = Stub(book, clock, 0.25)
+    clock.advance(0.2)
+    assert a.finished == []  # scans at +0.1 and +0.2: not yet due
+    clock.advance(0.05)
+    assert a.finished == []  # due at +0.25, but the next scan is at +0.3
+    clock.advance(0.05)
+    (at, reason), = a.finished
+    assert reason == TIMEOUT and 0.25 <= at - 100.0 <= 0.25 + 0.1 + 1e-9
+    assert clock.armed() == [] and book.pending == []  # nothing pending: no timer
+
+
+def test_finished_dials_are_dropped_at_the_next_scan_and_never_time_out():
+    from portunus.netio import DialDeadlines
+    clock = Clock()
+    book = DialDeadlines(clock, tick=0.1)
+    done = [Stub(book, clock, 3.0) for _ in range(5)]
+    slow = Stub(book, clock, 3.0)
+    for d in done:
+        d.dial_done = True  # connected (or cancelled)
+    clock.advance(0.1)
+    assert book.pending == [slow]  # the finished ones are no longer referenced
+    clock.advance(3.0)
+    assert [d.finished for d in done] == [[]] * 5
+    assert len(slow.finished) == 1 and book.pending == [] and clock.armed() == []
+
+
+def test_a_dialer_that_dials_again_gets_its_own_new_deadline():
+    from portunus.netio import TIMEOUT, DialDeadlines
+    clock = Clock()
+    book = DialDeadlines(clock, tick=0.1)
+    d = Stub(book, clock, 0.5, redial=1)  # times out, dials the next address from inside
+    clock.advance(0.65)  # due at +0.5: fired by the scan at +0.5 or +0.6
+    assert [r for _, r in d.finished] == [TIMEOUT] and not d.dial_done
+    clock.advance(0.3)
+    assert len(d.finished) == 1  # the new dial's deadline is 0.5 s after it started, not the old one
+    clock.advance(0.3)
+    assert len(d.finished) == 2 and d.finished[1][0] - d.finished[0][0] >= 0.5
+
+
+def test_an_entry_left_by_an_earlier_dial_reads_the_current_deadline():
+    from portunus.netio import DialDeadlines
+    clock = Clock()
+    book = DialDeadlines(clock, tick=0.1)
+    d = Stub(book, clock, 0.15)
+    d.dial_done = True      # the first dial failed fast (refused) ...
+    d.start()               # ... and the next address is dialed before any scan: two entries
+    d.dial_deadline = clock.now + 1.0
+    clock.advance(0.5)
+    assert d.finished == []  # neither entry fires early
+    clock.advance(0.6)
+    assert len(d.finished) == 1 and book.pending == []  # fired once, both entries gone
+
+
+def test_closing_the_book_cancels_its_timer_and_forgets_the_dialers():
+    from portunus.netio import DialDeadlines
+    clock = Clock()
+    book = DialDeadlines(clock, tick=0.1)
+    d = Stub(book, clock, 0.2)
+    book.close()
+    clock.advance(1.0)
+    assert d.finished == [] and book.pending == [] and clock.armed() == []
+
+
+def test_a_relay_session_dial_keeps_its_deadline_in_the_contexts_book(loop, listener):
+    """The relay's dials use the context's DialDeadlines (no timer per dial) and still connect."""
+    target = listener.getsockname()[1]
+    relay = make_relay(loop, [{"host": "127.0.0.1", "port": target}])
+    try:
+        c = socket.create_connection(("127.0.0.1", relay.rule.listen_port), timeout=5)
+        assert loop.run_until(lambda: relay.sessions, WAIT)
+        (session,) = relay.sessions
+        assert session.dial_timer is None and session in relay.ctx.dial_deadlines.pending
+        assert loop.run_until(lambda: session.pumps, WAIT)
+        assert loop.run_until(lambda: not relay.ctx.dial_deadlines.pending, WAIT)  # dropped by the next scan
+        c.close()
+    finally:
+        stop(relay)
+
+
+def test_a_dial_that_never_completes_times_out_and_fails_over_to_the_next_target(loop, upstream):
+    """A real hanging connect (a listener whose accept queue is full drops the SYN), on the
+    context's deadline book: the first target times out, the second one carries the bytes."""
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    filler = socket.create_connection(full.getsockname(), timeout=5)  # the one queue slot
+    relay = make_relay(loop, [{"host": "127.0.0.1", "port": full.getsockname()[1], "priority": 1},
+                              {"host": "127.0.0.1", "port": upstream.getsockname()[1], "priority": 2}],
+                       connect_timeout=0.3)
+    try:
+        c = socket.create_connection(("127.0.0.1", relay.rule.listen_port), timeout=5)
+        assert loop.run_until(lambda: any(s.pumps for s in relay.sessions), WAIT)
+        assert relay.counters.connect_failures == 1  # the timeout, counted as a failed connect
+        srv, _ = upstream.accept()
+        c.sendall(b"late")
+        srv.settimeout(5)
+        assert loop.run_until(lambda: relay.counters.total("bytes_in") == 4, WAIT)
+        assert srv.recv(16) == b"late"
+        c.close()
+        srv.close()
+        assert loop.run_until(lambda: not relay.sessions and not relay.ctx.dial_deadlines.pending, WAIT)
+    finally:
+        stop(relay)
+        filler.close()
+        full.close()
