@@ -363,6 +363,7 @@ class Batch:
         self.q_runs = False         # some flow queued two or more in a row: GSO may apply
         self.flush_scheduled = False
         self.turn_now = 0.0         # the clock when this loop turn's first reply was read
+        self.turn = 0               # loop turns that had replies (udp.flush_replies ends one)
         self.now = time.monotonic  # batch_for: the context loop's clock
         # a run of one datagram goes upstream with one write(2) on the flow's connected socket:
         # (fd, buffer) -> bytes sent or OSError, as os.write (a C call, ~0.4 us less than sendmmsg

@@ -10,8 +10,8 @@ Batching (``relay/mmsg.py``): where ``recvmmsg``/``sendmmsg`` are available, a l
 read up to ``mmsg.SLOTS`` datagrams per syscall; each run of consecutive datagrams from one source
 goes to its flow's upstream socket in one ``sendmmsg`` (a GSO message per run of equal sizes), a
 lone datagram in one ``write`` (the datagrams never leave the receive slots). Replies are read
-into the reply slots (one ``recv_into`` for a flow that had one waiting last time and is not read
-more often than ``BURST_GAP``, else one ``recvmmsg``), queued, and sent back through the listen
+into the reply slots (one ``recv_into`` for a flow that had one waiting last time and was not read
+in the previous turn that had replies, else one ``recvmmsg``), queued, and sent back through the listen
 socket with one ``sendmmsg`` per loop turn for every flow read in that turn, each message with its
 flow's address. A bandwidth cap is asked per datagram (skipped while ``maybe_capped`` says no cap
 can bind the rule); every datagram is counted (per recvmmsg round, or per turn for replies, for
@@ -46,7 +46,6 @@ from .targets import TargetSet
 
 RECV_BATCH = 64
 BATCH_ROUNDS = 2  # recvmmsg calls per readiness event (2 x mmsg.SLOTS = RECV_BATCH datagrams)
-BURST_GAP = 0.001  # a flow whose replies are read more often than this drains them with recvmmsg
 _AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK)
 # relay/mmsg.py (and ctypes, ~2 ms) is imported with the first UDP rule, not at startup; these
 # word indexes of its arrays (ABI constants, not state) are bound then by _load_mmsg()
@@ -92,7 +91,7 @@ _ICMP_ERRNOS = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH)
 class Flow:
     __slots__ = ("relay", "listen_port", "src", "lsock", "up", "last_seen", "pending", "closed", "target_state",
                  "answered", "ticket", "quota", "fd", "key", "name_buf", "name_addr", "name_len", "gso_max", "pc",
-                 "direct", "burst", "rtime")
+                 "direct", "burst", "rturn")
 
     def __init__(self, relay: "UdpRuleRelay", listen_port: int, src, lsock: socket.socket, ticket=None, quota=None):
         self.relay = relay
@@ -116,7 +115,7 @@ class Flow:
         self.pc = relay.counters.ports[listen_port]  # this port's counters (the relay keeps them)
         self.direct = False  # connected and no quota: the batched path's lone datagrams skip the gates
         self.burst = True    # the batched path: replies drain with recvmmsg (else: one recv_into)
-        self.rtime = -BURST_GAP  # the batched path: the turn clock when its replies were last read
+        self.rturn = -2      # the batched path: Batch.turn when its replies were last read
 
     def passes(self, direction: str, size: int) -> bool:
         """Whether one datagram may go: the bandwidth cap, then the quota (each all or nothing).
@@ -358,12 +357,13 @@ class Flow:
         """Replies: read into the free reply slots, queued for the turn's one sendmmsg
         (``flush_replies``, with the replies of every other flow of this listen socket).
 
-        A flow that had one reply waiting when it was last read and was not read within the last
-        ``BURST_GAP`` seconds (request/response traffic, many flows with one in flight each) reads
-        the next with one ``recv_into`` (a C call, ~0.8 us less than recvmmsg through ctypes) and
-        leaves a second one to the next turn (the socket is level-triggered); a flow read more
-        often than that, or that had more than one waiting, drains with recvmmsg (``burst``) until
-        a read finds one alone."""
+        A flow that had one reply waiting when it was last read (request/response traffic, many
+        flows with one in flight each) reads the next with one ``recv_into`` (a C call, ~0.8 us
+        less than recvmmsg through ctypes) and leaves a second one to the next turn (the socket is
+        level-triggered). A flow that had more than one waiting (``burst``), or that was read in
+        the previous turn that had replies (``Batch.turn``: what recv_into left behind wakes it
+        again on the very next poll, however long the turns take), drains with recvmmsg until a
+        read finds one alone."""
         if self.closed:  # an event of this turn after the flow went (its fd may be reused already)
             return
         relay = self.relay
@@ -380,11 +380,12 @@ class Flow:
             b.turn_now = b.now()
             relay.ctx.loop.call_soon(flush_replies, b)
         now = b.turn_now
-        if self.burst or now - self.rtime < BURST_GAP:
-            self.rtime = now
+        turn = b.turn
+        if self.burst or self.rturn == turn - 1:
+            self.rturn = turn
             self._drain_replies(relay, b, now)
             return
-        self.rtime = now
+        self.rturn = turn
         cur = b.rx_cursor
         if cur >= b.n:
             send_queued(b)
@@ -815,8 +816,9 @@ class UdpRuleRelay:
 
 def flush_replies(b: mmsg.Batch) -> None:
     """Send the queued replies now: the end of the loop turn (``call_soon``-ed by the turn's
-    first reply), a fallback, a test."""
+    first reply), a fallback, a test. Ends a turn that had replies (``Batch.turn``)."""
     b.flush_scheduled = False
+    b.turn += 1
     send_queued(b)
 
 

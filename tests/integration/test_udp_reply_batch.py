@@ -52,10 +52,12 @@ def calls_on(spy, fd: int) -> list[tuple[int, int, int]]:
 
 
 class Clock:
-    """The Batch's clock (the turn clock of replies: last_seen and the BURST_GAP test), moved by
-    the test: a flow read in one step is not read again within BURST_GAP unless the test says so."""
+    """The Batch's clock (the turn clock of replies: flows' last_seen), moved by the test; each
+    step also counts a turn of other flows' replies (``Batch.turn``), so a flow read in one step
+    was not read "in the previous turn that had replies" when the next step reads it."""
 
     def __init__(self, rig: Rig):
+        self.rig = rig
         self.t = rig.loop.time()
         rig.batch.now = self
 
@@ -64,6 +66,7 @@ class Clock:
 
     def step(self) -> None:
         self.t += 1.0
+        self.rig.batch.turn += 1  # another flow's replies went out in between
 
 
 @needs_batch
@@ -114,7 +117,7 @@ def test_a_flow_drains_with_recvmmsg_while_it_has_more_than_one_reply_waiting(ri
     clock = Clock(rig)
 
     def replies(*data):
-        clock.step()  # within one step the clock stands still: a second read is "often"
+        clock.step()  # within one step no other flow's turn comes between two reads
         out0 = rig.snap()["datagrams_out"]
         rig.recv_spy.calls.clear()
         for d in data:
@@ -127,7 +130,7 @@ def test_a_flow_drains_with_recvmmsg_while_it_has_more_than_one_reply_waiting(ri
     assert replies(b"f") == [1] and not flow.burst                     # one alone: next time recv_into
     assert replies(b"g") == [] and not flow.burst                      # read by recv_into
     # three at once: recv_into takes one (level-triggered: the socket stays readable); woken again
-    # within BURST_GAP, the flow drains the other two with one recvmmsg, in order
+    # on the very next poll, the flow drains the other two with one recvmmsg, in order
     assert replies(b"h", b"i", b"j") == [2] and flow.burst
     snap = rig.snap()
     assert snap["datagrams_out"] == 10 and snap["bytes_out"] == 10 and snap["send_dropped"] == 0
