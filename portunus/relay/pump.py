@@ -81,7 +81,9 @@ class Pump:
         if self.pending:
             self.on_writable()
         else:
-            self.loop.add_reader(self.sfd, self._splice_read if self.splice else self._copy_read)
+            # reading becomes the fd's only interest: a dialer that handed the upstream over with
+            # its writer still set (netio.Dialer.hands_over_writer) loses it in the same epoll_ctl
+            self.loop.set_reader(self.sfd, self._splice_read if self.splice else self._copy_read)
 
     def _count(self, n: int) -> None:
         if self.inbound:
