@@ -101,10 +101,12 @@ class Dialer:
         if rc in _DIALING:
             if deadlines is None:
                 self.dial_timer = loop.call_coarse(timeout, self._dial_finish, TIMEOUT)
-            else:
+            else:  # deadlines.add(self), inline: once per dial
                 self.dial_timer = None
                 self.dial_deadline = loop.time() + timeout
-                deadlines.add(self)
+                deadlines.pending.append(self)
+                if deadlines.timer is None:
+                    deadlines.arm()
             loop.add_writer(sock.fileno(), self._dial_writable)
         else:
             self.dial_timer = None
@@ -175,9 +177,13 @@ class DialDeadlines:
         self.timer = None
 
     def add(self, dialer: Dialer) -> None:
+        """Watch ``dialer``'s deadline (``dial_deadline``; ``Dialer.dial`` does this inline)."""
         self.pending.append(dialer)
         if self.timer is None:
-            self.timer = self.loop.call_later(self.tick, self._scan)
+            self.arm()
+
+    def arm(self) -> None:
+        self.timer = self.loop.call_later(self.tick, self._scan)
 
     def _scan(self) -> None:
         self.timer = None
@@ -192,7 +198,7 @@ class DialDeadlines:
             else:
                 keep(d)
         if self.pending and self.timer is None:
-            self.timer = self.loop.call_later(self.tick, self._scan)
+            self.arm()
 
     def close(self) -> None:
         if self.timer is not None:
