@@ -52,6 +52,8 @@ class TcpSession(Dialer):
     upstream itself (``netio.Dialer``: no connect object per connection); ``dialed`` is where
     the dial ends."""
 
+    hands_over_writer = True  # netio.Dialer: the outbound pump's set_reader replaces the dialer's writer
+
     __slots__ = ("relay", "ctx", "csock", "listen_port", "counters", "up", "candidates",
                  "addrs", "target_port", "pumps", "closed", "target_state", "header_left",
                  "header_timer", "replay", "ticket", "quota")
@@ -190,8 +192,11 @@ class TcpSession(Dialer):
             if self.quota is not None:
                 self.quota.debit(len(replay))
             self.replay = b""
-        inbound.start()
+        # the upstream is still watched for writing by the dialer (hands_over_writer): the outbound
+        # pump's start (Loop.set_reader) takes it over in one update, so it goes first; an inbound
+        # pump with pending bytes (SNI replay, PROXY header) may then park on the upstream's writer
         outbound.start()
+        inbound.start()
 
     def _proxy_header(self, version: str) -> bytes | None:
         try:
@@ -215,11 +220,6 @@ class TcpSession(Dialer):
         self.abort("PROXY header not written within 3 s")
 
     # ---- ending -----------------------------------------------------------
-    def pump_done(self) -> None:
-        pumps = self.pumps
-        if pumps and pumps[0].done and pumps[1].done:
-            self.close()
-
     def cut(self, why: str) -> None:
         """The owner's traffic quota ran dry: RST to the end user; the upstream gets a plain close,
         so what was already written to it (and debited) still arrives — the cut lands within the
@@ -254,7 +254,8 @@ class TcpSession(Dialer):
             self.header_timer.cancel()
             self.header_timer = None
         for p in self.pumps:
-            p.release(clean)
+            if p.pipe is not None:  # Pump.release only gives back a held pipe: no call without one
+                p.release(clean)
         self.pumps = ()  # the pumps point back here: without the cycle, refcounting frees both
         ctx = self.ctx
         loop = ctx.loop

@@ -435,3 +435,67 @@ def test_a_dial_that_never_completes_times_out_and_fails_over_to_the_next_target
         stop(relay)
         filler.close()
         full.close()
+
+
+class CountingEpoll:
+    """The loop's real epoll, each interest change recorded (what epoll_ctl sees)."""
+
+    def __init__(self, real):
+        self.real, self.ops = real, []
+
+    def register(self, fd, mask):
+        self.ops.append(("add", fd, mask))
+        return self.real.register(fd, mask)
+
+    def modify(self, fd, mask):
+        self.ops.append(("mod", fd, mask))
+        return self.real.modify(fd, mask)
+
+    def unregister(self, fd):
+        self.ops.append(("del", fd))
+        return self.real.unregister(fd)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+@pytest.mark.parametrize("proxy_protocol", [None, "v1"])
+def test_the_upstream_goes_from_the_dialers_writer_to_the_pumps_reader_in_one_modify(loop, upstream,
+                                                                                       proxy_protocol):
+    """The session hands the dialed upstream over with its writer still set and the outbound pump
+    takes it in one EPOLL_CTL_MOD to EPOLLIN; nothing asks for EPOLLOUT on it again while the
+    bytes flow (no writable spin), with or without pending bytes (a PROXY header) on the
+    inbound pump."""
+    import select
+    target = {"host": "127.0.0.1", "port": upstream.getsockname()[1]}
+    if proxy_protocol:
+        target["proxy_protocol"] = proxy_protocol
+    relay = make_relay(loop, [target])
+    ep = loop._epoll = CountingEpoll(loop._epoll)
+    try:
+        c = socket.create_connection(("127.0.0.1", relay.rule.listen_port), timeout=5)
+        assert loop.run_until(lambda: any(s.pumps for s in relay.sessions), WAIT)
+        (session,) = relay.sessions
+        up = session.up.fileno()
+        srv, _ = upstream.accept()
+        srv.settimeout(5)
+        c.sendall(b"ping")
+        want = 4 + (len(b"PROXY TCP4 127.0.0.1 127.0.0.1 ") if proxy_protocol else 0)
+        got = b""
+        while not got.endswith(b"ping"):
+            assert loop.run_until(lambda: session.counters.bytes_in >= 4, WAIT)
+            got += srv.recv(256)
+        assert len(got) >= want
+        srv.sendall(b"pong")
+        c.settimeout(5)
+        assert loop.run_until(lambda: session.counters.bytes_out == 4, WAIT)
+        assert c.recv(16) == b"pong"
+        loop.run_until(lambda: False, 0.05)
+        up_ops = [op for op in ep.ops if op[1] == up]
+        assert up_ops == [("add", up, select.EPOLLOUT), ("mod", up, select.EPOLLIN)]
+        c.close()
+        srv.close()
+        assert loop.run_until(lambda: not relay.sessions, WAIT)
+    finally:
+        loop._epoll = ep.real
+        stop(relay)
