@@ -55,9 +55,10 @@ def errno_name(err: int | OSError | None) -> str:
 class Dialer:
     """One non-blocking TCP connect to ``(ip, port)`` with a deadline, as a base class.
 
-    ``dial(loop, ip, port, timeout, family, plain)`` starts it; the subclass's
+    ``dial(loop, ip, port, timeout, family, plain, deadlines)`` starts it; the subclass's
     ``dialed(sock, reason)`` ends it: ``dialed(sock, None)`` hands over the connected
-    non-blocking socket (no longer watched by the loop), ``dialed(None, reason)`` reports an
+    non-blocking socket (no longer watched by the loop, unless ``hands_over_writer``),
+    ``dialed(None, reason)`` reports an
     errno name or ``TIMEOUT``, the socket already closed. ``dialed`` runs exactly once per dial,
     always from the loop (never from inside ``dial``), and never after ``cancel_dial()``; the
     next dial may start from inside it. Creating the socket can raise ``OSError`` (e.g.
@@ -68,8 +69,9 @@ class Dialer:
     new connection builds no dialer object and no bound callback of its own, while the dialing
     logic stays here.
 
-    The deadline is a coarse timer (``Loop.call_coarse``: up to 0.1 s late, no heap entry of its
-    own), since it is armed for every connection and almost never reached.
+    The deadline is armed for every connection and almost never reached, so it is coarse (up to
+    0.1 s late, never early): a ``Loop.call_coarse`` timer of its own, or, with ``deadlines``, an
+    entry in a ``DialDeadlines`` book shared by many dialers (no object per dial: the relay's).
 
     ``plain=True`` hands over a ``socket.SocketType`` (see ``Acceptor``) rather than a
     ``socket.socket``: what the relay's upstream sockets are. The control channel keeps the
