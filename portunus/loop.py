@@ -199,12 +199,8 @@ class Loop:
         fd = fd if isinstance(fd, int) else fd.fileno()
         h = self._handlers.get(fd)
         if h is None:
-            pending = self._pending_del
-            if not pending or fd not in pending:  # a new fd: straight to the kernel (see add_reader)
-                self._epoll.register(fd, EVENT_READ)
-                self._handlers[fd] = _FdHandlers(callback, None, EVENT_READ)
-                return
-            h = self._new_handlers(fd)
+            self.add_reader(fd, callback)  # nothing to drop: plain add_reader
+            return
         had = h.reader is not None
         h.reader = callback
         if had and h.writer is None:

@@ -273,7 +273,7 @@ class TcpSession(Dialer):
             ticket.release(loop.time())
         if self.quota is not None:
             ctx.enforcer.leave(self.quota, self)
-        # relay.session_closed(self), inline: once per connection
+        # the relay's side of a session's end: it leaves the live set; a draining relay may go idle
         relay = self.relay
         sessions = relay.sessions
         sessions.discard(self)
@@ -356,12 +356,6 @@ class TcpRuleRelay:
                         every=REPEAT_LOG_EVERY, rule=self.rule.rule_id, port=port,
                         errno_name=errno_name(exc), **extra)
         return on_error
-
-    def session_closed(self, session: TcpSession) -> None:
-        """A session ended (``TcpSession.close`` does this inline)."""
-        self.sessions.discard(session)
-        if not self.sessions and not self.accepting and self.on_idle is not None:
-            self.went_idle()
 
     def went_idle(self) -> None:
         """Draining and the last session ended: tell the runtime once."""
