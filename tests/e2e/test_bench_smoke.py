@@ -52,6 +52,25 @@ def _bin() -> str:
     return binary if binary else shlex.join([sys.executable, "-m", "portunus"])
 
 
+def _run_bench(argv: list[str], timeout: float) -> tuple[str, str]:
+    """Run bench/run.py in its own process group; on a timeout or failure everything it started
+    goes (SIGTERM: the runner stops its own children; SIGKILL after 10 s). Asserts exit 0."""
+    p = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    try:
+        stdout, stderr = p.communicate(timeout=timeout)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    assert p.returncode == 0, f"rc={p.returncode}\n{stdout[-3000:]}\n{stderr[-3000:]}"
+    return stdout, stderr
+
+
 def _require_peers() -> None:
     for tool in ("iperf3", "wrk", "haproxy", "nginx", "rinetd", "socat"):
         require_tool(tool)
@@ -71,19 +90,7 @@ def test_quick_bench_over_every_path_yields_figures_and_the_issue_tables(tmp_pat
             "--paths", ",".join(EVERY_PATH), "--tcp-secs", "1", "--wrk-secs", "1",
             "--rtt-count", "50", "--udp-count", "2000", "--udp-secs", "0.5", "--udp-flows", "16",
             "--udp-iperf-start", "5000", "--udp-iperf-probes", "2", "--max-total-secs", "150"]
-    p = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, start_new_session=True)
-    try:
-        stdout, stderr = p.communicate(timeout=190)
-    finally:
-        if p.poll() is None:           # the runner stops its own children on SIGTERM
-            os.killpg(p.pid, signal.SIGTERM)
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-    assert p.returncode == 0, f"rc={p.returncode}\n{stdout[-3000:]}\n{stderr[-3000:]}"
+    stdout, stderr = _run_bench(argv, timeout=190)
 
     doc = json.loads(out.read_text())
     assert {"meta", "summary", "ratios", "side_by_side", "goals", "errors", "problems",
@@ -177,19 +184,7 @@ def test_quick_bench_with_syscalls_counts_them_or_says_why_not(tmp_path):
     argv = [sys.executable, str(RUN_PY), "--quick", "--bin", _bin(), "--out", str(out),
             "--only", "http", "--paths", "direct,portunus-splice", "--syscalls",
             "--wrk-secs", "1", "--rtt-count", "50", "--max-total-secs", "60"]
-    p = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, start_new_session=True)
-    try:
-        stdout, stderr = p.communicate(timeout=90)
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-    assert p.returncode == 0, f"rc={p.returncode}\n{stdout[-3000:]}\n{stderr[-3000:]}"
+    stdout, stderr = _run_bench(argv, timeout=90)
     doc = json.loads(out.read_text())
     assert doc["errors"] == {} and doc["meta"]["options"]["syscalls"] is True
     s = doc["summary"]["portunus-splice"]

@@ -15,6 +15,7 @@ import pytest
 
 from conftest import free_port, wait_until
 from harness import Blaster, CountingSink, LoopThread, tcp_rule
+from test_relay_rate_limits import sink  # noqa: F401  (the counting-sink fixture)
 from portunus.model import RateLimit
 
 RATE = 256 * 1024
@@ -26,15 +27,6 @@ def lt(monkeypatch):
     x = LoopThread()
     yield x
     x.close()
-
-
-@pytest.fixture
-def sink():
-    port = free_port()
-    s = CountingSink(port)
-    s.port = port
-    yield s
-    s.close()
 
 
 def _flowing(listen: int, sink: CountingSink) -> tuple[socket.socket, Blaster]:

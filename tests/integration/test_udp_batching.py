@@ -142,6 +142,15 @@ class Rig:
             c.close()
 
 
+def install_cap(rig: "Rig", where: str, cap: RateLimit) -> None:
+    """A cap arrives while the rule's flows live: on the rule (a hot update) or on owner alice."""
+    if where == "rule":
+        rule = Rule.from_dict({**rig.rule.to_dict(), "rate_limit": cap.to_dict()})
+        assert rig.rt.activate(rule).state == "active" and rig.relay.flows  # a hot update: flows stay
+    else:
+        rig.rt.set_owner_cap("alice", cap)
+
+
 @pytest.fixture
 def rigs():
     made = []
@@ -348,12 +357,7 @@ def test_a_bandwidth_cap_installed_after_admission_binds_lone_datagrams_of_many_
             c.sendto(b"u" * 100, ("127.0.0.1", rig.listen))
     rig.run_until(lambda: rig.snap()["datagrams_in"] == 8, "8 upstream, uncapped")
     rig.target_drain()
-    cap = RateLimit.from_dict({"bandwidth_in_bps": 1000})
-    if where == "rule":
-        rule = Rule.from_dict({**rig.rule.to_dict(), "rate_limit": cap.to_dict()})
-        assert rig.rt.activate(rule).state == "active" and rig.relay.flows  # a hot update: flows stay
-    else:
-        rig.rt.set_owner_cap("alice", cap)
+    install_cap(rig, where, RateLimit.from_dict({"bandwidth_in_bps": 1000}))
     for _ in range(5):
         for c in cs:
             c.sendto(b"c" * 400, ("127.0.0.1", rig.listen))

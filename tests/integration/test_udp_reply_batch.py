@@ -15,20 +15,20 @@ import pytest
 
 from portunus.relay import mmsg
 from portunus.relay.quota import QuotaHandle
-from test_udp_batching import PATHS, Rig, needs_batch, quota_set
+from test_udp_batching import PATHS, Rig, install_cap, needs_batch, quota_set, rigs  # noqa: F401  (rigs: the fixture)
 
 
 @pytest.fixture
-def rigs():
-    made = []
+def debits(monkeypatch):
+    """Every QuotaHandle.debit amount, in order (the real debit still runs)."""
+    seen = []
+    real = QuotaHandle.debit
 
-    def make(path, **kw):
-        r = Rig(path, **kw)
-        made.append(r)
-        return r
-    yield make
-    for r in made:
-        r.close()
+    def debit(self, n):
+        seen.append(n)
+        return real(self, n)
+    monkeypatch.setattr(QuotaHandle, "debit", debit)
+    return seen
 
 
 def up_flows(rig: Rig, n: int, payload=lambda i: b"q%d" % i) -> tuple[list[socket.socket], list[tuple]]:
@@ -190,7 +190,7 @@ def test_a_quota_cuts_a_drained_read_of_replies_at_the_last_whole_one_that_fits(
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("budget", [10_000, 7 * 100 + 50, 7 * 100])
-def test_lone_datagrams_of_an_owned_rule_are_debited_exactly(rigs, path, budget):
+def test_lone_datagrams_of_an_owned_rule_are_debited_exactly(rigs, debits, path, budget):
     """Twelve flows, one 100-byte datagram each, in one recvmmsg round: with budget to spare they go
     by write(2) and the quota is debited once; a round that could end the budget is cut exactly
     where datagram by datagram cuts it (the 8th does not fit in 50 bytes; 700: the 7th ends it)."""
@@ -203,21 +203,12 @@ def test_lone_datagrams_of_an_owned_rule_are_debited_exactly(rigs, path, budget)
     assert handle.debited_total == 12 * 3
     handle.mark_reported()
     rig.ctx.enforcer.quotas.apply_update(quota_set("fred", budget))
-    debits = []
-    real = QuotaHandle.debit
-
-    def debit(self, n):
-        debits.append(n)
-        return real(self, n)
-    QuotaHandle.debit = debit
-    try:
-        if rig.batch is not None:
-            rig.write_spy.calls.clear()
-        for i, c in enumerate(clients):
-            c.sendto(bytes([65 + i]) * 100, ("127.0.0.1", rig.listen))
-        rig.run_until(lambda: rig.snap()["datagrams_in"] + rig.snap()["quota_dropped"] == 24, "12 decided")
-    finally:
-        QuotaHandle.debit = real
+    debits.clear()  # what the warm-up above debited
+    if rig.batch is not None:
+        rig.write_spy.calls.clear()
+    for i, c in enumerate(clients):
+        c.sendto(bytes([65 + i]) * 100, ("127.0.0.1", rig.listen))
+    rig.run_until(lambda: rig.snap()["datagrams_in"] + rig.snap()["quota_dropped"] == 24, "12 decided")
     fits = min(12, budget // 100)
     snap = rig.snap()
     assert snap["datagrams_in"] == 12 + fits and snap["quota_dropped"] == 12 - fits
@@ -231,7 +222,7 @@ def test_lone_datagrams_of_an_owned_rule_are_debited_exactly(rigs, path, budget)
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_runs_of_an_owned_rule_in_a_round_with_budget_to_spare_are_debited_once(rigs, path):
+def test_runs_of_an_owned_rule_in_a_round_with_budget_to_spare_are_debited_once(rigs, debits, path):
     if path != "per_datagram" and mmsg._libc_calls() is None:
         pytest.skip("no recvmmsg here")
     rig = rigs(path, owner="fred")
@@ -239,19 +230,10 @@ def test_runs_of_an_owned_rule_in_a_round_with_budget_to_spare_are_debited_once(
     (a, b), _ = up_flows(rig, 2)
     handle = rig.ctx.enforcer.quotas.handle("fred")
     before = handle.debited_total
-    debits = []
-    real = QuotaHandle.debit
-
-    def debit(self, n):
-        debits.append(n)
-        return real(self, n)
-    QuotaHandle.debit = debit
-    try:
-        for s, data in [(a, b"a" * 10), (a, b"a" * 10), (a, b"a" * 5), (b, b"b" * 7), (a, b"a" * 3)]:
-            s.sendto(data, ("127.0.0.1", rig.listen))
-        rig.run_until(lambda: rig.snap()["datagrams_in"] == 2 + 5, "5 upstream")
-    finally:
-        QuotaHandle.debit = real
+    debits.clear()
+    for s, data in [(a, b"a" * 10), (a, b"a" * 10), (a, b"a" * 5), (b, b"b" * 7), (a, b"a" * 3)]:
+        s.sendto(data, ("127.0.0.1", rig.listen))
+    rig.run_until(lambda: rig.snap()["datagrams_in"] == 2 + 5, "5 upstream")
     assert handle.debited_total == before + 35 and not handle.exhausted
     assert sorted(d for d, _ in rig.target_drain()) == sorted([b"a" * 10, b"a" * 10, b"a" * 5, b"b" * 7, b"a" * 3])
     assert debits == ([35] if rig.batch is not None else [10, 10, 5, 7, 3])
@@ -318,7 +300,6 @@ def test_a_bandwidth_cap_installed_after_admission_binds_replies_read_one_at_a_t
     passes or drops whole and is counted."""
     if path != "per_datagram" and mmsg._libc_calls() is None:
         pytest.skip("no recvmmsg here")
-    from portunus.model import Rule
     from portunus.ratelimit import RateLimit
     rig = rigs(path, **({"owner": "alice"} if where == "owner" else {}))
     if where == "owner":
@@ -332,12 +313,7 @@ def test_a_bandwidth_cap_installed_after_admission_binds_replies_read_one_at_a_t
     rig.run_until(lambda: rig.snap()["datagrams_out"] == 4, "4 replies, uncapped")
     for c in clients:
         rig.drain(c)
-    cap = RateLimit.from_dict({"bandwidth_out_bps": 1000})
-    if where == "rule":
-        rule = Rule.from_dict({**rig.rule.to_dict(), "rate_limit": cap.to_dict()})
-        assert rig.rt.activate(rule).state == "active" and rig.relay.flows  # a hot update: flows stay
-    else:
-        rig.rt.set_owner_cap("alice", cap)
+    install_cap(rig, where, RateLimit.from_dict({"bandwidth_out_bps": 1000}))
     dropped = lambda: rig.rt.snapshot("u")["rate_limit"]["bandwidth_dropped_out"]
     for rnd in range(5):
         if clock:

@@ -14,6 +14,7 @@ import pytest
 
 from portunus.log import log as process_log
 from portunus.loop import Loop
+from epoll_record import CountingEpoll
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -1054,31 +1055,9 @@ def test_a_loop_idle_for_long_times_its_first_poll_from_now(loop):
     assert rec.timeouts == [-1, pytest.approx(1.0)]  # from a stale clock it would be 496 s
 
 
-class _CountingEpoll:
-    """The loop's real epoll, with each interest change recorded (what ``epoll_ctl`` would see)."""
-
-    def __init__(self, real):
-        self.real, self.ops = real, []
-
-    def register(self, fd, mask):
-        self.ops.append(("add", fd, mask))
-        return self.real.register(fd, mask)
-
-    def modify(self, fd, mask):
-        self.ops.append(("mod", fd, mask))
-        return self.real.modify(fd, mask)
-
-    def unregister(self, fd):
-        self.ops.append(("del", fd))
-        return self.real.unregister(fd)
-
-    def __getattr__(self, name):
-        return getattr(self.real, name)
-
-
 def test_set_reader_hands_a_writer_over_to_a_reader_in_one_modify(loop, pair):
     a, b = pair
-    ep = loop._epoll = _CountingEpoll(loop._epoll)
+    ep = loop._epoll = CountingEpoll(loop._epoll)
     try:
         writes, reads = [], []
 
@@ -1098,7 +1077,7 @@ def test_set_reader_hands_a_writer_over_to_a_reader_in_one_modify(loop, pair):
 
 def test_set_reader_on_an_unwatched_fd_is_add_reader_and_a_new_callback_costs_nothing(loop, pair):
     a, b = pair
-    ep = loop._epoll = _CountingEpoll(loop._epoll)
+    ep = loop._epoll = CountingEpoll(loop._epoll)
     try:
         got = []
         loop.set_reader(a, lambda: got.append(("first", a.recv(100))))

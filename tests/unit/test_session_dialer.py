@@ -28,6 +28,7 @@ from portunus.relay.stats import RuleCounters
 from portunus.relay.tcp import TcpRuleRelay, TcpSession
 
 from test_netio import WAIT, listener, loop  # noqa: F401  (the same real-loop and listener fixtures)
+from epoll_record import CountingEpoll
 
 pytestmark = pytest.mark.timeout(15)
 
@@ -435,28 +436,6 @@ def test_a_dial_that_never_completes_times_out_and_fails_over_to_the_next_target
         stop(relay)
         filler.close()
         full.close()
-
-
-class CountingEpoll:
-    """The loop's real epoll, each interest change recorded (what epoll_ctl sees)."""
-
-    def __init__(self, real):
-        self.real, self.ops = real, []
-
-    def register(self, fd, mask):
-        self.ops.append(("add", fd, mask))
-        return self.real.register(fd, mask)
-
-    def modify(self, fd, mask):
-        self.ops.append(("mod", fd, mask))
-        return self.real.modify(fd, mask)
-
-    def unregister(self, fd):
-        self.ops.append(("del", fd))
-        return self.real.unregister(fd)
-
-    def __getattr__(self, name):
-        return getattr(self.real, name)
 
 
 @pytest.mark.parametrize("proxy_protocol", [None, "v1"])
